@@ -1,0 +1,179 @@
+"""The `rewardbooth` command: train | generate | demo.
+
+User errors (bad folders, files or settings) end with one line on stderr and exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rewardbooth.errors import RewardboothError
+
+# Flags that set a config value: (flag, dotted key, type, help). None type = boolean switch.
+TRAIN_FLAGS = [
+    ("--model", "model.name", str, "hub id, local diffusers folder, or a preset: tiny, tiny-v"),
+    ("--method", "train.method", str, "dreambooth"),
+    ("--instance-dir", "data.instance_dir", str, "folder of 3-6 subject images"),
+    ("--class-noun", "data.class_noun", str, "the subject's class, e.g. dog"),
+    ("--identifier", "data.identifier", str, "rare token naming the subject (default sks)"),
+    ("--resolution", "data.resolution", int, "training resolution (default: the model's native size)"),
+    ("--steps", "train.steps", int, "optimizer steps"),
+    ("--lr", "train.learning_rate", float, "learning rate (default 1e-4 LoRA, 5e-6 full)"),
+    ("--batch-size", "train.batch_size", int, "instance images per step (plus as many class images)"),
+    ("--gradient-accumulation", "train.gradient_accumulation_steps", int, "micro-batches per optimizer step"),
+    ("--mixed-precision", "train.mixed_precision", str, "no | fp16 | bf16"),
+    ("--seed", "train.seed", int, "seed for data order, noise and timesteps"),
+    ("--checkpoint-every", "train.checkpoint_every", int, "save a resumable checkpoint every N steps (0: off)"),
+    ("--rank", "adapter.rank", int, "LoRA rank"),
+    ("--num-class-images", "prior.num_class_images", int, "class images for prior preservation"),
+    ("--prior-weight", "prior.weight", float, "weight of the prior-preservation loss"),
+    ("--class-dir", "prior.class_dir", str, "your own class images (read only; missing ones are generated)"),
+    ("--validation-every", "validation.every", int, "generate validation images every N steps (0: off)"),
+]
+TRAIN_SWITCHES = [
+    ("--full", "adapter.kind", "full", "fine-tune the whole U-Net instead of LoRA"),
+    ("--train-text-encoder", "adapter.train_text_encoder", True, "also train the text encoder"),
+    ("--no-prior", "prior.enabled", False, "turn prior preservation off"),
+    ("--gradient-checkpointing", "train.gradient_checkpointing", True, "trade compute for memory"),
+    ("--random-crop", "data.center_crop", False, "random crops instead of center crops"),
+    ("--random-flip", "data.random_flip", True, "random horizontal flips"),
+]
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rewardbooth", description="Reward-driven subject personalization for text-to-image diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="personalize a model to a subject")
+    train.add_argument("--config", help="YAML run config (sections: model, data, prior, adapter, train, validation)")
+    train.add_argument("--output", required=True, help="run folder to create")
+    train.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
+    train.add_argument("--validation-prompt", action="append", help="validation prompt ({identifier}, {class_noun} allowed); repeatable")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. --set adapter.alpha=8")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    for flag, _, kind, text in TRAIN_FLAGS:
+        train.add_argument(flag, type=kind, help=text)
+    for flag, _, _, text in TRAIN_SWITCHES:
+        train.add_argument(flag, action="store_true", help=text)
+
+    gen = sub.add_parser("generate", help="sample images from a trained run")
+    gen.add_argument("--run", required=True, help="run folder written by `rewardbooth train`")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt; repeatable")
+    gen.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt")
+    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=int, default=4)
+    gen.add_argument("--output", help="folder for the PNGs (default RUN/generated)")
+    gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+
+    demo = sub.add_parser("demo", help="the built-in CPU demo: make a subject, train, generate, report")
+    demo.add_argument("--output", default="rewardbooth-demo", help="run folder (default ./rewardbooth-demo)")
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the procedural subject and the run")
+    demo.add_argument("--overwrite", action="store_true", help="replace a previous demo run")
+    return parser
+
+
+def train_overrides(args: argparse.Namespace) -> dict:
+    from rewardbooth.config import parse_override
+
+    overrides = {key: getattr(args, _dest(flag)) for flag, key, _, _ in TRAIN_FLAGS}
+    for flag, key, value, _ in TRAIN_SWITCHES:
+        if getattr(args, _dest(flag)):
+            overrides[key] = value
+    if args.validation_prompt:
+        overrides["validation.prompts"] = args.validation_prompt
+    overrides.update(parse_override(text) for text in args.set)
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rewardbooth.config import load_config, require_training_inputs
+    from rewardbooth.evaluation.run_report import write_run_report
+    from rewardbooth.training.loop import train
+    from rewardbooth.training.run_dir import CONFIG_NAME, prepare_run_dir
+
+    run_dir = Path(args.output)
+    config_file = args.config
+    if args.resume and config_file is None and (run_dir / CONFIG_NAME).is_file():
+        config_file = run_dir / CONFIG_NAME  # resume repeats the saved run unless told otherwise
+    cfg = load_config(config_file, train_overrides(args))
+    require_training_inputs(cfg)
+    protected = [Path(p) for p in (cfg.data.instance_dir, cfg.prior.class_dir) if p]
+    prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite, protected=protected)
+    result = train(cfg, run_dir, resume=args.resume, progress=not args.quiet)
+    report = write_run_report(run_dir)
+    print(f"trained {cfg.train.method} for {result.final_step} steps: weights {result.weights}, report {report}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from rewardbooth.evaluation.report import save_image_grid
+    from rewardbooth.errors import ConfigError
+    from rewardbooth.models.loading import load_run_pipeline
+    from rewardbooth.sampling import SampleSettings, generate
+
+    if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
+        raise ConfigError("-n, --steps and --batch-size must be positive")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if str(device).startswith("cuda") else None
+    run_dir = Path(args.run)
+    cfg, pipe = load_run_pipeline(run_dir, device=device, dtype=dtype)
+    out = Path(args.output) if args.output else run_dir / "generated"
+    out.mkdir(parents=True, exist_ok=True)
+    settings = SampleSettings(steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                              resolution=cfg.data.resolution)
+    images = generate(pipe, args.prompt, args.num_images, settings, progress=True)
+    # Never overwrite earlier generations: number new files after the existing ones.
+    first = len(list(out.glob("*.png")))
+    written = []
+    for j, (prompt, row) in enumerate(zip(args.prompt, images)):
+        slug = "".join(c if c.isalnum() else "_" for c in prompt)[:60].strip("_")
+        for k, image in enumerate(row):
+            path = out / f"{first + len(written):04d}_{slug}_s{args.seed + k}.png"
+            image.save(path)
+            written.append(path)
+    grid = save_image_grid([im for row in images for im in row], out / f"grid_{first:04d}.png", cols=args.num_images)
+    print(f"wrote {len(written)} images and {grid}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rewardbooth.demo import run_demo
+
+    report = run_demo(Path(args.output), steps=args.steps, seed=args.seed, overwrite=args.overwrite)
+    print(f"demo finished: open {report}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except RewardboothError as exc:
+        message = " ".join(str(exc).split())  # always one line
+        print(f"rewardbooth: error: {message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("rewardbooth: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

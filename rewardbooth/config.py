@@ -1,0 +1,268 @@
+"""The typed run configuration: dataclass sections, YAML files, dotted overrides, validation.
+
+A run is fully described by one `RunConfig`; its resolved form is written to the run folder as
+config.yaml, so `rewardbooth train --config RUN/config.yaml` repeats the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rewardbooth.errors import ConfigError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+METHOD_NAMES = ("dreambooth",)
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL  # hub id, local diffusers folder, or a built-in preset ("tiny")
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" weight files on the hub
+
+
+@dataclass
+class DataConfig:
+    instance_dir: str | None = None
+    class_noun: str | None = None
+    identifier: str = "sks"
+    instance_prompt: str = "a photo of {identifier} {class_noun}"
+    class_prompt: str = "a photo of {class_noun}"
+    resolution: int | None = None  # None: the model's native size (U-Net sample size x VAE factor)
+    center_crop: bool = True  # False: random crops, re-encoded every step
+    random_flip: bool = False
+    min_image_size: int | None = None  # None: half the resolution
+
+
+@dataclass
+class PriorConfig:
+    enabled: bool = True
+    weight: float = 1.0
+    num_class_images: int = 100
+    class_dir: str | None = None  # user-provided class images; missing ones are generated
+    generation_steps: int = 25
+    generation_batch_size: int = 4
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = "lora"  # "lora" or "full" (full U-Net fine-tuning)
+    rank: int = 4
+    alpha: float | None = None  # None: equal to rank (scale 1)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    train_text_encoder: bool = False
+
+
+@dataclass
+class TrainConfig:
+    method: str = "dreambooth"
+    steps: int = 400
+    learning_rate: float | None = None  # None: 1e-4 with LoRA, 5e-6 for full fine-tuning
+    text_encoder_learning_rate: float | None = None  # None: same as learning_rate
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100  # 0: only the final weights
+    checkpoints_total_limit: int | None = 2  # keep the newest N checkpoints
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=lambda: ["a {identifier} {class_noun} on the beach"])
+    every: int = 100  # steps; 0 disables validation during training
+    num_images: int = 2
+    steps: int = 25
+    guidance_scale: float = 7.5
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    # --- derived values -------------------------------------------------------------------
+    def format_prompt(self, template: str) -> str:
+        return template.format(identifier=self.data.identifier, class_noun=self.data.class_noun)
+
+    @property
+    def instance_prompt(self) -> str:
+        return self.format_prompt(self.data.instance_prompt)
+
+    @property
+    def class_prompt(self) -> str:
+        return self.format_prompt(self.data.class_prompt)
+
+    @property
+    def learning_rate(self) -> float:
+        if self.train.learning_rate is not None:
+            return self.train.learning_rate
+        return 1e-4 if self.adapter.kind == "lora" else 5e-6
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- building a config from YAML and overrides -----------------------------------------------
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise a ConfigError naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"setting {key} must be a list, got {value!r}")
+        return [_coerce(v, item_type, key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"setting {key} must be true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"setting {key} must be a number, got {value!r}")
+        try:
+            number = float(value) if annotation is float else int(str(value), 0) if isinstance(value, str) else value
+        except (TypeError, ValueError):
+            raise ConfigError(f"setting {key} must be {'a number' if annotation is float else 'an integer'}, got {value!r}") from None
+        if annotation is int and (not isinstance(number, int) and not float(number).is_integer()):
+            raise ConfigError(f"setting {key} must be an integer, got {value!r}")
+        return annotation(number)
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"setting {key} must be text, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
+    names = {f.name for f in dataclasses.fields(section)}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in names:
+            raise ConfigError(f"unknown setting {key} (valid: {', '.join(sorted(names))})")
+        current = getattr(section, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"setting {key} must be a section (a mapping), got {value!r}")
+            _apply(current, value, key)
+        else:
+            setattr(section, name, _coerce(value, _field_type(type(section), name), key))
+
+
+def set_value(cfg: RunConfig, dotted_key: str, value: Any) -> None:
+    """Set one dotted setting, e.g. set_value(cfg, "train.lr", "1e-4")."""
+    *path, name = dotted_key.split(".")
+    nested: Any = {name: value}
+    for part in reversed(path):
+        nested = {part: nested}
+    _apply(cfg, nested, "")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse a `--set key=value` override; the value is read as YAML (numbers, lists, bools)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the YAML file (if any), then overrides; validated."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        _apply(cfg, values, "")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject settings that cannot work, each with a message naming the setting."""
+    t, d, a, p, v = cfg.train, cfg.data, cfg.adapter, cfg.prior, cfg.validation
+    _check(t.method in METHOD_NAMES, f"train.method must be one of {', '.join(METHOD_NAMES)}, got {t.method!r}")
+    _check(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    _check(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
+    _check(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps must be positive")
+    _check(cfg.learning_rate > 0, f"train.learning_rate must be positive, got {cfg.learning_rate}")
+    _check(t.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
+    _check(t.log_every > 0, "train.log_every must be positive")
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every must be 0 (off) or positive")
+    _check(t.max_grad_norm > 0, "train.max_grad_norm must be positive")
+    _check(a.kind in ("lora", "full"), f"adapter.kind must be lora or full, got {a.kind!r}")
+    _check(a.rank > 0, f"adapter.rank must be positive, got {a.rank}")
+    _check(0.0 <= a.dropout < 1.0, "adapter.dropout must be in [0, 1)")
+    _check(d.resolution is None or (d.resolution >= 8 and d.resolution % 8 == 0), f"data.resolution must be a multiple of 8, got {d.resolution}")
+    _check(bool(d.identifier.strip()), "data.identifier must not be empty")
+    _check(p.weight >= 0, "prior.weight must be non-negative")
+    _check(p.num_class_images > 0 or not p.enabled, "prior.num_class_images must be positive when prior preservation is on")
+    _check(v.every >= 0 and v.num_images > 0 and v.steps > 0, "validation.every must be >= 0, num_images and steps positive")
+    for template in (d.instance_prompt, d.class_prompt, *v.prompts):
+        try:
+            template.format(identifier="x", class_noun="y")
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"prompt template {template!r} may only use {{identifier}} and {{class_noun}}") from None
+
+
+def require_training_inputs(cfg: RunConfig) -> None:
+    """Settings that `train` needs but that have no sensible default."""
+    _check(cfg.data.instance_dir is not None, "missing --instance-dir (data.instance_dir): the folder of subject images")
+    _check(cfg.data.class_noun is not None and cfg.data.class_noun.strip() != "", "missing --class-noun (data.class_noun), e.g. dog")

@@ -1,0 +1,96 @@
+"""The one set of diffusion primitives every method builds on.
+
+Notation follows specs/METHODS.md: x0 clean latent, eps noise, t timestep,
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, c text embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings (last hidden state), padded to the tokenizer's max length as SD does."""
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(text_encoder.device)
+    return text_encoder(tokens)[0]
+
+
+def alphas_cumprod(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """abar_t for each timestep, shaped to broadcast over `like` (B, C, H, W)."""
+    abar = scheduler.alphas_cumprod.to(device=timesteps.device)[timesteps].to(like.dtype)
+    return abar.view(-1, *([1] * (like.ndim - 1)))
+
+
+@dataclass
+class NoisedBatch:
+    x0: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy: torch.Tensor
+
+
+def add_noise(scheduler, x0: torch.Tensor, generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None) -> NoisedBatch:
+    """Draw eps and t (uniform over the training steps) unless given, and form x_t."""
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device)
+        noise = noise.to(device=x0.device, dtype=x0.dtype)
+    if timesteps is None:
+        n = scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, n, (x0.shape[0],), generator=generator, device=generator.device if generator else x0.device)
+        timesteps = timesteps.to(x0.device)
+    return NoisedBatch(x0, noise, timesteps, scheduler.add_noise(x0, noise, timesteps))
+
+
+def training_target(scheduler, batch: NoisedBatch) -> torch.Tensor:
+    """What the U-Net regresses to: eps, or v = sqrt(abar) eps - sqrt(1-abar) x0."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return batch.noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(batch.x0, batch.noise, batch.timesteps)
+    raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+def predict_x0(scheduler, noisy: torch.Tensor, model_output: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Look-forward: the clean latent implied by one U-Net call (DPG's x0_hat)."""
+    abar = alphas_cumprod(scheduler, timesteps, noisy)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (noisy - (1 - abar).sqrt() * model_output) / abar.sqrt()
+    if kind == "v_prediction":
+        return abar.sqrt() * noisy - (1 - abar).sqrt() * model_output
+    raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per batch element (shape B), computed in float32."""
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def denoising_error(unet, scheduler, batch: NoisedBatch, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """Per-sample ||U-Net(x_t, t, c) - target||^2, the loss of DreamBooth and RPO's e(.)."""
+    prediction = unet(batch.noisy, batch.timesteps, text_embeddings).sample
+    return per_sample_mse(prediction, training_target(scheduler, batch))
+
+
+def sample_latents(moments: torch.Tensor, scaling: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample x0 from cached VAE posterior moments (mean, logvar concatenated on channels)."""
+    mean, logvar = moments.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    eps = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device)
+    return (mean + std * eps.to(device=mean.device, dtype=mean.dtype)) * scaling
+
+
+@torch.no_grad()
+def encode_moments(vae, pixels: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """VAE posterior moments of images in [-1, 1]; cached so the VAE runs once per image."""
+    out = []
+    for chunk in pixels.split(batch_size):
+        out.append(vae.encode(chunk.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters)
+    return torch.cat(out)

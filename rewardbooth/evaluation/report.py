@@ -1,0 +1,220 @@
+"""Run report: image grids, metric plots and one self-contained static HTML page.
+
+The page references its images by paths relative to the run folder, so the whole
+folder can be moved or zipped and still open correctly.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from PIL import Image
+
+__all__ = [
+    "ReportSection",
+    "make_grid",
+    "plot_metrics",
+    "read_metrics",
+    "save_image_grid",
+    "write_report",
+]
+
+
+@dataclass
+class ReportSection:
+    title: str
+    text: str = ""
+    images: list[tuple[str, str]] = field(default_factory=list)  # (relative path, caption)
+    table: list[dict] | None = None
+
+
+def make_grid(
+    images: list[Image.Image],
+    cols: int | None = None,
+    pad: int = 2,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """Tile images into a grid with `pad` pixels around and between every cell.
+
+    Size: width = cols * w + (cols + 1) * pad, height = rows * h + (rows + 1) * pad,
+    where (w, h) is the first image's size (the others are resized to it).
+    """
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    n = len(images)
+    cols = max(1, min(cols or math.ceil(math.sqrt(n)), n))
+    rows = math.ceil(n / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), background)
+    for i, image in enumerate(images):
+        if image.size != (w, h):
+            image = image.resize((w, h), Image.Resampling.LANCZOS)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        row, col = divmod(i, cols)
+        grid.paste(image, (pad + col * (w + pad), pad + row * (h + pad)))
+    return grid
+
+
+def save_image_grid(images: list[Image.Image], path: Path, cols: int | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, cols=cols).save(path, format="PNG")
+    return path
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass but a flag, not a metric; NaN/inf would break the axes.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _ema(values: list[float], span: int) -> list[float]:
+    alpha = 2.0 / (span + 1)
+    out, current = [], values[0]
+    for v in values:
+        current = alpha * v + (1 - alpha) * current
+        out.append(current)
+    return out
+
+
+def plot_metrics(records: list[dict], keys: list[str], path: Path, title: str = "") -> Path | None:
+    """Plot each key against record["step"], one panel per key; None if nothing to plot."""
+    # Figure + FigureCanvasAgg (not pyplot) so a user's global backend stays untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for key in keys:
+        points = [
+            (float(r["step"]), float(r[key]))
+            for r in records
+            if _is_number(r.get("step")) and _is_number(r.get(key))
+        ]
+        if points:
+            points.sort(key=lambda p: p[0])
+            series[key] = ([p[0] for p in points], [p[1] for p in points])
+    if not series:
+        return None
+
+    fig = Figure(figsize=(7.0, 1.2 + 2.2 * len(series)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (key, (steps, values)) in zip(axes, series.items()):
+        smooth = len(values) > 20
+        ax.plot(steps, values, color="tab:blue", alpha=0.35 if smooth else 1.0, linewidth=1.0, marker="" if smooth else ".")
+        if smooth:
+            ax.plot(steps, _ema(values, span=max(5, len(values) // 10)), color="tab:blue", linewidth=2.0, label="EMA")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_ylabel(key)
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xlabel("step")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Read metrics.jsonl; a corrupt last line (run killed mid-write) is skipped."""
+    path = Path(path)
+    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    records: list[dict] = []
+    for index, (lineno, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:  # JSONDecodeError is a ValueError
+            if index == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{lineno}: not a valid metrics record ({exc})") from exc
+        records.append(record)
+    return records
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 0; color: #222; background: #fafafa; }
+header { background: #24292f; color: #fff; padding: 18px 32px; }
+header h1 { margin: 0; font-size: 1.5em; }
+main { max-width: 1100px; margin: 0 auto; padding: 16px 32px 48px; }
+.notice { border: 2px solid #d4a72c; background: #fff8c5; padding: 12px 16px; margin: 16px 0; border-radius: 6px; font-weight: 600; white-space: pre-wrap; }
+section { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 12px 20px; margin: 16px 0; }
+section h2 { margin-top: 4px; font-size: 1.2em; }
+p { white-space: pre-wrap; line-height: 1.45; }
+figure { display: inline-block; margin: 8px 12px 8px 0; vertical-align: top; max-width: 100%; }
+figure img { max-width: 100%; border: 1px solid #ccc; image-rendering: auto; }
+figcaption { font-size: 0.85em; color: #555; max-width: 520px; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 8px 0; }
+th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+th { background: #f0f0f0; }
+td:first-child, th:first-child { text-align: left; }
+"""
+
+
+def _format_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table_html(rows: list[dict]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_format_cell(row.get(c)))}</td>" for c in columns) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _section_html(section: ReportSection) -> str:
+    parts = [f"<section><h2>{html.escape(section.title)}</h2>"]
+    for paragraph in (p.strip() for p in section.text.split("\n\n")):
+        if paragraph:
+            parts.append(f"<p>{html.escape(paragraph)}</p>")
+    for rel_path, caption in section.images:
+        if Path(rel_path).is_absolute():
+            # Absolute paths would break once the run folder is moved or zipped.
+            raise ValueError(f"report image path must be relative to the run folder: {rel_path}")
+        src = html.escape(quote(Path(rel_path).as_posix()))
+        parts.append(
+            f'<figure><img src="{src}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    if section.table:
+        parts.append(_table_html(section.table))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: Path, title: str, sections: list[ReportSection], notice: str | None = None) -> Path:
+    """Write run_dir/report.html: header, optional notice box, then the sections in order."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    notice_html = f'<div class="notice">{html.escape(notice)}</div>' if notice else ""
+    body = "\n".join(_section_html(s) for s in sections)
+    page = (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
+        f"<body><header><h1>{html.escape(title)}</h1></header>\n"
+        f"<main>{notice_html}\n{body}\n</main></body></html>\n"
+    )
+    path = run_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

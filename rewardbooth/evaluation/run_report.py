@@ -1,0 +1,51 @@
+"""report.html for one training run: references, curves, validation grids, settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from rewardbooth.data.images import load_image_folder
+from rewardbooth.evaluation.report import ReportSection, plot_metrics, read_metrics, save_image_grid, write_report
+from rewardbooth.training.run_dir import CONFIG_NAME, METRICS_NAME
+
+LOSS_KEYS = ["loss", "loss_instance", "loss_prior"]
+
+
+def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: list[ReportSection] = ()) -> Path:
+    run_dir = Path(run_dir)
+    cfg = yaml.safe_load((run_dir / CONFIG_NAME).read_text())
+    result = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").exists() else {}
+    records = read_metrics(run_dir / METRICS_NAME)
+    sections = []
+
+    instance_dir = cfg["data"]["instance_dir"]
+    if instance_dir and Path(instance_dir).is_dir():
+        references = load_image_folder(Path(instance_dir))
+        save_image_grid(references, run_dir / "report_assets" / "references.png", cols=len(references))
+        sections.append(ReportSection("Reference images", f"{len(references)} images of the subject from {instance_dir}",
+                                      images=[("report_assets/references.png", "references")]))
+
+    train_records = [r for r in records if not r.get("validation")]
+    plot = plot_metrics(train_records, LOSS_KEYS, run_dir / "report_assets" / "loss.png", title="training loss")
+    if plot is not None:
+        last = train_records[-1]
+        text = f"final step {last['step']}: " + ", ".join(f"{k} {last[k]:.4f}" for k in LOSS_KEYS if k in last)
+        sections.append(ReportSection("Training curves", text, images=[("report_assets/loss.png", "loss per logged step")]))
+
+    grids = sorted((run_dir / "samples").glob("step-*/grid.png")) if (run_dir / "samples").is_dir() else []
+    if grids:
+        prompts = [p.format(identifier=cfg["data"]["identifier"], class_noun=cfg["data"]["class_noun"]) for p in cfg["validation"]["prompts"]]
+        sections.append(ReportSection(
+            "Validation samples",
+            "rows: " + " | ".join(prompts) + f"; {cfg['validation']['num_images']} seeds per prompt, same seeds at every step",
+            images=[(str(g.relative_to(run_dir)), g.parent.name) for g in grids],
+        ))
+
+    sections.extend(extra_sections)
+    settings = [{"setting": f"{section}.{key}", "value": json.dumps(value)} for section, values in cfg.items() for key, value in values.items()]
+    sections.append(ReportSection("Settings", "the resolved config.yaml of this run", table=settings))
+    title = f"rewardbooth {result.get('method', cfg['train']['method'])} run: {cfg['data']['identifier']} {cfg['data']['class_noun']}"
+    return write_report(run_dir, title, sections, notice=notice)

@@ -1,0 +1,35 @@
+"""What a method supplies to the one training loop.
+
+A method is the paper's algorithm box: what data it needs (prepared once, before adapters are
+attached, so the frozen base model can generate class images or negatives) and the loss of one
+micro-batch. The loop owns everything else: optimizers, precision, accumulation, checkpoints,
+logging, validation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from rewardbooth.training.context import TrainContext
+
+
+class Method:
+    name: str = ""
+
+    def prepare(self, ctx: TrainContext) -> None:
+        """Load data, cache embeddings and base-model samples; runs with the base model frozen."""
+
+    def extra_modules(self) -> list[torch.nn.Module]:
+        """Trained modules besides the U-Net / text encoder (e.g. a critic); checkpointed too."""
+        return []
+
+    def loss(self, ctx: TrainContext, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch and detached scalars to log. `generator` seeds all randomness."""
+        raise NotImplementedError
+
+    def validation_metrics(self, ctx: TrainContext, step: int, prompts: list[str], images: list[list]) -> dict[str, float]:
+        """Extra numbers computed on the validation images (e.g. a reward)."""
+        return {}

@@ -1,0 +1,86 @@
+"""DreamBooth with prior preservation (Ruiz et al., CVPR 2023).
+
+    L = E ||eps_theta(x_t, t, c_inst) - eps||^2  +  lambda_prior * E ||eps_theta(x'_t, t', c_class) - eps'||^2
+
+over reference images x with the instance prompt and class images x' (generated once by the
+frozen base model from the class prompt) with the class prompt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from rewardbooth import diffusion
+from rewardbooth.data.images import list_image_files, load_image, load_image_folder
+from rewardbooth.methods.base import Method
+from rewardbooth.sampling import SampleSettings, generate
+from rewardbooth.training.context import LatentImageSet, TrainContext
+
+CLASS_IMAGE_FOLDER = "class_images"
+
+
+def prepare_class_images(ctx: TrainContext) -> list[Image.Image]:
+    """Class images for prior preservation: the user's folder first, then generated ones.
+
+    Generated images are cached in the run folder and reused on resume; the user's folder is
+    only read, never written.
+    """
+    prior = ctx.cfg.prior
+    wanted = prior.num_class_images
+    user_files = list_image_files(prior.class_dir)[:wanted] if prior.class_dir else []
+    cache = ctx.run_dir / CLASS_IMAGE_FOLDER
+    cached = sorted(cache.glob("class_*.png")) if cache.is_dir() else []
+    missing = wanted - len(user_files) - len(cached)
+    if missing > 0 and ctx.accelerator.is_main_process:
+        cache.mkdir(parents=True, exist_ok=True)
+        settings = SampleSettings(
+            steps=prior.generation_steps,
+            guidance_scale=ctx.cfg.validation.guidance_scale,
+            seed=ctx.cfg.train.seed + 1_000_003 + len(cached),  # new seeds for images added on resume
+            batch_size=prior.generation_batch_size,
+            resolution=ctx.resolution,
+        )
+        pipe = ctx.base_pipeline()
+        images = generate(pipe, [ctx.cfg.class_prompt], missing, settings, progress=True, description="class images")[0]
+        for offset, image in enumerate(images):
+            image.save(cache / f"class_{len(cached) + offset:05d}.png")
+    ctx.accelerator.wait_for_everyone()
+    generated = sorted(cache.glob("class_*.png"))[: max(wanted - len(user_files), 0)]
+    return [load_image(path) for path in [*user_files, *generated]]
+
+
+def instance_images(ctx: TrainContext) -> list[Image.Image]:
+    data = ctx.cfg.data
+    min_size = data.min_image_size if data.min_image_size is not None else ctx.resolution // 2
+    return load_image_folder(Path(data.instance_dir), min_size=min_size)
+
+
+class DreamBooth(Method):
+    name = "dreambooth"
+
+    def prepare(self, ctx: TrainContext) -> None:
+        self.instance = LatentImageSet(instance_images(ctx), ctx)
+        self.prior = ctx.cfg.prior.enabled
+        if self.prior:
+            self.classes = LatentImageSet(prepare_class_images(ctx), ctx)
+
+    def loss(self, ctx: TrainContext, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch_size = ctx.cfg.train.batch_size
+        x0 = self.instance.latents(self.instance.sample_indices(batch_size, generator), generator)
+        prompts = [ctx.cfg.instance_prompt] * batch_size
+        if self.prior:
+            x0 = torch.cat([x0, self.classes.latents(self.classes.sample_indices(batch_size, generator), generator)])
+            prompts += [ctx.cfg.class_prompt] * batch_size
+        noised = diffusion.add_noise(ctx.noise_scheduler, x0, generator)
+        errors = diffusion.denoising_error(ctx.unet, ctx.noise_scheduler, noised, ctx.encode_prompts(prompts))
+        instance_loss = errors[:batch_size].mean()
+        logs = {"loss_instance": instance_loss.detach()}
+        loss = instance_loss
+        if self.prior:
+            prior_loss = errors[batch_size:].mean()
+            loss = loss + ctx.cfg.prior.weight * prior_loss
+            logs["loss_prior"] = prior_loss.detach()
+        return loss, logs

@@ -1,0 +1,134 @@
+"""Load a Stable Diffusion model from a hub id, a local diffusers folder or a built-in preset.
+
+Every source goes through the same `from_pretrained` calls; the built-in presets only decide
+which folder those calls read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rewardbooth.errors import ConfigError
+from rewardbooth.models.tiny import TINY_PRESETS, tiny_model_path
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+
+
+@dataclass
+class Components:
+    """The parts of a Stable Diffusion pipeline that training and sampling use."""
+
+    source: str  # what the user passed (hub id, folder or preset name)
+    path: str  # what from_pretrained read
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any  # DDPM scheduler used to noise latents in training
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def latent_scaling(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a preset name to its folder; pass hub ids and local folders through unchanged."""
+    if name in TINY_PRESETS:
+        return str(tiny_model_path(name))
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise ConfigError(f"model folder {local} has no model_index.json (expected a diffusers pipeline folder)")
+        pipeline_class = json.loads((local / "model_index.json").read_text()).get("_class_name", "")
+        if pipeline_class not in SUPPORTED_PIPELINES:
+            raise ConfigError(f"model {name} is a {pipeline_class}; supported: {', '.join(SUPPORTED_PIPELINES)} (SD 1.x / 2.x)")
+        return str(local)
+    if name.count("/") != 1 or name.startswith(("/", ".", "~")):
+        raise ConfigError(f"model {name!r} is neither an existing folder, a hub id (owner/name) nor a preset ({', '.join(TINY_PRESETS)})")
+    return name
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_components(name: str, revision: str | None = None, variant: str | None = None, dtype: torch.dtype | None = None) -> Components:
+    """Load U-Net, VAE, text encoder, tokenizer and the training noise scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = resolve_model_path(name)
+    common: dict[str, Any] = {"revision": revision}
+    weights = dict(common, variant=variant, torch_dtype=dtype) if dtype is not None else dict(common, variant=variant)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ConfigError(f"could not load model {name!r}: {_one_line(exc)}") from None
+    return Components(name, path, unet, vae, text_encoder, tokenizer, noise_scheduler)
+
+
+def make_pipeline(components: Components, unet=None, text_encoder=None, scheduler: str = "dpm"):
+    """A StableDiffusionPipeline over (possibly training) components, for sampling."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scheduler_cls = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}[scheduler]
+    pipe = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=text_encoder if text_encoder is not None else components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=unet if unet is not None else components.unet,
+        scheduler=scheduler_cls.from_config(components.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_run_pipeline(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """The pipeline a finished run produced: its base model plus the trained weights."""
+    from rewardbooth.config import load_config
+    from rewardbooth.models.lora import LORA_WEIGHTS_NAME
+    from rewardbooth.training.run_dir import CONFIG_NAME
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise ConfigError(f"{run_dir} is not a rewardbooth run folder (no {CONFIG_NAME})")
+    cfg = load_config(run_dir / CONFIG_NAME)
+    components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant, dtype=dtype)
+    if (run_dir / LORA_WEIGHTS_NAME).is_file():
+        pipe = make_pipeline(components)
+        pipe.load_lora_weights(str(run_dir), weight_name=LORA_WEIGHTS_NAME)
+    elif (run_dir / "unet").is_dir():
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(run_dir / "unet", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(run_dir / "text_encoder", torch_dtype=dtype) if (run_dir / "text_encoder").is_dir() else None
+        pipe = make_pipeline(components, unet=unet, text_encoder=text_encoder)
+    else:
+        raise ConfigError(f"run {run_dir} has no trained weights yet (no {LORA_WEIGHTS_NAME} or unet/): did training finish?")
+    return cfg, pipe.to(device)

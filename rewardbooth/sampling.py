@@ -1,0 +1,54 @@
+"""Batched, seeded generation.
+
+Image k of prompt j always gets the seed `seed + k` (the same for every prompt), so a result
+does not depend on the batch size and the same seed shows each prompt's effect on the same noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+
+@dataclass
+class SampleSettings:
+    steps: int = 30
+    guidance_scale: float = 7.5
+    seed: int = 0
+    batch_size: int = 4
+    negative_prompt: str | None = None
+    resolution: int | None = None  # None: the model's native size
+
+
+def generate(pipe, prompts: list[str], images_per_prompt: int, settings: SampleSettings, progress: bool = False,
+             description: str = "generating") -> list[list[Image.Image]]:
+    """Images for each prompt: result[j][k] is image k of prompt j."""
+    jobs = [(j, k) for j in range(len(prompts)) for k in range(images_per_prompt)]
+    results: list[list[Image.Image | None]] = [[None] * images_per_prompt for _ in prompts]
+    device = pipe.unet.device
+    bar = tqdm(total=len(jobs), desc=description, disable=not progress, unit="img")
+    for start in range(0, len(jobs), settings.batch_size):
+        chunk = jobs[start : start + settings.batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(settings.seed + k) for _, k in chunk]
+        # Noise is drawn on the CPU so the same seed gives the same image on any device.
+        side = settings.resolution // pipe.vae_scale_factor if settings.resolution else pipe.unet.config.sample_size
+        shape = (pipe.unet.config.in_channels, side, side)
+        latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device=device, dtype=pipe.unet.dtype)
+        with torch.no_grad():
+            out = pipe(
+                [prompts[j] for j, _ in chunk],
+                negative_prompt=[settings.negative_prompt] * len(chunk) if settings.negative_prompt else None,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                latents=latents,
+                height=shape[1] * pipe.vae_scale_factor,
+                width=shape[2] * pipe.vae_scale_factor,
+            ).images
+        for (j, k), image in zip(chunk, out):
+            results[j][k] = image
+        bar.update(len(chunk))
+    bar.close()
+    return results  # type: ignore[return-value]

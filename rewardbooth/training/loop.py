@@ -1,0 +1,278 @@
+"""The one training loop (accelerate): every method plugs its loss into it.
+
+Randomness is drawn from a generator seeded by (seed, step, micro-batch, process), not from a
+global stream, so a resumed run sees exactly the batches, noise and timesteps the uninterrupted
+run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rewardbooth.config import RunConfig
+from rewardbooth.methods import get_method
+from rewardbooth.methods.base import Method
+from rewardbooth.models.loading import load_components, make_pipeline
+from rewardbooth.models.lora import TEXT_ENCODER_TARGETS, add_lora, save_lora
+from rewardbooth.sampling import SampleSettings, generate
+from rewardbooth.training.context import TrainContext
+from rewardbooth.training.run_dir import (
+    CONFIG_NAME,
+    METRICS_NAME,
+    MetricsLog,
+    checkpoint_path,
+    list_checkpoints,
+    prune_checkpoints,
+)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_step: int
+    weights: Path  # LoRA safetensors file, or the folder holding the fine-tuned U-Net
+
+
+def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
+    # Large odd multipliers keep (step, micro, process) triples from colliding.
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7_919 + micro * 104_729 + process * 15_485_863)
+
+
+def _trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path, method: Method | None = None, progress: bool = True):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.method = method or get_method(cfg.train.method)()
+        self.progress = progress
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            mixed_precision=cfg.train.mixed_precision,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), automatic_checkpoint_naming=False),
+        )
+        self.metrics = MetricsLog(self.run_dir / METRICS_NAME, enabled=self.accelerator.is_main_process)
+
+    # --- setup ------------------------------------------------------------------------------
+    def _load(self) -> TrainContext:
+        cfg, acc = self.cfg, self.accelerator
+        components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant)
+        weight_dtype = DTYPES[cfg.train.mixed_precision]
+        # Frozen parts run in the low-precision dtype; trained weights stay float32 (autocast).
+        components.vae.requires_grad_(False).to(acc.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
+        components.text_encoder.requires_grad_(False).to(acc.device, dtype=weight_dtype)
+        components.unet.requires_grad_(False).to(acc.device, dtype=weight_dtype)
+        resolution = cfg.data.resolution or components.native_resolution
+        ctx = TrainContext(cfg, self.run_dir, acc, components, resolution, weight_dtype)
+        ctx.unet = components.unet
+        return ctx
+
+    def _attach_trainable(self, ctx: TrainContext) -> list[dict]:
+        cfg, components = self.cfg, ctx.components
+        a = cfg.adapter
+        groups = []
+        if a.kind == "lora":
+            add_lora(components.unet, a.rank, a.alpha, a.dropout, a.target_modules)
+        else:
+            components.unet.requires_grad_(True)
+        # Trained weights in float32 even when the frozen base is half precision.
+        for p in _trainable_parameters(components.unet):
+            p.data = p.data.float()
+        groups.append({"params": _trainable_parameters(components.unet), "lr": cfg.learning_rate})
+        if a.train_text_encoder:
+            if a.kind == "lora":
+                add_lora(components.text_encoder, a.rank, a.alpha, a.dropout, TEXT_ENCODER_TARGETS)
+            else:
+                components.text_encoder.requires_grad_(True)
+            for p in _trainable_parameters(components.text_encoder):
+                p.data = p.data.float()
+            lr = cfg.train.text_encoder_learning_rate or cfg.learning_rate
+            groups.append({"params": _trainable_parameters(components.text_encoder), "lr": lr})
+        if cfg.train.gradient_checkpointing:
+            components.unet.enable_gradient_checkpointing()
+            if a.train_text_encoder:
+                components.text_encoder.gradient_checkpointing_enable()
+        return groups
+
+    def _register_checkpoint_hooks(self) -> None:
+        """Checkpoints hold only trainable tensors: with LoRA, megabytes instead of a model copy."""
+        from safetensors.torch import load_file, save_file
+
+        acc = self.accelerator
+
+        def save_hook(models, weights, output_dir):
+            if acc.is_main_process:
+                for i, model in enumerate(models):
+                    state = {n: p.detach().contiguous() for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
+                    save_file(state, str(Path(output_dir) / f"trainable_{i}.safetensors"))
+            weights.clear()
+
+        def load_hook(models, input_dir):
+            for i, model in enumerate(models):
+                state = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
+                params = dict(acc.unwrap_model(model).named_parameters())
+                if set(state) != {n for n, p in params.items() if p.requires_grad}:
+                    raise RuntimeError(f"checkpoint {input_dir} does not match this run's trainable parameters")
+                with torch.no_grad():
+                    for name, tensor in state.items():
+                        params[name].copy_(tensor)
+            models.clear()
+
+        acc.register_save_state_pre_hook(save_hook)
+        acc.register_load_state_pre_hook(load_hook)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> TrainResult:
+        from diffusers.optimization import get_scheduler
+
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            (self.run_dir / CONFIG_NAME).write_text(cfg.to_yaml())
+        ctx = self._load()
+        self.method.prepare(ctx)
+        groups = self._attach_trainable(ctx)
+        t = cfg.train
+        optimizer = torch.optim.AdamW(groups, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+        # Schedulers count optimizer steps; accelerate steps them once per process per step.
+        lr_scheduler = get_scheduler(
+            t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * acc.num_processes,
+            num_training_steps=t.steps * acc.num_processes,
+        )
+        trained = [ctx.components.unet] + ([ctx.components.text_encoder] if cfg.adapter.train_text_encoder else [])
+        extra = self.method.extra_modules()
+        prepared = acc.prepare(*trained, *extra, optimizer, lr_scheduler)
+        ctx.unet = prepared[0]
+        if cfg.adapter.train_text_encoder:
+            ctx.text_encoder = prepared[1]
+        optimizer, lr_scheduler = prepared[-2], prepared[-1]
+        self._register_checkpoint_hooks()
+
+        start_step = 0
+        if resume:
+            start_step = self._resume()
+        self.metrics.truncate_after(start_step)
+
+        bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc=f"train {self.method.name}",
+                   disable=not (self.progress and acc.is_main_process), unit="step")
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        tick = time.perf_counter()
+        params_to_clip = [p for group in optimizer.param_groups for p in group["params"]]
+        for step in bar:
+            for micro in range(t.gradient_accumulation_steps):
+                generator = step_generator(t.seed, step, micro, acc.process_index)
+                with acc.accumulate(*trained):
+                    loss, logs = self.method.loss(ctx, generator)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(params_to_clip, t.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                # Sums stay on the device: no host sync until a log line is written.
+                for key, value in {"loss": loss.detach(), **logs}.items():
+                    sums[key] = sums.get(key, 0) + value.float()
+                count += 1
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                record = {key: acc.reduce(value / count, reduction="mean").item() for key, value in sums.items()}
+                record.update(step=done, lr=lr_scheduler.get_last_lr()[0], seconds_per_step=(time.perf_counter() - tick) * t.gradient_accumulation_steps / count)
+                self.metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                sums, count, tick = {}, 0, time.perf_counter()
+            if cfg.validation.every and done % cfg.validation.every == 0:
+                self.validate(ctx, done)
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+                self.save_checkpoint(done)
+        bar.close()
+        if cfg.validation.every and t.steps % cfg.validation.every != 0:
+            self.validate(ctx, t.steps)
+        return self._finish(ctx)
+
+    def _resume(self) -> int:
+        checkpoints = list_checkpoints(self.run_dir)
+        if not checkpoints:
+            return 0  # nothing saved yet: start over in the same folder
+        step, path = checkpoints[-1]
+        self.accelerator.load_state(str(path))  # extra modules are prepared, so restored here too
+        return step
+
+    def save_checkpoint(self, step: int) -> Path:
+        acc = self.accelerator
+        path = checkpoint_path(self.run_dir, step)
+        acc.save_state(str(path))
+        if acc.is_main_process:
+            # Written last: a checkpoint without step.json was interrupted and is ignored.
+            (path / "step.json").write_text(json.dumps({"step": step}))
+            prune_checkpoints(self.run_dir, self.cfg.train.checkpoints_total_limit)
+        acc.wait_for_everyone()
+        return path
+
+    # --- validation and export --------------------------------------------------------------
+    def validation_pipeline(self, ctx: TrainContext):
+        acc = self.accelerator
+        text_encoder = acc.unwrap_model(ctx.text_encoder) if ctx.text_encoder is not None else None
+        return make_pipeline(ctx.components, unet=acc.unwrap_model(ctx.unet), text_encoder=text_encoder)
+
+    @torch.no_grad()
+    def validate(self, ctx: TrainContext, step: int) -> None:
+        from rewardbooth.evaluation.report import save_image_grid
+
+        if not self.accelerator.is_main_process:
+            return
+        v = self.cfg.validation
+        prompts = [self.cfg.format_prompt(p) for p in v.prompts]
+        settings = SampleSettings(steps=v.steps, guidance_scale=v.guidance_scale, seed=self.cfg.train.seed, resolution=ctx.resolution)
+        unet = self.accelerator.unwrap_model(ctx.unet)
+        was_training = unet.training
+        unet.eval()
+        with self.accelerator.autocast():
+            images = generate(self.validation_pipeline(ctx), prompts, v.num_images, settings)
+        unet.train(was_training)
+        folder = self.run_dir / "samples" / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for j, row in enumerate(images):
+            for k, image in enumerate(row):
+                image.save(folder / f"{j:02d}_{k:02d}.png")
+        save_image_grid([im for row in images for im in row], folder / "grid.png", cols=v.num_images)
+        extra = self.method.validation_metrics(ctx, step, prompts, images)
+        self.metrics.write({"step": step, "validation": True, **extra})
+
+    def _finish(self, ctx: TrainContext) -> TrainResult:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        unet = acc.unwrap_model(ctx.unet)
+        text_encoder = acc.unwrap_model(ctx.text_encoder) if ctx.text_encoder is not None else None
+        weights = self.run_dir
+        if acc.is_main_process:
+            if self.cfg.adapter.kind == "lora":
+                weights = save_lora(self.run_dir, unet, text_encoder)
+            else:
+                weights = self.run_dir / "unet"
+                unet.save_pretrained(weights, safe_serialization=True)
+                if text_encoder is not None:
+                    text_encoder.save_pretrained(self.run_dir / "text_encoder", safe_serialization=True)
+            (self.run_dir / "result.json").write_text(json.dumps({
+                "method": self.method.name, "final_step": self.cfg.train.steps, "weights": str(Path(weights).relative_to(self.run_dir)),
+                "base_model": self.cfg.model.name, "resolution": ctx.resolution,
+            }, indent=2))
+        acc.wait_for_everyone()
+        acc.end_training()
+        return TrainResult(self.run_dir, self.cfg.train.steps, Path(weights))
+
+
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True, method: Method | None = None) -> TrainResult:
+    return Trainer(cfg, run_dir, method=method, progress=progress).run(resume=resume)

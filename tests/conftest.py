@@ -1,0 +1,54 @@
+"""Offline, seeded, tiny: every test runs on the CPU without a network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    # Tiny presets are built once per session, outside the user's real cache.
+    if "REWARDBOOTH_CACHE" not in os.environ:
+        os.environ["REWARDBOOTH_CACHE"] = str(tmp_path_factory.mktemp("rewardbooth-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def subject_dir(tmp_path_factory) -> Path:
+    """Five 64 px images of a procedural subject."""
+    from rewardbooth.data.procedural import make_subject, save_subject
+
+    folder = tmp_path_factory.mktemp("subject") / "toy"
+    save_subject(make_subject(seed=3, num_images=5, size=64), folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_overrides(subject_dir) -> dict:
+    """A DreamBooth-LoRA run on the tiny preset small enough for seconds on a CPU."""
+    return {
+        "model.name": "tiny",
+        "data.instance_dir": str(subject_dir),
+        "data.class_noun": "toy",
+        "train.steps": 6,
+        "train.batch_size": 1,
+        "train.learning_rate": 1e-3,
+        "train.log_every": 1,
+        "train.checkpoint_every": 0,
+        "prior.num_class_images": 3,
+        "prior.generation_steps": 2,
+        "validation.every": 0,
+    }

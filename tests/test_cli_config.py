@@ -1,0 +1,119 @@
+"""Config parsing/validation and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from rewardbooth.cli import main
+from rewardbooth.config import RunConfig, load_config
+from rewardbooth.errors import ConfigError
+
+
+def test_yaml_then_overrides_and_roundtrip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"train": {"steps": 50, "learning_rate": "2e-4"}, "adapter": {"rank": 8}}))
+    cfg = load_config(path, {"train.steps": 70, "data.class_noun": "dog", "validation.prompts": "a {identifier} {class_noun}, a b"})
+    assert (cfg.train.steps, cfg.train.learning_rate, cfg.adapter.rank) == (70, 2e-4, 8)
+    assert cfg.validation.prompts == ["a {identifier} {class_noun}", "a b"]
+    assert cfg.instance_prompt == "a photo of sks dog"
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(cfg.to_yaml())
+    assert load_config(saved) == cfg
+
+
+def test_default_learning_rate_depends_on_adapter():
+    assert RunConfig().learning_rate == 1e-4
+    assert load_config(overrides={"adapter.kind": "full"}).learning_rate == 5e-6
+
+
+@pytest.mark.parametrize("overrides, culprit", [
+    ({"train.steps": 0}, "train.steps"),
+    ({"train.mixed_precision": "fp8"}, "train.mixed_precision"),
+    ({"adapter.kind": "dora"}, "adapter.kind"),
+    ({"train.stepz": 3}, "train.stepz"),
+    ({"train.batch_size": "two"}, "train.batch_size"),
+    ({"data.resolution": 100}, "data.resolution"),
+    ({"train.method": "ppo"}, "train.method"),
+    ({"data.instance_prompt": "a {who}"}, "a {who}"),
+])
+def test_bad_settings_name_the_setting(overrides, culprit):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert culprit in str(info.value) and "\n" not in str(info.value)
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rewardbooth: error: ")
+    return lines[0]
+
+
+def test_cli_missing_instance_dir(tmp_path, capsys):
+    missing = tmp_path / "no-such-folder"
+    code, err = run_cli(capsys, "train", "--model", "tiny", "--instance-dir", str(missing), "--class-noun", "dog",
+                        "--output", str(tmp_path / "out"), "--quiet")
+    assert code == 2
+    assert str(missing) in one_error_line(err)
+
+
+def test_cli_missing_class_noun(tmp_path, capsys, subject_dir):
+    code, err = run_cli(capsys, "train", "--model", "tiny", "--instance-dir", str(subject_dir), "--output", str(tmp_path / "o"))
+    assert code == 2 and "--class-noun" in one_error_line(err)
+
+
+def test_cli_bad_model_and_bad_config_file(tmp_path, capsys, subject_dir):
+    code, err = run_cli(capsys, "train", "--model", "not a model", "--instance-dir", str(subject_dir), "--class-noun", "toy",
+                        "--output", str(tmp_path / "o"), "--quiet")
+    assert code == 2 and "not a model" in one_error_line(err)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    code, err = run_cli(capsys, "train", "--config", str(bad), "--output", str(tmp_path / "o2"))
+    assert code == 2 and str(bad) in one_error_line(err)
+
+
+def test_cli_refuses_non_empty_output_and_keeps_files(tmp_path, capsys, subject_dir):
+    out = tmp_path / "photos"
+    out.mkdir()
+    keep = out / "holiday.jpg"
+    keep.write_bytes(b"precious")
+    for extra in ([], ["--overwrite"]):
+        code, err = run_cli(capsys, "train", "--model", "tiny", "--instance-dir", str(subject_dir), "--class-noun", "toy",
+                            "--output", str(out), "--quiet", *extra)
+        assert code == 2 and str(out) in one_error_line(err)
+        assert keep.read_bytes() == b"precious"
+
+
+def test_cli_refuses_output_inside_instance_dir(tmp_path, capsys, subject_dir):
+    code, err = run_cli(capsys, "train", "--model", "tiny", "--instance-dir", str(subject_dir), "--class-noun", "toy",
+                        "--output", str(subject_dir / "run"), "--quiet")
+    assert code == 2 and "overlaps" in one_error_line(err)
+
+
+def test_cli_generate_on_non_run_folder(tmp_path, capsys):
+    code, err = run_cli(capsys, "generate", "--run", str(tmp_path), "--prompt", "a sks dog")
+    assert code == 2 and str(tmp_path) in one_error_line(err)
+
+
+def test_cli_train_then_generate(tmp_path, capsys, subject_dir):
+    run = tmp_path / "run"
+    code = main(["train", "--model", "tiny", "--instance-dir", str(subject_dir), "--class-noun", "toy", "--output", str(run),
+                 "--steps", "4", "--num-class-images", "2", "--set", "prior.generation_steps=2", "--validation-every", "2",
+                 "--set", "validation.steps=2", "--set", "validation.num_images=1", "--quiet"])
+    assert code == 0
+    for name in ("config.yaml", "metrics.jsonl", "report.html", "pytorch_lora_weights.safetensors", "samples/step-000004/grid.png"):
+        assert (run / name).exists(), name
+    assert load_config(run / "config.yaml").train.steps == 4
+    code = main(["generate", "--run", str(run), "--prompt", "a sks toy", "-n", "2", "--steps", "2"])
+    assert code == 0
+    assert len(list((run / "generated").glob("0*.png"))) == 2
+    # A second call adds files instead of replacing the first ones.
+    main(["generate", "--run", str(run), "--prompt", "a sks toy", "-n", "2", "--steps", "2"])
+    assert len(list((run / "generated").glob("0*.png"))) == 4
