@@ -99,6 +99,7 @@ def train_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rewardbooth.config import load_config, require_training_inputs
+    from rewardbooth.data.images import load_image_folder
     from rewardbooth.evaluation.run_report import write_run_report
     from rewardbooth.training.loop import train
     from rewardbooth.training.run_dir import CONFIG_NAME, prepare_run_dir
@@ -109,6 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config_file = run_dir / CONFIG_NAME  # resume repeats the saved run unless told otherwise
     cfg = load_config(config_file, train_overrides(args))
     require_training_inputs(cfg)
+    load_image_folder(cfg.data.instance_dir)  # bad photos fail now, before any model loads or folder is made
     protected = [Path(p) for p in (cfg.data.instance_dir, cfg.prior.class_dir) if p]
     prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite, protected=protected)
     result = train(cfg, run_dir, resume=args.resume, progress=not args.quiet)

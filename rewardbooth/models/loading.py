@@ -51,6 +51,7 @@ class Components:
 def resolve_model_path(name: str) -> str:
     """Map a preset name to its folder; pass hub ids and local folders through unchanged."""
     if name in TINY_PRESETS:
+        quiet_library_progress()
         return str(tiny_model_path(name))
     local = Path(name).expanduser()
     if local.exists():
@@ -70,10 +71,21 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def quiet_library_progress() -> None:
+    """Hide diffusers'/transformers' per-file loading bars; our own bars show the real work."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_components(name: str, revision: str | None = None, variant: str | None = None, dtype: torch.dtype | None = None) -> Components:
     """Load U-Net, VAE, text encoder, tokenizer and the training noise scheduler."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    quiet_library_progress()
 
     path = resolve_model_path(name)
     common: dict[str, Any] = {"revision": revision}

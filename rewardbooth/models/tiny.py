@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 # Bump when the architecture or the seed changes, so stale caches are rebuilt.
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,16 @@ def _byte_level_vocab() -> dict[str, int]:
 
 def build_tiny_pipeline(preset: TinyPreset):
     """Build a StableDiffusionPipeline with small components and seeded random weights."""
+
+    with torch.random.fork_rng(devices=[]):  # seeded weights without disturbing the caller's RNG
+        torch.manual_seed(preset.seed)
+        return _build_tiny_pipeline(preset)
+
+
+def _build_tiny_pipeline(preset: TinyPreset):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    torch.manual_seed(preset.seed)
     unet = UNet2DConditionModel(
         sample_size=16,  # latent size; with the VAE's /2 downsampling this is a 32 px model
         in_channels=4,
@@ -101,6 +107,7 @@ def build_tiny_pipeline(preset: TinyPreset):
         num_train_timesteps=1000,
         clip_sample=False,
         prediction_type=preset.prediction_type,
+        steps_offset=1,
     )
     return StableDiffusionPipeline(
         vae=vae,

@@ -141,8 +141,11 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process:
             (self.run_dir / CONFIG_NAME).write_text(cfg.to_yaml())
+        from accelerate.utils import set_seed
+
         ctx = self._load()
         self.method.prepare(ctx)
+        set_seed(cfg.train.seed)  # adapter and critic initialisation draw from the global generators
         groups = self._attach_trainable(ctx)
         t = cfg.train
         optimizer = torch.optim.AdamW(groups, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)

@@ -1,0 +1,194 @@
+"""Reading reference-image folders and turning images into model-ready tensors.
+
+Every user-facing failure is an ``ImageFolderError`` whose message is one line and
+names the offending file or folder, because the CLI prints ``str(error)`` verbatim.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from rewardbooth.errors import ConfigError, ImageFolderError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+# Files that operating systems drop into folders on their own. Users did not put
+# them there and cannot always see them, so failing on them would only confuse;
+# we skip them silently. (Dot-files such as .DS_Store are skipped as hidden.)
+# "Icon\r" is the macOS custom-folder-icon file; its name really ends in CR.
+_OS_JUNK_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"})
+
+# High-bit-depth single-channel modes that Pillow's own convert() would clip to 0..255.
+_WIDE_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+# Modes that carry an alpha channel; other modes may still have a tRNS-style
+# "transparency" entry in ``Image.info``.
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def _show(path: Path | str) -> str:
+    """Path text for a one-line message (control characters would break the line)."""
+    text = os.fspath(path)
+    return text if text.isprintable() else ascii(text)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _wide_gray_to_uint8(image: Image.Image) -> np.ndarray:
+    """Scale 16-bit / 32-bit / float grayscale to 0..255 by its nominal range."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16"):
+        scale_max = 65535.0
+    else:
+        # "I" and "F" do not record the source bit depth: pick the smallest usual
+        # range that holds the data (float 0..1, 8-bit, 16-bit), else stretch.
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if lo < 0 or hi > 65535:
+            values = values - lo
+            scale_max = max(hi - lo, 1e-12)
+        elif image.mode == "F" and hi <= 1.0:
+            scale_max = 1.0
+        elif hi <= 255:
+            scale_max = 255.0
+        else:
+            scale_max = 65535.0
+    return np.clip(np.rint(values * (255.0 / scale_max)), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; transparent areas become white."""
+    if image.mode in _WIDE_GRAY_MODES:
+        return Image.fromarray(_wide_gray_to_uint8(image), mode="L").convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def load_image(path: Path | str, min_size: int = 0) -> Image.Image:
+    """Open, fully decode, upright (EXIF) and convert one image to 8-bit RGB."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageFolderError(f"image file {_show(path)} does not exist")
+    if path.is_dir():
+        raise ImageFolderError(f"{_show(path)} is a folder, not an image file")
+    # Pillow would otherwise silently pad a truncated file with grey; the flag is
+    # process-global, so restore whatever the caller had.
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            # exif_transpose always returns a new image, so it outlives the file handle.
+            image = _to_rgb(ImageOps.exif_transpose(opened))
+    except UnidentifiedImageError:
+        raise ImageFolderError(
+            f"{_show(path)} is not a readable image (unknown format or not an image at all)"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageFolderError(f"{_show(path)} is too large to load safely: {_one_line(exc)}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+        # Pillow reports corrupt data through several exception types.
+        raise ImageFolderError(f"{_show(path)} is corrupt or truncated: {_one_line(exc)}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+    width, height = image.size
+    if min(width, height) < min_size:
+        raise ImageFolderError(
+            f"{_show(path)} is {width}x{height} px, smaller than the minimum {min_size} px"
+        )
+    return image
+
+
+def list_image_files(folder: Path | str) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name.
+
+    Hidden files, OS junk files and sub-folders are skipped; any other file that is
+    not a supported image is an error, so users learn that it was not used.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise ImageFolderError(f"reference folder {_show(folder)} does not exist")
+    if not folder.is_dir():
+        raise ImageFolderError(f"reference folder {_show(folder)} is a file, not a folder")
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        raise ImageFolderError(f"cannot list reference folder {_show(folder)}: {_one_line(exc)}") from None
+
+    images: list[Path] = []
+    unsupported: list[Path] = []
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name.lower() in _OS_JUNK_NAMES or entry.is_dir():
+            continue
+        if entry.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(entry)
+        else:
+            unsupported.append(entry)
+
+    if unsupported:
+        names = ", ".join(_show(path.name) for path in unsupported[:3])
+        if len(unsupported) > 3:
+            names += f" and {len(unsupported) - 3} more"
+        raise ImageFolderError(
+            f"reference folder {_show(folder)} contains files that are not supported images "
+            f"(jpg, jpeg, png, webp): {names}; move them elsewhere"
+        )
+    if not images:
+        raise ImageFolderError(f"reference folder {_show(folder)} contains no images (jpg, png, webp)")
+    return images
+
+
+def load_image_folder(folder: Path | str, min_size: int = 0) -> list[Image.Image]:
+    """All images of a reference folder as RGB, in file-name order."""
+    return [load_image(path, min_size=min_size) for path in list_image_files(folder)]
+
+
+def preprocess(
+    images: Sequence[Image.Image],
+    resolution: int,
+    center_crop: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Resize shorter side to ``resolution``, crop a square, return (N,3,R,R) in [-1, 1].
+
+    With ``center_crop=False`` the crop position is drawn from ``generator``
+    (the global torch RNG when it is None), as a light augmentation.
+    """
+    if resolution <= 0:
+        raise ConfigError(f"resolution must be a positive number of pixels, got {resolution}")
+    arrays: list[np.ndarray] = []
+    for image in images:
+        image = image if image.mode == "RGB" else _to_rgb(image)
+        width, height = image.size
+        scale = resolution / min(width, height)
+        # max() keeps the shorter side exactly `resolution` despite rounding.
+        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        spare_x, spare_y = size[0] - resolution, size[1] - resolution
+        if center_crop:
+            left, top = spare_x // 2, spare_y // 2
+        else:
+            left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
+            top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
+        image = image.crop((left, top, left + resolution, top + resolution))
+        arrays.append(np.asarray(image, dtype=np.float32))
+
+    if not arrays:
+        return torch.empty((0, 3, resolution, resolution))
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return batch / 127.5 - 1.0
