@@ -148,3 +148,29 @@ def test_training_lowers_instance_loss(tmp_path, tiny_overrides):
     train(cfg, run, progress=False)
     losses = read_losses(run)
     assert losses[60] < 0.8 * losses[10]
+
+
+def test_text_encoder_lora_is_saved_and_loaded(tmp_path, tiny_overrides):
+    cfg = load_config(overrides=dict(tiny_overrides, **{"adapter.train_text_encoder": True, "train.steps": 3}))
+    run = tmp_path / "run"
+    prepare_run_dir(run, resume=False, overwrite=False)
+    result = train(cfg, run, progress=False)
+    keys = load_file(result.weights).keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    _, pipe = load_run_pipeline(run)
+    tokens = pipe.tokenizer([cfg.instance_prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    base = load_components("tiny").text_encoder
+    with torch.no_grad():
+        assert (pipe.text_encoder(tokens)[0] - base(tokens)[0]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_mixed_precision_and_gradient_checkpointing_run(tmp_path, tiny_overrides, precision):
+    cfg = load_config(overrides=dict(tiny_overrides, **{"train.mixed_precision": precision, "train.gradient_checkpointing": True,
+                                                        "train.steps": 2}))
+    run = tmp_path / "run"
+    prepare_run_dir(run, resume=False, overwrite=False)
+    result = train(cfg, run, progress=False)
+    losses = read_losses(run)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert all(v.dtype == torch.float32 for v in load_file(result.weights).values())

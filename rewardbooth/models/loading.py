@@ -132,8 +132,15 @@ def load_run_pipeline(run_dir: Path, device: str | torch.device = "cpu", dtype: 
     cfg = load_config(run_dir / CONFIG_NAME)
     components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant, dtype=dtype)
     if (run_dir / LORA_WEIGHTS_NAME).is_file():
+        import diffusers
+
         pipe = make_pipeline(components)
-        pipe.load_lora_weights(str(run_dir), weight_name=LORA_WEIGHTS_NAME)
+        level = diffusers.utils.logging.get_verbosity()
+        diffusers.utils.logging.set_verbosity_error()  # "no text-encoder LoRA keys" is expected, not news
+        try:
+            pipe.load_lora_weights(str(run_dir), weight_name=LORA_WEIGHTS_NAME)
+        finally:
+            diffusers.utils.logging.set_verbosity(level)
     elif (run_dir / "unet").is_dir():
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel

@@ -59,6 +59,11 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.method = method or get_method(cfg.train.method)()
         self.progress = progress
+        # accelerate keeps one global state per process; a library that runs several trainings in
+        # one process (bench, tests) must clear its precision settings between them.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             mixed_precision=cfg.train.mixed_precision,
