@@ -1,4 +1,4 @@
-"""The `rewardbooth` command: train | generate | demo.
+"""The `rewardbooth` command: train | generate | evaluate | bench | demo.
 
 User errors (bad folders, files or settings) end with one line on stderr and exit code 2;
 anything else is a bug and keeps its traceback.
@@ -44,6 +44,24 @@ TRAIN_SWITCHES = [
 ]
 
 
+def add_judge_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO checkpoint (or tiny)")
+    parser.add_argument("--clip-model", default="openai/clip-vit-base-patch16", help="CLIP checkpoint for CLIP-I/CLIP-T (or tiny)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _scorer(args: argparse.Namespace):
+    from rewardbooth.evaluation.metrics import Scorer
+
+    return Scorer(models={"dino": args.dino_model, "clip": args.clip_model}, device=_device(args))
+
+
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
@@ -75,6 +93,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=4)
     gen.add_argument("--output", help="folder for the PNGs (default RUN/generated)")
     gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+
+    ev = sub.add_parser("evaluate", help="DreamBench metrics (DINO, CLIP-I, CLIP-T) of a folder of generated images")
+    ev.add_argument("--images", required=True, help="generated images (with metadata.jsonl from `generate`, or use --prompt)")
+    ev.add_argument("--references", required=True, help="the subject's reference images")
+    ev.add_argument("--prompt", help="the prompt of every image (overrides metadata.jsonl)")
+    ev.add_argument("--identifier", default="sks", help="removed from prompts before CLIP-T")
+    ev.add_argument("--output", help="also write per-image scores and summaries to this JSON file")
+    add_judge_flags(ev)
+
+    bench = sub.add_parser("bench", help="DreamBench: train, generate 25 prompts x K, score, report; shardable")
+    bench.add_argument("--dreambench", help="DreamBench dataset folder (subject folders + prompts_and_classes.txt)")
+    bench.add_argument("--method", default="dreambooth")
+    bench.add_argument("--output", help="bench folder (default bench-METHOD); with --merge, where the report goes")
+    bench.add_argument("--subjects", help="comma-separated subject names (default: all 30)")
+    bench.add_argument("--shard", help="i/N: this process takes every N-th subject starting at i")
+    bench.add_argument("-k", "--images-per-prompt", type=int, default=4)
+    bench.add_argument("--sample-steps", type=int, default=50)
+    bench.add_argument("--guidance", type=float, default=7.5)
+    bench.add_argument("--model", help="base model for training (hub id, folder, tiny)")
+    bench.add_argument("--steps", type=int, help="training steps per subject")
+    bench.add_argument("--config", help="YAML run config used for every subject")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any training setting")
+    bench.add_argument("--merge", nargs="+", metavar="BENCH_DIR", help="merge finished bench folders (one per method) into results and one report")
+    bench.add_argument("--quiet", action="store_true")
+    add_judge_flags(bench)
 
     demo = sub.add_parser("demo", help="the built-in CPU demo: make a subject, train, generate, report")
     demo.add_argument("--output", default="rewardbooth-demo", help="run folder (default ./rewardbooth-demo)")
@@ -122,10 +165,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from rewardbooth.evaluation.report import save_image_grid
     from rewardbooth.errors import ConfigError
+    from rewardbooth.evaluation.metrics import METADATA_NAME
+    from rewardbooth.evaluation.report import save_image_grid
     from rewardbooth.models.loading import load_run_pipeline
-    from rewardbooth.sampling import SampleSettings, generate
+    from rewardbooth.sampling import SampleSettings, generate, save_generated
 
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise ConfigError("-n, --steps and --batch-size must be positive")
@@ -138,17 +182,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = SampleSettings(steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
                               resolution=cfg.data.resolution)
     images = generate(pipe, args.prompt, args.num_images, settings, progress=True)
-    # Never overwrite earlier generations: number new files after the existing ones.
-    first = len(list(out.glob("*.png")))
-    written = []
-    for j, (prompt, row) in enumerate(zip(args.prompt, images)):
-        slug = "".join(c if c.isalnum() else "_" for c in prompt)[:60].strip("_")
-        for k, image in enumerate(row):
-            path = out / f"{first + len(written):04d}_{slug}_s{args.seed + k}.png"
-            image.save(path)
-            written.append(path)
-    grid = save_image_grid([im for row in images for im in row], out / f"grid_{first:04d}.png", cols=args.num_images)
-    print(f"wrote {len(written)} images and {grid}")
+    written = save_generated(out, args.prompt, images, args.seed)
+    grid = save_image_grid([im for row in images for im in row], out / "grids" / f"{written[0].stem}.png", cols=args.num_images)
+    print(f"wrote {len(written)} images to {out} ({METADATA_NAME} lists their prompts) and {grid}")
     return 0
 
 
@@ -160,7 +196,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "demo": cmd_demo}
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from rewardbooth.evaluation.metrics import evaluate_folder, format_table, summarize
+
+    scorer = _scorer(args)
+    scores = evaluate_folder(Path(args.images), Path(args.references), identifier=args.identifier, prompt=args.prompt, scorer=scorer)
+    per_prompt, overall = summarize(scores, "prompt"), summarize(scores)
+    print(format_table(per_prompt))
+    print()
+    print(format_table(overall))
+    print(f"{len(scores)} images vs {args.references}; judges: " + ", ".join(f"{k}={v}" for k, v in scorer.checkpoints().items()))
+    if args.output:
+        Path(args.output).write_text(json.dumps({"judges": scorer.checkpoints(), "overall": overall[0], "per_prompt": per_prompt,
+                                                 "images": [asdict(s) for s in scores]}, indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rewardbooth.config import load_config, parse_override
+    from rewardbooth.data.dreambench import load_dreambench
+    from rewardbooth.errors import ConfigError
+    from rewardbooth.evaluation.bench import BenchRunner, merge, parse_shard, shard_subjects
+
+    if args.merge:
+        report = merge([Path(d) for d in args.merge], Path(args.output) if args.output else None)
+        print(f"merged {len(args.merge)} bench folder(s): {report}")
+        return 0
+    if not args.dreambench:
+        raise ConfigError("bench needs --dreambench DIR (or --merge BENCH_DIR ...)")
+    if args.images_per_prompt < 1 or args.sample_steps < 1:
+        raise ConfigError("-k and --sample-steps must be positive")
+    bench = load_dreambench(Path(args.dreambench))
+    subjects = bench.select([s.strip() for s in args.subjects.split(",") if s.strip()]) if args.subjects else list(bench.subjects.values())
+    index, count = parse_shard(args.shard)
+    overrides = {"train.method": args.method, "model.name": args.model, "train.steps": args.steps, "validation.every": 0}
+    overrides.update(parse_override(text) for text in args.set)
+    cfg = load_config(args.config, overrides)
+    out = Path(args.output or f"bench-{args.method}")
+    runner = BenchRunner(bench, out, cfg, _scorer(args), images_per_prompt=args.images_per_prompt,
+                         sample_steps=args.sample_steps, guidance_scale=args.guidance, progress=not args.quiet)
+    mine = shard_subjects(subjects, index, count)
+    computed = runner.run(mine)
+    skipped = len(mine) - len(computed)
+    print(f"shard {index}/{count}: {len(computed)} subject(s) computed, {skipped} already finished (skipped)")
+    if count == 1:
+        print(f"results: {merge([out])}")
+    else:
+        print(f"when every shard is done: rewardbooth bench --merge {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,9 @@ does not depend on the batch size and the same seed shows each prompt's effect o
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -52,3 +54,22 @@ def generate(pipe, prompts: list[str], images_per_prompt: int, settings: SampleS
         bar.update(len(chunk))
     bar.close()
     return results  # type: ignore[return-value]
+
+
+def save_generated(folder: Path, prompts: list[str], images: list[list[Image.Image]], seed: int) -> list[Path]:
+    """Write images as PNGs plus metadata.jsonl lines (file, prompt, seed) for `evaluate`.
+
+    New files are numbered after the existing ones, so earlier generations are never replaced.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    first = len(list(folder.glob("*.png")))
+    written: list[Path] = []
+    with (folder / "metadata.jsonl").open("a") as metadata:
+        for prompt, row in zip(prompts, images):
+            slug = "".join(c if c.isalnum() else "_" for c in prompt)[:60].strip("_")
+            for k, image in enumerate(row):
+                path = folder / f"{first + len(written):04d}_{slug}_s{seed + k}.png"
+                image.save(path)
+                written.append(path)
+                metadata.write(json.dumps({"file": path.name, "prompt": prompt, "seed": seed + k}) + "\n")
+    return written

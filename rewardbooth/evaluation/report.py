@@ -124,6 +124,31 @@ def plot_metrics(records: list[dict], keys: list[str], path: Path, title: str = 
     return path
 
 
+def plot_bars(labels: list[str], series: dict[str, list[float]], path: Path, title: str = "") -> Path:
+    """Grouped bar chart: one group per label, one bar per series (e.g. per method)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 0.45 * len(labels) * max(len(series), 1) + 2), 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(labels))], values, width, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Read metrics.jsonl; a corrupt last line (run killed mid-write) is skipped."""
     path = Path(path)
