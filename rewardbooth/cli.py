@@ -166,10 +166,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from rewardbooth.errors import ConfigError
-    from rewardbooth.evaluation.metrics import METADATA_NAME
     from rewardbooth.evaluation.report import save_image_grid
     from rewardbooth.models.loading import load_run_pipeline
-    from rewardbooth.sampling import SampleSettings, generate, save_generated
+    from rewardbooth.sampling import METADATA_NAME, SampleSettings, generate, save_generated
 
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise ConfigError("-n, --steps and --batch-size must be positive")

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+METADATA_NAME = "metadata.jsonl"  # one {"file", "prompt", "seed"} per generated image
+
 
 @dataclass
 class SampleSettings:
@@ -64,7 +66,7 @@ def save_generated(folder: Path, prompts: list[str], images: list[list[Image.Ima
     folder.mkdir(parents=True, exist_ok=True)
     first = len(list(folder.glob("*.png")))
     written: list[Path] = []
-    with (folder / "metadata.jsonl").open("a") as metadata:
+    with (folder / METADATA_NAME).open("a") as metadata:
         for prompt, row in zip(prompts, images):
             slug = "".join(c if c.isalnum() else "_" for c in prompt)[:60].strip("_")
             for k, image in enumerate(row):

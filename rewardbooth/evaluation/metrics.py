@@ -1,0 +1,111 @@
+"""DreamBench metrics (specs/METHODS.md section 4): DINO, CLIP-I, CLIP-T.
+
+- DINO: cosine of DINO CLS features of each generated image with each reference, averaged.
+- CLIP-I: the same with CLIP image embeddings.
+- CLIP-T: cosine of the CLIP image embedding with the prompt, identifier token removed.
+Scores are kept per image; per prompt, per subject and overall means are computed from them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import fmean
+
+from PIL import Image
+
+from rewardbooth.data.images import list_image_files, load_image, load_image_folder
+from rewardbooth.errors import ConfigError
+from rewardbooth.rewards import Subject, build_reward
+from rewardbooth.sampling import METADATA_NAME
+
+METRICS = ("dino", "clip_i", "clip_t")
+DEFAULT_EVAL_MODELS = {"dino": "facebook/dino-vits16", "clip": "openai/clip-vit-base-patch16"}
+
+
+@dataclass
+class ImageScore:
+    subject: str
+    prompt: str
+    file: str
+    dino: float
+    clip_i: float
+    clip_t: float
+
+
+@dataclass
+class Scorer:
+    """Loads the judges once and scores batches of images against a subject."""
+
+    models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_EVAL_MODELS))
+    device: str = "cpu"
+    batch_size: int = 32
+
+    def __post_init__(self):
+        self.rewards = {name: build_reward(name, models=self.models, device=self.device) for name in METRICS}
+
+    def checkpoints(self) -> dict[str, str]:
+        return {"dino": self.models["dino"], "clip_i": self.models["clip"], "clip_t": self.models["clip"]}
+
+    def score(self, images: list[Image.Image], prompts: list[str], files: list[str], subject: Subject) -> list[ImageScore]:
+        columns = {}
+        for name, reward in self.rewards.items():
+            values = []
+            for start in range(0, len(images), self.batch_size):
+                chunk = slice(start, start + self.batch_size)
+                values.extend(reward(images[chunk], prompts[chunk], subject).detach().float().cpu().tolist())
+            columns[name] = values
+        return [ImageScore(subject.name, p, f, columns["dino"][i], columns["clip_i"][i], columns["clip_t"][i])
+                for i, (p, f) in enumerate(zip(prompts, files))]
+
+
+def summarize(scores: list[ImageScore], by: str | None = None) -> list[dict]:
+    """Mean of each metric over all images, or per value of `by` ("subject" or "prompt")."""
+    groups: dict[str, list[ImageScore]] = {}
+    for s in scores:
+        groups.setdefault(getattr(s, by) if by else "overall", []).append(s)
+    rows = []
+    for key, members in groups.items():
+        row = {by or "scope": key, "images": len(members)}
+        row.update({m: fmean(getattr(s, m) for s in members) for m in METRICS})
+        rows.append(row)
+    return rows
+
+
+def read_generated_folder(folder: Path, prompt: str | None = None) -> tuple[list[Path], list[str]]:
+    """Generated images and their prompts, from metadata.jsonl or one prompt for all images."""
+    folder = Path(folder)
+    metadata = folder / METADATA_NAME
+    if metadata.is_file():
+        entries = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+        files = [folder / e["file"] for e in entries]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise ConfigError(f"{metadata} lists {missing[0].name}, which is not in {folder}")
+        return files, [prompt or e["prompt"] for e in entries]
+    if prompt is None:
+        raise ConfigError(f"{folder} has no {METADATA_NAME}; pass --prompt to give the prompt of its images")
+    files = list_image_files(folder)
+    return files, [prompt] * len(files)
+
+
+def evaluate_folder(images_dir: Path, references_dir: Path, identifier: str = "sks", prompt: str | None = None,
+                    scorer: Scorer | None = None, subject_name: str | None = None) -> list[ImageScore]:
+    files, prompts = read_generated_folder(images_dir, prompt)
+    references = load_image_folder(references_dir)
+    subject = Subject(subject_name or Path(references_dir).name, references, identifier=identifier)
+    scorer = scorer or Scorer()
+    return scorer.score([load_image(f) for f in files], prompts, [f.name for f in files], subject)
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table for the terminal."""
+    if not rows:
+        return "(no rows)"
+    keys = list(rows[0])
+    cells = [[f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
