@@ -52,3 +52,13 @@ def tiny_overrides(subject_dir) -> dict:
         "prior.generation_steps": 2,
         "validation.every": 0,
     }
+
+
+@pytest.fixture(scope="session")
+def dreambench_root() -> Path:
+    """The shared DreamBench copy beside the checkout (or $REWARDBOOTH_DREAMBENCH)."""
+    override = os.environ.get("REWARDBOOTH_DREAMBENCH")
+    root = Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "dreambench" / "dataset"
+    if not (root / "prompts_and_classes.txt").is_file():
+        pytest.skip(f"DreamBench not found at {root}")
+    return root

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -187,19 +186,9 @@ def test_preprocess_random_crop_follows_generator() -> None:
 # --- DreamBench ------------------------------------------------------------------------
 
 
-def _dreambench_root() -> Path:
-    override = os.environ.get("REWARDBOOTH_DREAMBENCH")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "shared" / "dreambench" / "dataset"
-
-
 @pytest.fixture(scope="module")
-def dreambench() -> DreamBench:
-    root = _dreambench_root()
-    if not (root / "prompts_and_classes.txt").is_file():
-        pytest.skip(f"DreamBench not found at {root}")
-    return load_dreambench(root)
+def dreambench(dreambench_root: Path) -> DreamBench:
+    return load_dreambench(dreambench_root)
 
 
 def test_dreambench_subjects(dreambench: DreamBench) -> None:
