@@ -45,8 +45,9 @@ TRAIN_SWITCHES = [
 
 
 def add_judge_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO checkpoint (or tiny)")
-    parser.add_argument("--clip-model", default="openai/clip-vit-base-patch16", help="CLIP checkpoint for CLIP-I/CLIP-T (or tiny)")
+    parser.add_argument("--dino-model", help="DINO checkpoint (default facebook/dino-vits16; tiny for the offline preset)")
+    parser.add_argument("--clip-model", help="CLIP checkpoint for CLIP-I/CLIP-T (default openai/clip-vit-base-patch16; tiny)")
+    parser.add_argument("--reward", action="append", default=[], help="extra reward to report (registered name or module:function); repeatable")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
 
@@ -56,10 +57,16 @@ def _device(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _scorer(args: argparse.Namespace):
+def _scorer(args: argparse.Namespace, evaluation=None):
+    """Judges from the config's evaluation section, with the command-line flags on top."""
+    from rewardbooth.config import EvaluationConfig
     from rewardbooth.evaluation.metrics import Scorer
 
-    return Scorer(models={"dino": args.dino_model, "clip": args.clip_model}, device=_device(args))
+    evaluation = evaluation or EvaluationConfig()
+    evaluation.dino_model = args.dino_model or evaluation.dino_model
+    evaluation.clip_model = args.clip_model or evaluation.clip_model
+    evaluation.extra_rewards = [*evaluation.extra_rewards, *args.reward]
+    return Scorer.from_config(evaluation, device=_device(args))
 
 
 def _dest(flag: str) -> str:
@@ -158,7 +165,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite, protected=protected)
     result = train(cfg, run_dir, resume=args.resume, progress=not args.quiet)
     report = write_run_report(run_dir)
-    print(f"trained {cfg.train.method} for {result.final_step} steps: weights {result.weights}, report {report}")
+    selected = f" (best validated step {result.selected_step})" if result.selected_step != result.final_step else ""
+    print(f"trained {cfg.train.method} for {result.final_step} steps{selected}: weights {result.weights}, report {report}")
     return 0
 
 
@@ -235,7 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     overrides.update(parse_override(text) for text in args.set)
     cfg = load_config(args.config, overrides)
     out = Path(args.output or f"bench-{args.method}")
-    runner = BenchRunner(bench, out, cfg, _scorer(args), images_per_prompt=args.images_per_prompt,
+    runner = BenchRunner(bench, out, cfg, _scorer(args, cfg.evaluation), images_per_prompt=args.images_per_prompt,
                          sample_steps=args.sample_steps, guidance_scale=args.guidance, progress=not args.quiet)
     mine = shard_subjects(subjects, index, count)
     computed = runner.run(mine)

@@ -91,6 +91,17 @@ class ValidationConfig:
     num_images: int = 2
     steps: int = 25
     guidance_scale: float = 7.5
+    # With a method that selects the best validated weights (RPO): stop after this many
+    # validations without improvement (0: never stop early).
+    patience: int = 0
+
+
+@dataclass
+class EvaluationConfig:
+    dino_model: str = "facebook/dino-vits16"
+    clip_model: str = "openai/clip-vit-base-patch16"  # RPO's choice; DreamBooth's paper also used ViT-B/32, L/14
+    # More rewards to report beside DINO / CLIP-I / CLIP-T: registered names or "module:function".
+    extra_rewards: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -101,6 +112,7 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     # --- derived values -------------------------------------------------------------------
     def format_prompt(self, template: str) -> str:

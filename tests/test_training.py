@@ -174,3 +174,42 @@ def test_mixed_precision_and_gradient_checkpointing_run(tmp_path, tiny_overrides
     losses = read_losses(run)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert all(v.dtype == torch.float32 for v in load_file(result.weights).values())
+
+
+class PlantedSelection(DreamBooth):
+    """DreamBooth whose validation 'reward' is a planted sequence, to test model selection."""
+
+    selection_metric = "val_reward"
+
+    def __init__(self, rewards):
+        self.rewards = list(rewards)
+        self.snapshots = {}
+
+    def validation_metrics(self, ctx, step, prompts, images):
+        unet = ctx.accelerator.unwrap_model(ctx.unet)
+        self.snapshots[step] = {k: v.detach().clone() for k, v in unet.named_parameters() if v.requires_grad}
+        return {"val_reward": self.rewards.pop(0)}
+
+
+def test_model_selection_keeps_best_validated_step_and_stops_early(tmp_path, tiny_overrides):
+    cfg = load_config(overrides=dict(tiny_overrides, **{
+        "train.steps": 20, "validation.every": 2, "validation.patience": 2, "validation.steps": 1, "validation.num_images": 1}))
+    method = PlantedSelection([0.1, 0.5, 0.3, 0.2, 0.9, 0.9])
+    run = tmp_path / "run"
+    prepare_run_dir(run, resume=False, overwrite=False)
+    result = train(cfg, run, progress=False, method=method)
+    # best at step 4; no improvement at 6 and 8 -> patience 2 exhausted at step 8
+    assert (result.final_step, result.selected_step) == (8, 4)
+    assert json.loads((run / "result.json").read_text())["selected_step"] == 4
+    assert sorted(method.snapshots) == [2, 4, 6, 8]
+    # The run's LoRA file holds the step-4 weights, not the last ones.
+    _, pipe = load_run_pipeline(run)
+    loaded = {k: v for k, v in pipe.unet.named_parameters() if "lora" in k}
+    best, last = method.snapshots[4], method.snapshots[8]
+    lora_a = sorted(k for k in best if "lora_A" in k)[0]
+    # peft names the adapter "default" in training and "default_0" after load_lora_weights
+    loaded_key = lora_a.replace(".default.", ".default_0.")
+    torch.testing.assert_close(loaded[loaded_key], best[lora_a])
+    assert not torch.allclose(best[lora_a], last[lora_a])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_reward"] for r in records if r.get("validation")] == [0.1, 0.5, 0.3, 0.2]

@@ -32,6 +32,10 @@ class ImageScore:
     dino: float
     clip_i: float
     clip_t: float
+    extra: dict[str, float] = field(default_factory=dict)  # user-configured rewards
+
+    def value(self, metric: str) -> float:
+        return getattr(self, metric) if metric in METRICS else self.extra[metric]
 
 
 @dataclass
@@ -41,9 +45,21 @@ class Scorer:
     models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_EVAL_MODELS))
     device: str = "cpu"
     batch_size: int = 32
+    extra_rewards: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.rewards = {name: build_reward(name, models=self.models, device=self.device) for name in METRICS}
+        for spec in self.extra_rewards:
+            reward = build_reward(spec, models=self.models, device=self.device)
+            self.rewards[reward.name] = reward
+
+    @classmethod
+    def from_config(cls, evaluation, device: str = "cpu") -> Scorer:
+        return cls({"dino": evaluation.dino_model, "clip": evaluation.clip_model}, device, extra_rewards=list(evaluation.extra_rewards))
+
+    @property
+    def metric_names(self) -> list[str]:
+        return list(self.rewards)
 
     def checkpoints(self) -> dict[str, str]:
         return {"dino": self.models["dino"], "clip_i": self.models["clip"], "clip_t": self.models["clip"]}
@@ -56,7 +72,9 @@ class Scorer:
                 chunk = slice(start, start + self.batch_size)
                 values.extend(reward(images[chunk], prompts[chunk], subject).detach().float().cpu().tolist())
             columns[name] = values
-        return [ImageScore(subject.name, p, f, columns["dino"][i], columns["clip_i"][i], columns["clip_t"][i])
+        extra = [name for name in columns if name not in METRICS]
+        return [ImageScore(subject.name, p, f, columns["dino"][i], columns["clip_i"][i], columns["clip_t"][i],
+                           {name: columns[name][i] for name in extra})
                 for i, (p, f) in enumerate(zip(prompts, files))]
 
 
@@ -68,7 +86,8 @@ def summarize(scores: list[ImageScore], by: str | None = None) -> list[dict]:
     rows = []
     for key, members in groups.items():
         row = {by or "scope": key, "images": len(members)}
-        row.update({m: fmean(getattr(s, m) for s in members) for m in METRICS})
+        for metric in [*METRICS, *members[0].extra]:
+            row[metric] = fmean(s.value(metric) for s in members)
         rows.append(row)
     return rows
 

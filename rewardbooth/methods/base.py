@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 class Method:
     name: str = ""
+    # A key of validation_metrics to maximise: the loop then keeps the best validated weights as
+    # the run's result and can stop early (validation.patience).
+    selection_metric: str | None = None
 
     def prepare(self, ctx: TrainContext) -> None:
         """Load data, cache embeddings and base-model samples; runs with the base model frozen."""
@@ -25,6 +28,13 @@ class Method:
     def extra_modules(self) -> list[torch.nn.Module]:
         """Trained modules besides the U-Net / text encoder (e.g. a critic); checkpointed too."""
         return []
+
+    def extra_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Optimizers the method steps itself (e.g. the critic's); checkpointed too."""
+        return []
+
+    def use_prepared(self, modules: list[torch.nn.Module], optimizers: list) -> None:
+        """Receive extra modules/optimizers as wrapped by accelerate (DDP, device placement)."""
 
     def loss(self, ctx: TrainContext, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-batch and detached scalars to log. `generator` seeds all randomness."""

@@ -8,6 +8,7 @@ run would have seen.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +32,16 @@ from rewardbooth.training.run_dir import (
     prune_checkpoints,
 )
 
+BEST_DIR = "best"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
-    final_step: int
+    final_step: int  # the last step trained (earlier than train.steps after early stopping)
     weights: Path  # LoRA safetensors file, or the folder holding the fine-tuned U-Net
+    selected_step: int  # the step whose weights are the result (the best validated one under selection)
 
 
 def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
@@ -70,6 +73,7 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), automatic_checkpoint_naming=False),
         )
         self.metrics = MetricsLog(self.run_dir / METRICS_NAME, enabled=self.accelerator.is_main_process)
+        self.best: tuple[int, float] | None = None  # (step, score) of the best validation so far
 
     # --- setup ------------------------------------------------------------------------------
     def _load(self) -> TrainContext:
@@ -160,11 +164,13 @@ class Trainer:
             num_training_steps=t.steps * acc.num_processes,
         )
         trained = [ctx.components.unet] + ([ctx.components.text_encoder] if cfg.adapter.train_text_encoder else [])
-        extra = self.method.extra_modules()
-        prepared = acc.prepare(*trained, *extra, optimizer, lr_scheduler)
+        extra, extra_optimizers = self.method.extra_modules(), self.method.extra_optimizers()
+        prepared = list(acc.prepare(*trained, *extra, *extra_optimizers, optimizer, lr_scheduler))
         ctx.unet = prepared[0]
         if cfg.adapter.train_text_encoder:
             ctx.text_encoder = prepared[1]
+        n = len(trained)
+        self.method.use_prepared(prepared[n : n + len(extra)], prepared[n + len(extra) : n + len(extra) + len(extra_optimizers)])
         optimizer, lr_scheduler = prepared[-2], prepared[-1]
         self._register_checkpoint_hooks()
 
@@ -203,12 +209,14 @@ class Trainer:
                 sums, count, tick = {}, 0, time.perf_counter()
             if cfg.validation.every and done % cfg.validation.every == 0:
                 self.validate(ctx, done)
+                if self.should_stop(done):
+                    break
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
                 self.save_checkpoint(done)
         bar.close()
-        if cfg.validation.every and t.steps % cfg.validation.every != 0:
-            self.validate(ctx, t.steps)
-        return self._finish(ctx)
+        if cfg.validation.every and done % cfg.validation.every != 0:
+            self.validate(ctx, done)
+        return self._finish(ctx, done)
 
     def _resume(self) -> int:
         checkpoints = list_checkpoints(self.run_dir)
@@ -216,6 +224,11 @@ class Trainer:
             return 0  # nothing saved yet: start over in the same folder
         step, path = checkpoints[-1]
         self.accelerator.load_state(str(path))  # extra modules are prepared, so restored here too
+        best = self.run_dir / BEST_DIR / "best.json"
+        if best.is_file() and self.method.selection_metric:
+            saved = json.loads(best.read_text())
+            if saved["step"] <= step:  # a best found after the checkpoint is not part of this history
+                self.best = (saved["step"], saved[self.method.selection_metric])
         return step
 
     def save_checkpoint(self, step: int) -> Path:
@@ -258,28 +271,59 @@ class Trainer:
         save_image_grid([im for row in images for im in row], folder / "grid.png", cols=v.num_images)
         extra = self.method.validation_metrics(ctx, step, prompts, images)
         self.metrics.write({"step": step, "validation": True, **extra})
+        key = self.method.selection_metric
+        if key is not None:
+            if self.best is None or extra[key] > self.best[1]:
+                self.best = (step, extra[key])
+                self.export_weights(ctx, self.run_dir / BEST_DIR)
+            (self.run_dir / BEST_DIR / "best.json").write_text(json.dumps({"step": self.best[0], key: self.best[1]}))
 
-    def _finish(self, ctx: TrainContext) -> TrainResult:
+    def should_stop(self, step: int) -> bool:
+        """Early stopping: no better validation score for `patience` validations in a row."""
+        patience = self.cfg.validation.patience
+        if not patience or self.best is None:
+            return False
+        return (step - self.best[0]) // self.cfg.validation.every >= patience
+
+    def export_weights(self, ctx: TrainContext, folder: Path) -> Path:
+        """Write the trained weights in the diffusers format: a LoRA file, or unet/ (+ text_encoder/)."""
         acc = self.accelerator
-        acc.wait_for_everyone()
         unet = acc.unwrap_model(ctx.unet)
         text_encoder = acc.unwrap_model(ctx.text_encoder) if ctx.text_encoder is not None else None
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.cfg.adapter.kind == "lora":
+            return save_lora(folder, unet, text_encoder)
+        unet.save_pretrained(folder / "unet", safe_serialization=True)
+        if text_encoder is not None:
+            text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        return folder / "unet"
+
+    def _finish(self, ctx: TrainContext, last_step: int) -> TrainResult:
+        acc = self.accelerator
+        acc.wait_for_everyone()
         weights = self.run_dir
         if acc.is_main_process:
-            if self.cfg.adapter.kind == "lora":
-                weights = save_lora(self.run_dir, unet, text_encoder)
+            if self.best is not None:
+                # Model selection: the best validated weights are the run's result.
+                for item in (self.run_dir / BEST_DIR).iterdir():
+                    target = self.run_dir / item.name
+                    if item.is_dir():
+                        shutil.rmtree(target, ignore_errors=True)
+                        shutil.copytree(item, target)
+                    elif item.name != "best.json":
+                        shutil.copy2(item, target)
+                weights = self.run_dir / ("pytorch_lora_weights.safetensors" if self.cfg.adapter.kind == "lora" else "unet")
             else:
-                weights = self.run_dir / "unet"
-                unet.save_pretrained(weights, safe_serialization=True)
-                if text_encoder is not None:
-                    text_encoder.save_pretrained(self.run_dir / "text_encoder", safe_serialization=True)
+                weights = self.export_weights(ctx, self.run_dir)
             (self.run_dir / "result.json").write_text(json.dumps({
-                "method": self.method.name, "final_step": self.cfg.train.steps, "weights": str(Path(weights).relative_to(self.run_dir)),
+                "method": self.method.name, "last_step": last_step,
+                "selected_step": self.best[0] if self.best else last_step,
+                "weights": str(Path(weights).relative_to(self.run_dir)),
                 "base_model": self.cfg.model.name, "resolution": ctx.resolution,
             }, indent=2))
         acc.wait_for_everyone()
         acc.end_training()
-        return TrainResult(self.run_dir, self.cfg.train.steps, Path(weights))
+        return TrainResult(self.run_dir, last_step, Path(weights), self.best[0] if self.best else last_step)
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True, method: Method | None = None) -> TrainResult:

@@ -1,0 +1,202 @@
+"""DreamBench runner: per subject train (or reuse), generate 25 prompts x K, score; merge; report.
+
+Layout of a bench folder (one method):
+    bench.json                    method, settings, judges
+    subjects/<name>/run/          the training run (resumed if interrupted)
+    subjects/<name>/images/       generated PNGs + metadata.jsonl
+    subjects/<name>/scores.json   per-image scores; its presence marks the subject finished
+    results.csv, results.json, report.html   written by merge
+Shards (--shard i/N) take every N-th subject, so processes or machines sharing the folder never
+touch the same subject; `merge` combines whatever is finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from dataclasses import asdict
+from pathlib import Path
+from statistics import pstdev
+from typing import Any
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from rewardbooth.config import RunConfig
+from rewardbooth.data.dreambench import DreamBench, DreamBenchSubject, load_dreambench
+from rewardbooth.data.images import load_image, load_image_folder
+from rewardbooth.errors import ConfigError, OutputExistsError
+from rewardbooth.evaluation.metrics import METRICS, ImageScore, Scorer, summarize
+from rewardbooth.evaluation.report import ReportSection, save_image_grid, write_report
+from rewardbooth.rewards import Subject
+from rewardbooth.training.run_dir import prepare_run_dir
+
+BENCH_INFO = "bench.json"
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    if not (count > 0 and 0 <= index < count):
+        raise ConfigError(f"--shard {text}: need 0 <= i < N")
+    return index, count
+
+
+def shard_subjects(subjects: list[DreamBenchSubject], index: int, count: int) -> list[DreamBenchSubject]:
+    return sorted(subjects, key=lambda s: s.name)[index::count]
+
+
+def subject_config(base: RunConfig, subject: DreamBenchSubject) -> RunConfig:
+    cfg = copy.deepcopy(base)
+    cfg.data.instance_dir = str(subject.image_dir)
+    cfg.data.class_noun = subject.class_noun
+    return cfg
+
+
+class BenchRunner:
+    def __init__(self, bench: DreamBench, out_dir: Path, cfg: RunConfig, scorer: Scorer, images_per_prompt: int = 4,
+                 sample_steps: int = 50, guidance_scale: float = 7.5, progress: bool = True):
+        self.bench, self.out_dir, self.cfg, self.scorer = bench, Path(out_dir), cfg, scorer
+        self.images_per_prompt, self.sample_steps, self.guidance_scale = images_per_prompt, sample_steps, guidance_scale
+        self.progress = progress
+
+    def info(self) -> dict[str, Any]:
+        return {"method": self.cfg.train.method, "model": self.cfg.model.name, "dreambench": str(self.bench.root),
+                "images_per_prompt": self.images_per_prompt, "sample_steps": self.sample_steps,
+                "guidance_scale": self.guidance_scale, "judges": self.scorer.checkpoints(), "config": self.cfg.to_dict()}
+
+    def check_folder(self) -> None:
+        """A bench folder is reused only for the same method and settings (so reruns skip work)."""
+        info_path = self.out_dir / BENCH_INFO
+        if info_path.is_file():
+            saved = json.loads(info_path.read_text())
+            mine = json.loads(json.dumps(self.info()))
+            changed = [k for k in mine if saved.get(k) != mine[k]]
+            if changed:
+                raise OutputExistsError(f"bench folder {self.out_dir} was made with other settings ({', '.join(changed)}); use another --output")
+        elif self.out_dir.is_dir() and any(self.out_dir.iterdir()):
+            raise OutputExistsError(f"output folder {self.out_dir} is not empty and is not a bench folder; use another --output")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        info_path.write_text(json.dumps(self.info(), indent=2))
+
+    def subject_dir(self, subject: DreamBenchSubject) -> Path:
+        return self.out_dir / "subjects" / subject.name
+
+    def run(self, subjects: list[DreamBenchSubject]) -> list[str]:
+        """Process subjects; returns the names actually (re)computed."""
+        self.check_folder()
+        done = []
+        for subject in tqdm(subjects, desc="subjects", disable=not self.progress):
+            if (self.subject_dir(subject) / "scores.json").is_file():
+                continue
+            self.run_subject(subject)
+            done.append(subject.name)
+        return done
+
+    def run_subject(self, subject: DreamBenchSubject) -> None:
+        from rewardbooth.models.loading import load_run_pipeline
+        from rewardbooth.sampling import SampleSettings, generate, save_generated
+        from rewardbooth.training.loop import train
+
+        folder = self.subject_dir(subject)
+        run_dir = folder / "run"
+        if not (run_dir / "result.json").is_file():
+            resume = (run_dir / "config.yaml").is_file()
+            prepare_run_dir(run_dir, resume=resume, overwrite=False)
+            train(subject_config(self.cfg, subject), run_dir, resume=resume, progress=self.progress)
+        _, pipe = load_run_pipeline(run_dir, device=self.scorer.device)
+        prompts = subject.prompts(self.cfg.data.identifier)
+        settings = SampleSettings(steps=self.sample_steps, guidance_scale=self.guidance_scale, seed=self.cfg.train.seed,
+                                  resolution=self.cfg.data.resolution)
+        images_dir = folder / "images"
+        if images_dir.exists():  # a half-written folder from an interrupted run: regenerate it
+            import shutil
+
+            shutil.rmtree(images_dir)
+        images = generate(pipe, prompts, self.images_per_prompt, settings, progress=self.progress, description=subject.name)
+        files = save_generated(images_dir, prompts, images, settings.seed)
+        flat = [im for row in images for im in row]
+        references = load_image_folder(subject.image_dir)
+        scores = self.scorer.score(flat, [p for p in prompts for _ in range(self.images_per_prompt)], [f.name for f in files],
+                                   Subject(subject.name, references, self.cfg.data.identifier, subject.class_noun))
+        (folder / "scores.json").write_text(json.dumps([asdict(s) for s in scores], indent=1))
+
+
+def load_scores(bench_dir: Path) -> list[ImageScore]:
+    scores = []
+    for path in sorted((Path(bench_dir) / "subjects").glob("*/scores.json")):
+        scores += [ImageScore(**row) for row in json.loads(path.read_text())]
+    return scores
+
+
+def merge(bench_dirs: list[Path], report_dir: Path | None = None) -> Path:
+    """Write results.csv / results.json for each bench folder and one report comparing them."""
+    bench_dirs = [Path(d) for d in bench_dirs]
+    report_dir = Path(report_dir) if report_dir else bench_dirs[0]
+    methods = []
+    for bench_dir in bench_dirs:
+        if not (bench_dir / BENCH_INFO).is_file():
+            raise ConfigError(f"{bench_dir} is not a bench folder (no {BENCH_INFO})")
+        info = json.loads((bench_dir / BENCH_INFO).read_text())
+        scores = load_scores(bench_dir)
+        if not scores:
+            raise ConfigError(f"{bench_dir} has no finished subjects yet")
+        per_subject = summarize(scores, "subject")
+        overall = summarize(scores)[0]
+        for metric in [k for k in overall if k not in ("scope", "images")]:  # spread over subjects: subjects are the sample
+            overall[f"{metric}_std_over_subjects"] = pstdev([row[metric] for row in per_subject]) if len(per_subject) > 1 else 0.0
+        result = {"method": info["method"], "model": info["model"], "judges": info["judges"], "subjects": len(per_subject),
+                  "overall": overall, "per_subject": per_subject, "per_prompt": summarize(scores, "prompt")}
+        (bench_dir / "results.json").write_text(json.dumps(result, indent=2))
+        rows = [{k: v for k, v in asdict(s).items() if k != "extra"} | s.extra for s in scores]
+        with (bench_dir / "results.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        methods.append((bench_dir, info, result))
+    return write_bench_report(report_dir, methods)
+
+
+def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]]) -> Path:
+    from rewardbooth.evaluation.report import plot_bars
+
+    assets = report_dir / "report_assets"
+    table = [{"method": r["method"], "folder": str(d), "subjects": r["subjects"],
+              **{k: v for k, v in r["overall"].items() if k != "scope"}} for d, _, r in methods]
+    judges = methods[0][2]["judges"]
+    sections = [ReportSection("Overall", "mean over all images; judges: " + ", ".join(f"{k}={v}" for k, v in judges.items()), table=table)]
+    names = sorted({row["subject"] for _, _, r in methods for row in r["per_subject"]})
+    series = {r["method"]: {row["subject"]: row for row in r["per_subject"]} for _, _, r in methods}
+    chart_images = []
+    for metric in METRICS:
+        path = plot_bars(names, {m: [rows[n][metric] if n in rows else float("nan") for n in names] for m, rows in series.items()},
+                         assets / f"{metric}.png", title=f"{metric} per subject")
+        chart_images.append((str(path.relative_to(report_dir)), metric))
+    sections.append(ReportSection("Per subject", "", images=chart_images))
+    for bench_dir, info, result in methods:
+        grids = []
+        for name in names:
+            subject_dir = bench_dir / "subjects" / name
+            if not (subject_dir / "scores.json").is_file():
+                continue
+            references = load_image_folder(load_dreambench(Path(info["dreambench"])).subjects[name].image_dir)
+            grid = _subject_grid(subject_dir, references, info["images_per_prompt"], assets / info["method"] / f"{name}.png")
+            grids.append((str(grid.relative_to(report_dir)), name))
+        sections.append(ReportSection(f"Samples: {info['method']}", "first row: references; then one row per prompt", images=grids))
+    return write_report(report_dir, "rewardbooth DreamBench results", sections)
+
+
+def _subject_grid(subject_dir: Path, references: list[Image.Image], images_per_prompt: int, path: Path) -> Path:
+    from rewardbooth.evaluation.metrics import read_generated_folder
+
+    files, _ = read_generated_folder(subject_dir / "images")
+    generated = [load_image(f) for f in files]
+    size = generated[0].size
+    tiles = [r.resize(size) for r in references]
+    tiles += [Image.new("RGB", size, "white")] * (-len(tiles) % images_per_prompt)  # references fill whole rows
+    return save_image_grid(tiles + generated, path, cols=images_per_prompt)
