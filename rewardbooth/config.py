@@ -18,7 +18,7 @@ import yaml
 from rewardbooth.errors import ConfigError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-METHOD_NAMES = ("dreambooth",)
+METHOD_NAMES = ("dreambooth", "rpo")
 
 
 @dataclass
@@ -100,8 +100,24 @@ class ValidationConfig:
 class EvaluationConfig:
     dino_model: str = "facebook/dino-vits16"
     clip_model: str = "openai/clip-vit-base-patch16"  # RPO's choice; DreamBooth's paper also used ViT-B/32, L/14
+    align_model: str = "kakaobrain/align-base"  # RPO's lambda-Harmonic encoder
     # More rewards to report beside DINO / CLIP-I / CLIP-T: registered names or "module:function".
     extra_rewards: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RPOConfig:
+    negatives_per_prompt: int = 4  # the paper's 4; the official train.py makes 16
+    negative_steps: int = 50
+    negative_guidance: float = 7.5
+    beta: float = 1.0
+    # lambda of the lambda-Harmonic reward behind the preference labels. The paper speaks of
+    # lambda_train; the official code scores labels with 0.0 (text side only): that is our default.
+    lambda_train: float = 0.0
+    lambda_val: float = 0.5  # model selection: higher favours fidelity, lower text alignment
+    reward_encoder: str = "align"  # "align" (paper) or "clip"
+    shared_noise: bool = True  # the paper: one t and eps per (reference, negative) pair
+    live: bool | None = None  # live-subject prompt list; None: class noun is dog or cat
 
 
 @dataclass
@@ -113,6 +129,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    rpo: RPOConfig = field(default_factory=RPOConfig)
 
     # --- derived values -------------------------------------------------------------------
     def format_prompt(self, template: str) -> str:
@@ -184,7 +201,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
+def _apply(section: Any, values: dict[str, Any], prefix: str, explicit: set[str] | None = None) -> None:
+    """Set values on a (nested) section; `explicit` collects the dotted keys that were set."""
     names = {f.name for f in dataclasses.fields(section)}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -194,18 +212,20 @@ def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"setting {key} must be a section (a mapping), got {value!r}")
-            _apply(current, value, key)
+            _apply(current, value, key, explicit)
         else:
             setattr(section, name, _coerce(value, _field_type(type(section), name), key))
+            if explicit is not None:
+                explicit.add(key)
 
 
-def set_value(cfg: RunConfig, dotted_key: str, value: Any) -> None:
+def set_value(cfg: RunConfig, dotted_key: str, value: Any, explicit: set[str] | None = None) -> None:
     """Set one dotted setting, e.g. set_value(cfg, "train.lr", "1e-4")."""
     *path, name = dotted_key.split(".")
     nested: Any = {name: value}
     for part in reversed(path):
         nested = {part: nested}
-    _apply(cfg, nested, "")
+    _apply(cfg, nested, "", explicit)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -221,8 +241,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the YAML file (if any), then overrides; validated."""
+    """Defaults, the method's defaults, then the YAML file (if any), then overrides; validated.
+
+    A method's defaults (e.g. RPO's paper settings) apply only to keys the file and the
+    overrides leave unset, so a saved config.yaml always reproduces its run.
+    """
     cfg = RunConfig()
+    explicit: set[str] = set()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -234,10 +259,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
-        _apply(cfg, values, "")
+        _apply(cfg, values, "", explicit)
     for key, value in (overrides or {}).items():
         if value is not None:
-            set_value(cfg, key, value)
+            set_value(cfg, key, value, explicit)
+    if cfg.train.method in METHOD_NAMES:
+        from rewardbooth.methods import get_method
+
+        for key, value in get_method(cfg.train.method).defaults.items():
+            if key not in explicit:
+                set_value(cfg, key, value)
     validate(cfg)
     return cfg
 
@@ -267,6 +298,12 @@ def validate(cfg: RunConfig) -> None:
     _check(p.weight >= 0, "prior.weight must be non-negative")
     _check(p.num_class_images > 0 or not p.enabled, "prior.num_class_images must be positive when prior preservation is on")
     _check(v.every >= 0 and v.num_images > 0 and v.steps > 0, "validation.every must be >= 0, num_images and steps positive")
+    _check(v.patience >= 0, "validation.patience must be 0 (off) or positive")
+    r = cfg.rpo
+    _check(r.negatives_per_prompt > 0, "rpo.negatives_per_prompt must be positive")
+    _check(0.0 <= r.lambda_train <= 1.0 and 0.0 <= r.lambda_val <= 1.0, "rpo.lambda_train and rpo.lambda_val must be in [0, 1]")
+    _check(r.beta > 0, "rpo.beta must be positive")
+    _check(r.reward_encoder in ("align", "clip"), f"rpo.reward_encoder must be align or clip, got {r.reward_encoder!r}")
     for template in (d.instance_prompt, d.class_prompt, *v.prompts):
         try:
             template.format(identifier="x", class_noun="y")

@@ -37,7 +37,8 @@ def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: l
 
     grids = sorted((run_dir / "samples").glob("step-*/grid.png")) if (run_dir / "samples").is_dir() else []
     if grids:
-        prompts = [p.format(identifier=cfg["data"]["identifier"], class_noun=cfg["data"]["class_noun"]) for p in cfg["validation"]["prompts"]]
+        prompts_file = grids[-1].parent / "prompts.json"
+        prompts = json.loads(prompts_file.read_text()) if prompts_file.is_file() else []
         sections.append(ReportSection(
             "Validation samples",
             "rows: " + " | ".join(prompts) + f"; {cfg['validation']['num_images']} seeds per prompt, same seeds at every step",

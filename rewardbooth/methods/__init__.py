@@ -8,8 +8,9 @@ from rewardbooth.methods.base import Method
 
 def method_registry() -> dict[str, type[Method]]:
     from rewardbooth.methods.dreambooth import DreamBooth
+    from rewardbooth.methods.rpo import RPO
 
-    return {cls.name: cls for cls in (DreamBooth,)}
+    return {cls.name: cls for cls in (DreamBooth, RPO)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -21,6 +21,8 @@ class Method:
     # A key of validation_metrics to maximise: the loop then keeps the best validated weights as
     # the run's result and can stop early (validation.patience).
     selection_metric: str | None = None
+    # Settings of the paper's reference run, applied where the user's config leaves them unset.
+    defaults: dict[str, object] = {}
 
     def prepare(self, ctx: TrainContext) -> None:
         """Load data, cache embeddings and base-model samples; runs with the base model frozen."""
@@ -39,6 +41,10 @@ class Method:
     def loss(self, ctx: TrainContext, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-batch and detached scalars to log. `generator` seeds all randomness."""
         raise NotImplementedError
+
+    def validation_prompts(self, ctx: TrainContext) -> list[str]:
+        """Prompts sampled at each validation (formatted with the identifier and class noun)."""
+        return [ctx.cfg.format_prompt(p) for p in ctx.cfg.validation.prompts]
 
     def validation_metrics(self, ctx: TrainContext, step: int, prompts: list[str], images: list[list]) -> dict[str, float]:
         """Extra numbers computed on the validation images (e.g. a reward)."""

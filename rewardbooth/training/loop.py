@@ -255,7 +255,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         v = self.cfg.validation
-        prompts = [self.cfg.format_prompt(p) for p in v.prompts]
+        prompts = self.method.validation_prompts(ctx)
         settings = SampleSettings(steps=v.steps, guidance_scale=v.guidance_scale, seed=self.cfg.train.seed, resolution=ctx.resolution)
         unet = self.accelerator.unwrap_model(ctx.unet)
         was_training = unet.training
@@ -269,6 +269,7 @@ class Trainer:
             for k, image in enumerate(row):
                 image.save(folder / f"{j:02d}_{k:02d}.png")
         save_image_grid([im for row in images for im in row], folder / "grid.png", cols=v.num_images)
+        (folder / "prompts.json").write_text(json.dumps(prompts))
         extra = self.method.validation_metrics(ctx, step, prompts, images)
         self.metrics.write({"step": step, "validation": True, **extra})
         key = self.method.selection_metric
@@ -280,10 +281,13 @@ class Trainer:
 
     def should_stop(self, step: int) -> bool:
         """Early stopping: no better validation score for `patience` validations in a row."""
+        from accelerate.utils import broadcast_object_list
+
         patience = self.cfg.validation.patience
-        if not patience or self.best is None:
-            return False
-        return (step - self.best[0]) // self.cfg.validation.every >= patience
+        stop = [bool(patience) and self.best is not None and (step - self.best[0]) // self.cfg.validation.every >= patience]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(stop)  # only the main process validates; all must stop together
+        return stop[0]
 
     def export_weights(self, ctx: TrainContext, folder: Path) -> Path:
         """Write the trained weights in the diffusers format: a LoRA file, or unet/ (+ text_encoder/)."""

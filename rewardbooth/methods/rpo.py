@@ -1,0 +1,177 @@
+"""RPO: reward preference optimization with the lambda-Harmonic reward (Miao et al., NeurIPS 2024).
+
+Algorithm (specs/METHODS.md section 3):
+    once:  negatives  y_j ~ base model(training prompt p_j), a few per prompt
+           rewards    r(ref_i), r(y_j) with the lambda-Harmonic reward (lambda_train)
+    step:  pair (ref_i with the instance prompt, y_j with p_j), label l ~ Bernoulli(sigmoid(r(ref_i) - r(y_j)))
+           one t and eps for both images; e(.) = per-sample denoising error of the trained U-Net,
+           e_ref(.) the same for the frozen reference (base weights)
+           d = (e_ref(ref) - e(ref)) - (e_ref(y) - e(y))
+           L = mean e(ref) - mean[ l logsig(beta d) + (1 - l) logsig(-beta d) ]
+    every validation: mean lambda-Harmonic reward (lambda_val) of samples; keep the best weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from rewardbooth import diffusion
+from rewardbooth.data.images import load_image
+from rewardbooth.methods.base import Method
+from rewardbooth.methods.dreambooth import instance_images
+from rewardbooth.rewards import Subject, build_reward
+from rewardbooth.sampling import METADATA_NAME, SampleSettings, generate, save_generated
+from rewardbooth.training.context import LatentImageSet, TrainContext
+
+# The 8 training prompts of the paper / official code ("[V]" is our {identifier}).
+OBJECT_PROMPTS = [
+    "a {identifier} {class_noun} in Vincent Van Gogh rendition",
+    "a {identifier} {class_noun} on the Moon",
+    "a green {identifier} {class_noun}",
+    "a {identifier} {class_noun} with a China Great Wall in the background",
+    "a {identifier} {class_noun} on top of wooden roof",
+    "a {identifier} {class_noun} with the Statue of Liberty in the background",
+    "a {identifier} {class_noun} with a volcano in the background",
+    "a {identifier} {class_noun} on a subway platform",
+]
+LIVE_PROMPTS = [
+    "a {identifier} {class_noun} wearing a green outfit",
+    "a {identifier} {class_noun} in Vincent Van Gogh rendition",
+    "a {identifier} {class_noun} with a China Great Wall in the background",
+    "a {identifier} {class_noun} is swimming in a pool",
+    "a {identifier} {class_noun} on a subway platform",
+    "a {identifier} {class_noun} with the Statue of Liberty in the background",
+    "a {identifier} {class_noun} on the Moon",
+    "a green {identifier} {class_noun}",
+]
+LIVE_CLASSES = {"dog", "cat"}
+NEGATIVES_FOLDER = "negatives"
+
+
+def preference_loss(e_model: torch.Tensor, e_ref: torch.Tensor, labels: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+    """RPO's loss from per-sample errors; the first half of each tensor is the references."""
+    b = labels.shape[0]
+    d = (e_ref[:b] - e_model[:b]) - (e_ref[b:] - e_model[b:])
+    preference = -(labels * F.logsigmoid(beta * d) + (1 - labels) * F.logsigmoid(-beta * d)).mean()
+    reconstruction = e_model[:b].mean()
+    return reconstruction + preference, {"loss_reconstruction": reconstruction.detach(), "loss_preference": preference.detach(),
+                                         "margin": d.detach().mean()}
+
+
+@contextmanager
+def reference_unet(ctx: TrainContext, frozen_copy):
+    """The frozen reference model: a stored copy, or (LoRA) the same U-Net with adapters off."""
+    if frozen_copy is not None:
+        yield frozen_copy
+        return
+    unet = ctx.accelerator.unwrap_model(ctx.unet)
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+class RPO(Method):
+    name = "rpo"
+    selection_metric = "val_reward"
+    defaults = {
+        "model.name": "stabilityai/stable-diffusion-2-1",
+        "data.resolution": 512,
+        "adapter.kind": "full",  # the official code fine-tunes the whole U-Net
+        "train.learning_rate": 5e-6,
+        "train.batch_size": 1,
+        "train.steps": 400,
+        "prior.enabled": False,  # RPO's negatives replace DreamBooth's class images
+        "validation.every": 40,
+        "validation.num_images": 4,
+        "validation.prompts": [],  # empty: the 8 training prompts, as the official code validates
+    }
+
+    def training_prompts(self, ctx: TrainContext) -> list[str]:
+        cfg = ctx.cfg
+        live = cfg.rpo.live if cfg.rpo.live is not None else cfg.data.class_noun.strip().lower() in LIVE_CLASSES
+        return [cfg.format_prompt(p) for p in (LIVE_PROMPTS if live else OBJECT_PROMPTS)]
+
+    def reward(self, ctx: TrainContext, lam: float):
+        cfg = ctx.cfg
+        models = {"align": cfg.evaluation.align_model, "clip": cfg.evaluation.clip_model}
+        spec = {"name": "lambda_harmonic", "lam": lam, "encoder": cfg.rpo.reward_encoder}
+        return build_reward(spec, models=models, device=str(ctx.device))
+
+    def prepare(self, ctx: TrainContext) -> None:
+        cfg = ctx.cfg
+        references = instance_images(ctx)
+        self.subject = Subject("subject", references, cfg.data.identifier, cfg.data.class_noun)
+        self.references = LatentImageSet(references, ctx)
+        negative_images, self.negative_prompts = self.prepare_negatives(ctx)
+        self.negatives = LatentImageSet(negative_images, ctx)
+
+        label_reward = self.reward(ctx, cfg.rpo.lambda_train)
+        with torch.no_grad():
+            self.reference_rewards = label_reward(references, [cfg.instance_prompt] * len(references), self.subject).float().cpu()
+            self.negative_rewards = label_reward(negative_images, self.negative_prompts, self.subject).float().cpu()
+        self.validation_reward = self.reward(ctx, cfg.rpo.lambda_val)
+        # Full fine-tuning needs a frozen copy; LoRA reuses the base weights with adapters off.
+        self.frozen_copy = None
+        if cfg.adapter.kind == "full":
+            self.frozen_copy = copy.deepcopy(ctx.components.unet).requires_grad_(False).eval()
+
+    def prepare_negatives(self, ctx: TrainContext):
+        """Negatives from the frozen base model, generated once and cached in the run folder."""
+        cfg = ctx.cfg
+        folder = ctx.run_dir / NEGATIVES_FOLDER
+        prompts = self.training_prompts(ctx)
+        wanted = len(prompts) * cfg.rpo.negatives_per_prompt
+        metadata = folder / METADATA_NAME
+        entries = [json.loads(line) for line in metadata.read_text().splitlines()] if metadata.is_file() else []
+        if len(entries) != wanted and ctx.accelerator.is_main_process:
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)  # an interrupted or differently-sized set: make it again
+            settings = SampleSettings(steps=cfg.rpo.negative_steps, guidance_scale=cfg.rpo.negative_guidance,
+                                      seed=cfg.train.seed + 2_000_003, resolution=ctx.resolution)
+            images = generate(ctx.base_pipeline(), prompts, cfg.rpo.negatives_per_prompt, settings, progress=True,
+                              description="negatives")
+            save_generated(folder, prompts, images, settings.seed)
+        ctx.accelerator.wait_for_everyone()
+        entries = [json.loads(line) for line in metadata.read_text().splitlines()]
+        return [load_image(folder / e["file"]) for e in entries], [e["prompt"] for e in entries]
+
+    def loss(self, ctx: TrainContext, generator: torch.Generator):
+        cfg = ctx.cfg
+        b = cfg.train.batch_size
+        ref_index = self.references.sample_indices(b, generator)
+        neg_index = self.negatives.sample_indices(b, generator)
+        p_prefer_reference = torch.sigmoid(self.reference_rewards[ref_index] - self.negative_rewards[neg_index])
+        labels = torch.bernoulli(p_prefer_reference, generator=generator).to(ctx.device)
+
+        x0 = torch.cat([self.references.latents(ref_index, generator), self.negatives.latents(neg_index, generator)])
+        prompts = [cfg.instance_prompt] * b + [self.negative_prompts[j] for j in neg_index.tolist()]
+        if cfg.rpo.shared_noise:
+            one = diffusion.add_noise(ctx.noise_scheduler, x0[:b], generator)
+            noised = diffusion.add_noise(ctx.noise_scheduler, x0, timesteps=one.timesteps.repeat(2), noise=one.noise.repeat(2, 1, 1, 1))
+        else:
+            noised = diffusion.add_noise(ctx.noise_scheduler, x0, generator)
+        text = ctx.encode_prompts(prompts)
+        e_model = diffusion.denoising_error(ctx.unet, ctx.noise_scheduler, noised, text)
+        with torch.no_grad(), reference_unet(ctx, self.frozen_copy) as reference:
+            e_ref = diffusion.denoising_error(reference, ctx.noise_scheduler, noised, text)
+        loss, logs = preference_loss(e_model, e_ref, labels, cfg.rpo.beta)
+        return loss, {**logs, "label_mean": labels.float().mean()}
+
+    def validation_prompts(self, ctx: TrainContext) -> list[str]:
+        return super().validation_prompts(ctx) or self.training_prompts(ctx)
+
+    @torch.no_grad()
+    def validation_metrics(self, ctx: TrainContext, step: int, prompts: list[str], images: list[list]) -> dict[str, float]:
+        flat = [im for row in images for im in row]
+        flat_prompts = [p for p, row in zip(prompts, images) for _ in row]
+        rewards = self.validation_reward(flat, flat_prompts, self.subject)
+        return {"val_reward": float(rewards.mean())}

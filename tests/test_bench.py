@@ -1,0 +1,100 @@
+"""evaluate and the DreamBench harness on the tiny presets (real DreamBench images)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from rewardbooth.cli import main
+
+TINY_JUDGES = ["--dino-model", "tiny", "--clip-model", "tiny", "--device", "cpu"]
+
+
+def test_evaluate_identical_images_score_one(tmp_path, capsys, dreambench_root):
+    refs, images = tmp_path / "refs", tmp_path / "images"
+    refs.mkdir(), images.mkdir()
+    shutil.copy(dreambench_root / "dog" / "00.jpg", refs / "00.jpg")
+    shutil.copy(dreambench_root / "dog" / "00.jpg", images / "a.jpg")
+    out = tmp_path / "scores.json"
+    assert main(["evaluate", "--images", str(images), "--references", str(refs), "--prompt", "a sks dog",
+                 "--output", str(out), *TINY_JUDGES]) == 0
+    printed = capsys.readouterr().out
+    assert "1 images" in printed and "dino=tiny" in printed
+    overall = json.loads(out.read_text())["overall"]
+    assert overall["dino"] == pytest.approx(1.0, abs=1e-5) and overall["clip_i"] == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= overall["clip_t"] <= 1.0
+
+
+def test_evaluate_needs_prompts(tmp_path, capsys, dreambench_root):
+    code = main(["evaluate", "--images", str(dreambench_root / "dog"), "--references", str(dreambench_root / "dog"), *TINY_JUDGES])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--prompt" in err and len(err.splitlines()) == 1
+
+
+PLUGIN = """
+import numpy as np
+
+
+def brightness(images, prompts, subject):
+    # numpy: not differentiable, which a metric does not need
+    return [float(np.asarray(im.convert("L")).mean() / 255.0) for im in images]
+"""
+
+
+def test_bench_shards_merge_and_skip_finished(tmp_path, capsys, dreambench_root, monkeypatch):
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "my_rewards.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    config = tmp_path / "bench.yaml"
+    config.write_text("evaluation:\n  extra_rewards: ['my_rewards:brightness']\n")
+    out = tmp_path / "bench"
+    common = ["bench", "--config", str(config), "--dreambench", str(dreambench_root), "--subjects", "backpack,dog", "-k", "1", "--sample-steps", "2",
+              "--model", "tiny", "--steps", "2", "--set", "prior.num_class_images=2", "--set", "prior.generation_steps=2",
+              "--output", str(out), "--quiet", *TINY_JUDGES]
+    assert main(common + ["--shard", "0/2"]) == 0
+    assert "1 subject(s) computed" in capsys.readouterr().out
+    assert main(common + ["--shard", "1/2"]) == 0
+    assert main(["bench", "--merge", str(out)]) == 0
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("subjects/*/scores.json")}
+    assert set(finished) == {"backpack", "dog"}
+
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 25
+    assert {r["subject"] for r in rows} == {"backpack", "dog"}
+    brightness = [float(r["brightness"]) for r in rows]  # the config's custom reward is a column
+    assert all(0.0 <= b <= 1.0 for b in brightness) and len(set(brightness)) > 1
+    assert not any("sks" in r["prompt"] and r["prompt"].startswith("{") for r in rows)
+    results = json.loads((out / "results.json").read_text())
+    assert results["subjects"] == 2 and results["overall"]["images"] == 50
+    assert {row["subject"] for row in results["per_subject"]} == {"backpack", "dog"}
+    html = (out / "report.html").read_text()
+    assert "report_assets/dino.png" in html and "report_assets/dreambooth/dog.png" in html
+    assert (out / "report_assets" / "dreambooth" / "dog.png").is_file()
+
+    capsys.readouterr()
+    assert main(common) == 0  # unsharded rerun: both subjects are finished
+    assert "0 subject(s) computed, 2 already finished" in capsys.readouterr().out
+    assert {p.parent.name: p.stat().st_mtime_ns for p in out.glob("subjects/*/scores.json")} == finished
+
+
+def test_bench_refuses_other_settings_in_same_folder(tmp_path, capsys, dreambench_root):
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "bench.json").write_text(json.dumps({"method": "rpo"}))
+    code = main(["bench", "--dreambench", str(dreambench_root), "--subjects", "dog", "--model", "tiny", "--output", str(out),
+                 "--quiet", *TINY_JUDGES])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and str(out) in err and len(err.splitlines()) == 1
+
+
+def test_bench_bad_shard_and_subject(tmp_path, capsys, dreambench_root):
+    base = ["bench", "--dreambench", str(dreambench_root), "--output", str(tmp_path / "b"), *TINY_JUDGES]
+    assert main(base + ["--shard", "3/2"]) == 2
+    assert "--shard" in capsys.readouterr().err
+    assert main(base + ["--subjects", "dogg"]) == 2
+    assert "dogg" in capsys.readouterr().err
