@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             reward(images[:2], prompts[:2], subject)  # warm-up: loads, caches reference features
             reward(images[:1], prompts[:1], subject)
-            batched = best_time(lambda: reward(images, prompts, subject), args.repeats)
-            single = best_time(lambda: [reward(images[i : i + 1], prompts[i : i + 1], subject) for i in range(args.n)],
+            batched = best_time(lambda r=reward: r(images, prompts, subject), args.repeats)
+            single = best_time(lambda r=reward: [r(images[i : i + 1], prompts[i : i + 1], subject) for i in range(args.n)],
                                args.repeats)
         encoder = f"{reward.encoder.kind}:{reward.encoder.name}"
         print(f"{name:<16} {encoder:<34} {batched / args.n:>14.6f} {single / args.n:>17.6f} {single / batched:>7.1f}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -377,3 +376,17 @@ def test_scores_are_cosines(toy, other, subject):
 def test_empty_batch(subject):
     scores = build_reward("clip_t", models=TINY)([], [], subject)
     assert scores.shape == (0,)
+
+
+def test_encoder_dtype_setting(toy):
+    full = load_encoder("clip", "tiny")
+    half = load_encoder("clip", "tiny", dtype="bfloat16")
+    assert half is not full and half.dtype == torch.bfloat16 and half is load_encoder("clip", "tiny", dtype=torch.bfloat16)
+    assert F.cosine_similarity(half.encode_images(toy.images), full.encode_images(toy.images)).min() > 0.99
+    images = as_tensor(toy.images).requires_grad_(True)
+    half.encode_images(images).sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.dtype == torch.float32
+    with pytest.raises(ConfigError, match="not a torch dtype"):
+        load_encoder("clip", "tiny", dtype="float13")
+    with pytest.raises(ConfigError, match="encoder kind 'siglip' is unknown"):
+        load_encoder("siglip", "tiny")

@@ -11,7 +11,6 @@ from rewardbooth.data.images import load_image_folder
 from rewardbooth.evaluation.report import ReportSection, plot_metrics, read_metrics, save_image_grid, write_report
 from rewardbooth.training.run_dir import CONFIG_NAME, METRICS_NAME
 
-LOSS_KEYS = ["loss", "loss_instance", "loss_prior"]
 
 
 def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: list[ReportSection] = ()) -> Path:
@@ -29,11 +28,19 @@ def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: l
                                       images=[("report_assets/references.png", "references")]))
 
     train_records = [r for r in records if not r.get("validation")]
-    plot = plot_metrics(train_records, LOSS_KEYS, run_dir / "report_assets" / "loss.png", title="training loss")
+    keys = _numeric_keys(train_records, skip={"step", "lr", "seconds_per_step"})
+    plot = plot_metrics(train_records, keys, run_dir / "report_assets" / "loss.png", title="training")
     if plot is not None:
         last = train_records[-1]
-        text = f"final step {last['step']}: " + ", ".join(f"{k} {last[k]:.4f}" for k in LOSS_KEYS if k in last)
-        sections.append(ReportSection("Training curves", text, images=[("report_assets/loss.png", "loss per logged step")]))
+        text = f"step {last['step']}: " + ", ".join(f"{k} {last[k]:.4f}" for k in keys if k in last)
+        sections.append(ReportSection("Training curves", text, images=[("report_assets/loss.png", "per logged step")]))
+    validation_records = [r for r in records if r.get("validation")]
+    keys = _numeric_keys(validation_records, skip={"step", "validation"})
+    if plot_metrics(validation_records, keys, run_dir / "report_assets" / "validation.png", title="validation") is not None:
+        text = "; ".join(f"step {r['step']}: " + ", ".join(f"{k} {r[k]:.4f}" for k in keys if k in r) for r in validation_records)
+        if result.get("selected_step") is not None and result.get("selected_step") != result.get("last_step"):
+            text += f". Selected weights: step {result['selected_step']} (best validation)."
+        sections.append(ReportSection("Validation curve", text, images=[("report_assets/validation.png", "per validation")]))
 
     grids = sorted((run_dir / "samples").glob("step-*/grid.png")) if (run_dir / "samples").is_dir() else []
     if grids:
@@ -50,3 +57,12 @@ def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: l
     sections.append(ReportSection("Settings", "the resolved config.yaml of this run", table=settings))
     title = f"rewardbooth {result.get('method', cfg['train']['method'])} run: {cfg['data']['identifier']} {cfg['data']['class_noun']}"
     return write_report(run_dir, title, sections, notice=notice)
+
+
+def _numeric_keys(records: list[dict], skip: set[str]) -> list[str]:
+    keys: dict[str, None] = {}
+    for record in records:
+        for key, value in record.items():
+            if key not in skip and isinstance(value, (int, float)) and not isinstance(value, bool):
+                keys[key] = None
+    return list(keys)

@@ -44,7 +44,7 @@ def prepare_class_images(ctx: TrainContext) -> list[Image.Image]:
             resolution=ctx.resolution,
         )
         pipe = ctx.base_pipeline()
-        images = generate(pipe, [ctx.cfg.class_prompt], missing, settings, progress=True, description="class images")[0]
+        images = generate(pipe, [ctx.cfg.class_prompt], missing, settings, progress=ctx.progress, description="class images")[0]
         for offset, image in enumerate(images):
             image.save(cache / f"class_{len(cached) + offset:05d}.png")
     ctx.accelerator.wait_for_everyone()

@@ -137,7 +137,7 @@ class RPO(Method):
                 shutil.rmtree(folder)  # an interrupted or differently-sized set: make it again
             settings = SampleSettings(steps=cfg.rpo.negative_steps, guidance_scale=cfg.rpo.negative_guidance,
                                       seed=cfg.train.seed + 2_000_003, resolution=ctx.resolution)
-            images = generate(ctx.base_pipeline(), prompts, cfg.rpo.negatives_per_prompt, settings, progress=True,
+            images = generate(ctx.base_pipeline(), prompts, cfg.rpo.negatives_per_prompt, settings, progress=ctx.progress,
                               description="negatives")
             save_generated(folder, prompts, images, settings.seed)
         ctx.accelerator.wait_for_everyone()

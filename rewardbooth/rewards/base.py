@@ -23,7 +23,12 @@ import torch
 from PIL import Image
 
 from rewardbooth.errors import ConfigError
-from rewardbooth.rewards.encoders import DEFAULT_ENCODER_MODELS, ImageBatch, ImageTextEncoder, load_encoder
+from rewardbooth.rewards.encoders import (
+    DEFAULT_ENCODER_MODELS,
+    ImageBatch,
+    ImageTextEncoder,
+    load_encoder,
+)
 
 ENTRY_POINT_GROUP = "rewardbooth.rewards"
 

@@ -287,7 +287,7 @@ def clear_encoder_cache() -> None:
     _load_encoder_cached.cache_clear()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_encoder_cached(kind: str, model: str, device: str, dtype: torch.dtype | None) -> ImageTextEncoder:
     import transformers
 
@@ -313,7 +313,15 @@ def resolve_encoder_path(kind: str, model: str) -> str:
 
 def _from_pretrained(kind: str, path: str) -> tuple[Any, Any, Any]:
     import transformers
-    from transformers import AlignModel, AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, Dinov2Model, ViTModel
+    from transformers import (
+        AlignModel,
+        AutoConfig,
+        AutoImageProcessor,
+        AutoTokenizer,
+        CLIPModel,
+        Dinov2Model,
+        ViTModel,
+    )
 
     # Read config.json first: loading a CLIP checkpoint into ViTModel would "work" with random weights.
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
@@ -398,7 +406,12 @@ def _build_tiny_clip() -> list[Any]:
 
 
 def _build_tiny_align() -> list[Any]:
-    from transformers import AlignConfig, AlignModel, BertTokenizer, EfficientNetImageProcessorPil
+    from transformers import (
+        AlignConfig,
+        AlignModel,
+        BertTokenizer,
+        EfficientNetImageProcessorPil,
+    )
 
     # WordPiece over single characters: every word splits into "c" + "##c" pieces, no hub vocab.
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")

@@ -25,6 +25,7 @@ class TrainContext:
     weight_dtype: torch.dtype
     unet: Any = None  # the trained U-Net (wrapped by accelerate once training starts)
     text_encoder: Any = None
+    progress: bool = True  # show progress bars for one-off work (class images, negatives)
     _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property

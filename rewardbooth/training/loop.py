@@ -85,7 +85,7 @@ class Trainer:
         components.text_encoder.requires_grad_(False).to(acc.device, dtype=weight_dtype)
         components.unet.requires_grad_(False).to(acc.device, dtype=weight_dtype)
         resolution = cfg.data.resolution or components.native_resolution
-        ctx = TrainContext(cfg, self.run_dir, acc, components, resolution, weight_dtype)
+        ctx = TrainContext(cfg, self.run_dir, acc, components, resolution, weight_dtype, progress=self.progress and acc.is_main_process)
         ctx.unet = components.unet
         return ctx
 
