@@ -16,7 +16,8 @@ from rewardbooth.errors import RewardboothError
 # Flags that set a config value: (flag, dotted key, type, help). None type = boolean switch.
 TRAIN_FLAGS = [
     ("--model", "model.name", str, "hub id, local diffusers folder, or a preset: tiny, tiny-v"),
-    ("--method", "train.method", str, "dreambooth | rpo (rpo: the paper's defaults, SD 2.1, full U-Net, lr 5e-6, 400 steps; "
+    ("--method", "train.method", str, "dreambooth | dpg | rpo (dpg: the released script's defaults, SD 1.4, full U-Net + "
+                                          "text encoder, lr 1e-6, 1000 steps, --set dpg.reward=dino for the reward critic; rpo: the paper's defaults, SD 2.1, full U-Net, lr 5e-6, 400 steps; "
                                           "labels use rpo.lambda_train=0.0 as the official code does, the paper speaks of lambda_train)"),
     ("--instance-dir", "data.instance_dir", str, "folder of 3-6 subject images"),
     ("--class-noun", "data.class_noun", str, "the subject's class, e.g. dog"),

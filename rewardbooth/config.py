@@ -18,7 +18,7 @@ import yaml
 from rewardbooth.errors import ConfigError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-METHOD_NAMES = ("dreambooth", "rpo")
+METHOD_NAMES = ("dreambooth", "rpo", "dpg")
 
 
 @dataclass
@@ -121,6 +121,24 @@ class RPOConfig:
 
 
 @dataclass
+class DPGConfig:
+    # "recon": the released code's reconstruction critic over (x0_hat - x0_ref)^2; any other value
+    # is a reward spec (registered name or "module:function") for the paper's reward-model critic.
+    reward: str = "recon"
+    gamma: float = 0.9986  # the actor's critic term is weighted by gamma ** t (detail steps weigh more)
+    instance_weight: float = 0.0  # weight of the plain instance loss; 0 as in the released code
+    critic_optimizer: str = "sgd"  # "sgd" (released code) or "adam"
+    critic_lr: float = 0.01
+    # Not in the released code: without it SGD on large early residuals can blow the critic up (NaN).
+    critic_max_grad_norm: float = 1.0
+    critic_activation: str = "leaky_relu"  # "relu" reproduces the released critic, whose units can die
+    critic_hidden: int = 64
+    critic_warmup_steps: int = 0  # critic-only steps before its gradient reaches the actor
+    replay_size: int = 64  # recent (critic input, reward) pairs kept for critic regression
+    critic_batch_size: int = 8  # pairs per critic step, newest included
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -130,6 +148,7 @@ class RunConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     rpo: RPOConfig = field(default_factory=RPOConfig)
+    dpg: DPGConfig = field(default_factory=DPGConfig)
 
     # --- derived values -------------------------------------------------------------------
     def format_prompt(self, template: str) -> str:
@@ -299,6 +318,13 @@ def validate(cfg: RunConfig) -> None:
     _check(p.num_class_images > 0 or not p.enabled, "prior.num_class_images must be positive when prior preservation is on")
     _check(v.every >= 0 and v.num_images > 0 and v.steps > 0, "validation.every must be >= 0, num_images and steps positive")
     _check(v.patience >= 0, "validation.patience must be 0 (off) or positive")
+    g = cfg.dpg
+    _check(0.0 < g.gamma <= 1.0, "dpg.gamma must be in (0, 1]")
+    _check(g.critic_optimizer in ("sgd", "adam"), f"dpg.critic_optimizer must be sgd or adam, got {g.critic_optimizer!r}")
+    _check(g.critic_activation in ("relu", "leaky_relu"), f"dpg.critic_activation must be relu or leaky_relu, got {g.critic_activation!r}")
+    _check(g.critic_lr > 0 and g.critic_hidden > 0, "dpg.critic_lr and dpg.critic_hidden must be positive")
+    _check(g.replay_size >= g.critic_batch_size > 0, "dpg.replay_size must be >= dpg.critic_batch_size > 0")
+    _check(g.instance_weight >= 0 and g.critic_warmup_steps >= 0, "dpg.instance_weight and dpg.critic_warmup_steps must be >= 0")
     r = cfg.rpo
     _check(r.negatives_per_prompt > 0, "rpo.negatives_per_prompt must be positive")
     _check(0.0 <= r.lambda_train <= 1.0 and 0.0 <= r.lambda_val <= 1.0, "rpo.lambda_train and rpo.lambda_val must be in [0, 1]")

@@ -7,10 +7,11 @@ from rewardbooth.methods.base import Method
 
 
 def method_registry() -> dict[str, type[Method]]:
+    from rewardbooth.methods.dpg import DPG
     from rewardbooth.methods.dreambooth import DreamBooth
     from rewardbooth.methods.rpo import RPO
 
-    return {cls.name: cls for cls in (DreamBooth, RPO)}
+    return {cls.name: cls for cls in (DreamBooth, RPO, DPG)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -35,6 +35,10 @@ class Method:
         """Optimizers the method steps itself (e.g. the critic's); checkpointed too."""
         return []
 
+    def checkpoint_objects(self) -> list:
+        """Other state to save with checkpoints (objects with state_dict / load_state_dict)."""
+        return []
+
     def use_prepared(self, modules: list[torch.nn.Module], optimizers: list) -> None:
         """Receive extra modules/optimizers as wrapped by accelerate (DDP, device placement)."""
 

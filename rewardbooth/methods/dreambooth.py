@@ -67,20 +67,27 @@ class DreamBooth(Method):
         if self.prior:
             self.classes = LatentImageSet(prepare_class_images(ctx), ctx)
 
-    def loss(self, ctx: TrainContext, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        batch_size = ctx.cfg.train.batch_size
-        x0 = self.instance.latents(self.instance.sample_indices(batch_size, generator), generator)
-        prompts = [ctx.cfg.instance_prompt] * batch_size
+    def sample_batch(self, ctx: TrainContext, generator: torch.Generator) -> tuple[diffusion.NoisedBatch, torch.Tensor, int]:
+        """Noised instance latents (first `b` rows), then class latents; and their text embeddings."""
+        b = ctx.cfg.train.batch_size
+        x0 = self.instance.latents(self.instance.sample_indices(b, generator), generator)
+        prompts = [ctx.cfg.instance_prompt] * b
         if self.prior:
-            x0 = torch.cat([x0, self.classes.latents(self.classes.sample_indices(batch_size, generator), generator)])
-            prompts += [ctx.cfg.class_prompt] * batch_size
-        noised = diffusion.add_noise(ctx.noise_scheduler, x0, generator)
-        errors = diffusion.denoising_error(ctx.unet, ctx.noise_scheduler, noised, ctx.encode_prompts(prompts))
-        instance_loss = errors[:batch_size].mean()
+            x0 = torch.cat([x0, self.classes.latents(self.classes.sample_indices(b, generator), generator)])
+            prompts += [ctx.cfg.class_prompt] * b
+        return diffusion.add_noise(ctx.noise_scheduler, x0, generator), ctx.encode_prompts(prompts), b
+
+    def combine(self, ctx: TrainContext, errors: torch.Tensor, b: int, instance_weight: float = 1.0):
+        """instance_weight * instance loss + lambda_prior * prior loss, from per-sample errors."""
+        instance_loss = errors[:b].mean()
         logs = {"loss_instance": instance_loss.detach()}
-        loss = instance_loss
+        loss = instance_weight * instance_loss
         if self.prior:
-            prior_loss = errors[batch_size:].mean()
+            prior_loss = errors[b:].mean()
             loss = loss + ctx.cfg.prior.weight * prior_loss
             logs["loss_prior"] = prior_loss.detach()
         return loss, logs
+
+    def loss(self, ctx: TrainContext, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        noised, text, b = self.sample_batch(ctx, generator)
+        return self.combine(ctx, diffusion.denoising_error(ctx.unet, ctx.noise_scheduler, noised, text), b)

@@ -152,9 +152,11 @@ class Trainer:
             (self.run_dir / CONFIG_NAME).write_text(cfg.to_yaml())
         from accelerate.utils import set_seed
 
+        # Critic and adapter initialisation draw from the global generators: seed before each.
+        set_seed(cfg.train.seed)
         ctx = self._load()
         self.method.prepare(ctx)
-        set_seed(cfg.train.seed)  # adapter and critic initialisation draw from the global generators
+        set_seed(cfg.train.seed)
         groups = self._attach_trainable(ctx)
         t = cfg.train
         optimizer = torch.optim.AdamW(groups, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
@@ -173,6 +175,8 @@ class Trainer:
         self.method.use_prepared(prepared[n : n + len(extra)], prepared[n + len(extra) : n + len(extra) + len(extra_optimizers)])
         optimizer, lr_scheduler = prepared[-2], prepared[-1]
         self._register_checkpoint_hooks()
+        for obj in self.method.checkpoint_objects():
+            acc.register_for_checkpointing(obj)
 
         start_step = 0
         if resume:

@@ -1,0 +1,111 @@
+"""DPG's critics Q_phi and the replay of recent (critic input, reward) pairs they regress on."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _activation(name: str) -> nn.Module:
+    # Leaky units keep a gradient when pre-activations go negative: with plain ReLU and SGD 0.01
+    # the released critic can die and silently stop supervising the actor.
+    return nn.LeakyReLU(0.01) if name == "leaky_relu" else nn.ReLU()
+
+
+class ReconstructionCritic(nn.Module):
+    """Q(R) for the residual R = (x0_hat - x0_ref)^2, predicting the cost MSE(x0_hat, x0_ref).
+
+    The released code's shape (conv 4->1, flatten, MLP) sized to the latent, with its
+    non-negative initialisation, so Q starts as an increasing function of the residual.
+    """
+
+    def __init__(self, latent_channels: int, latent_size: int, hidden: int = 64, activation: str = "leaky_relu"):
+        super().__init__()
+        self.conv = nn.Conv2d(latent_channels, 1, 3, padding=1)
+        self.fc1 = nn.Linear(latent_size * latent_size, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+        self.act_conv, self.act_hidden = nn.LeakyReLU(0.01), _activation(activation)
+        with torch.no_grad():
+            for layer in (self.conv, self.fc1, self.fc2):
+                fan_in = layer.weight[0].numel()
+                layer.weight.uniform_(0.0, 1.0 / fan_in)
+                layer.bias.uniform_(0.0, 1.0 / fan_in)
+        self.last_hidden: torch.Tensor | None = None
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        h = self.act_conv(self.conv(residual)).flatten(1)
+        pre = self.fc1(h)
+        self.last_hidden = pre.detach()
+        return self.fc2(self.act_hidden(pre)).squeeze(-1)
+
+
+class RewardCritic(nn.Module):
+    """Q(x0_hat, t, c): the reward of the decoded look-forward image, from latent, timestep and text."""
+
+    def __init__(self, latent_channels: int, text_dim: int, hidden: int = 64, activation: str = "leaky_relu"):
+        super().__init__()
+        self.image = nn.Sequential(
+            nn.Conv2d(latent_channels, 32, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.time = nn.Linear(32, 64)
+        self.text = nn.Linear(text_dim, 64)
+        self.fc1 = nn.Linear(64 * 3, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+        self.act_hidden = _activation(activation)
+        self.last_hidden: torch.Tensor | None = None
+
+    def forward(self, x0_hat: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        from diffusers.models.embeddings import get_timestep_embedding
+
+        t = self.time(get_timestep_embedding(timesteps, 32).to(x0_hat.dtype))
+        features = torch.cat([self.image(x0_hat), t, self.text(text.mean(1))], dim=1)
+        pre = self.fc1(features)
+        self.last_hidden = pre.detach()
+        return self.fc2(self.act_hidden(pre)).squeeze(-1)
+
+
+def live_fraction(critic: nn.Module) -> float:
+    """Share of hidden units active (positive) for some sample of the last batch; 0 = dead critic."""
+    hidden = critic.last_hidden
+    return float((hidden > 0).any(0).float().mean()) if hidden is not None else float("nan")
+
+
+class Replay:
+    """A ring of recent critic inputs and their true rewards; sampling always includes the newest."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.items: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]] = []
+        self.next = 0
+
+    def add(self, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> int:
+        """Add a batch row by row; returns how many rows were added."""
+        for i in range(targets.shape[0]):
+            item = (tuple(x[i].detach() for x in inputs), targets[i].detach())
+            if len(self.items) < self.capacity:
+                self.items.append(item)
+            else:
+                self.items[self.next] = item
+            self.next = (self.next + 1) % self.capacity
+        return targets.shape[0]
+
+    def sample(self, count: int, newest: int, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        n = len(self.items)
+        recent = [(self.next - 1 - i) % n if n == self.capacity else n - 1 - i for i in range(min(newest, n))]
+        others = [i for i in torch.randperm(n, generator=generator).tolist() if i not in recent][: max(count - len(recent), 0)]
+        chosen = [self.items[i] for i in recent + others]
+        inputs = tuple(torch.stack(parts) for parts in zip(*(item[0] for item in chosen)))
+        return inputs, torch.stack([item[1] for item in chosen])
+
+    def state_dict(self) -> dict:
+        return {"items": self.items, "next": self.next}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.items, self.next = state["items"], state["next"]
+
+
+def critic_regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(prediction.float(), target.float())

@@ -1,0 +1,157 @@
+"""DPG: deterministic policy gradient with a learned critic and look-forward (Wei et al., ECCV 2024).
+
+Algorithm (specs/METHODS.md section 2), per step on DreamBooth's batch (instance + class images):
+    eps_theta = U-Net(x_t, t, c);  x0_hat = look_forward(x_t, eps_theta, t)          (one U-Net call)
+    critic:  r = reward of the detached look-forward sample; store (input, r) in the replay;
+             phi <- phi - lr * grad_phi MSE(Q_phi(input), r) on replayed pairs
+    actor:   L = lambda_prior L_prior + w_inst L_inst + mean_t gamma^t * cost(Q_phi(x0_hat))
+             with gradients through x0_hat into the U-Net, none into phi.
+Two critics: "recon" (released code) Q(R), R = (x0_hat - x0_ref)^2, predicts the cost
+MSE(x0_hat, x0_ref); a reward critic Q(x0_hat, t, c) predicts any reward of the decoded image
+(DINO to the references by default), so a non-differentiable reward supervises the actor too.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from rewardbooth import diffusion
+from rewardbooth.methods.critics import ReconstructionCritic, Replay, RewardCritic, critic_regression_loss, live_fraction
+from rewardbooth.methods.dreambooth import DreamBooth
+from rewardbooth.rewards import Subject, build_reward
+from rewardbooth.training.context import TrainContext
+
+
+class DPG(DreamBooth):
+    name = "dpg"
+    defaults = {  # the released script's command (train_dpg.sh)
+        "model.name": "CompVis/stable-diffusion-v1-4",
+        "data.resolution": 512,
+        "data.center_crop": False,
+        "adapter.kind": "full",
+        "adapter.train_text_encoder": True,
+        "train.learning_rate": 1e-6,
+        "train.batch_size": 1,
+        "train.steps": 1000,
+        "prior.enabled": True,
+        "prior.weight": 1.0,
+        "prior.num_class_images": 8,
+    }
+
+    def prepare(self, ctx: TrainContext) -> None:
+        super().prepare(ctx)
+        cfg = ctx.cfg.dpg
+        unet_cfg = ctx.components.unet.config
+        latent_size = ctx.resolution // ctx.components.vae_scale_factor
+        self.recon = cfg.reward == "recon"
+        if self.recon:
+            self.critic = ReconstructionCritic(unet_cfg.in_channels, latent_size, cfg.critic_hidden, cfg.critic_activation)
+        else:
+            evaluation = ctx.cfg.evaluation
+            models = {"dino": evaluation.dino_model, "clip": evaluation.clip_model, "align": evaluation.align_model}
+            self.reward = build_reward(cfg.reward, models=models, device=str(ctx.device))
+            self.subject = Subject("subject", self.instance.images, ctx.cfg.data.identifier, ctx.cfg.data.class_noun)
+            self.critic = RewardCritic(unet_cfg.in_channels, ctx.components.text_encoder.config.hidden_size,
+                                       cfg.critic_hidden, cfg.critic_activation)
+        self.critic.to(ctx.device)
+        optimizer_cls = torch.optim.SGD if cfg.critic_optimizer == "sgd" else torch.optim.Adam
+        self.critic_optimizer = optimizer_cls(self.critic.parameters(), lr=cfg.critic_lr)
+        self.replay = Replay(cfg.replay_size)
+        self.critic_steps = 0
+        self.warned_dead = False
+
+    def extra_modules(self):
+        return [self.critic]
+
+    def extra_optimizers(self):
+        return [self.critic_optimizer]
+
+    def use_prepared(self, modules, optimizers):
+        self.critic_train, self.critic_optimizer = modules[0], optimizers[0]
+
+    def checkpoint_objects(self):
+        return [self.replay, _Counter(self, "critic_steps")]
+
+    # --- the two critic kinds ---------------------------------------------------------------
+    def critic_inputs(self, ctx: TrainContext, x0_hat, x0_ref, timesteps, text) -> tuple[torch.Tensor, ...]:
+        return ((x0_hat - x0_ref) ** 2,) if self.recon else (x0_hat, timesteps, text)
+
+    @torch.no_grad()
+    def true_reward(self, ctx: TrainContext, x0_hat: torch.Tensor, x0_ref: torch.Tensor, b: int) -> torch.Tensor:
+        """What the critic regresses to. recon: the cost MSE(x0_hat, x0_ref); else the reward of the image."""
+        if self.recon:
+            return diffusion.per_sample_mse(x0_hat, x0_ref)
+        vae = ctx.components.vae
+        images = vae.decode((x0_hat / ctx.components.latent_scaling).to(vae.dtype)).sample
+        images = ((images.float() + 1) / 2).clamp(0, 1)
+        return self.reward(images, [ctx.cfg.instance_prompt] * b, self.subject).detach().float().to(x0_hat.device)
+
+    def actor_cost(self, q: torch.Tensor) -> torch.Tensor:
+        """The actor minimises a cost: Q itself for recon (a predicted cost), -Q for a reward."""
+        return q if self.recon else -q
+
+    def actor_term(self, ctx: TrainContext, x0_hat, x0_ref, t, text) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """mean_t gamma^t cost(Q(x0_hat)): grad flows through x0_hat into the U-Net, not into phi."""
+        critic = ctx.accelerator.unwrap_model(self.critic_train)
+        critic.requires_grad_(False)
+        try:
+            q = critic(*self.critic_inputs(ctx, x0_hat, x0_ref, t, text))
+        finally:
+            critic.requires_grad_(True)
+        live = live_fraction(critic)
+        if live == 0.0 and not self.warned_dead:
+            warnings.warn("DPG critic is dead (no active hidden unit): its gradient no longer reaches the U-Net; "
+                          "use dpg.critic_activation=leaky_relu or a lower dpg.critic_lr", stacklevel=2)
+            self.warned_dead = True
+        weight = ctx.cfg.dpg.gamma ** t.float()
+        return (weight * self.actor_cost(q)).mean(), q, live
+
+    # --- one step ----------------------------------------------------------------------------
+    def loss(self, ctx: TrainContext, generator: torch.Generator):
+        cfg = ctx.cfg.dpg
+        noised, text, b = self.sample_batch(ctx, generator)
+        prediction = ctx.unet(noised.noisy, noised.timesteps, text).sample
+        errors = diffusion.denoising_error(None, ctx.noise_scheduler, noised, text, prediction=prediction)
+        loss, logs = self.combine(ctx, errors, b, instance_weight=cfg.instance_weight)
+
+        # Look-forward on the instance half: where this trajectory would end.
+        t = noised.timesteps[:b]
+        x0_hat = diffusion.predict_x0(ctx.noise_scheduler, noised.noisy[:b], prediction[:b], t).float()
+        x0_ref = noised.x0[:b].float()
+        text_b = text[:b].detach().float()
+
+        # Critic step on detached samples (replayed with recent ones).
+        target = self.true_reward(ctx, x0_hat.detach(), x0_ref, b)
+        self.replay.add(self.critic_inputs(ctx, x0_hat.detach(), x0_ref, t, text_b), target)
+        inputs, targets = self.replay.sample(cfg.critic_batch_size, newest=b, generator=generator)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss = critic_regression_loss(self.critic_train(*inputs), targets)
+        critic_loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.critic_train.parameters(), cfg.critic_max_grad_norm)
+        self.critic_optimizer.step()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        self.critic_steps += 1
+
+        actor_term, q, live = self.actor_term(ctx, x0_hat, x0_ref, t, text_b)
+        if self.critic_steps > cfg.critic_warmup_steps:
+            loss = loss + actor_term
+        reward_true = target if not self.recon else -target  # log rewards (higher is better) for both kinds
+        q_reward = q.detach() if not self.recon else -q.detach()
+        return loss, {**logs, "actor_q_term": actor_term.detach(), "critic_loss": critic_loss.detach(),
+                      "critic_live_fraction": torch.tensor(live), "reward_true": reward_true.mean(),
+                      "reward_predicted": q_reward.mean()}
+
+
+class _Counter:
+    """Checkpoint an int attribute of an object (accelerate wants state_dict/load_state_dict)."""
+
+    def __init__(self, owner, attribute: str):
+        self.owner, self.attribute = owner, attribute
+
+    def state_dict(self) -> dict:
+        return {"value": getattr(self.owner, self.attribute)}
+
+    def load_state_dict(self, state: dict) -> None:
+        setattr(self.owner, self.attribute, int(state["value"]))
