@@ -83,35 +83,44 @@ def _ema(values: list[float], span: int) -> list[float]:
     return out
 
 
-def plot_metrics(records: list[dict], keys: list[str], path: Path, title: str = "") -> Path | None:
-    """Plot each key against record["step"], one panel per key; None if nothing to plot."""
+def plot_metrics(records: list[dict], keys: list[str | tuple[str, ...]], path: Path, title: str = "") -> Path | None:
+    """Plot keys against record["step"], one panel per entry; a tuple of keys shares a panel.
+
+    Returns None if nothing to plot.
+    """
     # Figure + FigureCanvasAgg (not pyplot) so a user's global backend stays untouched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for key in keys:
-        points = [
-            (float(r["step"]), float(r[key]))
-            for r in records
-            if _is_number(r.get("step")) and _is_number(r.get(key))
-        ]
-        if points:
-            points.sort(key=lambda p: p[0])
-            series[key] = ([p[0] for p in points], [p[1] for p in points])
-    if not series:
+    panels: list[tuple[str, dict[str, tuple[list[float], list[float]]]]] = []
+    for entry in keys:
+        group = (entry,) if isinstance(entry, str) else tuple(entry)
+        series: dict[str, tuple[list[float], list[float]]] = {}
+        for key in group:
+            points = sorted(
+                (float(r["step"]), float(r[key])) for r in records if _is_number(r.get("step")) and _is_number(r.get(key))
+            )
+            if points:
+                series[key] = ([p[0] for p in points], [p[1] for p in points])
+        if series:
+            panels.append((" / ".join(series), series))
+    if not panels:
         return None
 
-    fig = Figure(figsize=(7.0, 1.2 + 2.2 * len(series)), dpi=100)
+    fig = Figure(figsize=(7.0, 1.2 + 2.2 * len(panels)), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (key, (steps, values)) in zip(axes, series.items()):
-        smooth = len(values) > 20
-        ax.plot(steps, values, color="tab:blue", alpha=0.35 if smooth else 1.0, linewidth=1.0, marker="" if smooth else ".")
-        if smooth:
-            ax.plot(steps, _ema(values, span=max(5, len(values) // 10)), color="tab:blue", linewidth=2.0, label="EMA")
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (label, series) in zip(axes, panels):
+        for color, (key, (steps, values)) in zip(("tab:blue", "tab:orange", "tab:green", "tab:red"), series.items()):
+            smooth = len(values) > 20
+            ax.plot(steps, values, color=color, alpha=0.35 if smooth else 1.0, linewidth=1.0, marker="" if smooth else ".",
+                    label=None if smooth else (key if len(series) > 1 else None))
+            if smooth:
+                ax.plot(steps, _ema(values, span=max(5, len(values) // 10)), color=color, linewidth=2.0,
+                        label=f"{key} (EMA)" if len(series) > 1 else "EMA")
+        if len(series) > 1 or len(next(iter(series.values()))[1]) > 20:
             ax.legend(loc="best", fontsize=8)
-        ax.set_ylabel(key)
+        ax.set_ylabel(label if len(series) == 1 else "value")
         ax.grid(True, alpha=0.3)
     axes[-1].set_xlabel("step")
     if title:

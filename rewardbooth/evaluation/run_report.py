@@ -29,7 +29,10 @@ def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: l
 
     train_records = [r for r in records if not r.get("validation")]
     keys = _numeric_keys(train_records, skip={"step", "lr", "seconds_per_step"})
-    plot = plot_metrics(train_records, keys, run_dir / "report_assets" / "loss.png", title="training")
+    # DPG: the critic's prediction beside the true reward shows whether Q has converged.
+    panels = [("reward_true", "reward_predicted") if k == "reward_true" and "reward_predicted" in keys else k
+              for k in keys if k != "reward_predicted" or "reward_true" not in keys]
+    plot = plot_metrics(train_records, panels, run_dir / "report_assets" / "loss.png", title="training")
     if plot is not None:
         last = train_records[-1]
         text = f"step {last['step']}: " + ", ".join(f"{k} {last[k]:.4f}" for k in keys if k in last)
