@@ -35,12 +35,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     parser.add_argument("--adapter", choices=("lora", "full"), default="lora")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override, repeatable")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override, repeatable (e.g. evaluation.align_model=... for RPO off the tiny preset)")
     # Internal: the parent re-invokes the script with these for one method.
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be positive and --warmup non-negative")
+    return args
 
 
 # --- one method, inside its own process ------------------------------------------------------
@@ -128,13 +132,13 @@ def run_one(args: argparse.Namespace, work: Path) -> dict:
     times = [r["seconds_per_step"] for r in records if "seconds_per_step" in r and r["step"] > args.warmup]
     cuda = method.device.type == "cuda"
     if cuda:
-        peak_mb, memory = torch.cuda.max_memory_allocated() / 2**20, "torch.cuda.max_memory_allocated over the training steps"
+        peak_mb, memory = torch.cuda.max_memory_allocated(method.device) / 2**20, "torch.cuda.max_memory_allocated over the training steps"
     else:
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
         peak_mb, memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, "whole-process peak RSS (includes setup)"
     return {
         "method": args.one, "seconds_per_step": statistics.median(times), "times": times, "peak_mb": peak_mb,
-        "memory": memory, "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        "memory": memory, "device": torch.cuda.get_device_name(method.device) if cuda else "cpu", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "model": args.model, "resolution": method.resolution,
         "batch_size": args.batch_size, "adapter": args.adapter, "mixed_precision": args.mixed_precision,
     }
@@ -208,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             if child.returncode != 0 or not lines:
                 failed.append(name)
                 print(f"{name}: failed (exit {child.returncode})\n" + "\n".join(child.stderr.strip().splitlines()[-15:]), file=sys.stderr)
+                if name == FLOOR:
+                    break  # the same settings would fail every method, and there is nothing to compare against
                 continue
             results[name] = json.loads(lines[-1][len(RESULT_TAG):])
     if results:

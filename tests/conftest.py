@@ -62,3 +62,36 @@ def dreambench_root() -> Path:
     if not (root / "prompts_and_classes.txt").is_file():
         pytest.skip(f"DreamBench not found at {root}")
     return root
+
+
+def crashing(method_cls, crash_at_call: int):
+    """An instance of `method_cls` that dies like a killed job on its `crash_at_call`-th loss()."""
+
+    class Crashing(method_cls):
+        def __init__(self):
+            self.calls = 0
+
+        def loss(self, ctx, generator):
+            self.calls += 1
+            if self.calls == crash_at_call:
+                raise KeyboardInterrupt("simulated crash")
+            return super().loss(ctx, generator)
+
+    return Crashing()
+
+
+@pytest.fixture(name="crashing")
+def crashing_fixture():
+    return crashing
+
+
+def metric_series(run_dir: Path, key: str) -> dict[int, float]:
+    """step -> value of one key in a run's metrics.jsonl."""
+    from rewardbooth.evaluation.report import read_metrics
+
+    return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
+
+
+@pytest.fixture(name="metric_series")
+def metric_series_fixture():
+    return metric_series

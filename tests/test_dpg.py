@@ -179,18 +179,7 @@ def test_defaults_follow_the_released_script():
     assert (cfg.dpg.gamma, cfg.dpg.critic_lr, cfg.dpg.critic_optimizer, cfg.dpg.instance_weight) == (0.9986, 0.01, "sgd", 0.0)
 
 
-class CrashingDPG(DPG):
-    def __init__(self, crash_at_call: int):
-        self.calls, self.crash_at_call = 0, crash_at_call
-
-    def loss(self, ctx, generator):
-        self.calls += 1
-        if self.calls == self.crash_at_call:
-            raise KeyboardInterrupt("simulated crash")
-        return super().loss(ctx, generator)
-
-
-def test_dpg_resume_restores_critic_and_replay(tmp_path, dpg_overrides):
+def test_dpg_resume_restores_critic_and_replay(tmp_path, dpg_overrides, crashing, metric_series):
     cfg = load_config(overrides=dict(dpg_overrides, **{"train.steps": 6, "train.checkpoint_every": 3}))
     straight = tmp_path / "straight"
     prepare_run_dir(straight, resume=False, overwrite=False)
@@ -198,11 +187,8 @@ def test_dpg_resume_restores_critic_and_replay(tmp_path, dpg_overrides):
     broken = tmp_path / "broken"
     prepare_run_dir(broken, resume=False, overwrite=False)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, broken, progress=False, method=CrashingDPG(crash_at_call=5))
+        train(cfg, broken, progress=False, method=crashing(DPG, 5))
     train(cfg, broken, resume=True, progress=False)
 
-    def series(run, key):
-        return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
     for key in ("loss", "critic_loss", "reward_predicted"):
-        assert series(broken, key) == pytest.approx(series(straight, key), rel=1e-5), key
+        assert metric_series(broken, key) == pytest.approx(metric_series(straight, key), rel=1e-5), key

@@ -111,18 +111,7 @@ def test_forced_labels_move_likelihood_toward_the_preferred_image(tmp_path, rpo_
     assert prefer_reference > prefer_negative
 
 
-class CrashingRPO(RPO):
-    def __init__(self, crash_at_call: int):
-        self.calls, self.crash_at_call = 0, crash_at_call
-
-    def loss(self, ctx, generator):
-        self.calls += 1
-        if self.calls == self.crash_at_call:
-            raise KeyboardInterrupt("simulated crash")
-        return super().loss(ctx, generator)
-
-
-def test_rpo_resume_reuses_negatives_and_reproduces_the_run(tmp_path, rpo_overrides):
+def test_rpo_resume_reuses_negatives_and_reproduces_the_run(tmp_path, rpo_overrides, crashing, metric_series):
     cfg = load_config(overrides=dict(rpo_overrides, **{"train.steps": 4, "train.checkpoint_every": 2}))
     straight = tmp_path / "straight"
     prepare_run_dir(straight, resume=False, overwrite=False)
@@ -131,7 +120,7 @@ def test_rpo_resume_reuses_negatives_and_reproduces_the_run(tmp_path, rpo_overri
     broken = tmp_path / "broken"
     prepare_run_dir(broken, resume=False, overwrite=False)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, broken, progress=False, method=CrashingRPO(crash_at_call=4))
+        train(cfg, broken, progress=False, method=crashing(RPO, 4))
     assert [s for s, _ in list_checkpoints(broken)] == [2]
     negatives = sorted((broken / "negatives").glob("*.png"))
     assert len(negatives) == len(OBJECT_PROMPTS)  # 8 prompts x 1
@@ -139,10 +128,7 @@ def test_rpo_resume_reuses_negatives_and_reproduces_the_run(tmp_path, rpo_overri
     train(cfg, broken, resume=True, progress=False)
     assert [p.stat().st_mtime_ns for p in sorted((broken / "negatives").glob("*.png"))] == stamps
 
-    def losses(run):
-        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    assert losses(broken) == pytest.approx(losses(straight), rel=1e-5)
+    assert metric_series(broken, "loss") == pytest.approx(metric_series(straight, "loss"), rel=1e-5)
 
 
 def test_rpo_validation_reward_curve_and_selection(tmp_path, rpo_overrides):

@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import metric_series
+
 from rewardbooth import diffusion
 from rewardbooth.config import load_config
 from rewardbooth.methods.dreambooth import DreamBooth
@@ -18,25 +20,10 @@ from rewardbooth.training.run_dir import list_checkpoints, prepare_run_dir
 
 
 def read_losses(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+    return metric_series(run_dir, "loss")
 
 
-class CrashingDreamBooth(DreamBooth):
-    """DreamBooth that dies (like a killed job) when it reaches a given micro-batch."""
-
-    def __init__(self, crash_at_call: int):
-        self.calls = 0
-        self.crash_at_call = crash_at_call
-
-    def loss(self, ctx, generator):
-        self.calls += 1
-        if self.calls == self.crash_at_call:
-            raise KeyboardInterrupt("simulated crash")
-        return super().loss(ctx, generator)
-
-
-def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_overrides):
+def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_overrides, crashing):
     overrides = dict(tiny_overrides, **{"train.checkpoint_every": 3, "train.lr_scheduler": "cosine",
                                         "train.gradient_accumulation_steps": 2})
     cfg = load_config(overrides=overrides)
@@ -48,7 +35,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_overrides):
     broken = tmp_path / "broken"
     prepare_run_dir(broken, resume=False, overwrite=False)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, broken, progress=False, method=CrashingDreamBooth(crash_at_call=2 * 4 + 1))  # during step 5
+        train(cfg, broken, progress=False, method=crashing(DreamBooth, 2 * 4 + 1))  # during step 5
     assert [step for step, _ in list_checkpoints(broken)] == [3]
     class_files = sorted((broken / "class_images").glob("*.png"))
     stamps = [p.stat().st_mtime_ns for p in class_files]

@@ -88,10 +88,6 @@ def plot_metrics(records: list[dict], keys: list[str | tuple[str, ...]], path: P
 
     Returns None if nothing to plot.
     """
-    # Figure + FigureCanvasAgg (not pyplot) so a user's global backend stays untouched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     panels: list[tuple[str, dict[str, tuple[list[float], list[float]]]]] = []
     for entry in keys:
         group = (entry,) if isinstance(entry, str) else tuple(entry)
@@ -107,8 +103,7 @@ def plot_metrics(records: list[dict], keys: list[str | tuple[str, ...]], path: P
     if not panels:
         return None
 
-    fig = Figure(figsize=(7.0, 1.2 + 2.2 * len(panels)), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = _new_figure(7.0, 1.2 + 2.2 * len(panels))
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (label, series) in zip(axes, panels):
         for color, (key, (steps, values)) in zip(("tab:blue", "tab:orange", "tab:green", "tab:red"), series.items()):
@@ -125,8 +120,21 @@ def plot_metrics(records: list[dict], keys: list[str | tuple[str, ...]], path: P
     axes[-1].set_xlabel("step")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    return _save_figure(fig, path)
 
+
+def _new_figure(width: float, height: float):
+    # Figure + FigureCanvasAgg (not pyplot) so a user's global backend stays untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_figure(fig, path: Path) -> Path:
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
@@ -135,11 +143,7 @@ def plot_metrics(records: list[dict], keys: list[str | tuple[str, ...]], path: P
 
 def plot_bars(labels: list[str], series: dict[str, list[float]], path: Path, title: str = "") -> Path:
     """Grouped bar chart: one group per label, one bar per series (e.g. per method)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(6.0, 0.45 * len(labels) * max(len(series), 1) + 2), 3.6), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = _new_figure(max(6.0, 0.45 * len(labels) * max(len(series), 1) + 2), 3.6)
     ax = fig.subplots()
     width = 0.8 / max(len(series), 1)
     for i, (name, values) in enumerate(series.items()):
@@ -151,11 +155,7 @@ def plot_bars(labels: list[str], series: dict[str, list[float]], path: Path, tit
         ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _save_figure(fig, path)
 
 
 def read_metrics(path: Path) -> list[dict]:
