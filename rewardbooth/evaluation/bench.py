@@ -166,10 +166,15 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]])
     from rewardbooth.evaluation.report import plot_bars
 
     assets = report_dir / "report_assets"
-    table = [{"method": r["method"], "folder": str(d), "subjects": r["subjects"],
-              **{k: v for k, v in r["overall"].items() if k != "scope"}} for d, _, r in methods]
+    table = []
+    for d, _, r in methods:
+        overall = r["overall"]
+        metrics = [k for k in overall if k not in ("scope", "images") and not k.endswith("_std_over_subjects")]
+        table.append({"method": r["method"], "folder": str(d), "subjects": r["subjects"], "images": overall["images"],
+                      **{m: f"{overall[m]:.4f} ± {overall[m + '_std_over_subjects']:.4f}" for m in metrics}})
     judges = methods[0][2]["judges"]
-    sections = [ReportSection("Overall", "mean over all images; judges: " + ", ".join(f"{k}={v}" for k, v in judges.items()), table=table)]
+    text = "mean over all images ± standard deviation over subjects; judges: " + ", ".join(f"{k}={v}" for k, v in judges.items())
+    sections = [ReportSection("Overall", text, table=table)]
     names = sorted({row["subject"] for _, _, r in methods for row in r["per_subject"]})
     series = {r["method"]: {row["subject"]: row for row in r["per_subject"]} for _, _, r in methods}
     chart_images = []
@@ -188,7 +193,10 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]])
             grid = _subject_grid(subject_dir, references, info["images_per_prompt"], assets / info["method"] / f"{name}.png")
             grids.append((str(grid.relative_to(report_dir)), name))
         sections.append(ReportSection(f"Samples: {info['method']}", "first row: references; then one row per prompt", images=grids))
-    return write_report(report_dir, "rewardbooth DreamBench results", sections)
+    tiny = any(info["model"].startswith("tiny") or "tiny" in info["judges"].values() for _, info, _ in methods)
+    notice = ("Built-in tiny models with random weights made these numbers: they test the harness, "
+              "not personalization quality.") if tiny else None
+    return write_report(report_dir, "rewardbooth DreamBench results", sections, notice=notice)
 
 
 def _subject_grid(subject_dir: Path, references: list[Image.Image], images_per_prompt: int, path: Path) -> Path:
