@@ -48,6 +48,7 @@ class PriorConfig:
     num_class_images: int = 100
     class_dir: str | None = None  # user-provided class images; missing ones are generated
     generation_steps: int = 25
+    generation_guidance: float = 7.5
     generation_batch_size: int = 4
 
 

@@ -38,7 +38,7 @@ def prepare_class_images(ctx: TrainContext) -> list[Image.Image]:
         cache.mkdir(parents=True, exist_ok=True)
         settings = SampleSettings(
             steps=prior.generation_steps,
-            guidance_scale=ctx.cfg.validation.guidance_scale,
+            guidance_scale=prior.generation_guidance,
             seed=ctx.cfg.train.seed + 1_000_003 + len(cached),  # new seeds for images added on resume
             batch_size=prior.generation_batch_size,
             resolution=ctx.resolution,
