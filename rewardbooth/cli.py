@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--validation-prompt", action="append", help="validation prompt ({identifier}, {class_noun} allowed); repeatable")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. --set adapter.alpha=8")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--num-processes", type=int, default=1,
+                       help="data-parallel processes (runs `accelerate launch`; GPUs if available, else CPU processes)")
     for flag, _, kind, text in TRAIN_FLAGS:
         train.add_argument(flag, type=kind, help=text)
     for flag, _, _, text in TRAIN_SWITCHES:
@@ -149,6 +151,39 @@ def train_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def launch_processes(num_processes: int, argv: list[str]) -> int:
+    """Re-run this command under `accelerate launch` with N processes (DDP)."""
+    import subprocess
+
+    import torch
+
+    from rewardbooth.errors import ConfigError
+
+    if num_processes < 1:
+        raise ConfigError(f"--num-processes must be positive, got {num_processes}")
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        # accelerate's torchrun launcher is behind --multi_gpu; ACCELERATE_USE_CPU makes the
+        # processes pick the CPU (gloo) backend. `accelerate launch --cpu` would start only one.
+        env["ACCELERATE_USE_CPU"] = "1"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",  # the run config sets precision
+               "-m", "rewardbooth.cli", *argv]
+    return subprocess.call(command, env=env)
+
+
+def _without_num_processes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--num-processes":
+            skip = True
+        elif not item.startswith("--num-processes="):
+            out.append(item)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from rewardbooth.config import load_config, require_training_inputs
     from rewardbooth.data.images import load_image_folder
@@ -164,8 +199,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     require_training_inputs(cfg)
     load_image_folder(cfg.data.instance_dir)  # bad photos fail now, before any model loads or folder is made
     protected = [Path(p) for p in (cfg.data.instance_dir, cfg.prior.class_dir) if p]
-    prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite, protected=protected)
+    from accelerate import PartialState
+
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # only the main process touches the folder
+    if state.is_main_process:
+        prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite, protected=protected)
+    state.wait_for_everyone()
     result = train(cfg, run_dir, resume=args.resume, progress=not args.quiet)
+    if not state.is_main_process:
+        return 0
     report = write_run_report(run_dir)
     selected = f" (best validated step {result.selected_step})" if result.selected_step != result.final_step else ""
     print(f"trained {cfg.train.method} for {result.final_step} steps{selected}: weights {result.weights}, report {report}")
@@ -263,8 +307,11 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evalua
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "train" and args.num_processes != 1 and "WORLD_SIZE" not in os.environ:
+            return launch_processes(args.num_processes, _without_num_processes(argv))
         return COMMANDS[args.command](args)
     except RewardboothError as exc:
         message = " ".join(str(exc).split())  # always one line

@@ -192,3 +192,24 @@ def test_dpg_resume_restores_critic_and_replay(tmp_path, dpg_overrides, crashing
 
     for key in ("loss", "critic_loss", "reward_predicted"):
         assert metric_series(broken, key) == pytest.approx(metric_series(straight, key), rel=1e-5), key
+
+
+class DeadCritic(Probe):
+    """DPG whose ReLU critic starts dead, as the released critic can end up after SGD."""
+
+    def prepare(self, ctx):
+        super().prepare(ctx)
+        with torch.no_grad():
+            self.critic.fc1.bias.fill_(-1e4)
+
+
+def test_dead_critic_is_reported(tmp_path, dpg_overrides):
+    cfg = load_config(overrides=dict(dpg_overrides, **{"train.steps": 2, "dpg.critic_activation": "relu"}))
+    run = tmp_path / "run"
+    prepare_run_dir(run, resume=False, overwrite=False)
+    method = DeadCritic()
+    with pytest.warns(UserWarning, match="critic is dead"):
+        train(cfg, run, progress=False, method=method)
+    assert method.grad_norms == [0.0, 0.0]  # what the warning is about: no signal reaches the U-Net
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["critic_live_fraction"] == 0.0 for r in records)

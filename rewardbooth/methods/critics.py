@@ -67,10 +67,12 @@ class RewardCritic(nn.Module):
         return self.fc2(self.act_hidden(pre)).squeeze(-1)
 
 
-def live_fraction(critic: nn.Module) -> float:
-    """Share of hidden units active (positive) for some sample of the last batch; 0 = dead critic."""
-    hidden = critic.last_hidden
-    return float((hidden > 0).any(0).float().mean()) if hidden is not None else float("nan")
+def live_fraction(critic: nn.Module) -> torch.Tensor:
+    """Share of hidden units active (positive) for some sample of the last batch; 0 = dead critic.
+
+    A tensor on the critic's device, so logging it costs no host sync.
+    """
+    return (critic.last_hidden > 0).any(0).float().mean()
 
 
 class Replay:

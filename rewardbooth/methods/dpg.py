@@ -23,6 +23,8 @@ from rewardbooth.methods.dreambooth import DreamBooth
 from rewardbooth.rewards import Subject, build_reward
 from rewardbooth.training.context import TrainContext
 
+DEAD_CHECK_EVERY = 50  # critic steps between checks for a dead critic
+
 
 class DPG(DreamBooth):
     name = "dpg"
@@ -92,7 +94,7 @@ class DPG(DreamBooth):
         """The actor minimises a cost: Q itself for recon (a predicted cost), -Q for a reward."""
         return q if self.recon else -q
 
-    def actor_term(self, ctx: TrainContext, x0_hat, x0_ref, t, text) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def actor_term(self, ctx: TrainContext, x0_hat, x0_ref, t, text) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """mean_t gamma^t cost(Q(x0_hat)): grad flows through x0_hat into the U-Net, not into phi."""
         critic = ctx.accelerator.unwrap_model(self.critic_train)
         critic.requires_grad_(False)
@@ -101,7 +103,8 @@ class DPG(DreamBooth):
         finally:
             critic.requires_grad_(True)
         live = live_fraction(critic)
-        if live == 0.0 and not self.warned_dead:
+        # Checking needs a host sync, so look only now and then.
+        if self.critic_steps % DEAD_CHECK_EVERY == 1 and not self.warned_dead and live.item() == 0.0:
             warnings.warn("DPG critic is dead (no active hidden unit): its gradient no longer reaches the U-Net; "
                           "use dpg.critic_activation=leaky_relu or a lower dpg.critic_lr", stacklevel=2)
             self.warned_dead = True
@@ -140,7 +143,7 @@ class DPG(DreamBooth):
         reward_true = target if not self.recon else -target  # log rewards (higher is better) for both kinds
         q_reward = q.detach() if not self.recon else -q.detach()
         return loss, {**logs, "actor_q_term": actor_term.detach(), "critic_loss": critic_loss.detach(),
-                      "critic_live_fraction": torch.tensor(live), "reward_true": reward_true.mean(),
+                      "critic_live_fraction": live, "reward_true": reward_true.mean(),
                       "reward_predicted": q_reward.mean()}
 
 

@@ -67,7 +67,10 @@ class Trainer:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()
+        from accelerate.utils import parse_flag_from_env
+
         self.accelerator = Accelerator(
+            cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             mixed_precision=cfg.train.mixed_precision,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), automatic_checkpoint_naming=False),
@@ -202,7 +205,7 @@ class Trainer:
                     optimizer.zero_grad(set_to_none=True)
                 # Sums stay on the device: no host sync until a log line is written.
                 for key, value in {"loss": loss.detach(), **logs}.items():
-                    sums[key] = sums.get(key, 0) + value.float()
+                    sums[key] = sums.get(key, 0) + torch.as_tensor(value, device=acc.device).float()
                 count += 1
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:
@@ -327,7 +330,7 @@ class Trainer:
                 "method": self.method.name, "last_step": last_step,
                 "selected_step": self.best[0] if self.best else last_step,
                 "weights": str(Path(weights).relative_to(self.run_dir)),
-                "base_model": self.cfg.model.name, "resolution": ctx.resolution,
+                "base_model": self.cfg.model.name, "resolution": ctx.resolution, "num_processes": acc.num_processes,
             }, indent=2))
         acc.wait_for_everyone()
         acc.end_training()
