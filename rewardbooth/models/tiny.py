@@ -23,11 +23,24 @@ class TinyPreset:
     name: str
     prediction_type: str  # "epsilon" (SD 1.x, SD 2 base) or "v_prediction" (SD 2.x 768)
     seed: int = 0
+    shape: str = "tiny"  # "tiny": toy sizes; "sd15": Stable Diffusion 1.5's real layer sizes (benchmarks)
 
 
 TINY_PRESETS = {
     "tiny": TinyPreset("tiny", "epsilon"),
     "tiny-v": TinyPreset("tiny-v", "v_prediction"),
+    # Random weights at SD 1.5's shapes (860M-parameter U-Net, 512 px): for speed and memory
+    # figures offline. About 4 GB on disk once built.
+    "sd15-random": TinyPreset("sd15-random", "epsilon", shape="sd15"),
+}
+
+# (U-Net, VAE, text encoder) sizes per shape.
+SHAPES = {
+    "tiny": dict(sample_size=16, unet_channels=(32, 64), unet_layers=1, cross_attention_dim=32, head_dim=8,
+                 vae_channels=(32, 64), vae_layers=1, vae_size=32, text_hidden=32, text_ffn=64, text_layers=2, text_heads=4),
+    "sd15": dict(sample_size=64, unet_channels=(320, 640, 1280, 1280), unet_layers=2, cross_attention_dim=768, head_dim=8,
+                 vae_channels=(128, 256, 512, 512), vae_layers=2, vae_size=512, text_hidden=768, text_ffn=3072,
+                 text_layers=12, text_heads=12),
 }
 
 
@@ -62,37 +75,40 @@ def _build_tiny_pipeline(preset: TinyPreset):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    size = SHAPES[preset.shape]
+    depth = len(size["unet_channels"])
     unet = UNet2DConditionModel(
-        sample_size=16,  # latent size; with the VAE's /2 downsampling this is a 32 px model
+        sample_size=size["sample_size"],  # latent size; times the VAE factor gives the image size
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
+        block_out_channels=size["unet_channels"],
+        layers_per_block=size["unet_layers"],
+        down_block_types=("CrossAttnDownBlock2D",) * (depth - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (depth - 1),
+        cross_attention_dim=size["cross_attention_dim"],
+        attention_head_dim=size["head_dim"],
         norm_num_groups=32,
     )
+    vae_depth = len(size["vae_channels"])
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=size["vae_channels"],
+        down_block_types=("DownEncoderBlock2D",) * vae_depth,
+        up_block_types=("UpDecoderBlock2D",) * vae_depth,
         latent_channels=4,
-        layers_per_block=1,
+        layers_per_block=size["vae_layers"],
         norm_num_groups=32,
-        sample_size=32,
+        sample_size=size["vae_size"],
     )
     vocab = _byte_level_vocab()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            hidden_size=size["text_hidden"],
+            intermediate_size=size["text_ffn"],
+            num_hidden_layers=size["text_layers"],
+            num_attention_heads=size["text_heads"],
             max_position_embeddings=77,
             bos_token_id=vocab["<|startoftext|>"],
             eos_token_id=vocab["<|endoftext|>"],
