@@ -80,9 +80,29 @@ def crashing(method_cls, crash_at_call: int):
     return Crashing()
 
 
-@pytest.fixture(name="crashing")
-def crashing_fixture():
-    return crashing
+def straight_and_resumed(cfg, tmp_path: Path, method_cls, crash_at_call: int, between=None):
+    """Train once uninterrupted, and once crashed at `crash_at_call` then resumed.
+
+    `between(run_dir)` runs after the crash, before the resume (e.g. to stamp cached files).
+    Returns (straight run, resumed run, what `between` returned).
+    """
+    from rewardbooth.training.loop import train
+    from rewardbooth.training.run_dir import prepare_run_dir
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    for run in (straight, broken):
+        prepare_run_dir(run, resume=False, overwrite=False)
+    train(cfg, straight, progress=False, method=method_cls())
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, broken, progress=False, method=crashing(method_cls, crash_at_call))
+    seen = between(broken) if between else None
+    train(cfg, broken, resume=True, progress=False, method=method_cls())
+    return straight, broken, seen
+
+
+@pytest.fixture(name="straight_and_resumed")
+def straight_and_resumed_fixture():
+    return straight_and_resumed
 
 
 def metric_series(run_dir: Path, key: str) -> dict[int, float]:

@@ -179,17 +179,9 @@ def test_defaults_follow_the_released_script():
     assert (cfg.dpg.gamma, cfg.dpg.critic_lr, cfg.dpg.critic_optimizer, cfg.dpg.instance_weight) == (0.9986, 0.01, "sgd", 0.0)
 
 
-def test_dpg_resume_restores_critic_and_replay(tmp_path, dpg_overrides, crashing, metric_series):
+def test_dpg_resume_restores_critic_and_replay(tmp_path, dpg_overrides, straight_and_resumed, metric_series):
     cfg = load_config(overrides=dict(dpg_overrides, **{"train.steps": 6, "train.checkpoint_every": 3}))
-    straight = tmp_path / "straight"
-    prepare_run_dir(straight, resume=False, overwrite=False)
-    train(cfg, straight, progress=False)
-    broken = tmp_path / "broken"
-    prepare_run_dir(broken, resume=False, overwrite=False)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, broken, progress=False, method=crashing(DPG, 5))
-    train(cfg, broken, resume=True, progress=False)
-
+    straight, broken, _ = straight_and_resumed(cfg, tmp_path, DPG, 5)
     for key in ("loss", "critic_loss", "reward_predicted"):
         assert metric_series(broken, key) == pytest.approx(metric_series(straight, key), rel=1e-5), key
 

@@ -111,23 +111,17 @@ def test_forced_labels_move_likelihood_toward_the_preferred_image(tmp_path, rpo_
     assert prefer_reference > prefer_negative
 
 
-def test_rpo_resume_reuses_negatives_and_reproduces_the_run(tmp_path, rpo_overrides, crashing, metric_series):
+def test_rpo_resume_reuses_negatives_and_reproduces_the_run(tmp_path, rpo_overrides, straight_and_resumed, metric_series):
     cfg = load_config(overrides=dict(rpo_overrides, **{"train.steps": 4, "train.checkpoint_every": 2}))
-    straight = tmp_path / "straight"
-    prepare_run_dir(straight, resume=False, overwrite=False)
-    train(cfg, straight, progress=False)
 
-    broken = tmp_path / "broken"
-    prepare_run_dir(broken, resume=False, overwrite=False)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, broken, progress=False, method=crashing(RPO, 4))
-    assert [s for s, _ in list_checkpoints(broken)] == [2]
-    negatives = sorted((broken / "negatives").glob("*.png"))
-    assert len(negatives) == len(OBJECT_PROMPTS)  # 8 prompts x 1
-    stamps = [p.stat().st_mtime_ns for p in negatives]
-    train(cfg, broken, resume=True, progress=False)
+    def after_crash(broken):
+        assert [s for s, _ in list_checkpoints(broken)] == [2]
+        negatives = sorted((broken / "negatives").glob("*.png"))
+        assert len(negatives) == len(OBJECT_PROMPTS)  # 8 prompts x 1
+        return [p.stat().st_mtime_ns for p in negatives]
+
+    straight, broken, stamps = straight_and_resumed(cfg, tmp_path, RPO, 4, after_crash)
     assert [p.stat().st_mtime_ns for p in sorted((broken / "negatives").glob("*.png"))] == stamps
-
     assert metric_series(broken, "loss") == pytest.approx(metric_series(straight, "loss"), rel=1e-5)
 
 

@@ -24,24 +24,17 @@ def read_losses(run_dir):
     return metric_series(run_dir, "loss")
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_overrides, crashing):
+def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_overrides, straight_and_resumed):
     overrides = dict(tiny_overrides, **{"train.checkpoint_every": 3, "train.lr_scheduler": "cosine",
                                         "train.gradient_accumulation_steps": 2})
     cfg = load_config(overrides=overrides)
 
-    straight = tmp_path / "straight"
-    prepare_run_dir(straight, resume=False, overwrite=False)
-    train(cfg, straight, progress=False)
+    def after_crash(broken):
+        assert [step for step, _ in list_checkpoints(broken)] == [3]
+        return [p.stat().st_mtime_ns for p in sorted((broken / "class_images").glob("*.png"))]
 
-    broken = tmp_path / "broken"
-    prepare_run_dir(broken, resume=False, overwrite=False)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, broken, progress=False, method=crashing(DreamBooth, 2 * 4 + 1))  # during step 5
-    assert [step for step, _ in list_checkpoints(broken)] == [3]
-    class_files = sorted((broken / "class_images").glob("*.png"))
-    stamps = [p.stat().st_mtime_ns for p in class_files]
-
-    train(cfg, broken, resume=True, progress=False)
+    # crash during step 5 (2 micro-batches per step)
+    straight, broken, stamps = straight_and_resumed(cfg, tmp_path, DreamBooth, 2 * 4 + 1, after_crash)
 
     # Cached class images are reused, not regenerated.
     assert [p.stat().st_mtime_ns for p in sorted((broken / "class_images").glob("*.png"))] == stamps
