@@ -43,7 +43,7 @@ class TrainContext:
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings; cached per prompt unless the text encoder is being trained."""
         text_encoder = self.text_encoder if self.text_encoder is not None else self.components.text_encoder
-        if self.trains_text_encoder and torch.is_grad_enabled():
+        if self.trains_text_encoder:  # the encoder changes every step: nothing to cache
             return diffusion.encode_prompts(self.components.tokenizer, text_encoder, prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
