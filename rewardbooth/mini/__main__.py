@@ -1,0 +1,3 @@
+from rewardbooth.mini.sheet import main
+
+raise SystemExit(main())
