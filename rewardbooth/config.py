@@ -287,6 +287,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         from rewardbooth.methods import get_method
 
         for key, value in get_method(cfg.train.method).defaults.items():
+            # A paper's resolution belongs to the paper's model: your own model keeps its native size.
+            if key == "data.resolution" and "model.name" in explicit:
+                continue
             if key not in explicit:
                 set_value(cfg, key, value)
     validate(cfg)

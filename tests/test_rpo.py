@@ -54,6 +54,7 @@ def test_defaults_follow_the_paper_and_respect_user_settings(tmp_path):
     assert (cfg.train.learning_rate, cfg.train.steps, cfg.train.batch_size, cfg.validation.every) == (5e-6, 400, 1, 40)
     assert (cfg.data.resolution, cfg.adapter.kind, cfg.rpo.lambda_train, cfg.rpo.lambda_val, cfg.rpo.beta) == (512, "full", 0.0, 0.5, 1.0)
     assert load_config(overrides={"train.method": "rpo", "train.steps": 50}).train.steps == 50
+    assert load_config(overrides={"train.method": "rpo", "model.name": "tiny"}).data.resolution is None  # the model's own size
     saved = tmp_path / "config.yaml"
     saved.write_text(load_config(overrides={"train.method": "rpo", "adapter.kind": "lora"}).to_yaml())
     assert load_config(saved).adapter.kind == "lora"  # a saved run is reproduced, not re-defaulted
