@@ -187,6 +187,7 @@ section h2 { margin-top: 4px; font-size: 1.2em; }
 p { white-space: pre-wrap; line-height: 1.45; }
 figure { display: inline-block; margin: 8px 12px 8px 0; vertical-align: top; max-width: 100%; }
 figure img { max-width: 100%; border: 1px solid #ccc; image-rendering: auto; }
+figure img.pixelated { image-rendering: pixelated; }
 figcaption { font-size: 0.85em; color: #555; max-width: 520px; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 8px 0; }
 th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
@@ -215,7 +216,20 @@ def _table_html(rows: list[dict]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _section_html(section: ReportSection) -> str:
+SMALL_IMAGE_WIDTH = 320  # narrower grids (e.g. 32 px samples) are shown enlarged, pixel for pixel
+
+
+def _display_width(path: Path) -> int | None:
+    """An enlarged display width for small images, or None to show them at their own size."""
+    try:
+        with Image.open(path) as image:
+            width = image.width
+    except OSError:
+        return None
+    return width * min(4, SMALL_IMAGE_WIDTH // width) if 0 < width < SMALL_IMAGE_WIDTH // 2 else None
+
+
+def _section_html(section: ReportSection, run_dir: Path) -> str:
     parts = [f"<section><h2>{html.escape(section.title)}</h2>"]
     for paragraph in (p.strip() for p in section.text.split("\n\n")):
         if paragraph:
@@ -225,8 +239,10 @@ def _section_html(section: ReportSection) -> str:
             # Absolute paths would break once the run folder is moved or zipped.
             raise ValueError(f"report image path must be relative to the run folder: {rel_path}")
         src = html.escape(quote(Path(rel_path).as_posix()))
+        width = _display_width(run_dir / rel_path)
+        size = f' width="{width}" class="pixelated"' if width else ""
         parts.append(
-            f'<figure><img src="{src}" alt="{html.escape(caption)}">'
+            f'<figure><img src="{src}"{size} alt="{html.escape(caption)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
     if section.table:
@@ -240,7 +256,7 @@ def write_report(run_dir: Path, title: str, sections: list[ReportSection], notic
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     notice_html = f'<div class="notice">{html.escape(notice)}</div>' if notice else ""
-    body = "\n".join(_section_html(s) for s in sections)
+    body = "\n".join(_section_html(s, run_dir) for s in sections)
     page = (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'

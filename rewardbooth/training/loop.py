@@ -151,6 +151,10 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         cfg, acc = self.cfg, self.accelerator
+        # Absolute input paths, so resume, generate and reports work from any directory.
+        for section, key in ((cfg.data, "instance_dir"), (cfg.prior, "class_dir")):
+            if getattr(section, key):
+                setattr(section, key, str(Path(getattr(section, key)).expanduser().resolve()))
         if acc.is_main_process:
             (self.run_dir / CONFIG_NAME).write_text(cfg.to_yaml())
         from accelerate.utils import set_seed
