@@ -25,6 +25,7 @@ Design (measured choices are in docs/minibench-plan.md):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,43 +39,75 @@ IDENTIFIER_TOKENS: tuple[str, ...] = ("sks", "zwx", "ohwx", "xjy", "qlv", "vkt")
 
 def world_words() -> tuple[str, ...]:
     """Every word a mini-world caption or evaluation prompt can contain."""
-    from rewardbooth.mini.world import CONTEXT_PHRASES, COLOURS, PATTERNS, SHAPES, SIZES
+    from rewardbooth.mini.world import COLOURS, CONTEXT_PHRASES, PATTERNS, SHAPES, SIZES
 
     words = set(SHAPES) | set(COLOURS) | set(PATTERNS) | set(SIZES) | {"a", "an", "upside", "down", "photo", "of"}
     for phrase in CONTEXT_PHRASES.values():
         words |= set(phrase.split())
-    words |= set(("plain", "beach", "snow", "grass", "city", "night", "desert", "forest"))
+    words |= {"plain", "beach", "snow", "grass", "city", "night", "desert", "forest"}
     return tuple(sorted(words))
 
 
 def word_vocab_and_merges(extra_words: tuple[str, ...] = IDENTIFIER_TOKENS) -> tuple[dict[str, int], list[str]]:
     """Byte-level CLIP vocabulary plus whole-word tokens, and merges that build those words.
 
-    Each word w = c1..cn gets the left-to-right merge chain (c1 c2), (c1c2 c3), ... ending in
-    the end-of-word form "w</w>". Merges are ranked longest-chain-last so a shorter word's
-    chain never pre-empts a longer one's; `check_word_tokens` verifies the outcome.
+    Each word w = c1..cn gets a left-to-right merge chain (c1 c2), (c1c2 c3), ... ending in
+    the end-of-word form "w</w>"; `check_word_tokens` verifies the outcome with the real
+    tokenizer.
     """
     vocab = _byte_level_vocab()
     specials = {t: vocab.pop(t) for t in ("<|startoftext|>", "<|endoftext|>")}
     merges: list[str] = []
-    seen_merges: set[str] = set()
-    words = sorted(set(world_words()) | set(extra_words))
-    for word in words:
-        if len(word) == 1:
-            continue  # "a" is already the byte-level token "a</w>"
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        left = symbols[0]
-        for right in symbols[1:]:
-            merge = f"{left} {right}"
-            left = left + right
-            if merge not in seen_merges:
-                seen_merges.add(merge)
-                merges.append(merge)
-            if left not in vocab:
-                vocab[left] = len(vocab)
+    ranks: dict[tuple[str, str], int] = {}
+
+    def add(left: str, right: str) -> None:
+        if (left, right) not in ranks:
+            ranks[(left, right)] = len(merges)
+            merges.append(f"{left} {right}")
+        if left + right not in vocab:
+            vocab[left + right] = len(vocab)
+
+    words = [w for w in sorted(set(world_words()) | set(extra_words)) if len(w) > 1]  # "a" is the byte token "a</w>"
+    # Another word's merge can fire inside a word before its own chain does ("ri" of "ring"
+    # inside "striped"); then chain on from the pieces BPE actually reached, until every
+    # word ends as one symbol (a fixed point, reached in a few rounds).
+    for _ in range(20):
+        done = True
+        for word in words:
+            pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+            if len(pieces) > 1:
+                done = False
+                left = pieces[0]
+                for right in pieces[1:]:
+                    add(left, right)
+                    left = left + right
+        if done:
+            break
+    else:
+        raise RuntimeError("could not build a merges list that keeps every world word whole")
     for name in specials:
         vocab[name] = len(vocab)
     return vocab, merges
+
+
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: merge the lowest-ranked adjacent pair until none applies."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(itertools.pairwise(symbols))]
+        rank, _ = min(pairs)
+        if rank == 1 << 30:
+            break
+        a, b = merges_pair = next((symbols[i], symbols[i + 1]) for r, i in pairs if r == rank)
+        out, i = [], 0
+        while i < len(symbols):
+            if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == merges_pair:
+                out.append(a + b)
+                i += 2
+            else:
+                out.append(symbols[i])
+                i += 1
+        symbols = out
+    return symbols
 
 
 def check_word_tokens(tokenizer, words: tuple[str, ...] | None = None) -> list[str]:
@@ -154,7 +187,12 @@ def build_mini_pipeline(config: MiniModelConfig | None = None):
 
 
 def _build(config: MiniModelConfig):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vae_factor = 2 ** (len(config.vae_channels) - 1)
