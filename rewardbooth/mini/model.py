@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rewardbooth.models.tiny import _byte_level_vocab
+from rewardbooth.models.tiny import _byte_level_vocab, assemble_pipeline
 
 # Identifiers DreamBooth-style methods use for a subject; each is one token (untrained in
 # pretraining, like a rare token in a real vocabulary).
@@ -187,12 +187,7 @@ def build_mini_pipeline(config: MiniModelConfig | None = None):
 
 
 def _build(config: MiniModelConfig):
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vae_factor = 2 ** (len(config.vae_channels) - 1)
@@ -244,25 +239,7 @@ def _build(config: MiniModelConfig):
             pad_token_id=vocab["<|endoftext|>"],
         )
     )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        prediction_type=config.prediction_type,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_pipeline(unet, vae, text_encoder, tokenizer, config.prediction_type)
 
 
 def count_params(module) -> int:

@@ -72,7 +72,7 @@ def build_tiny_pipeline(preset: TinyPreset):
 
 
 def _build_tiny_pipeline(preset: TinyPreset):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     size = SHAPES[preset.shape]
@@ -116,13 +116,20 @@ def _build_tiny_pipeline(preset: TinyPreset):
         )
     )
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    return assemble_pipeline(unet, vae, text_encoder, tokenizer, preset.prediction_type)
+
+
+def assemble_pipeline(unet, vae, text_encoder, tokenizer, prediction_type: str):
+    """A StableDiffusionPipeline with SD 1.x's noise schedule around the given components."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
     scheduler = DDPMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         num_train_timesteps=1000,
         clip_sample=False,
-        prediction_type=preset.prediction_type,
+        prediction_type=prediction_type,
         steps_offset=1,
     )
     return StableDiffusionPipeline(
