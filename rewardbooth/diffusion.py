@@ -73,11 +73,9 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
 
 
-def denoising_error(unet, scheduler, batch: NoisedBatch, text_embeddings: torch.Tensor,
-                    prediction: torch.Tensor | None = None) -> torch.Tensor:
+def denoising_error(unet, scheduler, batch: NoisedBatch, text_embeddings: torch.Tensor) -> torch.Tensor:
     """Per-sample ||U-Net(x_t, t, c) - target||^2, the loss of DreamBooth and RPO's e(.)."""
-    if prediction is None:
-        prediction = unet(batch.noisy, batch.timesteps, text_embeddings).sample
+    prediction = unet(batch.noisy, batch.timesteps, text_embeddings).sample
     return per_sample_mse(prediction, training_target(scheduler, batch))
 
 

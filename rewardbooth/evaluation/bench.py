@@ -183,13 +183,14 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]])
                          assets / f"{metric}.png", title=f"{metric} per subject")
         chart_images.append((str(path.relative_to(report_dir)), metric))
     sections.append(ReportSection("Per subject", "", images=chart_images))
-    for bench_dir, info, result in methods:
+    for bench_dir, info, _ in methods:
+        dreambench = load_dreambench(Path(info["dreambench"]))  # once per method, not per subject
         grids = []
         for name in names:
             subject_dir = bench_dir / "subjects" / name
             if not (subject_dir / "scores.json").is_file():
                 continue
-            references = load_image_folder(load_dreambench(Path(info["dreambench"])).subjects[name].image_dir)
+            references = load_image_folder(dreambench.subjects[name].image_dir)
             grid = _subject_grid(subject_dir, references, info["images_per_prompt"], assets / info["method"] / f"{name}.png")
             grids.append((str(grid.relative_to(report_dir)), name))
         sections.append(ReportSection(f"Samples: {info['method']}", "first row: references; then one row per prompt", images=grids))

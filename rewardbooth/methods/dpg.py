@@ -77,7 +77,7 @@ class DPG(DreamBooth):
         return [self.replay, _Counter(self, "critic_steps")]
 
     # --- the two critic kinds ---------------------------------------------------------------
-    def critic_inputs(self, ctx: TrainContext, x0_hat, x0_ref, timesteps, text) -> tuple[torch.Tensor, ...]:
+    def critic_inputs(self, x0_hat, x0_ref, timesteps, text) -> tuple[torch.Tensor, ...]:
         return ((x0_hat - x0_ref) ** 2,) if self.recon else (x0_hat, timesteps, text)
 
     @torch.no_grad()
@@ -99,7 +99,7 @@ class DPG(DreamBooth):
         critic = ctx.accelerator.unwrap_model(self.critic_train)
         critic.requires_grad_(False)
         try:
-            q = critic(*self.critic_inputs(ctx, x0_hat, x0_ref, t, text))
+            q = critic(*self.critic_inputs(x0_hat, x0_ref, t, text))
         finally:
             critic.requires_grad_(True)
         live = live_fraction(critic)
@@ -116,7 +116,7 @@ class DPG(DreamBooth):
         cfg = ctx.cfg.dpg
         noised, text, b = self.sample_batch(ctx, generator)
         prediction = ctx.unet(noised.noisy, noised.timesteps, text).sample
-        errors = diffusion.denoising_error(None, ctx.noise_scheduler, noised, text, prediction=prediction)
+        errors = diffusion.per_sample_mse(prediction, diffusion.training_target(ctx.noise_scheduler, noised))
         loss, logs = self.combine(ctx, errors, b, instance_weight=cfg.instance_weight)
 
         # Look-forward on the instance half: where this trajectory would end.
@@ -127,7 +127,7 @@ class DPG(DreamBooth):
 
         # Critic step on detached samples (replayed with recent ones).
         target = self.true_reward(ctx, x0_hat.detach(), x0_ref, b)
-        self.replay.add(self.critic_inputs(ctx, x0_hat.detach(), x0_ref, t, text_b), target)
+        self.replay.add(self.critic_inputs(x0_hat.detach(), x0_ref, t, text_b), target)
         inputs, targets = self.replay.sample(cfg.critic_batch_size, newest=b, generator=generator)
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss = critic_regression_loss(self.critic_train(*inputs), targets)
