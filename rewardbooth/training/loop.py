@@ -148,6 +148,7 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
+        from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
 
         cfg, acc = self.cfg, self.accelerator
@@ -157,8 +158,6 @@ class Trainer:
                 setattr(section, key, str(Path(getattr(section, key)).expanduser().resolve()))
         if acc.is_main_process:
             (self.run_dir / CONFIG_NAME).write_text(cfg.to_yaml())
-        from accelerate.utils import set_seed
-
         # Critic and adapter initialisation draw from the global generators: seed before each.
         set_seed(cfg.train.seed)
         ctx = self._load()
@@ -179,6 +178,7 @@ class Trainer:
         if cfg.adapter.train_text_encoder:
             ctx.text_encoder = prepared[1]
         n = len(trained)
+        trained = prepared[:n]  # accumulate() must see the DDP wrappers to skip syncs between micro-batches
         self.method.use_prepared(prepared[n : n + len(extra)], prepared[n + len(extra) : n + len(extra) + len(extra_optimizers)])
         optimizer, lr_scheduler = prepared[-2], prepared[-1]
         self._register_checkpoint_hooks()
@@ -193,7 +193,7 @@ class Trainer:
         bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc=f"train {self.method.name}",
                    disable=not (self.progress and acc.is_main_process), unit="step")
         sums: dict[str, torch.Tensor] = {}
-        count = 0
+        count, done = 0, start_step  # done: steps finished (a resumed, already finished run trains none)
         tick = time.perf_counter()
         params_to_clip = [p for group in optimizer.param_groups for p in group["params"]]
         for step in bar:
