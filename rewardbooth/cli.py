@@ -15,7 +15,7 @@ from rewardbooth.errors import RewardboothError
 
 # Flags that set a config value: (flag, dotted key, type, help). None type = boolean switch.
 TRAIN_FLAGS = [
-    ("--model", "model.name", str, "hub id, local diffusers folder, or a preset: tiny, tiny-v"),
+    ("--model", "model.name", str, "hub id, local diffusers folder, or a preset: mini (pretrained on the MiniBench world), tiny, tiny-v (random weights)"),
     ("--method", "train.method", str, "dreambooth | dpg | rpo (dpg: the released script's defaults, SD 1.4, full U-Net + "
                                           "text encoder, lr 1e-6, 1000 steps, --set dpg.reward=dino for the reward critic; rpo: the paper's defaults, SD 2.1, full U-Net, lr 5e-6, 400 steps; "
                                           "labels use rpo.lambda_train=0.0 as the official code does, the paper speaks of lambda_train)"),
@@ -47,8 +47,8 @@ TRAIN_SWITCHES = [
 
 
 def add_judge_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dino-model", help="DINO checkpoint (default facebook/dino-vits16; tiny for the offline preset)")
-    parser.add_argument("--clip-model", help="CLIP checkpoint for CLIP-I/CLIP-T (default openai/clip-vit-base-patch16; tiny)")
+    parser.add_argument("--dino-model", help="DINO checkpoint (default facebook/dino-vits16; mini: the MiniBench judge; tiny: random weights)")
+    parser.add_argument("--clip-model", help="CLIP checkpoint for CLIP-I/CLIP-T (default openai/clip-vit-base-patch16; mini; tiny)")
     parser.add_argument("--reward", action="append", default=[], help="extra reward to report (registered name or module:function); repeatable")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
@@ -113,15 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", help="also write per-image scores and summaries to this JSON file")
     add_judge_flags(ev)
 
-    bench = sub.add_parser("bench", help="DreamBench: train, generate 25 prompts x K, score, report; shardable")
+    bench = sub.add_parser("bench", help="DreamBench or MiniBench: train, generate, score, report; resumable, shardable")
+    bench.add_argument("--suite", choices=("dreambench", "mini"), default="dreambench",
+                       help="dreambench: the 30 DreamBench subjects (needs --dreambench); mini: fresh MiniBench subjects, "
+                            "the shipped mini model and judges, every method of --methods compared (CPU)")
     bench.add_argument("--dreambench", help="DreamBench dataset folder (subject folders + prompts_and_classes.txt)")
-    bench.add_argument("--method", default="dreambooth")
-    bench.add_argument("--output", help="bench folder (default bench-METHOD); with --merge, where the report goes")
-    bench.add_argument("--subjects", help="comma-separated subject names (default: all 30)")
+    bench.add_argument("--method", default=None, help="one method (dreambench default: dreambooth)")
+    bench.add_argument("--methods", help="comma-separated methods, e.g. dreambooth,dpg,rpo (mini default: all three)")
+    bench.add_argument("--output", help="bench folder (default bench-METHOD, or bench-mini); with --merge, where the report goes")
+    bench.add_argument("--subjects", help="comma-separated DreamBench subject names (default: all 30)")
+    bench.add_argument("--quick", action="store_true", help="mini: 2 subjects, 2 images per prompt (under 10 minutes on 2 cores)")
+    bench.add_argument("--subjects-seed", type=int, default=0, help="mini: seed that draws the subjects (fresh subjects at will)")
+    bench.add_argument("--num-subjects", type=int, help="mini: how many subjects (default 8, --quick 2)")
     bench.add_argument("--shard", help="i/N: this process takes every N-th subject starting at i")
-    bench.add_argument("-k", "--images-per-prompt", type=int, default=4)
-    bench.add_argument("--sample-steps", type=int, default=50)
-    bench.add_argument("--guidance", type=float, default=7.5)
+    bench.add_argument("-k", "--images-per-prompt", type=int, help="images per prompt (dreambench default 4; mini 4, --quick 2)")
+    bench.add_argument("--sample-steps", type=int, help="sampler steps (dreambench default 50; mini 25, --quick 20)")
+    bench.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (dreambench; mini uses 4)")
     bench.add_argument("--model", help="base model for training (hub id, folder, tiny)")
     bench.add_argument("--steps", type=int, help="training steps per subject")
     bench.add_argument("--config", help="YAML run config used for every subject")
@@ -130,10 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true")
     add_judge_flags(bench)
 
-    demo = sub.add_parser("demo", help="the built-in CPU demo: make a subject, train, generate, report")
+    demo = sub.add_parser("demo", help="the built-in CPU demo: a MiniBench subject learned by the shipped mini model; report")
     demo.add_argument("--output", default="rewardbooth-demo", help="run folder (default ./rewardbooth-demo)")
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--seed", type=int, default=0, help="seed of the procedural subject and the run")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the mini bench's setting)")
+    demo.add_argument("--method", default="dreambooth", help="dreambooth | dpg | rpo")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the MiniBench subject and the run")
     demo.add_argument("--overwrite", action="store_true", help="replace a previous demo run")
     return parser
 
@@ -244,7 +252,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rewardbooth.demo import run_demo
 
-    report = run_demo(Path(args.output), steps=args.steps, seed=args.seed, overwrite=args.overwrite)
+    report = run_demo(Path(args.output), steps=args.steps, seed=args.seed, overwrite=args.overwrite, method=args.method)
     print(f"demo finished: open {report}")
     return 0
 
@@ -278,10 +286,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = merge([Path(d) for d in args.merge], Path(args.output) if args.output else None)
         print(f"merged {len(args.merge)} bench folder(s): {report}")
         return 0
+    if any(v is not None and v < 1 for v in (args.images_per_prompt, args.sample_steps, args.num_subjects)):
+        raise ConfigError("-k, --sample-steps and --num-subjects must be positive")
+    if args.method and args.methods:
+        raise ConfigError("give --method or --methods, not both")
+    methods = [m.strip() for m in (args.methods or args.method or "").split(",") if m.strip()]
+    if args.suite == "mini":
+        return _bench_mini(args, methods or ["dreambooth", "dpg", "rpo"])
+    if len(methods) > 1:
+        raise ConfigError("the dreambench suite runs one --method per bench folder (shard and --merge them); --methods is for --suite mini")
+    args.method = methods[0] if methods else "dreambooth"
+    args.images_per_prompt = args.images_per_prompt or 4
+    args.sample_steps = args.sample_steps or 50
     if not args.dreambench:
-        raise ConfigError("bench needs --dreambench DIR (or --merge BENCH_DIR ...)")
-    if args.images_per_prompt < 1 or args.sample_steps < 1:
-        raise ConfigError("-k and --sample-steps must be positive")
+        raise ConfigError("bench needs --dreambench DIR (or --suite mini, or --merge BENCH_DIR ...)")
     bench = load_dreambench(Path(args.dreambench))
     subjects = bench.select([s.strip() for s in args.subjects.split(",") if s.strip()]) if args.subjects else list(bench.subjects.values())
     index, count = parse_shard(args.shard)
@@ -299,6 +317,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"results: {merge([out])}")
     else:
         print(f"when every shard is done: rewardbooth bench --merge {out}")
+    return 0
+
+
+def _bench_mini(args: argparse.Namespace, methods: list[str]) -> int:
+    from rewardbooth.config import parse_override
+    from rewardbooth.errors import ConfigError
+    from rewardbooth.evaluation.metrics import format_table
+    from rewardbooth.mini.bench import run_mini_bench
+
+    ignored = [flag for flag, value in (("--dreambench", args.dreambench), ("--subjects", args.subjects), ("--shard", args.shard),
+                                        ("--dino-model", args.dino_model), ("--clip-model", args.clip_model)) if value]
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)} do not apply to --suite mini (it uses the mini judges on its own subjects)")
+    overrides = {k: v for k, v in (("model.name", args.model), ("train.steps", args.steps)) if v is not None}
+    overrides.update(parse_override(text) for text in args.set)
+    out = Path(args.output or "bench-mini")
+    report = run_mini_bench(out, methods, quick=args.quick, subjects_seed=args.subjects_seed, num_subjects=args.num_subjects,
+                            images_per_prompt=args.images_per_prompt, sample_steps=args.sample_steps, config_file=args.config,
+                            overrides=overrides, device=_device(args), progress=not args.quiet)
+    import json
+
+    summary = json.loads((out / "results.json").read_text())
+    print(format_table([{"method": m, **{k: v for k, v in row.items() if k != "scope" and not k.endswith("_std_over_subjects")}}
+                        for m, row in summary.items()]))
+    print(f"report: {report}")
     return 0
 
 

@@ -49,7 +49,7 @@ class PriorConfig:
     class_dir: str | None = None  # user-provided class images; missing ones are generated
     generation_steps: int = 25
     generation_guidance: float = 7.5
-    generation_batch_size: int = 4
+    generation_batch_size: int = 4  # also RPO's negatives
 
 
 @dataclass
@@ -91,6 +91,7 @@ class ValidationConfig:
     every: int = 100  # steps; 0 disables validation during training
     num_images: int = 2
     steps: int = 25
+    batch_size: int = 4  # images per sampler call
     guidance_scale: float = 7.5
     # With a method that selects the best validated weights (RPO): stop after this many
     # validations without improvement (0: never stop early).
@@ -119,6 +120,7 @@ class RPOConfig:
     reward_encoder: str = "align"  # "align" (paper) or "clip"
     shared_noise: bool = True  # the paper: one t and eps per (reference, negative) pair
     live: bool | None = None  # live-subject prompt list; None: class noun is dog or cat
+    prompts: list[str] = field(default_factory=list)  # training prompts; empty: the paper's 8 (object or live list)
 
 
 @dataclass

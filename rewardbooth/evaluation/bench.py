@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from statistics import pstdev
@@ -60,10 +61,10 @@ def subject_config(base: RunConfig, subject: DreamBenchSubject) -> RunConfig:
 
 class BenchRunner:
     def __init__(self, bench: DreamBench, out_dir: Path, cfg: RunConfig, scorer: Scorer, images_per_prompt: int = 4,
-                 sample_steps: int = 50, guidance_scale: float = 7.5, progress: bool = True):
+                 sample_steps: int = 50, guidance_scale: float = 7.5, progress: bool = True, sample_batch_size: int = 4):
         self.bench, self.out_dir, self.cfg, self.scorer = bench, Path(out_dir), cfg, scorer
         self.images_per_prompt, self.sample_steps, self.guidance_scale = images_per_prompt, sample_steps, guidance_scale
-        self.progress = progress
+        self.progress, self.sample_batch_size = progress, sample_batch_size
 
     def info(self) -> dict[str, Any]:
         return {"method": self.cfg.train.method, "model": self.cfg.model.name, "dreambench": str(self.bench.root),
@@ -112,7 +113,7 @@ class BenchRunner:
         _, pipe = load_run_pipeline(run_dir, device=self.scorer.device)
         prompts = subject.prompts(self.cfg.data.identifier)
         settings = SampleSettings(steps=self.sample_steps, guidance_scale=self.guidance_scale, seed=self.cfg.train.seed,
-                                  resolution=self.cfg.data.resolution)
+                                  resolution=self.cfg.data.resolution, batch_size=self.sample_batch_size)
         images_dir = folder / "images"
         if images_dir.exists():  # a half-written folder from an interrupted run: regenerate it
             import shutil
@@ -124,7 +125,11 @@ class BenchRunner:
         references = load_image_folder(subject.image_dir)
         scores = self.scorer.score(flat, [p for p in prompts for _ in range(self.images_per_prompt)], [f.name for f in files],
                                    Subject(subject.name, references, self.cfg.data.identifier, subject.class_noun))
+        self.add_scores(subject, flat, scores)
         (folder / "scores.json").write_text(json.dumps([asdict(s) for s in scores], indent=1))
+
+    def add_scores(self, subject: Any, images: list[Image.Image], scores: list[ImageScore]) -> None:
+        """Suites with more judges add their per-image numbers to `scores[i].extra` here."""
 
 
 def load_scores(bench_dir: Path) -> list[ImageScore]:
@@ -149,7 +154,8 @@ def merge(bench_dirs: list[Path], report_dir: Path | None = None) -> Path:
         per_subject = summarize(scores, "subject")
         overall = summarize(scores)[0]
         for metric in [k for k in overall if k not in ("scope", "images")]:  # spread over subjects: subjects are the sample
-            overall[f"{metric}_std_over_subjects"] = pstdev([row[metric] for row in per_subject]) if len(per_subject) > 1 else 0.0
+            values = [row[metric] for row in per_subject if not math.isnan(row[metric])]
+            overall[f"{metric}_std_over_subjects"] = pstdev(values) if len(values) > 1 else 0.0
         result = {"method": info["method"], "model": info["model"], "judges": info["judges"], "subjects": len(per_subject),
                   "overall": overall, "per_subject": per_subject, "per_prompt": summarize(scores, "prompt")}
         (bench_dir / "results.json").write_text(json.dumps(result, indent=2))
@@ -163,7 +169,7 @@ def merge(bench_dirs: list[Path], report_dir: Path | None = None) -> Path:
 
 
 def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]]) -> Path:
-    from rewardbooth.evaluation.report import plot_bars
+    from rewardbooth.evaluation.report import plot_bars, plot_tradeoff
 
     assets = report_dir / "report_assets"
     table = []
@@ -178,19 +184,29 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]])
     names = sorted({row["subject"] for _, _, r in methods for row in r["per_subject"]})
     series = {r["method"]: {row["subject"]: row for row in r["per_subject"]} for _, _, r in methods}
     chart_images = []
-    for metric in METRICS:
+    present = set(methods[0][2]["overall"])
+    for x, y in (("dino", "clip_t"), ("identity_kept", "prompt_ok")):
+        if {x, y} <= present:
+            points = {m: [(rows[n][x], rows[n][y]) for n in names if n in rows] for m, rows in series.items()}
+            path = plot_tradeoff(points, assets / f"tradeoff_{x}_{y}.png", x, y, title="subjects (dots) and mean (star)")
+            chart_images.append((str(path.relative_to(report_dir)), f"{x} vs {y}: fidelity vs text alignment"))
+    for metric in [*METRICS, *(m for m in ("identity_kept", "prompt_ok") if m in present)]:
         path = plot_bars(names, {m: [rows[n][metric] if n in rows else float("nan") for n in names] for m, rows in series.items()},
                          assets / f"{metric}.png", title=f"{metric} per subject")
         chart_images.append((str(path.relative_to(report_dir)), metric))
     sections.append(ReportSection("Per subject", "", images=chart_images))
     for bench_dir, info, _ in methods:
-        dreambench = load_dreambench(Path(info["dreambench"]))  # once per method, not per subject
+        if "references" in info:  # suites that store their own reference images (mini)
+            reference_dirs = {name: Path(info["references"]) / name for name in names}
+        else:
+            dreambench = load_dreambench(Path(info["dreambench"]))  # once per method, not per subject
+            reference_dirs = {name: s.image_dir for name, s in dreambench.subjects.items()}
         grids = []
         for name in names:
             subject_dir = bench_dir / "subjects" / name
             if not (subject_dir / "scores.json").is_file():
                 continue
-            references = load_image_folder(dreambench.subjects[name].image_dir)
+            references = load_image_folder(reference_dirs[name])
             grid = _subject_grid(subject_dir, references, info["images_per_prompt"], assets / info["method"] / f"{name}.png")
             grids.append((str(grid.relative_to(report_dir)), name))
         sections.append(ReportSection(f"Samples: {info['method']}", "first row: references; then one row per prompt", images=grids))

@@ -9,6 +9,7 @@ Scores are kept per image; per prompt, per subject and overall means are compute
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
@@ -87,7 +88,9 @@ def summarize(scores: list[ImageScore], by: str | None = None) -> list[dict]:
     for key, members in groups.items():
         row = {by or "scope": key, "images": len(members)}
         for metric in [*METRICS, *members[0].extra]:
-            row[metric] = fmean(s.value(metric) for s in members)
+            # NaN marks "does not apply to this image" (e.g. a context check on a prompt naming no context)
+            applicable = [v for s in members if not math.isnan(v := s.value(metric))]
+            row[metric] = fmean(applicable) if applicable else float("nan")
         rows.append(row)
     return rows
 

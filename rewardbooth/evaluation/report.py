@@ -158,6 +158,27 @@ def plot_bars(labels: list[str], series: dict[str, list[float]], path: Path, tit
     return _save_figure(fig, path)
 
 
+def plot_tradeoff(points: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str, title: str = "") -> Path:
+    """Fidelity vs alignment: small dots per subject, one large marker for each series' mean."""
+    fig = _new_figure(4.6, 4.0)
+    ax = fig.subplots()
+    for i, (name, xy) in enumerate(points.items()):
+        color = f"C{i}"
+        xy = [(x, y) for x, y in xy if not (math.isnan(x) or math.isnan(y))]
+        if not xy:
+            continue
+        ax.scatter([x for x, _ in xy], [y for _, y in xy], s=14, alpha=0.45, color=color)
+        ax.scatter([sum(x for x, _ in xy) / len(xy)], [sum(y for _, y in xy) / len(xy)], s=120, marker="*",
+                   color=color, edgecolor="black", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save_figure(fig, path)
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Read metrics.jsonl; a corrupt last line (run killed mid-write) is skipped."""
     path = Path(path)

@@ -96,7 +96,8 @@ class RPO(Method):
     def training_prompts(self, ctx: TrainContext) -> list[str]:
         cfg = ctx.cfg
         live = cfg.rpo.live if cfg.rpo.live is not None else cfg.data.class_noun.strip().lower() in LIVE_CLASSES
-        return [cfg.format_prompt(p) for p in (LIVE_PROMPTS if live else OBJECT_PROMPTS)]
+        templates = cfg.rpo.prompts or (LIVE_PROMPTS if live else OBJECT_PROMPTS)
+        return [cfg.format_prompt(p) for p in templates]
 
     def reward(self, ctx: TrainContext, lam: float):
         cfg = ctx.cfg
@@ -136,7 +137,8 @@ class RPO(Method):
 
                 shutil.rmtree(folder)  # an interrupted or differently-sized set: make it again
             settings = SampleSettings(steps=cfg.rpo.negative_steps, guidance_scale=cfg.rpo.negative_guidance,
-                                      seed=cfg.train.seed + 2_000_003, resolution=ctx.resolution)
+                                      seed=cfg.train.seed + 2_000_003, resolution=ctx.resolution,
+                                      batch_size=cfg.prior.generation_batch_size)
             images = generate(ctx.base_pipeline(), prompts, cfg.rpo.negatives_per_prompt, settings, progress=ctx.progress,
                               description="negatives")
             save_generated(folder, prompts, images, settings.seed)

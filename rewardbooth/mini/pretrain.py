@@ -8,9 +8,16 @@
    (`rewardbooth.diffusion` primitives) on `pretraining_batch` captions, dropping captions
    to "" with probability `--cfg-drop` so classifier-free guidance works; AdamW, linear
    warm-up then cosine decay;
-3. logs loss and s/step to DIR/metrics.jsonl, writes sample grids for fixed prompts to
+3. keeps an exponential moving average (EMA) of those weights; the EMA is what gets
+   sampled and saved, because at a few thousand steps it draws far cleaner images than the
+   raw weights;
+4. logs loss and s/step to DIR/metrics.jsonl, writes sample grids for fixed prompts to
    DIR/samples/, and saves the pipeline with `save_pretrained(safe_serialization=True)`
-   into DIR, loadable by `rewardbooth.models.loading.load_components(DIR)`.
+   into DIR, loadable by `rewardbooth.models.loading.load_components(DIR)`. The raw weights,
+   optimizer and step go to DIR/train_state.pt so `--resume` continues a stopped run
+   (CPU pretraining spans sessions).
+
+`--vae-from DIR` reuses the autoencoder of an earlier run and skips step 1.
 
 `--bench xs,s,m` only times training steps of the named presets and exits.
 """
@@ -18,6 +25,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import queue
@@ -193,10 +201,47 @@ def sample_grid(pipe, prompts, path: Path, seeds=(0, 1, 2, 3), steps: int = 25, 
     return grid
 
 
+class EMA:
+    """Exponential moving average of parameters, with the usual warm start (short memory early on)."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float):
+        self.params = params
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Temporarily put the averaged weights into the model (to sample or save it)."""
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_([p.data for p in self.params], self.shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in self.params], raw)
+
+
 def save_pipeline(pipe, out: Path, info: dict) -> int:
     pipe.save_pretrained(out, safe_serialization=True)
     (out / "rewardbooth_mini.json").write_text(json.dumps(info, indent=2))
     return sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+
+
+TRAIN_STATE = "train_state.pt"
+
+
+def save_train_state(out: Path, params, opt, ema: EMA, step: int, gen: torch.Generator) -> None:
+    state = {"step": step, "params": [p.detach().clone() for p in params], "ema": ema.shadow,
+             "optimizer": opt.state_dict(), "noise_generator": gen.get_state()}
+    tmp = out / (TRAIN_STATE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out / TRAIN_STATE)  # atomic: a kill mid-save leaves the previous state
 
 
 def benchmark(presets: list[str], batch: int, steps: int, device) -> None:
@@ -245,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=1000)
     ap.add_argument("--bench", default=None, help="comma-separated presets: time training steps and exit")
     ap.add_argument("--bench-steps", type=int, default=6)
+    ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    ap.add_argument("--vae-from", type=Path, default=None, help="reuse the trained autoencoder in this pipeline folder")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
 
@@ -256,12 +304,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         ap.error("--out is required")
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        print(f"error: {args.out} is not empty (pass --overwrite)", file=sys.stderr)
+    if args.resume and not (args.out / TRAIN_STATE).is_file():
+        print(f"error: --resume: {args.out / TRAIN_STATE} does not exist", file=sys.stderr)
+        return 2
+    if not args.resume and args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        print(f"error: {args.out} is not empty (pass --overwrite or --resume)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     metrics = args.out / "metrics.jsonl"
-    metrics.write_text("")
+    if not args.resume:
+        metrics.write_text("")
 
     torch.manual_seed(args.seed)
     config: MiniModelConfig = replace(MINI_PRESETS[args.preset], seed=args.seed)
@@ -271,7 +323,14 @@ def main(argv: list[str] | None = None) -> int:
                   "params_M": {k: round(count_params(getattr(pipe, k)) / 1e6, 3) for k in ("unet", "vae", "text_encoder")}})
 
     # 1. autoencoder
-    if args.vae_steps > 0:
+    from diffusers import AutoencoderKL
+
+    if args.resume or args.vae_from:
+        pipe.vae = AutoencoderKL.from_pretrained(args.out if args.resume else args.vae_from, subfolder="vae").to(device)
+        pipe.vae.eval().requires_grad_(False)
+        stats = evaluate_vae(pipe.vae, args.seed, device)
+        stats["latent_std"] = 1.0 / pipe.vae.config.scaling_factor  # keep the scale the U-Net was trained with
+    elif args.vae_steps > 0:
         stats = train_vae(pipe.vae, args.vae_steps, args.vae_batch, args.seed, args.vae_lr, device, metrics)
     else:
         pipe.vae.eval().requires_grad_(False)
@@ -290,36 +349,56 @@ def main(argv: list[str] | None = None) -> int:
     pipe.text_encoder.train()
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    data = Batches(args.seed, args.batch, config.image_size)
+    ema = EMA(params, args.ema)
     gen = torch.Generator("cpu").manual_seed(args.seed)
-    caption_rng = np.random.default_rng(args.seed + 2)
+    start = 0
+    if args.resume:
+        state = torch.load(args.out / TRAIN_STATE, weights_only=False)
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in params], state["params"])
+        ema.shadow = state["ema"]
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["noise_generator"])
+        start = state["step"]
+        log(metrics, {"phase": "resume", "step": start})
+    # World batches and caption dropout are seeded by the start step, so a resumed run draws new images.
+    data = Batches(args.seed + 7919 * start, args.batch, config.image_size)
+    caption_rng = np.random.default_rng(args.seed + 2 + 7919 * start)
     t0 = time.perf_counter()
     window: list[float] = []
     info = {"preset": args.preset, "config": config.to_dict(), "seed": args.seed, "batch": args.batch,
-            "vae_psnr": round(stats["psnr"], 2), "steps_done": 0}
+            "vae_psnr": round(stats["psnr"], 2), "ema": args.ema, "steps_done": start}
+
+    def checkpoint(done: int) -> None:
+        info["steps_done"] = done
+        save_train_state(args.out, params, opt, ema, done, gen)
+        with ema.swapped_in():
+            save_pipeline(pipe, args.out, info)
+
     try:
-        for step in range(args.steps):
+        for step in range(start, args.steps):
             lr = lr_at(step, args.steps, args.lr, args.warmup)
             for group in opt.param_groups:
                 group["lr"] = lr
             x, captions = data.next()
             window.append(train_step(pipe, opt, x, captions, args.cfg_drop, gen, caption_rng, device))
+            ema.update(step)
             done = step + 1
             if done % args.log_every == 0 or done == args.steps:
                 elapsed = time.perf_counter() - t0
                 log(metrics, {"phase": "diffusion", "step": done, "loss": round(float(np.mean(window)), 5), "lr": round(lr, 6),
-                              "s_per_step": round(elapsed / done, 3), "elapsed_s": round(elapsed, 1)})
+                              "s_per_step": round(elapsed / (done - start), 3), "elapsed_s": round(elapsed, 1)})
                 window = []
             if done % args.sample_every == 0 or done == args.steps:
-                sample_grid(pipe, SAMPLE_PROMPTS, args.out / "samples" / f"step{done:06d}.png", device=device)
+                with ema.swapped_in():
+                    sample_grid(pipe, SAMPLE_PROMPTS, args.out / "samples" / f"step{done:06d}.png", device=device)
             if done % args.save_every == 0 and done != args.steps:
-                info["steps_done"] = done
-                save_pipeline(pipe, args.out, info)
+                checkpoint(done)
     finally:
         data.close()
-    info["steps_done"] = args.steps
     info["train_s"] = round(time.perf_counter() - t0, 1)
-    size = save_pipeline(pipe, args.out, info)
+    checkpoint(args.steps)
+    size = sum(p.stat().st_size for p in args.out.rglob("*.safetensors"))
     log(metrics, {"phase": "saved", "out": str(args.out), "safetensors_MB": round(size / 1e6, 2)})
     return 0
 

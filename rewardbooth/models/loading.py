@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from rewardbooth.errors import ConfigError
+from rewardbooth.mini.assets import MINI_NAME, mini_model_path
 from rewardbooth.models.tiny import TINY_PRESETS, tiny_model_path
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
@@ -53,6 +54,8 @@ def resolve_model_path(name: str) -> str:
     if name in TINY_PRESETS:
         quiet_library_progress()
         return str(tiny_model_path(name))
+    if name == MINI_NAME:
+        return str(mini_model_path())
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "model_index.json").is_file():
@@ -62,7 +65,7 @@ def resolve_model_path(name: str) -> str:
             raise ConfigError(f"model {name} is a {pipeline_class}; supported: {', '.join(SUPPORTED_PIPELINES)} (SD 1.x / 2.x)")
         return str(local)
     if name.count("/") != 1 or name.startswith(("/", ".", "~")):
-        raise ConfigError(f"model {name!r} is neither an existing folder, a hub id (owner/name) nor a preset ({', '.join(TINY_PRESETS)})")
+        raise ConfigError(f"model {name!r} is neither an existing folder, a hub id (owner/name) nor a preset ({', '.join([*TINY_PRESETS, MINI_NAME])})")
     return name
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rewardbooth.errors import ConfigError
+from rewardbooth.mini.assets import MINI_NAME, mini_judge_path
 from rewardbooth.models.tiny import _byte_level_vocab, cache_root
 
 ENCODER_KINDS = ("dino", "clip", "align")
@@ -32,7 +33,8 @@ DEFAULT_ENCODER_MODELS: dict[str, str] = {
     "align": "kakaobrain/align-base",
 }
 # model_type values each kind accepts (read from config.json before loading any weights).
-_MODEL_TYPES = {"dino": ("vit", "dinov2"), "clip": ("clip",), "align": ("align",)}
+# An image-text CLIP checkpoint can also fill ALIGN's role (the mini judges do).
+_MODEL_TYPES = {"dino": ("vit", "dinov2"), "clip": ("clip",), "align": ("align", "clip")}
 
 # Bump when a tiny encoder's architecture or seed changes, so stale caches are rebuilt.
 TINY_ENCODER_VERSION = 1
@@ -300,13 +302,16 @@ def _load_encoder_cached(kind: str, model: str, device: str, dtype: torch.dtype 
     except Exception as exc:  # OSError (missing/offline), ValueError, safetensors errors, ...
         raise ConfigError(f"could not load {kind} model {model!r}: {_first_line(exc)}") from exc
     loaded = loaded.to(device=device, dtype=dtype) if dtype is not None else loaded.to(device)
-    return _ENCODER_CLASSES[kind](model, path, loaded, processor, tokenizer, device=device, dtype=dtype)
+    encoder_class = ClipEncoder if loaded.config.model_type == "clip" else _ENCODER_CLASSES[kind]
+    return encoder_class(model, path, loaded, processor, tokenizer, device=device, dtype=dtype)
 
 
 def resolve_encoder_path(kind: str, model: str) -> str:
     """The folder or hub id from_pretrained reads; builds the tiny preset on first use."""
     if model == TINY_MODEL:
         return str(tiny_encoder_path(kind))
+    if model == MINI_NAME:
+        return str(mini_judge_path(kind))
     local = Path(model).expanduser()
     return str(local) if local.exists() else model
 
@@ -330,7 +335,7 @@ def _from_pretrained(kind: str, path: str) -> tuple[Any, Any, Any]:
     if kind == "dino":
         cls, extra = (ViTModel, {"add_pooling_layer": False}) if model_type == "vit" else (Dinov2Model, {})
     else:
-        cls, extra = {"clip": CLIPModel, "align": AlignModel}[kind], {}
+        cls, extra = {"clip": CLIPModel, "align": AlignModel}[model_type], {}
     model, info = cls.from_pretrained(path, output_loading_info=True, trust_remote_code=False, **extra)
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])

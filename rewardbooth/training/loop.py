@@ -267,7 +267,8 @@ class Trainer:
             return
         v = self.cfg.validation
         prompts = self.method.validation_prompts(ctx)
-        settings = SampleSettings(steps=v.steps, guidance_scale=v.guidance_scale, seed=self.cfg.train.seed, resolution=ctx.resolution)
+        settings = SampleSettings(steps=v.steps, guidance_scale=v.guidance_scale, seed=self.cfg.train.seed, resolution=ctx.resolution,
+                                  batch_size=v.batch_size)
         unet = self.accelerator.unwrap_model(ctx.unet)
         was_training = unet.training
         unet.eval()

@@ -1,0 +1,151 @@
+"""`rewardbooth bench --suite mini`: every method personalized on fresh MiniBench subjects, judged.
+
+Layout of a mini bench folder:
+    references/<subject>/00.png ...   the subjects' reference images (drawn from --subjects-seed)
+    <method>/                         one DreamBench-style bench folder per method (resumable)
+    report.html, results.json         all methods side by side
+
+Per image it reports the DreamBench trio with the mini judges (mini-DINO, mini-CLIP-I,
+mini-CLIP-T) and the attribute judge's checks (see `rewardbooth.mini.scoring`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from rewardbooth.config import METHOD_NAMES, RunConfig, load_config
+from rewardbooth.errors import ConfigError
+from rewardbooth.evaluation.bench import BenchRunner, merge
+from rewardbooth.evaluation.metrics import ImageScore, Scorer
+from rewardbooth.mini.scoring import AttributeJudge, attribute_checks
+from rewardbooth.mini.world import CONTEXT_PHRASES, DEFAULT_SPLIT, MiniSubject, PromptSpec, make_subjects, subject_prompts
+
+# Settings every method shares on the mini model (the world's captions carry no "photo of").
+MINI_COMMON: dict[str, Any] = {
+    "model.name": "mini",
+    "data.instance_prompt": "a {identifier} {class_noun}",
+    "data.class_prompt": "a {class_noun}",
+    "data.random_flip": True,
+    "evaluation.dino_model": "mini",
+    "evaluation.clip_model": "mini",
+    "evaluation.align_model": "mini",
+    "prior.num_class_images": 32,
+    "prior.generation_steps": 20,
+    "prior.generation_guidance": 4.0,
+    "prior.generation_batch_size": 32,  # 32 px samples: big batches are nearly free
+    "validation.batch_size": 32,
+    "validation.steps": 20,
+    "validation.guidance_scale": 4.0,
+    "train.checkpoint_every": 0,
+    "train.log_every": 10,
+}
+# RPO's training prompts: four of the seven contexts the bench asks for (the paper's eight prompts
+# overlap DreamBench's 25 in the same way: some, not all).
+RPO_PROMPTS = [f"a {{identifier}} {{class_noun}} {CONTEXT_PHRASES[c]}" for c in ("beach", "snow", "city", "night")]
+# Per method: the tuned settings (see docs/minibench.md for what was tried).
+MINI_METHODS: dict[str, dict[str, Any]] = {
+    "dreambooth": {"adapter.kind": "full", "train.learning_rate": 2e-4, "train.steps": 200, "train.batch_size": 2,
+                   "validation.every": 0},
+    "dpg": {"adapter.kind": "full", "adapter.train_text_encoder": False, "train.learning_rate": 2e-4, "train.steps": 200,
+            "train.batch_size": 2, "validation.every": 0},
+    "rpo": {"adapter.kind": "full", "train.learning_rate": 2e-4, "train.steps": 200, "train.batch_size": 2,
+            "validation.every": 40, "validation.num_images": 4, "rpo.negative_steps": 20, "rpo.negative_guidance": 4.0,
+            "rpo.prompts": RPO_PROMPTS},
+}
+SUITES = {
+    # subjects, images per prompt, sampling steps
+    "quick": {"subjects": 2, "images_per_prompt": 2, "sample_steps": 20},
+    "full": {"subjects": 8, "images_per_prompt": 4, "sample_steps": 25},
+}
+SAMPLE_BATCH = 32
+GUIDANCE = 4.0  # the mini model's samples are cleanest around 3-5
+
+
+@dataclass
+class MiniBenchSubject:
+    """A MiniSubject with its references on disk, shaped like a DreamBench subject for BenchRunner."""
+
+    subject: MiniSubject
+    image_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.subject.name
+
+    @property
+    def class_noun(self) -> str:
+        return self.subject.class_noun
+
+    def specs(self, identifier: str = "sks") -> list[PromptSpec]:
+        return subject_prompts(self.subject, identifier)
+
+    def prompts(self, identifier: str = "sks") -> list[str]:
+        return [spec.prompt for spec in self.specs(identifier)]
+
+
+def prepare_subjects(root: Path, count: int, seed: int) -> list[MiniBenchSubject]:
+    """Draw `count` held-out subjects from `seed` and write their references under root/references."""
+    if not 1 <= count <= len(DEFAULT_SPLIT.heldout):
+        raise ConfigError(f"--num-subjects must lie in [1, {len(DEFAULT_SPLIT.heldout)}] (the held-out combinations), got {count}")
+    subjects = []
+    for subject in make_subjects(count, seed=seed):
+        folder = root / "references" / subject.name
+        if not folder.is_dir():  # deterministic from the seed, so an existing folder holds the same images
+            subject.save(folder)
+        subjects.append(MiniBenchSubject(subject, folder))
+    return subjects
+
+
+class MiniBenchRunner(BenchRunner):
+    def __init__(self, subjects_root: Path, subjects_seed: int, judge: AttributeJudge, *args: Any, **kwargs: Any):
+        super().__init__(None, *args, **kwargs)
+        self.subjects_root, self.subjects_seed, self.judge = Path(subjects_root), subjects_seed, judge
+
+    def info(self) -> dict[str, Any]:
+        return {"suite": "mini", "method": self.cfg.train.method, "model": self.cfg.model.name,
+                "references": str(self.subjects_root.resolve() / "references"), "subjects_seed": self.subjects_seed,
+                "images_per_prompt": self.images_per_prompt, "sample_steps": self.sample_steps,
+                "guidance_scale": self.guidance_scale, "judges": {**self.scorer.checkpoints(), "attributes": self.judge.name},
+                "config": self.cfg.to_dict()}
+
+    def add_scores(self, subject: MiniBenchSubject, images: list[Image.Image], scores: list[ImageScore]) -> None:
+        specs = [spec for spec in subject.specs(self.cfg.data.identifier) for _ in range(self.images_per_prompt)]
+        for score, predicted, spec in zip(scores, self.judge.predict(images), specs, strict=True):
+            score.extra.update(attribute_checks(predicted, spec))
+
+
+def method_config(method: str, config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
+    if method not in MINI_METHODS:
+        raise ConfigError(f"unknown method {method!r} in --methods; choose from {', '.join(METHOD_NAMES)}")
+    return load_config(config_file, {"train.method": method, **MINI_COMMON, **MINI_METHODS[method], **overrides})
+
+
+def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjects_seed: int = 0,
+                   num_subjects: int | None = None, images_per_prompt: int | None = None, sample_steps: int | None = None,
+                   config_file: str | None = None, overrides: dict[str, Any] | None = None, device: str = "cpu",
+                   progress: bool = True) -> Path:
+    """Run (or finish) every method on the same subjects, then merge them into out/report.html."""
+    suite = SUITES["quick" if quick else "full"]
+    configs = {m: method_config(m, config_file, dict(overrides or {})) for m in methods}  # bad settings fail first
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    subjects = prepare_subjects(out, num_subjects or suite["subjects"], subjects_seed)
+    judge = AttributeJudge("mini", device=device)
+    folders = []
+    for method, cfg in configs.items():
+        scorer = Scorer.from_config(cfg.evaluation, device=device)
+        runner = MiniBenchRunner(out, subjects_seed, judge, out / method, cfg, scorer,
+                                 images_per_prompt=images_per_prompt or suite["images_per_prompt"],
+                                 sample_steps=sample_steps or suite["sample_steps"], guidance_scale=GUIDANCE, progress=progress,
+                                 sample_batch_size=SAMPLE_BATCH)
+        runner.run(subjects)
+        folders.append(out / method)
+    report = merge(folders, out)
+    summary = {Path(f).name: json.loads((Path(f) / "results.json").read_text())["overall"] for f in folders}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    return report
