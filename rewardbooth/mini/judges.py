@@ -48,6 +48,7 @@ from rewardbooth.mini.world import (
 JUDGE_KINDS = ("dino", "clip", "attributes")
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 JUDGE_INFO = "rewardbooth_judge.json"
+ATTRIBUTE_INPUT_SIZE = 64  # the CNN stem downsamples 4x: read 32 px images upsampled to 64
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -96,9 +97,10 @@ def render_pairs(n: int, seed: int, size: int = 32, *, heldout: bool = False) ->
     return to_tensor(first), to_tensor(second), torch.from_numpy(inverse)
 
 
-def to_model_input(pixels: torch.Tensor, gen: torch.Generator | None = None, augment: bool = False) -> torch.Tensor:
-    """uint8 -> normalized float; augmentation blurs a random half of the batch (a generated
-    32 px image is softer than a render) and adds a little noise."""
+def to_model_input(pixels: torch.Tensor, gen: torch.Generator | None = None, augment: bool = False,
+                   size: int = 32) -> torch.Tensor:
+    """uint8 -> normalized float at `size` px; augmentation blurs a random half of the batch (a
+    generated 32 px image is softer than a render) and adds a little noise."""
     x = pixels.float() / 255.0
     if augment:
         sigma = float(torch.empty(1).uniform_(0.3, 1.0, generator=gen))
@@ -109,6 +111,8 @@ def to_model_input(pixels: torch.Tensor, gen: torch.Generator | None = None, aug
         pick = (torch.rand(x.shape[0], 1, 1, 1, generator=gen) < 0.5).float()
         x = pick * blurred + (1 - pick) * x
         x = (x + 0.02 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return (x - 0.5) / 0.5
 
 
@@ -122,10 +126,10 @@ def vit_config(hidden: int = 96, layers: int = 4, **extra):
                      intermediate_size=2 * hidden, qkv_bias=True, **extra)
 
 
-def image_processor():
+def image_processor(size: int = 32):
     from transformers import ViTImageProcessorPil
 
-    return ViTImageProcessorPil(size={"height": 32, "width": 32}, resample=2, image_mean=list(MEAN), image_std=list(STD))
+    return ViTImageProcessorPil(size={"height": size, "width": size}, resample=2, image_mean=list(MEAN), image_std=list(STD))
 
 
 def attribute_labels() -> list[str]:
@@ -199,7 +203,8 @@ def fit(model, params, loss_fn, steps: int, lr: float, name: str) -> None:
 
 @torch.no_grad()
 def attribute_accuracy(model, data: RenderedSet, augment_gen: torch.Generator | None = None) -> dict[str, float]:
-    logits = torch.cat([model(pixel_values=to_model_input(data.pixels[i : i + 256], augment_gen, augment_gen is not None)).logits
+    logits = torch.cat([model(pixel_values=to_model_input(data.pixels[i : i + 256], augment_gen, augment_gen is not None,
+                                                          size=ATTRIBUTE_INPUT_SIZE)).logits
                         for i in range(0, len(data.pixels), 256)])
     accuracy, start = {}, 0
     for name, values in ATTRIBUTES.items():
@@ -251,30 +256,32 @@ def identity_retrieval(model, first: torch.Tensor, second: torch.Tensor, ids: to
 
 
 def train_attributes(train: RenderedSet, test: RenderedSet, steps: int, batch: int, seed: int):
-    from transformers import ViTForImageClassification
+    from transformers import ResNetConfig, ResNetForImageClassification
 
     labels = attribute_labels()
     torch.manual_seed(seed)
-    model = ViTForImageClassification(vit_config(hidden=96, layers=4, num_labels=len(labels), initializer_range=0.02,
-                                                 id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
-                                                 problem_type="multi_label_classification"))
+    # A small CNN: a ViT of the same size plateaued at ~55% held-out shape accuracy, this reaches ~90%.
+    model = ResNetForImageClassification(ResNetConfig(
+        num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], layer_type="basic",
+        downsample_in_first_stage=False, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={l: i for i, l in enumerate(labels)}))
     gen = torch.Generator().manual_seed(seed)
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = torch.randint(len(train.pixels), (batch,), generator=gen)
-        logits = model(pixel_values=to_model_input(train.pixels[idx], gen, augment=True)).logits
-        return grouped_cross_entropy(logits, {a: v[idx] for a, v in train.labels.items()})
+        inputs = to_model_input(train.pixels[idx], gen, augment=True, size=ATTRIBUTE_INPUT_SIZE)
+        return grouped_cross_entropy(model(pixel_values=inputs).logits, {a: v[idx] for a, v in train.labels.items()})
 
-    fit(model, list(model.parameters()), loss_fn, steps, 1e-3, "attributes")
+    fit(model, list(model.parameters()), loss_fn, steps, 2e-3, "attributes")
     return model, {"heldout_accuracy": attribute_accuracy(model, test),
                    "heldout_accuracy_blurred": attribute_accuracy(model, test, torch.Generator().manual_seed(seed + 5))}
 
 
-def train_dino(steps: int, batch: int, seed: int, n_pairs: int):
+def train_dino(steps: int, batch: int, seed: int, n_pairs: int, n_test: int = 500):
     from transformers import ViTModel
 
     first, second, ids = render_pairs(n_pairs, seed + 11)
-    test = render_pairs(600, seed + 12, heldout=True)
+    test = render_pairs(n_test, seed + 12, heldout=True)
     torch.manual_seed(seed + 1)
     model = ViTModel(vit_config(hidden=96, layers=4), add_pooling_layer=False)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -319,7 +326,8 @@ def train_clip(train: RenderedSet, test: RenderedSet, steps: int, batch: int, se
         return clip_loss(out.image_embeds, out.text_embeds, model.logit_scale, [train.captions[i] for i in idx.tolist()])
 
     fit(model, list(model.parameters()), loss_fn, steps, 1e-3, "clip")
-    small = RenderedSet(test.pixels[:300], {a: v[:300] for a, v in test.labels.items()}, test.combos[:300], test.captions[:300])
+    n = min(300, len(test.captions))  # zero-shot scores 7-8 captions per image and attribute: a subset suffices
+    small = RenderedSet(test.pixels[:n], {a: v[:n] for a, v in test.labels.items()}, test.combos[:n], test.captions[:n])
     return model, tokenizer, {"heldout_zero_shot_accuracy": clip_zero_shot(model, tokenizer, small)}
 
 
@@ -337,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--images", type=int, default=24000, help="pretraining-split renders to train on")
+    ap.add_argument("--test-images", type=int, default=1000, help="held-out renders the accuracies are measured on")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -350,16 +359,16 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     train = render_set(args.images, args.seed, heldout=False) if {"clip", "attributes"} & set(only) else None
-    test = render_set(1000, args.seed + 100, heldout=True)
+    test = render_set(args.test_images, args.seed + 100, heldout=True)
     print(json.dumps({"rendered": args.images, "s": round(time.perf_counter() - t0, 1)}), flush=True)
     common = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "train_images": args.images,
               "train_split": "pretraining combinations", "test_split": "held-out combinations"}
     if "attributes" in only:
         model, info = train_attributes(train, test, args.steps, args.batch, args.seed)
-        save_judge(args.out / "attributes", [model, image_processor()], {**common, **info})
+        save_judge(args.out / "attributes", [model, image_processor(ATTRIBUTE_INPUT_SIZE)], {**common, **info})
         print(json.dumps({"judge": "attributes", **info}), flush=True)
     if "dino" in only:
-        model, info = train_dino(args.steps, args.batch, args.seed, n_pairs=args.images // 2)
+        model, info = train_dino(args.steps, args.batch, args.seed, n_pairs=args.images // 2, n_test=args.test_images // 2)
         save_judge(args.out / "dino", [model, image_processor()], {**common, **info})
         print(json.dumps({"judge": "dino", **info}), flush=True)
     if "clip" in only:

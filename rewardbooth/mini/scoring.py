@@ -28,16 +28,16 @@ NAN = float("nan")
 
 
 class AttributeJudge:
-    """A ViTForImageClassification whose labels are "attribute=value", one softmax per attribute."""
+    """An image classifier whose labels are "attribute=value", one softmax per attribute."""
 
     def __init__(self, model: str | Path = "mini", device: str = "cpu", batch_size: int = 128):
-        from transformers import AutoImageProcessor, ViTForImageClassification
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         from rewardbooth.mini.assets import MINI_NAME, mini_judge_path
 
         path = mini_judge_path("attributes") if str(model) == MINI_NAME else Path(model)
         self.name = str(model)
-        self.model = ViTForImageClassification.from_pretrained(path).eval().requires_grad_(False).to(device)
+        self.model = AutoModelForImageClassification.from_pretrained(path).eval().requires_grad_(False).to(device)
         self.processor = AutoImageProcessor.from_pretrained(path)
         self.device, self.batch_size = device, batch_size
         self.groups: dict[str, list[tuple[int, str]]] = {}

@@ -1,0 +1,63 @@
+"""Smoke runs of `rewardbooth bench --suite mini` (all three methods) and `rewardbooth demo`
+on the shipped mini model and judges: one subject, a few steps."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from rewardbooth.cli import main
+from rewardbooth.mini.assets import ASSETS_DIR
+from rewardbooth.mini.scoring import ATTRIBUTE_METRICS
+
+pytestmark = pytest.mark.skipif(not (ASSETS_DIR / "base" / "model_index.json").is_file(), reason="mini assets not built")
+
+
+def test_mini_bench_smoke_all_methods(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--suite", "mini", "--quick", "--num-subjects", "1", "--steps", "3", "-k", "1", "--sample-steps", "4",
+            "--methods", "dreambooth,dpg,rpo", "--output", str(out), "--quiet",
+            "--set", "prior.num_class_images=4", "--set", "rpo.negatives_per_prompt=1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary) == {"dreambooth", "dpg", "rpo"}
+    for method, overall in summary.items():
+        assert method in printed
+        assert 0 < overall["images"] and -1 <= overall["dino"] <= 1 and -1 <= overall["clip_t"] <= 1
+        for metric in ATTRIBUTE_METRICS:
+            assert 0 <= overall[metric] <= 1, (method, metric, overall[metric])
+        rows = list(csv.DictReader((out / method / "results.csv").open()))
+        assert rows and {"dino", "clip_i", "clip_t", "identity_kept", "context_ok"} <= set(rows[0])
+    # The same subjects for every method, drawn from the seed, with their references on disk.
+    references = sorted(p.name for p in (out / "references").iterdir())
+    assert len(references) == 1 and len(list((out / "references" / references[0]).glob("*.png"))) >= 4
+    html = (out / "report.html").read_text()
+    assert all(m in html for m in ("dreambooth", "dpg", "rpo")) and "<img" in html
+
+    # Finished methods are skipped on a rerun: the numbers stay as they were.
+    assert main(args) == 0
+    assert json.loads((out / "results.json").read_text()) == summary
+
+
+def test_mini_bench_refuses_unknown_method(tmp_path, capsys):
+    assert main(["bench", "--suite", "mini", "--methods", "dreambooth,ppo", "--output", str(tmp_path / "b")]) != 0
+    err = capsys.readouterr().err
+    assert "ppo" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_demo_learns_a_mini_subject(tmp_path):
+    from rewardbooth.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", steps=3, progress=False)
+    html = report.read_text()
+    assert "Did it learn the subject?" in html and "before training" in html
+    assert (tmp_path / "demo" / "report_assets" / "samples_after.png").is_file()
+    assert len(list((tmp_path / "demo" / "reference").glob("*.png"))) >= 4
+    # Running it again without --overwrite must not touch the first run.
+    with pytest.raises(Exception, match="overwrite"):
+        run_demo(tmp_path / "demo", steps=3, progress=False)
+    assert report.read_text() == html
