@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--subjects-seed", type=int, default=0, help="mini: seed that draws the subjects (fresh subjects at will)")
     bench.add_argument("--num-subjects", type=int, help="mini: how many subjects (default 8, --quick 2)")
     bench.add_argument("--shard", help="i/N: this process takes every N-th subject starting at i")
+    bench.add_argument("--jobs", type=int, default=None,
+                       help="mini: worker processes splitting the subjects (default: one per CPU core, 1 on a GPU)")
     bench.add_argument("-k", "--images-per-prompt", type=int, help="images per prompt (dreambench default 4; mini 4, --quick 2)")
     bench.add_argument("--sample-steps", type=int, help="sampler steps (dreambench default 50; mini 25, --quick 20)")
     bench.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (dreambench; mini uses 4)")
@@ -335,7 +337,7 @@ def _bench_mini(args: argparse.Namespace, methods: list[str]) -> int:
     out = Path(args.output or "bench-mini")
     report = run_mini_bench(out, methods, quick=args.quick, subjects_seed=args.subjects_seed, num_subjects=args.num_subjects,
                             images_per_prompt=args.images_per_prompt, sample_steps=args.sample_steps, config_file=args.config,
-                            overrides=overrides, device=_device(args), progress=not args.quiet)
+                            overrides=overrides, device=_device(args), progress=not args.quiet, jobs=args.jobs)
     import json
 
     summary = json.loads((out / "results.json").read_text())

@@ -26,7 +26,7 @@ MINI_NOTICE = ("The 'mini' model was pretrained on rewardbooth's procedural Mini
 
 
 def run_demo(run_dir: Path, steps: int | None = None, seed: int = 0, overwrite: bool = False, progress: bool = True,
-             method: str = "dreambooth") -> Path:
+             method: str = "dreambooth", images_per_prompt: int = IMAGES_PER_PROMPT) -> Path:
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
     subject = make_subject(seed=seed)
@@ -42,14 +42,14 @@ def run_demo(run_dir: Path, steps: int | None = None, seed: int = 0, overwrite: 
     judge = AttributeJudge("mini")
 
     def sample_and_judge(pipe, label: str) -> tuple[Path, dict[str, float]]:
-        rows = generate(pipe, prompts, IMAGES_PER_PROMPT, settings, progress=progress, description=f"samples {label}")
+        rows = generate(pipe, prompts, images_per_prompt, settings, progress=progress, description=f"samples {label}")
         flat = [im for row in rows for im in row]
-        checks = [attribute_checks(p, spec) for p, spec in zip(judge.predict(flat), [s for s in specs for _ in range(IMAGES_PER_PROMPT)])]
+        checks = [attribute_checks(p, spec) for p, spec in zip(judge.predict(flat), [s for s in specs for _ in range(images_per_prompt)])]
         means = {}
         for metric in ATTRIBUTE_METRICS:
             values = [c[metric] for c in checks if c[metric] == c[metric]]  # NaN: not asked by that prompt
             means[metric] = sum(values) / len(values) if values else float("nan")
-        grid = save_image_grid(flat, run_dir / "report_assets" / f"samples_{label}.png", cols=IMAGES_PER_PROMPT)
+        grid = save_image_grid(flat, run_dir / "report_assets" / f"samples_{label}.png", cols=images_per_prompt)
         return grid, means
 
     before_grid, before = sample_and_judge(make_pipeline(load_components(cfg.model.name)), "before")
@@ -58,7 +58,7 @@ def run_demo(run_dir: Path, steps: int | None = None, seed: int = 0, overwrite: 
     after_grid, after = sample_and_judge(pipe, "after")
 
     table = [{"check": m, "before training": f"{before[m]:.2f}", "after training": f"{after[m]:.2f}"} for m in ATTRIBUTE_METRICS]
-    rows_text = "rows: " + " | ".join(prompts) + f"; {IMAGES_PER_PROMPT} seeds per prompt, the same seeds before and after"
+    rows_text = "rows: " + " | ".join(prompts) + f"; {images_per_prompt} seeds per prompt, the same seeds before and after"
     sections = [
         ReportSection("Did it learn the subject?",
                       f"The subject is a {subject.colour} {subject.pattern} {subject.shape}. Share of images where the attribute "

@@ -11,6 +11,7 @@ import pytest
 from rewardbooth.cli import main
 from rewardbooth.mini.assets import ASSETS_DIR
 from rewardbooth.mini.scoring import ATTRIBUTE_METRICS
+from rewardbooth.mini.world import make_subjects
 
 pytestmark = pytest.mark.skipif(not (ASSETS_DIR / "base" / "model_index.json").is_file(), reason="mini assets not built")
 
@@ -52,7 +53,7 @@ def test_mini_bench_refuses_unknown_method(tmp_path, capsys):
 def test_demo_learns_a_mini_subject(tmp_path):
     from rewardbooth.demo import run_demo
 
-    report = run_demo(tmp_path / "demo", steps=3, progress=False)
+    report = run_demo(tmp_path / "demo", steps=3, progress=False, images_per_prompt=1)
     html = report.read_text()
     assert "Did it learn the subject?" in html and "before training" in html
     assert (tmp_path / "demo" / "report_assets" / "samples_after.png").is_file()
@@ -61,3 +62,21 @@ def test_demo_learns_a_mini_subject(tmp_path):
     with pytest.raises(Exception, match="overwrite"):
         run_demo(tmp_path / "demo", steps=3, progress=False)
     assert report.read_text() == html
+
+
+def test_mini_bench_parallel_jobs_match_one_process(tmp_path):
+    """Subjects split over two worker processes give exactly the numbers of one process."""
+    from rewardbooth.mini.bench import run_mini_bench
+
+    common = dict(quick=True, num_subjects=2, images_per_prompt=1, sample_steps=4, progress=False,
+                  overrides={"train.steps": 3, "prior.num_class_images": 4})
+    run_mini_bench(tmp_path / "one", ["dreambooth"], jobs=1, **common)
+    run_mini_bench(tmp_path / "two", ["dreambooth"], jobs=2, **common)
+    one = json.loads((tmp_path / "one" / "dreambooth" / "results.json").read_text())["per_subject"]
+    two = json.loads((tmp_path / "two" / "dreambooth" / "results.json").read_text())["per_subject"]
+    assert len(one) == 2 and one == two
+    # The prior's class images were made once per class noun and shared: no run made its own.
+    nouns = {s.class_noun for s in make_subjects(2, seed=0)}
+    shared = tmp_path / "two" / "class_images"
+    assert {p.name for p in shared.iterdir()} == nouns and all(len(list((shared / n).glob("*.png"))) == 4 for n in nouns)
+    assert not list((tmp_path / "two" / "dreambooth").glob("subjects/*/run/class_images/*.png"))

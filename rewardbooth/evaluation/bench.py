@@ -82,8 +82,9 @@ class BenchRunner:
                 raise OutputExistsError(f"bench folder {self.out_dir} was made with other settings ({', '.join(changed)}); use another --output")
         elif self.out_dir.is_dir() and any(self.out_dir.iterdir()):
             raise OutputExistsError(f"output folder {self.out_dir} is not empty and is not a bench folder; use another --output")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        info_path.write_text(json.dumps(self.info(), indent=2))
+        else:  # written once: parallel workers sharing the folder only read it
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            info_path.write_text(json.dumps(self.info(), indent=2))
 
     def subject_dir(self, subject: DreamBenchSubject) -> Path:
         return self.out_dir / "subjects" / subject.name
@@ -109,7 +110,7 @@ class BenchRunner:
         if not (run_dir / "result.json").is_file():
             resume = (run_dir / "config.yaml").is_file()
             prepare_run_dir(run_dir, resume=resume, overwrite=False)
-            train(subject_config(self.cfg, subject), run_dir, resume=resume, progress=self.progress)
+            train(self.subject_config(subject), run_dir, resume=resume, progress=self.progress)
         _, pipe = load_run_pipeline(run_dir, device=self.scorer.device)
         prompts = subject.prompts(self.cfg.data.identifier)
         settings = SampleSettings(steps=self.sample_steps, guidance_scale=self.guidance_scale, seed=self.cfg.train.seed,
@@ -127,6 +128,9 @@ class BenchRunner:
                                    Subject(subject.name, references, self.cfg.data.identifier, subject.class_noun))
         self.add_scores(subject, flat, scores)
         (folder / "scores.json").write_text(json.dumps([asdict(s) for s in scores], indent=1))
+
+    def subject_config(self, subject: Any) -> RunConfig:
+        return subject_config(self.cfg, subject)
 
     def add_scores(self, subject: Any, images: list[Image.Image], scores: list[ImageScore]) -> None:
         """Suites with more judges add their per-image numbers to `scores[i].extra` here."""

@@ -2,8 +2,12 @@
 
 Layout of a mini bench folder:
     references/<subject>/00.png ...   the subjects' reference images (drawn from --subjects-seed)
+    class_images/<class noun>/        the prior's class images, made once by the base model, shared by all
     <method>/                         one DreamBench-style bench folder per method (resumable)
     report.html, results.json         all methods side by side
+
+Subjects are split over `jobs` worker processes (one CPU thread each by default): the small
+model's batches do not keep two threads busy, two processes do.
 
 Per image it reports the DreamBench trio with the mini judges (mini-DINO, mini-CLIP-I,
 mini-CLIP-T) and the attribute judge's checks (see `rewardbooth.mini.scoring`).
@@ -12,6 +16,7 @@ mini-CLIP-T) and the attribute judge's checks (see `rewardbooth.mini.scoring`).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +118,12 @@ class MiniBenchRunner(BenchRunner):
                 "guidance_scale": self.guidance_scale, "judges": {**self.scorer.checkpoints(), "attributes": self.judge.name},
                 "config": self.cfg.to_dict()}
 
+    def subject_config(self, subject: MiniBenchSubject) -> RunConfig:
+        cfg = super().subject_config(subject)
+        if cfg.prior.enabled and not cfg.prior.class_dir:
+            cfg.prior.class_dir = str(class_image_dir(self.subjects_root, subject.class_noun))
+        return cfg
+
     def add_scores(self, subject: MiniBenchSubject, images: list[Image.Image], scores: list[ImageScore]) -> None:
         specs = [spec for spec in subject.specs(self.cfg.data.identifier) for _ in range(self.images_per_prompt)]
         for score, predicted, spec in zip(scores, self.judge.predict(images), specs, strict=True):
@@ -125,26 +136,91 @@ def method_config(method: str, config_file: str | None, overrides: dict[str, Any
     return load_config(config_file, {"train.method": method, **MINI_COMMON, **MINI_METHODS[method], **overrides})
 
 
+def class_image_dir(root: Path, class_noun: str) -> Path:
+    return Path(root) / "class_images" / class_noun
+
+
+def prepare_class_images(root: Path, cfg: RunConfig, class_nouns: list[str], device: str, progress: bool) -> None:
+    """The prior's class images depend only on the base model, the class prompt and the seed, so
+    every method and subject of one class shares one set (made here, before any worker starts)."""
+    from rewardbooth.models.loading import load_components, make_pipeline
+    from rewardbooth.sampling import SampleSettings, generate
+
+    prior, pipe = cfg.prior, None
+    for noun in sorted(set(class_nouns)):
+        folder = class_image_dir(root, noun)
+        if len(list(folder.glob("*.png"))) >= prior.num_class_images:
+            continue
+        pipe = pipe or make_pipeline(load_components(cfg.model.name)).to(device)
+        settings = SampleSettings(steps=prior.generation_steps, guidance_scale=prior.generation_guidance,
+                                  seed=cfg.train.seed + 1_000_003, batch_size=prior.generation_batch_size)
+        prompt = cfg.data.class_prompt.format(class_noun=noun, identifier=cfg.data.identifier)
+        images = generate(pipe, [prompt], prior.num_class_images, settings, progress=progress, description=f"class images: {noun}")[0]
+        partial = folder.with_name(folder.name + ".partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            image.save(partial / f"class_{i:05d}.png")
+        partial.replace(folder)
+
+
+def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBenchSubject], subjects_seed: int,
+                 images_per_prompt: int, sample_steps: int, device: str, progress: bool, threads: int | None = None) -> None:
+    """Every method on `subjects`, one after another (a worker process's whole job)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    judge = AttributeJudge("mini", device=device)
+    for method, cfg in configs.items():
+        runner = MiniBenchRunner(out, subjects_seed, judge, out / method, cfg, Scorer.from_config(cfg.evaluation, device=device),
+                                 images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance_scale=GUIDANCE,
+                                 progress=progress, sample_batch_size=SAMPLE_BATCH)
+        runner.run(subjects)
+
+
+def default_jobs(num_subjects: int, device: str) -> int:
+    return 1 if device != "cpu" else max(1, min(num_subjects, os.cpu_count() or 1))
+
+
 def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjects_seed: int = 0,
                    num_subjects: int | None = None, images_per_prompt: int | None = None, sample_steps: int | None = None,
                    config_file: str | None = None, overrides: dict[str, Any] | None = None, device: str = "cpu",
-                   progress: bool = True) -> Path:
+                   progress: bool = True, jobs: int | None = None) -> Path:
     """Run (or finish) every method on the same subjects, then merge them into out/report.html."""
     suite = SUITES["quick" if quick else "full"]
     configs = {m: method_config(m, config_file, dict(overrides or {})) for m in methods}  # bad settings fail first
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     subjects = prepare_subjects(out, num_subjects or suite["subjects"], subjects_seed)
+    images_per_prompt = images_per_prompt or suite["images_per_prompt"]
+    sample_steps = sample_steps or suite["sample_steps"]
+    jobs = min(jobs or default_jobs(len(subjects), device), len(subjects))
     judge = AttributeJudge("mini", device=device)
-    folders = []
-    for method, cfg in configs.items():
-        scorer = Scorer.from_config(cfg.evaluation, device=device)
-        runner = MiniBenchRunner(out, subjects_seed, judge, out / method, cfg, scorer,
-                                 images_per_prompt=images_per_prompt or suite["images_per_prompt"],
-                                 sample_steps=sample_steps or suite["sample_steps"], guidance_scale=GUIDANCE, progress=progress,
-                                 sample_batch_size=SAMPLE_BATCH)
-        runner.run(subjects)
-        folders.append(out / method)
+    for method, cfg in configs.items():  # refuse a folder made with other settings before any work
+        MiniBenchRunner(out, subjects_seed, judge, out / method, cfg, Scorer.from_config(cfg.evaluation, device=device),
+                        images_per_prompt=images_per_prompt,
+                        sample_steps=sample_steps, guidance_scale=GUIDANCE, sample_batch_size=SAMPLE_BATCH).check_folder()
+    first = next(iter(configs.values()))
+    if first.prior.enabled and not first.prior.class_dir:
+        prepare_class_images(out, first, [s.class_noun for s in subjects], device, progress)
+    work = dict(out=out, configs=configs, subjects_seed=subjects_seed, images_per_prompt=images_per_prompt,
+                sample_steps=sample_steps, device=device)
+    if jobs == 1:
+        _run_methods(subjects=subjects, progress=progress, **work)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            # Worker 0 shows its progress bars; the others would only interleave with them.
+            futures = [pool.submit(_run_methods, subjects=subjects[i::jobs], progress=progress and i == 0, threads=threads, **work)
+                       for i in range(jobs)]
+            for future in futures:
+                future.result()
+    folders = [out / method for method in configs]
     report = merge(folders, out)
     summary = {Path(f).name: json.loads((Path(f) / "results.json").read_text())["overall"] for f in folders}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
