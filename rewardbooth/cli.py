@@ -341,8 +341,14 @@ def _bench_mini(args: argparse.Namespace, methods: list[str]) -> int:
     import json
 
     summary = json.loads((out / "results.json").read_text())
-    print(format_table([{"method": m, **{k: v for k, v in row.items() if k != "scope" and not k.endswith("_std_over_subjects")}}
+    spread = "_std_over_subjects"
+
+    def cell(row: dict, key: str) -> str:
+        return f"{row[key]:.3f}±{row[key + spread]:.3f}" if key + spread in row else str(row[key])
+
+    print(format_table([{"method": m, **{k: cell(row, k) for k in row if k != "scope" and not k.endswith(spread)}}
                         for m, row in summary.items()]))
+    print(f"mean±std over subjects; per image: {out}/<method>/results.csv; this table: {out}/results.csv")
     print(f"report: {report}")
     return 0
 

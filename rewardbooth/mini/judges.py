@@ -1,6 +1,6 @@
 """Train MiniBench's judges on the procedural world, reproducibly, in one command.
 
-    python -m rewardbooth.mini.judges --out DIR [--steps 1500] [--seed 0]
+    python -m rewardbooth.mini.judges --out DIR [--seed 0] [--threads 1]    # ~25 min on one CPU core
 
 Three small transformers models, each written with `save_pretrained` so the reward and
 metric code loads them exactly like the real checkpoints:
@@ -11,9 +11,10 @@ metric code loads them exactly like the real checkpoints:
   identity as DINO's does (and, like DINO's, still drops somewhat when the background changes).
 - `DIR/clip`: a CLIPModel (ViT image tower, world-word text tower) trained with the symmetric
   InfoNCE loss on world captions; it plays CLIP's role and ALIGN's (RPO's reward).
-- `DIR/attributes`: a ViTForImageClassification with one softmax group per attribute
-  (shape 8, colour 7, pattern 4, context 8, size 3; labels "shape=ball" ...), the
-  interpretable judge: which attributes a generated image shows.
+- `DIR/attributes`: a small ResNetForImageClassification (reads 32 px images upsampled to
+  64 px) with one softmax group per attribute (shape 8, colour 7, pattern 4, context 8,
+  size 3; labels "shape=ball" ...), the interpretable judge: which attributes a generated
+  image shows.
 
 Training images come from the pretraining split only; held-out accuracies are measured on
 renders of the held-out (subject) combinations, blurred like a generated image sometimes is.
@@ -46,6 +47,7 @@ from rewardbooth.mini.world import (
 )
 
 JUDGE_KINDS = ("dino", "clip", "attributes")
+DEFAULT_STEPS = {"dino": 1500, "clip": 1500, "attributes": 2500}  # what the shipped judges were trained with
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 JUDGE_INFO = "rewardbooth_judge.json"
 ATTRIBUTE_INPUT_SIZE = 64  # the CNN stem downsamples 4x: read 32 px images upsampled to 64
@@ -342,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rewardbooth.mini.judges", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder to write dino/, clip/ and attributes/ into")
     ap.add_argument("--only", default=",".join(JUDGE_KINDS), help="comma-separated judges to train")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps per judge (default {DEFAULT_STEPS})")
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--images", type=int, default=24000, help="pretraining-split renders to train on")
     ap.add_argument("--test-images", type=int, default=1000, help="held-out renders the accuracies are measured on")
     ap.add_argument("--seed", type=int, default=0)
@@ -361,19 +363,20 @@ def main(argv: list[str] | None = None) -> int:
     train = render_set(args.images, args.seed, heldout=False) if {"clip", "attributes"} & set(only) else None
     test = render_set(args.test_images, args.seed + 100, heldout=True)
     print(json.dumps({"rendered": args.images, "s": round(time.perf_counter() - t0, 1)}), flush=True)
-    common = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "train_images": args.images,
+    steps = {kind: args.steps or DEFAULT_STEPS[kind] for kind in JUDGE_KINDS}
+    common = {"seed": args.seed, "batch": args.batch, "train_images": args.images,
               "train_split": "pretraining combinations", "test_split": "held-out combinations"}
     if "attributes" in only:
-        model, info = train_attributes(train, test, args.steps, args.batch, args.seed)
-        save_judge(args.out / "attributes", [model, image_processor(ATTRIBUTE_INPUT_SIZE)], {**common, **info})
+        model, info = train_attributes(train, test, steps["attributes"], args.batch, args.seed)
+        save_judge(args.out / "attributes", [model, image_processor(ATTRIBUTE_INPUT_SIZE)], {**common, "steps": steps["attributes"], **info})
         print(json.dumps({"judge": "attributes", **info}), flush=True)
     if "dino" in only:
-        model, info = train_dino(args.steps, args.batch, args.seed, n_pairs=args.images // 2, n_test=args.test_images // 2)
-        save_judge(args.out / "dino", [model, image_processor()], {**common, **info})
+        model, info = train_dino(steps["dino"], args.batch, args.seed, n_pairs=args.images // 2, n_test=args.test_images // 2)
+        save_judge(args.out / "dino", [model, image_processor()], {**common, "steps": steps["dino"], **info})
         print(json.dumps({"judge": "dino", **info}), flush=True)
     if "clip" in only:
-        model, tokenizer, info = train_clip(train, test, args.steps, args.batch, args.seed)
-        save_judge(args.out / "clip", [model, image_processor(), tokenizer], {**common, **info})
+        model, tokenizer, info = train_clip(train, test, steps["clip"], args.batch, args.seed)
+        save_judge(args.out / "clip", [model, image_processor(), tokenizer], {**common, "steps": steps["clip"], **info})
         print(json.dumps({"judge": "clip", **info}), flush=True)
     print(json.dumps({"done_s": round(time.perf_counter() - t0, 1)}), flush=True)
     return 0
