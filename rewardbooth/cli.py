@@ -349,6 +349,10 @@ def _bench_mini(args: argparse.Namespace, methods: list[str]) -> int:
     print(format_table([{"method": m, **{k: cell(row, k) for k in row if k != "scope" and not k.endswith(spread)}}
                         for m, row in summary.items()]))
     print(f"mean±std over subjects; per image: {out}/<method>/results.csv; this table: {out}/results.csv")
+    paired = json.loads((out / "paired.json").read_text())
+    for method, metrics in paired["differences"].items():
+        print(f"{method} - {paired['baseline']}, paired over subjects (mean±s.e., subjects won/lost): " + "; ".join(
+            f"{k} {d['mean']:+.3f}±{d['stderr']:.3f} ({d['won']}/{d['lost']})" for k, d in metrics.items()))
     print(f"report: {report}")
     return 0
 

@@ -5,6 +5,7 @@ Layout of a mini bench folder:
     class_images/<class noun>/        the prior's class images, made once by the base model, shared by all
     <method>/                         one DreamBench-style bench folder per method (resumable; results.csv per image)
     report.html, results.json/.csv    all methods side by side (means and spread over subjects)
+    paired.json                       each method minus the first, subject by subject
 
 Subjects are split over `jobs` worker processes (one CPU thread each by default): the small
 model's batches do not keep two threads busy, two processes do.
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import stdev
 from typing import Any
 
 from PIL import Image
@@ -181,6 +184,30 @@ def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBe
         runner.run(subjects)
 
 
+PAIRED_METRICS = ("dino", "clip_i", "clip_t", "identity_kept", "prompt_ok")
+
+
+def paired_differences(folders: list[Path], metrics: tuple[str, ...] = PAIRED_METRICS) -> dict[str, Any]:
+    """Each method minus the first one, subject by subject (all saw the same subjects): mean,
+    standard error and subjects won / lost. Pairing removes the subject-to-subject spread."""
+    per = {Path(f).name: {row["subject"]: row for row in json.loads((Path(f) / "results.json").read_text())["per_subject"]}
+           for f in folders}
+    baseline, base_rows = next(iter(per.items()))
+    differences: dict[str, dict[str, dict[str, float]]] = {}
+    for method, rows in list(per.items())[1:]:
+        differences[method] = {}
+        for metric in metrics:
+            diffs = [rows[s][metric] - base[metric] for s, base in base_rows.items()
+                     if s in rows and not math.isnan(rows[s][metric]) and not math.isnan(base[metric])]
+            n = len(diffs)
+            differences[method][metric] = {
+                "mean": sum(diffs) / n if n else math.nan,
+                "stderr": stdev(diffs) / math.sqrt(n) if n > 1 else math.nan,
+                "won": sum(d > 0 for d in diffs), "lost": sum(d < 0 for d in diffs), "subjects": n,
+            }
+    return {"baseline": baseline, "differences": differences}
+
+
 def default_jobs(num_subjects: int, device: str) -> int:
     return 1 if device != "cpu" else max(1, min(num_subjects, os.cpu_count() or 1))
 
@@ -231,4 +258,5 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
         writer = csv.DictWriter(f, fieldnames=["method", *[k for k in next(iter(summary.values())) if k != "scope"]])
         writer.writeheader()
         writer.writerows({"method": method, **{k: v for k, v in row.items() if k != "scope"}} for method, row in summary.items())
+    (out / "paired.json").write_text(json.dumps(paired_differences(folders), indent=2))
     return report
