@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", help="bench folder (default bench-METHOD, or bench-mini); with --merge, where the report goes")
     bench.add_argument("--subjects", help="comma-separated DreamBench subject names (default: all 30)")
     bench.add_argument("--quick", action="store_true", help="mini: 2 subjects, 2 images per prompt (under 10 minutes on 2 cores)")
-    bench.add_argument("--subjects-seed", type=int, default=0, help="mini: seed that draws the subjects (fresh subjects at will)")
+    bench.add_argument("--subjects-seed", type=int, default=0, help="mini: subjects are made from seeds N, N+1, ... (subject mini-N-...); "
+                       "seeds at least --num-subjects apart give different subjects (0, 8, 16, ...)")
     bench.add_argument("--num-subjects", type=int, help="mini: how many subjects (default 8, --quick 2)")
     bench.add_argument("--shard", help="i/N: this process takes every N-th subject starting at i")
     bench.add_argument("--jobs", type=int, default=None,
