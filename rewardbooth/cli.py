@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-k", "--images-per-prompt", type=int, help="images per prompt (dreambench default 4; mini 4, --quick 2)")
     bench.add_argument("--sample-steps", type=int, help="sampler steps (dreambench default 50; mini 25, --quick 20)")
     bench.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (dreambench; mini uses 4)")
-    bench.add_argument("--model", help="base model for training (hub id, folder, tiny)")
+    bench.add_argument("--model", help="base model for training (hub id, folder, mini, tiny; --suite mini: mini)")
     bench.add_argument("--steps", type=int, help="training steps per subject")
     bench.add_argument("--config", help="YAML run config used for every subject")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any training setting")
