@@ -14,12 +14,21 @@ import torch
 from PIL import Image
 
 from rewardbooth import diffusion
+from rewardbooth.config import RunConfig
 from rewardbooth.data.images import list_image_files, load_image, load_image_folder
 from rewardbooth.methods.base import Method
 from rewardbooth.sampling import SampleSettings, generate
 from rewardbooth.training.context import LatentImageSet, TrainContext
 
 CLASS_IMAGE_FOLDER = "class_images"
+
+
+def class_image_settings(cfg: RunConfig, already_made: int = 0, resolution: int | None = None) -> SampleSettings:
+    """How the base model draws class images; seeds continue after the `already_made` ones."""
+    prior = cfg.prior
+    return SampleSettings(steps=prior.generation_steps, guidance_scale=prior.generation_guidance,
+                          seed=cfg.train.seed + 1_000_003 + already_made, batch_size=prior.generation_batch_size,
+                          resolution=resolution)
 
 
 def prepare_class_images(ctx: TrainContext) -> list[Image.Image]:
@@ -36,13 +45,7 @@ def prepare_class_images(ctx: TrainContext) -> list[Image.Image]:
     missing = wanted - len(user_files) - len(cached)
     if missing > 0 and ctx.accelerator.is_main_process:
         cache.mkdir(parents=True, exist_ok=True)
-        settings = SampleSettings(
-            steps=prior.generation_steps,
-            guidance_scale=prior.generation_guidance,
-            seed=ctx.cfg.train.seed + 1_000_003 + len(cached),  # new seeds for images added on resume
-            batch_size=prior.generation_batch_size,
-            resolution=ctx.resolution,
-        )
+        settings = class_image_settings(ctx.cfg, len(cached), ctx.resolution)  # new seeds for images added on resume
         pipe = ctx.base_pipeline()
         images = generate(pipe, [ctx.cfg.class_prompt], missing, settings, progress=ctx.progress, description="class images")[0]
         for offset, image in enumerate(images):

@@ -29,7 +29,7 @@ from PIL import Image
 
 from rewardbooth.config import METHOD_NAMES, RunConfig, load_config
 from rewardbooth.errors import ConfigError
-from rewardbooth.evaluation.bench import BenchRunner, merge
+from rewardbooth.evaluation.bench import BenchRunner, merge, subject_config
 from rewardbooth.evaluation.metrics import ImageScore, Scorer
 from rewardbooth.mini.scoring import AttributeJudge, attribute_checks
 from rewardbooth.mini.world import CONTEXT_PHRASES, DEFAULT_SPLIT, MiniSubject, PromptSpec, make_subjects, subject_prompts
@@ -146,27 +146,34 @@ def class_image_dir(root: Path, class_noun: str) -> Path:
     return Path(root) / "class_images" / class_noun
 
 
-def prepare_class_images(root: Path, cfg: RunConfig, class_nouns: list[str], device: str, progress: bool) -> None:
+def prepare_class_images(root: Path, cfg: RunConfig, subjects: list[MiniBenchSubject], device: str, progress: bool) -> None:
     """The prior's class images depend only on the base model, the class prompt and the seed, so
-    every method and subject of one class shares one set (made here, before any worker starts)."""
+    every method and subject of one class shares one set (made here, before any worker starts;
+    the same images each run would otherwise make for itself)."""
+    from rewardbooth.methods.dreambooth import class_image_settings
     from rewardbooth.models.loading import load_components, make_pipeline
-    from rewardbooth.sampling import SampleSettings, generate
+    from rewardbooth.sampling import generate
 
-    prior, pipe = cfg.prior, None
-    for noun in sorted(set(class_nouns)):
-        folder = class_image_dir(root, noun)
-        if len(list(folder.glob("*.png"))) >= prior.num_class_images:
+    pipe = None
+    for subject in {s.class_noun: s for s in subjects}.values():
+        folder = class_image_dir(root, subject.class_noun)
+        if len(list(folder.glob("*.png"))) >= cfg.prior.num_class_images:
             continue
         pipe = pipe or make_pipeline(load_components(cfg.model.name)).to(device)
-        settings = SampleSettings(steps=prior.generation_steps, guidance_scale=prior.generation_guidance,
-                                  seed=cfg.train.seed + 1_000_003, batch_size=prior.generation_batch_size)
-        prompt = cfg.data.class_prompt.format(class_noun=noun, identifier=cfg.data.identifier)
-        images = generate(pipe, [prompt], prior.num_class_images, settings, progress=progress, description=f"class images: {noun}")[0]
+        images = generate(pipe, [subject_config(cfg, subject).class_prompt], cfg.prior.num_class_images, class_image_settings(cfg),
+                          progress=progress, description=f"class images: {subject.class_noun}")[0]
         partial = folder.with_name(folder.name + ".partial")
         partial.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             image.save(partial / f"class_{i:05d}.png")
         partial.replace(folder)
+
+
+def _runner(out: Path, subjects_seed: int, judge: AttributeJudge, method: str, cfg: RunConfig, images_per_prompt: int,
+            sample_steps: int, device: str, progress: bool = False) -> MiniBenchRunner:
+    return MiniBenchRunner(out, subjects_seed, judge, out / method, cfg, Scorer.from_config(cfg.evaluation, device=device),
+                           images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance_scale=GUIDANCE,
+                           progress=progress, sample_batch_size=SAMPLE_BATCH)
 
 
 def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBenchSubject], subjects_seed: int,
@@ -178,20 +185,17 @@ def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBe
         torch.set_num_threads(threads)
     judge = AttributeJudge("mini", device=device)
     for method, cfg in configs.items():
-        runner = MiniBenchRunner(out, subjects_seed, judge, out / method, cfg, Scorer.from_config(cfg.evaluation, device=device),
-                                 images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance_scale=GUIDANCE,
-                                 progress=progress, sample_batch_size=SAMPLE_BATCH)
-        runner.run(subjects)
+        _runner(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, device, progress).run(subjects)
 
 
 PAIRED_METRICS = ("dino", "clip_i", "clip_t", "identity_kept", "prompt_ok")
 
 
-def paired_differences(folders: list[Path], metrics: tuple[str, ...] = PAIRED_METRICS) -> dict[str, Any]:
+def paired_differences(results: dict[str, dict], metrics: tuple[str, ...] = PAIRED_METRICS) -> dict[str, Any]:
     """Each method minus the first one, subject by subject (all saw the same subjects): mean,
-    standard error and subjects won / lost. Pairing removes the subject-to-subject spread."""
-    per = {Path(f).name: {row["subject"]: row for row in json.loads((Path(f) / "results.json").read_text())["per_subject"]}
-           for f in folders}
+    standard error and subjects won / lost. Pairing removes the subject-to-subject spread.
+    `results`: method -> its bench folder's results.json."""
+    per = {method: {row["subject"]: row for row in result["per_subject"]} for method, result in results.items()}
     baseline, base_rows = next(iter(per.items()))
     differences: dict[str, dict[str, dict[str, float]]] = {}
     for method, rows in list(per.items())[1:]:
@@ -229,12 +233,10 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
     jobs = min(jobs or default_jobs(len(subjects), device), len(subjects))
     judge = AttributeJudge("mini", device=device)
     for method, cfg in configs.items():  # refuse a folder made with other settings before any work
-        MiniBenchRunner(out, subjects_seed, judge, out / method, cfg, Scorer.from_config(cfg.evaluation, device=device),
-                        images_per_prompt=images_per_prompt,
-                        sample_steps=sample_steps, guidance_scale=GUIDANCE, sample_batch_size=SAMPLE_BATCH).check_folder()
+        _runner(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, device).check_folder()
     first = next(iter(configs.values()))
     if first.prior.enabled and not first.prior.class_dir:
-        prepare_class_images(out, first, [s.class_noun for s in subjects], device, progress)
+        prepare_class_images(out, first, subjects, device, progress)
     work = dict(out=out, configs=configs, subjects_seed=subjects_seed, images_per_prompt=images_per_prompt,
                 sample_steps=sample_steps, device=device)
     if jobs == 1:
@@ -252,11 +254,12 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
                 future.result()
     folders = [out / method for method in configs]
     report = merge(folders, out)
-    summary = {Path(f).name: json.loads((Path(f) / "results.json").read_text())["overall"] for f in folders}
+    results = {f.name: json.loads((f / "results.json").read_text()) for f in folders}
+    summary = {method: result["overall"] for method, result in results.items()}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     with (out / "results.csv").open("w", newline="") as f:  # one row per method: means and spread over subjects
         writer = csv.DictWriter(f, fieldnames=["method", *[k for k in next(iter(summary.values())) if k != "scope"]])
         writer.writeheader()
         writer.writerows({"method": method, **{k: v for k, v in row.items() if k != "scope"}} for method, row in summary.items())
-    (out / "paired.json").write_text(json.dumps(paired_differences(folders), indent=2))
+    (out / "paired.json").write_text(json.dumps(paired_differences(results), indent=2))
     return report

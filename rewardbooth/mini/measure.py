@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from rewardbooth.mini.scoring import AttributeJudge
 from rewardbooth.mini.world import ATTRIBUTES, DEFAULT_SPLIT, Scene, render, sample_scene
@@ -39,8 +38,8 @@ def measure_base_model(model: str = "mini", scenes: int = 64, steps: int = 20, g
              for _ in range(scenes)]
     pipe = make_pipeline(load_components(model)).to(device)
     settings = SampleSettings(steps=steps, guidance_scale=guidance, seed=seed, batch_size=batch_size)
-    images = [row[0] for row in generate(pipe, [s.caption() for s in drawn], 1, settings, progress=progress,
-                                         description="base model")]
+    captions = [s.caption() for s in drawn]
+    images = [row[0] for row in generate(pipe, captions, 1, settings, progress=progress, description="base model")]
     judge = judge or AttributeJudge("mini", device=device)
     renders = [render(s, images[0].width, seed + i) for i, s in enumerate(drawn)]
     return {
@@ -48,7 +47,7 @@ def measure_base_model(model: str = "mini", scenes: int = 64, steps: int = 20, g
         "rendered": _accuracy(judge.predict(renders), drawn),
         "chance": {a: round(1 / len(ATTRIBUTES[a]), 4) for a in MEASURED},
         "scenes": scenes, "steps": steps, "guidance": guidance, "heldout_combinations": heldout,
-        "images": images, "captions": [s.caption() for s in drawn],
+        "images": images, "captions": captions,
     }
 
 
@@ -62,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout", action="store_true", help="draw the held-out (subject) combinations")
     ap.add_argument("--out", type=Path, default=None, help="folder for a sample grid and measure.json")
     args = ap.parse_args(argv)
-    torch.manual_seed(args.seed)
     result = measure_base_model(args.model, args.scenes, args.steps, args.guidance, args.seed, args.heldout, progress=True)
     images, captions = result.pop("images"), result.pop("captions")
     print(f"{'attribute':<10}{'generated':>11}{'renders':>9}{'chance':>8}")
