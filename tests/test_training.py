@@ -131,7 +131,17 @@ def test_training_lowers_instance_loss(tmp_path, tiny_overrides):
     assert losses[60] < 0.8 * losses[10]
 
 
-def test_text_encoder_lora_is_saved_and_loaded(tmp_path, tiny_overrides):
+def close_transformers_peft_gate(monkeypatch):
+    """transformers' peft integration refusing the installed peft, as transformers 5.24 did with peft 0.21."""
+    import transformers.integrations.peft as integration
+
+    def refuse(min_version):
+        raise ValueError(f"The version of PEFT you are using is not compatible, please use a version >= {min_version}")
+
+    monkeypatch.setattr(integration, "check_peft_version", refuse)
+
+
+def train_text_encoder_lora(tmp_path, tiny_overrides):
     cfg = load_config(overrides=dict(tiny_overrides, **{"adapter.train_text_encoder": True, "train.steps": 3}))
     run = tmp_path / "run"
     prepare_run_dir(run, resume=False, overwrite=False)
@@ -140,9 +150,30 @@ def test_text_encoder_lora_is_saved_and_loaded(tmp_path, tiny_overrides):
     assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
     _, pipe = load_run_pipeline(run)
     tokens = pipe.tokenizer([cfg.instance_prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    return run, pipe, tokens
+
+
+def unet_output(pipe, tokens):
+    with torch.no_grad():
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        return pipe.unet(latents, 500, encoder_hidden_states=pipe.text_encoder(tokens)[0]).sample
+
+
+def test_text_encoder_lora_is_saved_and_loaded_without_transformers_peft(tmp_path, tiny_overrides, monkeypatch):
+    close_transformers_peft_gate(monkeypatch)
+    _, pipe, tokens = train_text_encoder_lora(tmp_path, tiny_overrides)
     base = load_components("tiny").text_encoder
     with torch.no_grad():
         assert (pipe.text_encoder(tokens)[0] - base(tokens)[0]).abs().max() > 1e-6
+
+
+def test_text_encoder_lora_file_matches_diffusers_loader(tmp_path, tiny_overrides):
+    run, ours, tokens = train_text_encoder_lora(tmp_path, tiny_overrides)
+    theirs = make_pipeline(load_components("tiny"))
+    theirs.load_lora_weights(str(run), weight_name=LORA_WEIGHTS_NAME)  # diffusers' own loader
+    with torch.no_grad():
+        torch.testing.assert_close(ours.text_encoder(tokens)[0], theirs.text_encoder(tokens)[0])
+    torch.testing.assert_close(unet_output(ours, tokens), unet_output(theirs, tokens))
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])

@@ -126,7 +126,7 @@ def make_pipeline(components: Components, unet=None, text_encoder=None, schedule
 def load_run_pipeline(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """The pipeline a finished run produced: its base model plus the trained weights."""
     from rewardbooth.config import load_config
-    from rewardbooth.models.lora import LORA_WEIGHTS_NAME
+    from rewardbooth.models.lora import LORA_WEIGHTS_NAME, load_lora_into_pipeline
     from rewardbooth.training.run_dir import CONFIG_NAME
 
     run_dir = Path(run_dir)
@@ -141,7 +141,7 @@ def load_run_pipeline(run_dir: Path, device: str | torch.device = "cpu", dtype: 
         level = diffusers.utils.logging.get_verbosity()
         diffusers.utils.logging.set_verbosity_error()  # "no text-encoder LoRA keys" is expected, not news
         try:
-            pipe.load_lora_weights(str(run_dir), weight_name=LORA_WEIGHTS_NAME)
+            load_lora_into_pipeline(pipe, run_dir / LORA_WEIGHTS_NAME, cfg.adapter.rank, cfg.adapter.alpha)
         finally:
             diffusers.utils.logging.set_verbosity(level)
     elif (run_dir / "unet").is_dir():
