@@ -123,14 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", help="bench folder (default bench-METHOD, or bench-mini); with --merge, where the report goes")
     bench.add_argument("--subjects", help="comma-separated DreamBench subject names (default: all 30)")
     bench.add_argument("--quick", action="store_true", help="mini: 2 subjects, 2 images per prompt (under 10 minutes on 2 cores)")
-    bench.add_argument("--subjects-seed", type=int, default=0, help="mini: subjects are made from seeds N, N+1, ... (subject mini-N-...); "
-                       "seeds at least --num-subjects apart give different subjects (0, 8, 16, ...)")
-    bench.add_argument("--num-subjects", type=int, help="mini: how many subjects (default 8, --quick 2)")
+    bench.add_argument("--subjects-seed", type=int, default=0, help="mini: subject set N (subjects made from seeds 1000N, 1000N+1, ...; "
+                       "different N never share a subject; 100 and up are for tuning)")
+    bench.add_argument("--num-subjects", type=int, help="mini: how many subjects (default 24, --quick 2)")
+    bench.add_argument("--budgets", help="mini: e.g. 200,400,800: train each subject once to the largest, evaluate the weights "
+                       "kept at every budget, and plot the identity/prompt frontier")
     bench.add_argument("--shard", help="i/N: this process takes every N-th subject starting at i")
     bench.add_argument("--jobs", type=int, default=None,
                        help="mini: worker processes splitting the subjects (default: one per CPU core, 1 on a GPU)")
-    bench.add_argument("-k", "--images-per-prompt", type=int, help="images per prompt (dreambench default 4; mini 4, --quick 2)")
-    bench.add_argument("--sample-steps", type=int, help="sampler steps (dreambench default 50; mini 25, --quick 20)")
+    bench.add_argument("-k", "--images-per-prompt", type=int, help="images per prompt (dreambench default 4; mini 2)")
+    bench.add_argument("--sample-steps", type=int, help="sampler steps (dreambench default 50; mini 10)")
     bench.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (dreambench; mini uses 4)")
     bench.add_argument("--model", help="base model for training (hub id, folder, mini, tiny; --suite mini: mini)")
     bench.add_argument("--steps", type=int, help="training steps per subject")
@@ -329,16 +331,22 @@ def _bench_mini(args: argparse.Namespace, methods: list[str]) -> int:
     from rewardbooth.evaluation.metrics import format_table
     from rewardbooth.mini.bench import run_mini_bench
 
+    from rewardbooth.evaluation.paired import paired_rows
+    from rewardbooth.mini.bench import parse_budgets
+
     ignored = [flag for flag, value in (("--dreambench", args.dreambench), ("--subjects", args.subjects), ("--shard", args.shard),
                                         ("--dino-model", args.dino_model), ("--clip-model", args.clip_model)) if value]
     if ignored:
         raise ConfigError(f"{', '.join(ignored)} do not apply to --suite mini (it uses the mini judges on its own subjects)")
+    if args.budgets and args.steps:
+        raise ConfigError("give --steps or --budgets, not both (the largest budget is the training length)")
     overrides = {k: v for k, v in (("model.name", args.model), ("train.steps", args.steps)) if v is not None}
     overrides.update(parse_override(text) for text in args.set)
     out = Path(args.output or "bench-mini")
     report = run_mini_bench(out, methods, quick=args.quick, subjects_seed=args.subjects_seed, num_subjects=args.num_subjects,
                             images_per_prompt=args.images_per_prompt, sample_steps=args.sample_steps, config_file=args.config,
-                            overrides=overrides, device=_device(args), progress=not args.quiet, jobs=args.jobs)
+                            overrides=overrides, device=_device(args), progress=not args.quiet, jobs=args.jobs,
+                            budgets=parse_budgets(args.budgets))
     import json
 
     summary = json.loads((out / "results.json").read_text())
@@ -351,9 +359,9 @@ def _bench_mini(args: argparse.Namespace, methods: list[str]) -> int:
                         for m, row in summary.items()]))
     print(f"mean±std over subjects; per image: {out}/<method>/results.csv; this table: {out}/results.csv")
     paired = json.loads((out / "paired.json").read_text())
-    for method, metrics in paired["differences"].items():
-        print(f"{method} - {paired['baseline']}, paired over subjects (mean±s.e., subjects won/lost): " + "; ".join(
-            f"{k} {d['mean']:+.3f}±{d['stderr']:.3f} ({d['won']}/{d['lost']})" for k, d in metrics.items()))
+    for budget, table in paired["budgets"].items():
+        print(f"\npaired with {paired['baseline']}" + (f" at {budget} steps" if budget != "final" else "") + f" ({table['interval']}):")
+        print(format_table(paired_rows(table)))
     print(f"report: {report}")
     return 0
 

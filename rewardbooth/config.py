@@ -83,6 +83,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100  # 0: only the final weights
     checkpoints_total_limit: int | None = 2  # keep the newest N checkpoints
+    # Budgets: also keep the result as it stood at these steps (budgets/step-N/), so one run to the
+    # largest budget gives every smaller one (the best validated weights so far under selection).
+    save_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -93,8 +96,14 @@ class ValidationConfig:
     steps: int = 25
     batch_size: int = 4  # images per sampler call
     guidance_scale: float = 7.5
-    # With a method that selects the best validated weights (RPO): stop after this many
-    # validations without improvement (0: never stop early).
+    # Model selection (any method): keep the validated weights with the best lambda-Harmonic reward
+    # (select_lambda: 1 = image fidelity only, 0 = text only) as the result. None: the method's default
+    # (RPO on, as its paper; DreamBooth and DPG off).
+    select: bool | None = None
+    select_lambda: float = 0.5
+    select_encoder: str = "align"  # "align" (RPO's paper) or "clip"
+    select_min_step: int = 0  # validations before this step are never selected (the subject is not learned yet)
+    # Under selection: stop after this many validations without improvement (0: never stop early).
     patience: int = 0
 
 
@@ -112,12 +121,18 @@ class RPOConfig:
     negatives_per_prompt: int = 4  # the paper's 4; the official train.py makes 16
     negative_steps: int = 50
     negative_guidance: float = 7.5
-    beta: float = 1.0
+    beta: float = 1.0  # 0: the preference term carries no gradient (the reconstruction-only ablation)
     # lambda of the lambda-Harmonic reward behind the preference labels. The paper speaks of
     # lambda_train; the official code scores labels with 0.0 (text side only): that is our default.
     lambda_train: float = 0.0
-    lambda_val: float = 0.5  # model selection: higher favours fidelity, lower text alignment
     reward_encoder: str = "align"  # "align" (paper) or "clip"
+    # P(reference preferred) = sigmoid((r_ref - r_neg) / label_temperature): rewards live in [0, 1], so at
+    # temperature 1 (paper, code) the labels are near coin flips.
+    label_temperature: float = 1.0
+    labels: str = "bernoulli"  # "bernoulli" (paper: a label drawn per pair) or "soft" (the probability itself)
+    # The prompt the reference image is scored with for its label: "instance" (ours) or "negative"
+    # (official code: the paired negative's own prompt, both images under the same condition).
+    reference_prompt: str = "instance"
     shared_noise: bool = True  # the paper: one t and eps per (reference, negative) pair
     live: bool | None = None  # live-subject prompt list; None: class noun is dog or cat
     prompts: list[str] = field(default_factory=list)  # training prompts; empty: the paper's 8 (object or live list)
@@ -128,7 +143,21 @@ class DPGConfig:
     # "recon": the released code's reconstruction critic over (x0_hat - x0_ref)^2; any other value
     # is a reward spec (registered name or "module:function") for the paper's reward-model critic.
     reward: str = "recon"
-    gamma: float = 0.9986  # the actor's critic term is weighted by gamma ** t (detail steps weigh more)
+    # How the actor term is weighted over timesteps: "gamma" (released code: gamma ** t; on an x0-space
+    # cost this puts almost all weight on t >= 500, see docs/minibench.md), "snr" (abar / (1 - abar),
+    # capped at snr_cap: the weight DreamBooth's epsilon loss gives x0 errors, favouring detail steps), "uniform".
+    weighting: str = "gamma"
+    gamma: float = 0.9986
+    snr_cap: float = 5.0
+    actor_max_timestep: int | None = None  # the actor term only for t below this (None: every t)
+    look_forward: bool = True  # False: the paper's ablation, judging the one-step-denoised x_{t-1} instead of x0_hat
+    # "critic": the paper's DPG, the actor follows a learned critic's gradient; "direct": backpropagate a
+    # differentiable reward of the decoded look-forward image (no critic; the reference point for the critic).
+    actor: str = "critic"
+    reward_weight: float = 1.0  # scale of the actor term
+    # Reward critic input: "latent" (x0_hat, t, text) or "features" (the reward encoder's features of the
+    # decoded look-forward image, t, text: what the reward is computed from).
+    critic_input: str = "latent"
     instance_weight: float = 0.0  # weight of the plain instance loss; 0 as in the released code
     critic_optimizer: str = "sgd"  # "sgd" (released code) or "adam"
     critic_lr: float = 0.01
@@ -324,8 +353,19 @@ def validate(cfg: RunConfig) -> None:
     _check(p.num_class_images > 0 or not p.enabled, "prior.num_class_images must be positive when prior preservation is on")
     _check(v.every >= 0 and v.num_images > 0 and v.steps > 0, "validation.every must be >= 0, num_images and steps positive")
     _check(v.patience >= 0, "validation.patience must be 0 (off) or positive")
+    _check(0.0 <= v.select_lambda <= 1.0, "validation.select_lambda must be in [0, 1]")
+    _check(v.select_encoder in ("align", "clip"), f"validation.select_encoder must be align or clip, got {v.select_encoder!r}")
+    _check(v.select_min_step >= 0, "validation.select_min_step must be >= 0")
+    _check(all(0 < s <= t.steps for s in t.save_steps), f"train.save_steps must lie in [1, train.steps={t.steps}], got {t.save_steps}")
     g = cfg.dpg
     _check(0.0 < g.gamma <= 1.0, "dpg.gamma must be in (0, 1]")
+    _check(g.weighting in ("gamma", "snr", "uniform"), f"dpg.weighting must be gamma, snr or uniform, got {g.weighting!r}")
+    _check(g.snr_cap > 0 and g.reward_weight >= 0, "dpg.snr_cap must be positive and dpg.reward_weight >= 0")
+    _check(g.actor in ("critic", "direct"), f"dpg.actor must be critic or direct, got {g.actor!r}")
+    _check(g.critic_input in ("latent", "features"), f"dpg.critic_input must be latent or features, got {g.critic_input!r}")
+    _check(not (g.actor == "direct" and g.reward == "recon"),
+           "dpg.actor=direct needs a differentiable reward (e.g. dpg.reward=dino), not the recon critic")
+    _check(g.actor_max_timestep is None or g.actor_max_timestep > 0, "dpg.actor_max_timestep must be positive")
     _check(g.critic_optimizer in ("sgd", "adam"), f"dpg.critic_optimizer must be sgd or adam, got {g.critic_optimizer!r}")
     _check(g.critic_activation in ("relu", "leaky_relu"), f"dpg.critic_activation must be relu or leaky_relu, got {g.critic_activation!r}")
     _check(g.critic_lr > 0 and g.critic_hidden > 0, "dpg.critic_lr and dpg.critic_hidden must be positive")
@@ -333,8 +373,11 @@ def validate(cfg: RunConfig) -> None:
     _check(g.instance_weight >= 0 and g.critic_warmup_steps >= 0, "dpg.instance_weight and dpg.critic_warmup_steps must be >= 0")
     r = cfg.rpo
     _check(r.negatives_per_prompt > 0, "rpo.negatives_per_prompt must be positive")
-    _check(0.0 <= r.lambda_train <= 1.0 and 0.0 <= r.lambda_val <= 1.0, "rpo.lambda_train and rpo.lambda_val must be in [0, 1]")
-    _check(r.beta > 0, "rpo.beta must be positive")
+    _check(0.0 <= r.lambda_train <= 1.0, "rpo.lambda_train must be in [0, 1]")
+    _check(r.beta >= 0, "rpo.beta must be >= 0")
+    _check(r.label_temperature > 0, "rpo.label_temperature must be positive")
+    _check(r.labels in ("bernoulli", "soft"), f"rpo.labels must be bernoulli or soft, got {r.labels!r}")
+    _check(r.reference_prompt in ("instance", "negative"), f"rpo.reference_prompt must be instance or negative, got {r.reference_prompt!r}")
     _check(r.reward_encoder in ("align", "clip"), f"rpo.reward_encoder must be align or clip, got {r.reward_encoder!r}")
     for template in (d.instance_prompt, d.class_prompt, *v.prompts):
         try:

@@ -68,6 +68,31 @@ def predict_x0(scheduler, noisy: torch.Tensor, model_output: torch.Tensor, times
     raise ValueError(f"unsupported prediction type {kind!r}")
 
 
+def predict_eps(scheduler, noisy: torch.Tensor, model_output: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The noise implied by one U-Net call (epsilon models predict it; v: eps = sqrt(abar) v + sqrt(1-abar) x_t)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return model_output
+    if kind == "v_prediction":
+        abar = alphas_cumprod(scheduler, timesteps, noisy)
+        return abar.sqrt() * model_output + (1 - abar).sqrt() * noisy
+    raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+def step_back(scheduler, noisy: torch.Tensor, model_output: torch.Tensor, timesteps: torch.Tensor, stride: int) -> torch.Tensor:
+    """One deterministic (DDIM) step from t to t - stride: DPG's ablation without look-forward."""
+    x0_hat = predict_x0(scheduler, noisy, model_output, timesteps)
+    eps_hat = predict_eps(scheduler, noisy, model_output, timesteps)
+    abar_prev = alphas_cumprod(scheduler, (timesteps - stride).clamp(min=0), noisy)
+    return abar_prev.sqrt() * x0_hat + (1 - abar_prev).sqrt() * eps_hat
+
+
+def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio abar_t / (1 - abar_t) per timestep (shape B)."""
+    abar = scheduler.alphas_cumprod.to(device=timesteps.device)[timesteps].float()
+    return abar / (1 - abar)
+
+
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error per batch element (shape B), computed in float32."""
     return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)

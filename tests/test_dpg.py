@@ -75,8 +75,8 @@ class Probe(DPG):
         self.grad_norms, self.critic_unchanged = [], []
         self.snapshot = None
 
-    def actor_term(self, ctx, x0_hat, x0_ref, t, text):
-        term, q, live = super().actor_term(ctx, x0_hat, x0_ref, t, text)
+    def actor_term(self, ctx, inputs, t):
+        term, q, live = super().actor_term(ctx, inputs, t)
         params = [p for p in ctx.accelerator.unwrap_model(ctx.unet).parameters() if p.requires_grad]
         grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
         self.grad_norms.append(sum(float(g.norm()) for g in grads if g is not None))

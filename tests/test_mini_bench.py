@@ -35,8 +35,10 @@ def test_mini_bench_smoke_all_methods(tmp_path, capsys):
     table = {row["method"]: row for row in csv.DictReader((out / "results.csv").open())}
     assert set(table) == set(summary) and float(table["rpo"]["identity_kept"]) == pytest.approx(summary["rpo"]["identity_kept"])
     paired = json.loads((out / "paired.json").read_text())
-    assert paired["baseline"] == "dreambooth" and set(paired["differences"]) == {"dpg", "rpo"}
-    assert paired["differences"]["rpo"]["identity_kept"]["subjects"] == 1 and "dpg - dreambooth, paired" in printed
+    table = paired["budgets"]["final"]
+    assert paired["baseline"] == "dreambooth" and set(table["differences"]) == {"dpg", "rpo"}
+    assert table["differences"]["rpo"]["identity_kept"]["subjects"] == 1 and "dpg - dreambooth" in printed
+    assert table["differences"]["rpo"]["identity_kept"]["verdict"] == "too few subjects"
     # The same subjects for every method, drawn from the seed, with their references on disk.
     references = sorted(p.name for p in (out / "references").iterdir())
     assert len(references) == 1 and len(list((out / "references" / references[0]).glob("*.png"))) >= 4

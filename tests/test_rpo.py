@@ -52,7 +52,8 @@ def test_defaults_follow_the_paper_and_respect_user_settings(tmp_path):
     cfg = load_config(overrides={"train.method": "rpo"})
     assert cfg.model.name == "stabilityai/stable-diffusion-2-1"
     assert (cfg.train.learning_rate, cfg.train.steps, cfg.train.batch_size, cfg.validation.every) == (5e-6, 400, 1, 40)
-    assert (cfg.data.resolution, cfg.adapter.kind, cfg.rpo.lambda_train, cfg.rpo.lambda_val, cfg.rpo.beta) == (512, "full", 0.0, 0.5, 1.0)
+    assert (cfg.data.resolution, cfg.adapter.kind, cfg.rpo.lambda_train, cfg.validation.select_lambda, cfg.rpo.beta) == (512, "full", 0.0, 0.5, 1.0)
+    assert cfg.validation.select and not load_config(overrides={"train.method": "dreambooth"}).validation.select
     assert load_config(overrides={"train.method": "rpo", "train.steps": 50}).train.steps == 50
     assert load_config(overrides={"train.method": "rpo", "model.name": "tiny"}).data.resolution is None  # the model's own size
     saved = tmp_path / "config.yaml"

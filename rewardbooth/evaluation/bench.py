@@ -106,12 +106,12 @@ class BenchRunner:
         from rewardbooth.training.loop import train
 
         folder = self.subject_dir(subject)
-        run_dir = folder / "run"
+        run_dir = self.run_dir(subject)
         if not (run_dir / "result.json").is_file():
             resume = (run_dir / "config.yaml").is_file()
             prepare_run_dir(run_dir, resume=resume, overwrite=False)
             train(self.subject_config(subject), run_dir, resume=resume, progress=self.progress)
-        _, pipe = load_run_pipeline(run_dir, device=self.scorer.device)
+        _, pipe = load_run_pipeline(run_dir, device=self.scorer.device, weights_dir=self.weights_dir(run_dir))
         prompts = subject.prompts(self.cfg.data.identifier)
         settings = SampleSettings(steps=self.sample_steps, guidance_scale=self.guidance_scale, seed=self.cfg.train.seed,
                                   resolution=self.cfg.data.resolution, batch_size=self.sample_batch_size)
@@ -132,6 +132,14 @@ class BenchRunner:
     def subject_config(self, subject: Any) -> RunConfig:
         return subject_config(self.cfg, subject)
 
+    def run_dir(self, subject: Any) -> Path:
+        """Where the subject's training run lives (suites that evaluate one run at several budgets share it)."""
+        return self.subject_dir(subject) / "run"
+
+    def weights_dir(self, run_dir: Path) -> Path | None:
+        """Which of the run's weights to evaluate; None: its result."""
+        return None
+
     def add_scores(self, subject: Any, images: list[Image.Image], scores: list[ImageScore]) -> None:
         """Suites with more judges add their per-image numbers to `scores[i].extra` here."""
 
@@ -146,7 +154,11 @@ def load_scores(bench_dir: Path) -> list[ImageScore]:
 def merge(bench_dirs: list[Path], report_dir: Path | None = None) -> Path:
     """Write results.csv / results.json for each bench folder and one report comparing them."""
     bench_dirs = [Path(d) for d in bench_dirs]
-    report_dir = Path(report_dir) if report_dir else bench_dirs[0]
+    return write_bench_report(Path(report_dir) if report_dir else bench_dirs[0], summarize_folders(bench_dirs))
+
+
+def summarize_folders(bench_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
+    """results.csv / results.json for each bench folder; returns (folder, bench.json, results) per folder."""
     methods = []
     for bench_dir in bench_dirs:
         if not (bench_dir / BENCH_INFO).is_file():
@@ -169,10 +181,11 @@ def merge(bench_dirs: list[Path], report_dir: Path | None = None) -> Path:
             writer.writeheader()
             writer.writerows(rows)
         methods.append((bench_dir, info, result))
-    return write_bench_report(report_dir, methods)
+    return methods
 
 
-def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]]) -> Path:
+def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]], title: str = "rewardbooth DreamBench results",
+                       extra_sections: list[ReportSection] | None = None) -> Path:
     from rewardbooth.evaluation.report import plot_bars, plot_tradeoff
 
     assets = report_dir / "report_assets"
@@ -180,13 +193,13 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]])
     for d, _, r in methods:
         overall = r["overall"]
         metrics = [k for k in overall if k not in ("scope", "images") and not k.endswith("_std_over_subjects")]
-        table.append({"method": r["method"], "folder": str(d), "subjects": r["subjects"], "images": overall["images"],
+        table.append({"method": d.name, "folder": str(d), "subjects": r["subjects"], "images": overall["images"],
                       **{m: f"{overall[m]:.4f} ± {overall[m + '_std_over_subjects']:.4f}" for m in metrics}})
     judges = methods[0][2]["judges"]
     text = "mean over all images ± standard deviation over subjects; judges: " + ", ".join(f"{k}={v}" for k, v in judges.items())
-    sections = [ReportSection("Overall", text, table=table)]
+    sections = [ReportSection("Overall", text, table=table), *(extra_sections or [])]
     names = sorted({row["subject"] for _, _, r in methods for row in r["per_subject"]})
-    series = {r["method"]: {row["subject"]: row for row in r["per_subject"]} for _, _, r in methods}
+    series = {d.name: {row["subject"]: row for row in r["per_subject"]} for d, _, r in methods}
     chart_images = []
     present = set(methods[0][2]["overall"])
     for x, y in (("dino", "clip_t"), ("identity_kept", "prompt_ok")):
@@ -211,13 +224,13 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]])
             if not (subject_dir / "scores.json").is_file():
                 continue
             references = load_image_folder(reference_dirs[name])
-            grid = _subject_grid(subject_dir, references, info["images_per_prompt"], assets / info["method"] / f"{name}.png")
+            grid = _subject_grid(subject_dir, references, info["images_per_prompt"], assets / bench_dir.name / f"{name}.png")
             grids.append((str(grid.relative_to(report_dir)), name))
-        sections.append(ReportSection(f"Samples: {info['method']}", "first row: references; then one row per prompt", images=grids))
+        sections.append(ReportSection(f"Samples: {bench_dir.name}", "first row: references; then one row per prompt", images=grids))
     tiny = any(info["model"].startswith("tiny") or "tiny" in info["judges"].values() for _, info, _ in methods)
     notice = ("Built-in tiny models with random weights made these numbers: they test the harness, "
               "not personalization quality.") if tiny else None
-    return write_report(report_dir, "rewardbooth DreamBench results", sections, notice=notice)
+    return write_report(report_dir, title, sections, notice=notice)
 
 
 def _subject_grid(subject_dir: Path, references: list[Image.Image], images_per_prompt: int, path: Path) -> Path:

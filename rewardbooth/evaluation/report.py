@@ -179,6 +179,22 @@ def plot_tradeoff(points: dict[str, list[tuple[float, float]]], path: Path, xlab
     return _save_figure(fig, path)
 
 
+def plot_frontier(curves: dict[str, list[tuple[int, float, float]]], path: Path, xlabel: str, ylabel: str) -> Path:
+    """One line per method through its (x, y) means at each budget, each point labelled with its budget."""
+    fig = _new_figure(5.2, 4.2)
+    ax = fig.subplots()
+    for i, (name, points) in enumerate(curves.items()):
+        points = sorted(points)
+        ax.plot([x for _, x, _ in points], [y for _, _, y in points], marker="o", color=f"C{i}", label=name)
+        for budget, x, y in points:
+            ax.annotate(str(budget), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_figure(fig, path)
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Read metrics.jsonl; a corrupt last line (run killed mid-write) is skipped."""
     path = Path(path)

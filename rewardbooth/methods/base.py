@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 class Method:
     name: str = ""
     # A key of validation_metrics to maximise: the loop then keeps the best validated weights as
-    # the run's result and can stop early (validation.patience).
+    # the run's result and can stop early (validation.patience). Without one, validation.select
+    # gives any method selection by the loop's lambda-Harmonic reward.
     selection_metric: str | None = None
     # Settings of the paper's reference run, applied where the user's config leaves them unset.
     defaults: dict[str, object] = {}

@@ -40,16 +40,12 @@ class ReconstructionCritic(nn.Module):
         return self.fc2(self.act_hidden(pre)).squeeze(-1)
 
 
-class RewardCritic(nn.Module):
-    """Q(x0_hat, t, c): the reward of the decoded look-forward image, from latent, timestep and text."""
+class ConditionedCritic(nn.Module):
+    """Q(x, t, c): an image branch over x, a timestep embedding and the mean text embedding, then an MLP."""
 
-    def __init__(self, latent_channels: int, text_dim: int, hidden: int = 64, activation: str = "leaky_relu"):
+    def __init__(self, image: nn.Module, text_dim: int, hidden: int = 64, activation: str = "leaky_relu"):
         super().__init__()
-        self.image = nn.Sequential(
-            nn.Conv2d(latent_channels, 32, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
+        self.image = image  # x -> (B, 64)
         self.time = nn.Linear(32, 64)
         self.text = nn.Linear(text_dim, 64)
         self.fc1 = nn.Linear(64 * 3, hidden)
@@ -57,14 +53,33 @@ class RewardCritic(nn.Module):
         self.act_hidden = _activation(activation)
         self.last_hidden: torch.Tensor | None = None
 
-    def forward(self, x0_hat: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         from diffusers.models.embeddings import get_timestep_embedding
 
-        t = self.time(get_timestep_embedding(timesteps, 32).to(x0_hat.dtype))
-        features = torch.cat([self.image(x0_hat), t, self.text(text.mean(1))], dim=1)
-        pre = self.fc1(features)
+        t = self.time(get_timestep_embedding(timesteps, 32).to(x.dtype))
+        pre = self.fc1(torch.cat([self.image(x), t, self.text(text.mean(1))], dim=1))
         self.last_hidden = pre.detach()
         return self.fc2(self.act_hidden(pre)).squeeze(-1)
+
+
+class RewardCritic(ConditionedCritic):
+    """Q(x0_hat, t, c): the reward of the decoded look-forward image, from latent, timestep and text."""
+
+    def __init__(self, latent_channels: int, text_dim: int, hidden: int = 64, activation: str = "leaky_relu"):
+        image = nn.Sequential(
+            nn.Conv2d(latent_channels, 32, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        super().__init__(image, text_dim, hidden, activation)
+
+
+class FeatureCritic(ConditionedCritic):
+    """Q(f, t, c) over the reward encoder's features f of the decoded look-forward image: the
+    reward is a function of f, so the critic can fit it; its gradient reaches x0_hat through f."""
+
+    def __init__(self, feature_dim: int, text_dim: int, hidden: int = 64, activation: str = "leaky_relu"):
+        super().__init__(nn.Linear(feature_dim, 64), text_dim, hidden, activation)
 
 
 def live_fraction(critic: nn.Module) -> torch.Tensor:

@@ -4,11 +4,13 @@ Algorithm (specs/METHODS.md section 2), per step on DreamBooth's batch (instance
     eps_theta = U-Net(x_t, t, c);  x0_hat = look_forward(x_t, eps_theta, t)          (one U-Net call)
     critic:  r = reward of the detached look-forward sample; store (input, r) in the replay;
              phi <- phi - lr * grad_phi MSE(Q_phi(input), r) on replayed pairs
-    actor:   L = lambda_prior L_prior + w_inst L_inst + mean_t gamma^t * cost(Q_phi(x0_hat))
-             with gradients through x0_hat into the U-Net, none into phi.
+    actor:   L = lambda_prior L_prior + w_inst L_inst + mean_t w(t) * cost(Q_phi(x0_hat))
+             with gradients through x0_hat into the U-Net, none into phi; w(t) = gamma^t (released code).
 Two critics: "recon" (released code) Q(R), R = (x0_hat - x0_ref)^2, predicts the cost
-MSE(x0_hat, x0_ref); a reward critic Q(x0_hat, t, c) predicts any reward of the decoded image
-(DINO to the references by default), so a non-differentiable reward supervises the actor too.
+MSE(x0_hat, x0_ref); a reward critic Q(x0_hat or its image features, t, c) predicts any reward of
+the decoded image (DINO to the references by default), so a non-differentiable reward supervises
+the actor too. dpg.actor=direct drops the critic and backpropagates a differentiable reward of the
+decoded x0_hat; dpg.look_forward=false judges the one-step-denoised x_{t-1} instead (the ablation).
 """
 
 from __future__ import annotations
@@ -18,12 +20,21 @@ import warnings
 import torch
 
 from rewardbooth import diffusion
-from rewardbooth.methods.critics import ReconstructionCritic, Replay, RewardCritic, critic_regression_loss, live_fraction
+from rewardbooth.methods.critics import (
+    FeatureCritic,
+    ReconstructionCritic,
+    Replay,
+    RewardCritic,
+    critic_regression_loss,
+    live_fraction,
+)
 from rewardbooth.methods.dreambooth import DreamBooth
+from rewardbooth.errors import ConfigError
 from rewardbooth.rewards import Subject, build_reward
 from rewardbooth.training.context import TrainContext
 
 DEAD_CHECK_EVERY = 50  # critic steps between checks for a dead critic
+STEP_BACK_STRIDE = 20  # without look-forward: judge x_{t-20}, one step of a 50-step DDIM sampler
 
 
 class DPG(DreamBooth):
@@ -48,15 +59,24 @@ class DPG(DreamBooth):
         unet_cfg = ctx.components.unet.config
         latent_size = ctx.resolution // ctx.components.vae_scale_factor
         self.recon = cfg.reward == "recon"
-        if self.recon:
-            self.critic = ReconstructionCritic(unet_cfg.in_channels, latent_size, cfg.critic_hidden, cfg.critic_activation)
-        else:
+        self.direct = cfg.actor == "direct"
+        self.features = cfg.critic_input == "features" and not self.recon
+        if not self.recon:
             evaluation = ctx.cfg.evaluation
             models = {"dino": evaluation.dino_model, "clip": evaluation.clip_model, "align": evaluation.align_model}
             self.reward = build_reward(cfg.reward, models=models, device=str(ctx.device))
             self.subject = Subject("subject", self.instance.images, ctx.cfg.data.identifier, ctx.cfg.data.class_noun)
-            self.critic = RewardCritic(unet_cfg.in_channels, ctx.components.text_encoder.config.hidden_size,
-                                       cfg.critic_hidden, cfg.critic_activation)
+            if self.direct and not self.reward.differentiable:
+                raise ConfigError(f"dpg.actor=direct needs a differentiable reward; {cfg.reward!r} is not (use dpg.actor=critic)")
+            if self.features and not hasattr(self.reward, "encoder"):
+                raise ConfigError(f"dpg.critic_input=features needs a reward with an image encoder; {cfg.reward!r} has none")
+        text_dim = ctx.components.text_encoder.config.hidden_size
+        if self.recon:
+            self.critic = ReconstructionCritic(unet_cfg.in_channels, latent_size, cfg.critic_hidden, cfg.critic_activation)
+        elif self.features:
+            self.critic = FeatureCritic(self.reward.encoder.dim, text_dim, cfg.critic_hidden, cfg.critic_activation)
+        else:
+            self.critic = RewardCritic(unet_cfg.in_channels, text_dim, cfg.critic_hidden, cfg.critic_activation)
         self.critic.to(ctx.device)
         optimizer_cls = torch.optim.SGD if cfg.critic_optimizer == "sgd" else torch.optim.Adam
         self.critic_optimizer = optimizer_cls(self.critic.parameters(), lr=cfg.critic_lr)
@@ -76,30 +96,53 @@ class DPG(DreamBooth):
     def checkpoint_objects(self):
         return [self.replay, _Counter(self, "critic_steps")]
 
-    # --- the two critic kinds ---------------------------------------------------------------
-    def critic_inputs(self, x0_hat, x0_ref, timesteps, text) -> tuple[torch.Tensor, ...]:
-        return ((x0_hat - x0_ref) ** 2,) if self.recon else (x0_hat, timesteps, text)
+    # --- what is judged, and by whom ----------------------------------------------------------
+    def decode(self, ctx: TrainContext, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] of latents; differentiable (the VAE is frozen, not detached)."""
+        vae = ctx.components.vae
+        images = vae.decode((latents / ctx.components.latent_scaling).to(vae.dtype)).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    def image_reward(self, ctx: TrainContext, images: torch.Tensor) -> torch.Tensor:
+        return self.reward(images, [ctx.cfg.instance_prompt] * images.shape[0], self.subject).float().to(images.device)
+
+    def critic_inputs(self, judged, x0_ref, timesteps, text, images=None) -> tuple[torch.Tensor, ...]:
+        if self.recon:
+            return ((judged - x0_ref) ** 2,)
+        if self.features:
+            return (self.reward.encoder.encode_images(images), timesteps, text)
+        return (judged, timesteps, text)
 
     @torch.no_grad()
-    def true_reward(self, ctx: TrainContext, x0_hat: torch.Tensor, x0_ref: torch.Tensor, b: int) -> torch.Tensor:
-        """What the critic regresses to. recon: the cost MSE(x0_hat, x0_ref); else the reward of the image."""
+    def true_reward(self, ctx: TrainContext, judged: torch.Tensor, x0_ref: torch.Tensor, images=None) -> torch.Tensor:
+        """What the critic regresses to. recon: the cost MSE(judged, x0_ref); else the reward of the image."""
         if self.recon:
-            return diffusion.per_sample_mse(x0_hat, x0_ref)
-        vae = ctx.components.vae
-        images = vae.decode((x0_hat / ctx.components.latent_scaling).to(vae.dtype)).sample
-        images = ((images.float() + 1) / 2).clamp(0, 1)
-        return self.reward(images, [ctx.cfg.instance_prompt] * b, self.subject).detach().float().to(x0_hat.device)
+            return diffusion.per_sample_mse(judged, x0_ref)
+        return self.image_reward(ctx, images if images is not None else self.decode(ctx, judged)).detach()
+
+    def actor_weight(self, ctx: TrainContext, t: torch.Tensor) -> torch.Tensor:
+        """w(t) of the actor term: gamma^t (released code), capped SNR, or uniform; zero above actor_max_timestep."""
+        cfg = ctx.cfg.dpg
+        if cfg.weighting == "gamma":
+            weight = cfg.gamma ** t.float()
+        elif cfg.weighting == "snr":
+            weight = diffusion.snr(ctx.noise_scheduler, t).clamp(max=cfg.snr_cap)
+        else:
+            weight = torch.ones_like(t, dtype=torch.float32)
+        if cfg.actor_max_timestep is not None:
+            weight = weight * (t < cfg.actor_max_timestep).float()
+        return weight
 
     def actor_cost(self, q: torch.Tensor) -> torch.Tensor:
         """The actor minimises a cost: Q itself for recon (a predicted cost), -Q for a reward."""
         return q if self.recon else -q
 
-    def actor_term(self, ctx: TrainContext, x0_hat, x0_ref, t, text) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """mean_t gamma^t cost(Q(x0_hat)): grad flows through x0_hat into the U-Net, not into phi."""
+    def actor_term(self, ctx: TrainContext, inputs: tuple[torch.Tensor, ...], t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mean_t w(t) cost(Q(x0_hat)): grad flows through x0_hat into the U-Net, not into phi."""
         critic = ctx.accelerator.unwrap_model(self.critic_train)
         critic.requires_grad_(False)
         try:
-            q = critic(*self.critic_inputs(x0_hat, x0_ref, t, text))
+            q = critic(*inputs)
         finally:
             critic.requires_grad_(True)
         live = live_fraction(critic)
@@ -108,8 +151,7 @@ class DPG(DreamBooth):
             warnings.warn("DPG critic is dead (no active hidden unit): its gradient no longer reaches the U-Net; "
                           "use dpg.critic_activation=leaky_relu or a lower dpg.critic_lr", stacklevel=2)
             self.warned_dead = True
-        weight = ctx.cfg.dpg.gamma ** t.float()
-        return (weight * self.actor_cost(q)).mean(), q, live
+        return (self.actor_weight(ctx, t) * self.actor_cost(q)).mean(), q, live
 
     # --- one step ----------------------------------------------------------------------------
     def loss(self, ctx: TrainContext, generator: torch.Generator):
@@ -119,15 +161,27 @@ class DPG(DreamBooth):
         errors = diffusion.per_sample_mse(prediction, diffusion.training_target(ctx.noise_scheduler, noised))
         loss, logs = self.combine(ctx, errors, b, instance_weight=cfg.instance_weight)
 
-        # Look-forward on the instance half: where this trajectory would end.
+        # Look-forward on the instance half: where this trajectory would end (or, ablated, one step on).
         t = noised.timesteps[:b]
-        x0_hat = diffusion.predict_x0(ctx.noise_scheduler, noised.noisy[:b], prediction[:b], t).float()
+        if cfg.look_forward:
+            judged = diffusion.predict_x0(ctx.noise_scheduler, noised.noisy[:b], prediction[:b], t).float()
+        else:
+            judged = diffusion.step_back(ctx.noise_scheduler, noised.noisy[:b], prediction[:b], t, STEP_BACK_STRIDE).float()
         x0_ref = noised.x0[:b].float()
         text_b = text[:b].detach().float()
+        images = self.decode(ctx, judged) if (self.direct or self.features) else None
+
+        if self.direct:  # no critic: the reward's own gradient
+            reward = self.image_reward(ctx, images)
+            actor_term = -(self.actor_weight(ctx, t) * reward).mean()
+            return loss + cfg.reward_weight * actor_term, {**logs, "actor_reward_term": actor_term.detach(),
+                                                           "reward_true": reward.detach().mean()}
 
         # Critic step on detached samples (replayed with recent ones).
-        target = self.true_reward(ctx, x0_hat.detach(), x0_ref, b)
-        self.replay.add(self.critic_inputs(x0_hat.detach(), x0_ref, t, text_b), target)
+        detached_images = images.detach() if images is not None else None
+        target = self.true_reward(ctx, judged.detach(), x0_ref, detached_images)
+        with torch.no_grad():
+            self.replay.add(self.critic_inputs(judged.detach(), x0_ref, t, text_b, detached_images), target)
         inputs, targets = self.replay.sample(cfg.critic_batch_size, newest=b, generator=generator)
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss = critic_regression_loss(self.critic_train(*inputs), targets)
@@ -137,14 +191,14 @@ class DPG(DreamBooth):
         self.critic_optimizer.zero_grad(set_to_none=True)
         self.critic_steps += 1
 
-        actor_term, q, live = self.actor_term(ctx, x0_hat, x0_ref, t, text_b)
+        actor_term, q, live = self.actor_term(ctx, self.critic_inputs(judged, x0_ref, t, text_b, images), t)
         if self.critic_steps > cfg.critic_warmup_steps:
-            loss = loss + actor_term
+            loss = loss + cfg.reward_weight * actor_term
         reward_true = target if not self.recon else -target  # log rewards (higher is better) for both kinds
         q_reward = q.detach() if not self.recon else -q.detach()
         return loss, {**logs, "actor_q_term": actor_term.detach(), "critic_loss": critic_loss.detach(),
                       "critic_live_fraction": live, "reward_true": reward_true.mean(),
-                      "reward_predicted": q_reward.mean()}
+                      "reward_predicted": q_reward.mean(), "critic_abs_error": (q_reward - reward_true).abs().mean()}
 
 
 class _Counter:

@@ -3,12 +3,14 @@
 Algorithm (specs/METHODS.md section 3):
     once:  negatives  y_j ~ base model(training prompt p_j), a few per prompt
            rewards    r(ref_i), r(y_j) with the lambda-Harmonic reward (lambda_train)
-    step:  pair (ref_i with the instance prompt, y_j with p_j), label l ~ Bernoulli(sigmoid(r(ref_i) - r(y_j)))
+    step:  pair (ref_i with the instance prompt, y_j with p_j), label l ~ Bernoulli(sigmoid((r(ref_i) - r(y_j)) / T))
+           (rpo.labels=soft: l = the probability itself)
            one t and eps for both images; e(.) = per-sample denoising error of the trained U-Net,
            e_ref(.) the same for the frozen reference (base weights)
            d = (e_ref(ref) - e(ref)) - (e_ref(y) - e(y))
            L = mean e(ref) - mean[ l logsig(beta d) + (1 - l) logsig(-beta d) ]
-    every validation: mean lambda-Harmonic reward (lambda_val) of samples; keep the best weights.
+    every validation: mean lambda-Harmonic reward (validation.select_lambda) of samples; keep the best
+           weights (the loop's model selection, on for RPO by default).
 """
 
 from __future__ import annotations
@@ -77,9 +79,15 @@ def reference_unet(ctx: TrainContext, frozen_copy):
         unet.enable_adapters()
 
 
+def preference_labels(r_reference: torch.Tensor, r_negative: torch.Tensor, temperature: float, kind: str,
+                      generator: torch.Generator) -> torch.Tensor:
+    """Bradley-Terry: P(reference preferred) = sigmoid((r_ref - r_neg) / T); a Bernoulli draw or the probability."""
+    p_prefer_reference = torch.sigmoid((r_reference - r_negative) / temperature)
+    return p_prefer_reference if kind == "soft" else torch.bernoulli(p_prefer_reference, generator=generator)
+
+
 class RPO(Method):
     name = "rpo"
-    selection_metric = "val_reward"
     defaults = {
         "model.name": "stabilityai/stable-diffusion-2-1",
         "data.resolution": 512,
@@ -89,6 +97,7 @@ class RPO(Method):
         "train.steps": 400,
         "prior.enabled": False,  # RPO's negatives replace DreamBooth's class images
         "validation.every": 40,
+        "validation.select": True,  # keep the best validated weights (lambda-Harmonic, select_lambda 0.5)
         "validation.num_images": 4,
         "validation.prompts": [],  # empty: the 8 training prompts, as the official code validates
     }
@@ -114,10 +123,15 @@ class RPO(Method):
         self.negatives = LatentImageSet(negative_images, ctx)
 
         label_reward = self.reward(ctx, cfg.rpo.lambda_train)
+        # Reference rewards per scoring prompt: column 0 the instance prompt, then each negative's prompt
+        # (rpo.reference_prompt=negative scores a pair's reference under its negative's prompt).
+        self.scoring_prompts = [cfg.instance_prompt, *dict.fromkeys(self.negative_prompts)]
         with torch.no_grad():
-            self.reference_rewards = label_reward(references, [cfg.instance_prompt] * len(references), self.subject).float().cpu()
+            columns = [label_reward(references, [p] * len(references), self.subject).float().cpu() for p in
+                       (self.scoring_prompts if cfg.rpo.reference_prompt == "negative" else self.scoring_prompts[:1])]
+            self.reference_rewards = torch.stack(columns, dim=1)
             self.negative_rewards = label_reward(negative_images, self.negative_prompts, self.subject).float().cpu()
-        self.validation_reward = self.reward(ctx, cfg.rpo.lambda_val)
+        self.negative_prompt_column = torch.tensor([self.scoring_prompts.index(p) for p in self.negative_prompts])
         # Full fine-tuning needs a frozen copy; LoRA reuses the base weights with adapters off.
         self.frozen_copy = None
         if cfg.adapter.kind == "full":
@@ -146,13 +160,18 @@ class RPO(Method):
         entries = [json.loads(line) for line in metadata.read_text().splitlines()]
         return [load_image(folder / e["file"]) for e in entries], [e["prompt"] for e in entries]
 
+    def pair_rewards(self, ctx: TrainContext, ref_index: torch.Tensor, neg_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label rewards of each (reference, negative) pair."""
+        column = self.negative_prompt_column[neg_index] if ctx.cfg.rpo.reference_prompt == "negative" else torch.zeros_like(neg_index)
+        return self.reference_rewards[ref_index, column], self.negative_rewards[neg_index]
+
     def loss(self, ctx: TrainContext, generator: torch.Generator):
         cfg = ctx.cfg
         b = cfg.train.batch_size
         ref_index = self.references.sample_indices(b, generator)
         neg_index = self.negatives.sample_indices(b, generator)
-        p_prefer_reference = torch.sigmoid(self.reference_rewards[ref_index] - self.negative_rewards[neg_index])
-        labels = torch.bernoulli(p_prefer_reference, generator=generator).to(ctx.device)
+        labels = preference_labels(*self.pair_rewards(ctx, ref_index, neg_index), cfg.rpo.label_temperature, cfg.rpo.labels,
+                                   generator).to(ctx.device)
 
         x0 = torch.cat([self.references.latents(ref_index, generator), self.negatives.latents(neg_index, generator)])
         prompts = [cfg.instance_prompt] * b + [self.negative_prompts[j] for j in neg_index.tolist()]
@@ -170,10 +189,3 @@ class RPO(Method):
 
     def validation_prompts(self, ctx: TrainContext) -> list[str]:
         return super().validation_prompts(ctx) or self.training_prompts(ctx)
-
-    @torch.no_grad()
-    def validation_metrics(self, ctx: TrainContext, step: int, prompts: list[str], images: list[list]) -> dict[str, float]:
-        flat = [im for row in images for im in row]
-        flat_prompts = [p for p, row in zip(prompts, images) for _ in row]
-        rewards = self.validation_reward(flat, flat_prompts, self.subject)
-        return {"val_reward": float(rewards.mean())}

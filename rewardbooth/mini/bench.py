@@ -4,8 +4,10 @@ Layout of a mini bench folder:
     references/<subject>/00.png ...   the subjects' reference images (drawn from --subjects-seed)
     class_images/<class noun>/        the prior's class images, made once by the base model, shared by all
     <method>/                         one DreamBench-style bench folder per method (resumable; results.csv per image)
+    <method>@<budget>/                with --budgets: one per method and budget, evaluating ...
+    runs/<method>/<subject>/          ... one training run per method and subject, to the largest budget
     report.html, results.json/.csv    all methods side by side (means and spread over subjects)
-    paired.json                       each method minus the first, subject by subject
+    paired.json                       each method minus dreambooth, subject by subject, with bootstrap intervals
 
 Subjects are split over `jobs` worker processes (one CPU thread each by default): the small
 model's batches do not keep two threads busy, two processes do.
@@ -18,19 +20,18 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import stdev
 from typing import Any
 
 from PIL import Image
 
 from rewardbooth.config import METHOD_NAMES, RunConfig, load_config
 from rewardbooth.errors import ConfigError
-from rewardbooth.evaluation.bench import BenchRunner, merge, subject_config
+from rewardbooth.evaluation.bench import BenchRunner, subject_config, summarize_folders, write_bench_report
 from rewardbooth.evaluation.metrics import ImageScore, Scorer
+from rewardbooth.evaluation.paired import paired_differences
 from rewardbooth.mini.scoring import AttributeJudge, attribute_checks
 from rewardbooth.mini.world import CONTEXT_PHRASES, DEFAULT_SPLIT, MiniSubject, PromptSpec, make_subjects, subject_prompts
 
@@ -48,7 +49,7 @@ MINI_COMMON: dict[str, Any] = {
     "prior.generation_guidance": 4.0,
     "prior.generation_batch_size": 32,  # 32 px samples: big batches are nearly free
     "validation.batch_size": 32,
-    "validation.steps": 20,
+    "validation.steps": 10,  # as the bench's sampler (SUITES): accuracies hold at 10 steps
     "validation.guidance_scale": 4.0,
     "train.checkpoint_every": 0,
     "train.log_every": 10,
@@ -69,10 +70,16 @@ MINI_METHODS: dict[str, dict[str, Any]] = {
             "rpo.prompts": RPO_PROMPTS},
 }
 SUITES = {
-    # subjects, images per prompt, sampling steps
-    "quick": {"subjects": 2, "images_per_prompt": 2, "sample_steps": 20},
-    "full": {"subjects": 8, "images_per_prompt": 4, "sample_steps": 25},
+    # subjects, images per prompt, sampling steps. 10 DPM-Solver steps keep the base model's attribute
+    # accuracies of 25 (docs/minibench.md, "Where the time goes"); 2 images per prompt because the
+    # spread between subjects, not between images, limits what a paired comparison can tell.
+    "quick": {"subjects": 2, "images_per_prompt": 2, "sample_steps": 10},
+    "full": {"subjects": 24, "images_per_prompt": 2, "sample_steps": 10},
 }
+# Subject i of --subjects-seed N is made from seed N * SUBJECT_SEED_STRIDE + i (taken combinations
+# skipped), so different --subjects-seed values never share a subject. Runs recorded before this
+# mapping name their subjects by seed (mini-100-...): make_subject(100) remakes them.
+SUBJECT_SEED_STRIDE = 1000
 SAMPLE_BATCH = 32
 GUIDANCE = 4.0  # the mini model's samples are cleanest around 3-5
 
@@ -103,8 +110,10 @@ def prepare_subjects(root: Path, count: int, seed: int) -> list[MiniBenchSubject
     """Draw `count` held-out subjects from `seed` and write their references under root/references."""
     if not 1 <= count <= len(DEFAULT_SPLIT.heldout):
         raise ConfigError(f"--num-subjects must lie in [1, {len(DEFAULT_SPLIT.heldout)}] (the held-out combinations), got {count}")
+    if seed < 0:
+        raise ConfigError(f"--subjects-seed must be >= 0, got {seed}")
     subjects = []
-    for subject in make_subjects(count, seed=seed):
+    for subject in make_subjects(count, seed=seed * SUBJECT_SEED_STRIDE):
         folder = root / "references" / subject.name
         if not folder.is_dir():  # deterministic from the seed, so an existing folder holds the same images
             subject.save(folder)
@@ -113,12 +122,25 @@ def prepare_subjects(root: Path, count: int, seed: int) -> list[MiniBenchSubject
 
 
 class MiniBenchRunner(BenchRunner):
-    def __init__(self, subjects_root: Path, subjects_seed: int, judge: AttributeJudge, *args: Any, **kwargs: Any):
+    """One method on the mini subjects. With a `budget`, the runs live in `run_root` (shared by
+    the method's budgets) and this runner evaluates the weights kept at that step."""
+
+    def __init__(self, subjects_root: Path, subjects_seed: int, judge: AttributeJudge, *args: Any,
+                 run_root: Path | None = None, budget: int | None = None, **kwargs: Any):
         super().__init__(None, *args, **kwargs)
         self.subjects_root, self.subjects_seed, self.judge = Path(subjects_root), subjects_seed, judge
+        self.run_root, self.budget = run_root, budget
+
+    def run_dir(self, subject: MiniBenchSubject) -> Path:
+        return self.run_root / subject.name if self.run_root else super().run_dir(subject)
+
+    def weights_dir(self, run_dir: Path) -> Path | None:
+        from rewardbooth.training.loop import budget_dir
+
+        return budget_dir(run_dir, self.budget) if self.budget and self.budget != self.cfg.train.steps else None
 
     def info(self) -> dict[str, Any]:
-        return {"suite": "mini", "method": self.cfg.train.method, "model": self.cfg.model.name,
+        return {"suite": "mini", "method": self.cfg.train.method, "model": self.cfg.model.name, "budget": self.budget,
                 "references": str(self.subjects_root.resolve() / "references"), "subjects_seed": self.subjects_seed,
                 "images_per_prompt": self.images_per_prompt, "sample_steps": self.sample_steps,
                 "guidance_scale": self.guidance_scale, "judges": {**self.scorer.checkpoints(), "attributes": self.judge.name},
@@ -169,15 +191,25 @@ def prepare_class_images(root: Path, cfg: RunConfig, subjects: list[MiniBenchSub
         partial.replace(folder)
 
 
-def _runner(out: Path, subjects_seed: int, judge: AttributeJudge, method: str, cfg: RunConfig, images_per_prompt: int,
-            sample_steps: int, device: str, progress: bool = False) -> MiniBenchRunner:
-    return MiniBenchRunner(out, subjects_seed, judge, out / method, cfg, Scorer.from_config(cfg.evaluation, device=device),
-                           images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance_scale=GUIDANCE,
-                           progress=progress, sample_batch_size=SAMPLE_BATCH)
+def bench_folder_name(method: str, budget: int | None) -> str:
+    return f"{method}@{budget}" if budget else method
+
+
+def _runners(out: Path, subjects_seed: int, judge: AttributeJudge, method: str, cfg: RunConfig, images_per_prompt: int,
+             sample_steps: int, device: str, budgets: list[int] | None, progress: bool = False) -> list[MiniBenchRunner]:
+    """The method's runners: one, or one per budget (the largest first: it trains the shared runs)."""
+    scorer = Scorer.from_config(cfg.evaluation, device=device)
+    common = dict(images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance_scale=GUIDANCE,
+                  progress=progress, sample_batch_size=SAMPLE_BATCH)
+    if not budgets:
+        return [MiniBenchRunner(out, subjects_seed, judge, out / method, cfg, scorer, **common)]
+    return [MiniBenchRunner(out, subjects_seed, judge, out / bench_folder_name(method, budget), cfg, scorer,
+                            run_root=out / "runs" / method, budget=budget, **common) for budget in sorted(budgets, reverse=True)]
 
 
 def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBenchSubject], subjects_seed: int,
-                 images_per_prompt: int, sample_steps: int, device: str, progress: bool, threads: int | None = None) -> None:
+                 images_per_prompt: int, sample_steps: int, device: str, progress: bool, budgets: list[int] | None,
+                 threads: int | None = None) -> None:
     """Every method on `subjects`, one after another (a worker process's whole job)."""
     if threads:
         import torch
@@ -185,44 +217,54 @@ def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBe
         torch.set_num_threads(threads)
     judge = AttributeJudge("mini", device=device)
     for method, cfg in configs.items():
-        _runner(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, device, progress).run(subjects)
+        for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, device, budgets, progress):
+            runner.run(subjects)
 
 
-PAIRED_METRICS = ("dino", "clip_i", "clip_t", "identity_kept", "prompt_ok")
+PAIRED_METRICS = ("dino", "clip_i", "clip_t", "shape_kept", "colour_kept", "pattern_kept", "identity_kept", "context_ok",
+                  "modifier_ok", "prompt_ok")
+BASELINE = "dreambooth"
 
 
-def paired_differences(results: dict[str, dict], metrics: tuple[str, ...] = PAIRED_METRICS) -> dict[str, Any]:
-    """Each method minus the first one, subject by subject (all saw the same subjects): mean,
-    standard error and subjects won / lost. Pairing removes the subject-to-subject spread.
-    `results`: method -> its bench folder's results.json."""
-    per = {method: {row["subject"]: row for row in result["per_subject"]} for method, result in results.items()}
-    baseline, base_rows = next(iter(per.items()))
-    differences: dict[str, dict[str, dict[str, float]]] = {}
-    for method, rows in list(per.items())[1:]:
-        differences[method] = {}
-        for metric in metrics:
-            diffs = [rows[s][metric] - base[metric] for s, base in base_rows.items()
-                     if s in rows and not math.isnan(rows[s][metric]) and not math.isnan(base[metric])]
-            n = len(diffs)
-            differences[method][metric] = {
-                "mean": sum(diffs) / n if n else math.nan,
-                "stderr": stdev(diffs) / math.sqrt(n) if n > 1 else math.nan,
-                "won": sum(d > 0 for d in diffs), "lost": sum(d < 0 for d in diffs), "subjects": n,
-            }
-    return {"baseline": baseline, "differences": differences}
+def paired_by_budget(results: dict[str, dict], methods: list[str], budgets: list[int | None]) -> dict[str, Any]:
+    """Per budget: each method minus dreambooth (or the first method) at the same budget, subject by subject.
+    `results`: bench folder name -> its results.json."""
+    baseline = BASELINE if BASELINE in methods else methods[0]
+    paired = {}
+    for budget in budgets:
+        per_subject = {m: results[bench_folder_name(m, budget)]["per_subject"] for m in methods}
+        present = [k for k in PAIRED_METRICS if k in results[bench_folder_name(baseline, budget)]["overall"]]
+        paired[str(budget or "final")] = paired_differences(per_subject, tuple(present), baseline=baseline)
+    return {"baseline": baseline, "budgets": paired}
 
 
 def default_jobs(num_subjects: int, device: str) -> int:
     return 1 if device != "cpu" else max(1, min(num_subjects, os.cpu_count() or 1))
 
 
+def parse_budgets(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        budgets = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise ConfigError(f"--budgets must be comma-separated step counts, e.g. 200,400,800; got {text!r}") from None
+    if not budgets or budgets[0] < 1:
+        raise ConfigError(f"--budgets must be positive step counts, got {text!r}")
+    return budgets
+
+
 def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjects_seed: int = 0,
                    num_subjects: int | None = None, images_per_prompt: int | None = None, sample_steps: int | None = None,
                    config_file: str | None = None, overrides: dict[str, Any] | None = None, device: str = "cpu",
-                   progress: bool = True, jobs: int | None = None) -> Path:
-    """Run (or finish) every method on the same subjects, then merge them into out/report.html."""
+                   progress: bool = True, jobs: int | None = None, budgets: list[int] | None = None) -> Path:
+    """Run (or finish) every method on the same subjects, then merge them into out/report.html.
+    `budgets`: train each subject once to the largest, evaluate the weights kept at each."""
     suite = SUITES["quick" if quick else "full"]
-    configs = {m: method_config(m, config_file, dict(overrides or {})) for m in methods}  # bad settings fail first
+    overrides = dict(overrides or {})
+    if budgets:
+        overrides.update({"train.steps": max(budgets), "train.save_steps": [b for b in budgets if b != max(budgets)]})
+    configs = {m: method_config(m, config_file, overrides) for m in methods}  # bad settings fail first
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     out = Path(out)
@@ -233,12 +275,13 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
     jobs = min(jobs or default_jobs(len(subjects), device), len(subjects))
     judge = AttributeJudge("mini", device=device)
     for method, cfg in configs.items():  # refuse a folder made with other settings before any work
-        _runner(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, device).check_folder()
+        for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, device, budgets):
+            runner.check_folder()
     first = next(iter(configs.values()))
     if first.prior.enabled and not first.prior.class_dir:
         prepare_class_images(out, first, subjects, device, progress)
     work = dict(out=out, configs=configs, subjects_seed=subjects_seed, images_per_prompt=images_per_prompt,
-                sample_steps=sample_steps, device=device)
+                sample_steps=sample_steps, device=device, budgets=budgets)
     if jobs == 1:
         _run_methods(subjects=subjects, progress=progress, **work)
     else:
@@ -252,14 +295,39 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
                        for i in range(jobs)]
             for future in futures:
                 future.result()
-    folders = [out / method for method in configs]
-    report = merge(folders, out)
-    results = {f.name: json.loads((f / "results.json").read_text()) for f in folders}
-    summary = {method: result["overall"] for method, result in results.items()}
+    budget_list: list[int | None] = list(budgets) if budgets else [None]
+    folders = [out / bench_folder_name(m, b) for b in budget_list for m in configs]
+    summarized = summarize_folders(folders)
+    results = {folder.name: result for folder, _, result in summarized}
+    summary = {name: result["overall"] for name, result in results.items()}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    with (out / "results.csv").open("w", newline="") as f:  # one row per method: means and spread over subjects
+    with (out / "results.csv").open("w", newline="") as f:  # one row per method (and budget): means and spread over subjects
         writer = csv.DictWriter(f, fieldnames=["method", *[k for k in next(iter(summary.values())) if k != "scope"]])
         writer.writeheader()
-        writer.writerows({"method": method, **{k: v for k, v in row.items() if k != "scope"}} for method, row in summary.items())
-    (out / "paired.json").write_text(json.dumps(paired_differences(results), indent=2))
-    return report
+        writer.writerows({"method": name, **{k: v for k, v in row.items() if k != "scope"}} for name, row in summary.items())
+    paired = paired_by_budget(results, list(configs), budget_list)
+    (out / "paired.json").write_text(json.dumps(paired, indent=2))
+    return write_bench_report(out, summarized, "rewardbooth MiniBench results",
+                              extra_sections=mini_report_sections(out, results, paired, list(configs), budget_list))
+
+
+def mini_report_sections(out: Path, results: dict[str, dict], paired: dict[str, Any], methods: list[str],
+                         budgets: list[int | None]) -> list:
+    """The paired table (with intervals and verdicts) per budget, and the budget frontier plot."""
+    from rewardbooth.evaluation.paired import paired_rows
+    from rewardbooth.evaluation.report import ReportSection, plot_frontier
+
+    sections = []
+    for budget, table in paired["budgets"].items():
+        sections.append(ReportSection(
+            f"Paired with {paired['baseline']}" + (f" at {budget} steps" if budget != "final" else ""),
+            f"method minus {paired['baseline']} on the same subjects; {table['interval']}; the verdict follows the "
+            "interval (better: all above 0, worse: all below 0)", table=paired_rows(table)))
+    if all(b is not None for b in budgets) and len(budgets) > 1:
+        curves = {m: [(b, results[bench_folder_name(m, b)]["overall"]) for b in budgets] for m in methods}
+        path = plot_frontier({m: [(b, row["prompt_ok"], row["identity_kept"]) for b, row in points] for m, points in curves.items()},
+                             out / "report_assets" / "frontier.png", "prompt_ok (text alignment)", "identity_kept (subject fidelity)")
+        sections.append(ReportSection("Budget frontier", "mean over subjects at each training budget (steps, labelled): "
+                                      "better means up at the same budget and the same prompt_ok",
+                                      images=[(str(path.relative_to(out)), "identity_kept vs prompt_ok per method across budgets")]))
+    return sections

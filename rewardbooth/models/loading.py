@@ -123,8 +123,10 @@ def make_pipeline(components: Components, unet=None, text_encoder=None, schedule
     return pipe
 
 
-def load_run_pipeline(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """The pipeline a finished run produced: its base model plus the trained weights."""
+def load_run_pipeline(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                      weights_dir: Path | None = None):
+    """The pipeline a finished run produced: its base model plus the trained weights (from
+    `weights_dir` if given, e.g. a budget folder of the run, else the run's result)."""
     from rewardbooth.config import load_config
     from rewardbooth.models.lora import LORA_WEIGHTS_NAME, load_lora_into_pipeline
     from rewardbooth.training.run_dir import CONFIG_NAME
@@ -134,23 +136,24 @@ def load_run_pipeline(run_dir: Path, device: str | torch.device = "cpu", dtype: 
         raise ConfigError(f"{run_dir} is not a rewardbooth run folder (no {CONFIG_NAME})")
     cfg = load_config(run_dir / CONFIG_NAME)
     components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant, dtype=dtype)
-    if (run_dir / LORA_WEIGHTS_NAME).is_file():
+    weights = Path(weights_dir) if weights_dir is not None else run_dir
+    if (weights / LORA_WEIGHTS_NAME).is_file():
         import diffusers
 
         pipe = make_pipeline(components)
         level = diffusers.utils.logging.get_verbosity()
         diffusers.utils.logging.set_verbosity_error()  # "no text-encoder LoRA keys" is expected, not news
         try:
-            load_lora_into_pipeline(pipe, run_dir / LORA_WEIGHTS_NAME, cfg.adapter.rank, cfg.adapter.alpha)
+            load_lora_into_pipeline(pipe, weights / LORA_WEIGHTS_NAME, cfg.adapter.rank, cfg.adapter.alpha)
         finally:
             diffusers.utils.logging.set_verbosity(level)
-    elif (run_dir / "unet").is_dir():
+    elif (weights / "unet").is_dir():
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        unet = UNet2DConditionModel.from_pretrained(run_dir / "unet", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(run_dir / "text_encoder", torch_dtype=dtype) if (run_dir / "text_encoder").is_dir() else None
+        unet = UNet2DConditionModel.from_pretrained(weights / "unet", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(weights / "text_encoder", torch_dtype=dtype) if (weights / "text_encoder").is_dir() else None
         pipe = make_pipeline(components, unet=unet, text_encoder=text_encoder)
     else:
-        raise ConfigError(f"run {run_dir} has no trained weights yet (no {LORA_WEIGHTS_NAME} or unet/): did training finish?")
+        raise ConfigError(f"run {weights} has no trained weights yet (no {LORA_WEIGHTS_NAME} or unet/): did training finish?")
     return cfg, pipe.to(device)

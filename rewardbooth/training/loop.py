@@ -33,6 +33,8 @@ from rewardbooth.training.run_dir import (
 )
 
 BEST_DIR = "best"
+BUDGETS_DIR = "budgets"
+SELECTION_REWARD = "val_reward"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -77,6 +79,10 @@ class Trainer:
         )
         self.metrics = MetricsLog(self.run_dir / METRICS_NAME, enabled=self.accelerator.is_main_process)
         self.best: tuple[int, float] | None = None  # (step, score) of the best validation so far
+        # What model selection maximises: the method's own validation number, or the loop's
+        # lambda-Harmonic selection reward when validation.select is on (any method).
+        self.selection_key = self.method.selection_metric or (SELECTION_REWARD if cfg.validation.select else None)
+        self._selection_reward = None
 
     # --- setup ------------------------------------------------------------------------------
     def _load(self) -> TrainContext:
@@ -222,6 +228,8 @@ class Trainer:
                 self.validate(ctx, done)
                 if self.should_stop(done):
                     break
+            if done in t.save_steps and done != t.steps:
+                self.save_budget(ctx, done)
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
                 self.save_checkpoint(done)
         bar.close()
@@ -236,10 +244,10 @@ class Trainer:
         step, path = checkpoints[-1]
         self.accelerator.load_state(str(path))  # extra modules are prepared, so restored here too
         best = self.run_dir / BEST_DIR / "best.json"
-        if best.is_file() and self.method.selection_metric:
+        if best.is_file() and self.selection_key:
             saved = json.loads(best.read_text())
             if saved["step"] <= step:  # a best found after the checkpoint is not part of this history
-                self.best = (saved["step"], saved[self.method.selection_metric])
+                self.best = (saved["step"], saved[self.selection_key])
         return step
 
     def save_checkpoint(self, step: int) -> Path:
@@ -283,13 +291,31 @@ class Trainer:
         save_image_grid([im for row in images for im in row], folder / "grid.png", cols=v.num_images)
         (folder / "prompts.json").write_text(json.dumps(prompts))
         extra = self.method.validation_metrics(ctx, step, prompts, images)
+        if self.selection_key == SELECTION_REWARD and SELECTION_REWARD not in extra:
+            extra[SELECTION_REWARD] = self.selection_score(ctx, prompts, images)
         self.metrics.write({"step": step, "validation": True, **extra})
-        key = self.method.selection_metric
-        if key is not None:
+        key = self.selection_key
+        if key is not None and step >= v.select_min_step:
             if self.best is None or extra[key] > self.best[1]:
                 self.best = (step, extra[key])
                 self.export_weights(ctx, self.run_dir / BEST_DIR)
-            (self.run_dir / BEST_DIR / "best.json").write_text(json.dumps({"step": self.best[0], key: self.best[1]}))
+                (self.run_dir / BEST_DIR / "best.json").write_text(json.dumps({"step": self.best[0], key: self.best[1]}))
+
+    def selection_score(self, ctx: TrainContext, prompts: list[str], images: list[list]) -> float:
+        """Mean lambda-Harmonic reward (validation.select_lambda) of the validation images."""
+        from rewardbooth.methods.dreambooth import instance_images
+        from rewardbooth.rewards import Subject, build_reward
+
+        cfg = self.cfg
+        if self._selection_reward is None:
+            models = {"align": cfg.evaluation.align_model, "clip": cfg.evaluation.clip_model}
+            spec = {"name": "lambda_harmonic", "lam": cfg.validation.select_lambda, "encoder": cfg.validation.select_encoder}
+            subject = Subject("subject", instance_images(ctx), cfg.data.identifier, cfg.data.class_noun)
+            self._selection_reward = (build_reward(spec, models=models, device=str(ctx.device)), subject)
+        reward, subject = self._selection_reward
+        flat = [im for row in images for im in row]
+        flat_prompts = [p for p, row in zip(prompts, images) for _ in row]
+        return float(reward(flat, flat_prompts, subject).mean())
 
     def should_stop(self, step: int) -> bool:
         """Early stopping: no better validation score for `patience` validations in a row."""
@@ -314,23 +340,35 @@ class Trainer:
             text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
         return folder / "unet"
 
+    def write_result_weights(self, ctx: TrainContext, folder: Path) -> Path:
+        """The run's result as of now into `folder`: the best validated weights under selection, else the current ones."""
+        if self.best is None:
+            return self.export_weights(ctx, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in (self.run_dir / BEST_DIR).iterdir():
+            target = folder / item.name
+            if item.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(item, target)
+            elif item.name != "best.json":
+                shutil.copy2(item, target)
+        return folder / ("pytorch_lora_weights.safetensors" if self.cfg.adapter.kind == "lora" else "unet")
+
+    def save_budget(self, ctx: TrainContext, step: int) -> Path:
+        """budgets/step-N/: the result a run of N steps would have given (same weights, same selection)."""
+        folder = budget_dir(self.run_dir, step)
+        if self.accelerator.is_main_process:
+            self.write_result_weights(ctx, folder)
+            (folder / "budget.json").write_text(json.dumps({"step": step, "selected_step": self.best[0] if self.best else step}))
+        self.accelerator.wait_for_everyone()
+        return folder
+
     def _finish(self, ctx: TrainContext, last_step: int) -> TrainResult:
         acc = self.accelerator
         acc.wait_for_everyone()
         weights = self.run_dir
         if acc.is_main_process:
-            if self.best is not None:
-                # Model selection: the best validated weights are the run's result.
-                for item in (self.run_dir / BEST_DIR).iterdir():
-                    target = self.run_dir / item.name
-                    if item.is_dir():
-                        shutil.rmtree(target, ignore_errors=True)
-                        shutil.copytree(item, target)
-                    elif item.name != "best.json":
-                        shutil.copy2(item, target)
-                weights = self.run_dir / ("pytorch_lora_weights.safetensors" if self.cfg.adapter.kind == "lora" else "unet")
-            else:
-                weights = self.export_weights(ctx, self.run_dir)
+            weights = self.write_result_weights(ctx, self.run_dir)
             (self.run_dir / "result.json").write_text(json.dumps({
                 "method": self.method.name, "last_step": last_step,
                 "selected_step": self.best[0] if self.best else last_step,
@@ -340,6 +378,10 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         return TrainResult(self.run_dir, last_step, Path(weights), self.best[0] if self.best else last_step)
+
+
+def budget_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / BUDGETS_DIR / f"step-{step:06d}"
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True, method: Method | None = None) -> TrainResult:

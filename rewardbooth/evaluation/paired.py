@@ -1,0 +1,80 @@
+"""Paired comparisons of methods over the same subjects: mean difference, a bootstrap 95%
+interval over subjects, subjects won / lost, and the verdict the interval supports.
+
+Subjects are the sample (images of one subject are not independent), so the interval resamples
+subjects, not images. Every bench number is "higher is better".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # fixed: the same results give the same interval
+
+
+def bootstrap_interval(differences: list[float], level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `differences` (resampling subjects)."""
+    values = np.asarray(differences, dtype=float)
+    if values.size < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def verdict(low: float, high: float) -> str:
+    if low > 0:
+        return "better"
+    if high < 0:
+        return "worse"
+    return "no detectable difference"
+
+
+def compare(differences: list[float]) -> dict[str, Any]:
+    n = len(differences)
+    low, high = bootstrap_interval(differences)
+    return {
+        "mean": sum(differences) / n if n else math.nan,
+        "ci95_low": low, "ci95_high": high,
+        "stderr": float(np.std(differences, ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+        "won": sum(d > 0 for d in differences), "lost": sum(d < 0 for d in differences), "subjects": n,
+        "verdict": verdict(low, high) if n > 1 else "too few subjects",
+    }
+
+
+def paired_differences(per_subject: dict[str, list[dict]], metrics: tuple[str, ...], baseline: str | None = None) -> dict[str, Any]:
+    """Each method minus `baseline` (default: the first), subject by subject, on every metric.
+    `per_subject`: method -> rows with "subject" and the metrics (a results.json's per_subject)."""
+    per = {method: {row["subject"]: row for row in rows} for method, rows in per_subject.items()}
+    baseline = baseline or next(iter(per))
+    base_rows = per[baseline]
+    differences: dict[str, dict[str, dict[str, Any]]] = {}
+    for method, rows in per.items():
+        if method == baseline:
+            continue
+        differences[method] = {}
+        for metric in metrics:
+            diffs = [rows[s][metric] - base[metric] for s, base in base_rows.items()
+                     if s in rows and metric in rows[s] and metric in base
+                     and not math.isnan(rows[s][metric]) and not math.isnan(base[metric])]
+            differences[method][metric] = compare(diffs)
+    return {"baseline": baseline, "interval": f"95% percentile bootstrap over subjects ({BOOTSTRAP_RESAMPLES} resamples)",
+            "differences": differences}
+
+
+def paired_rows(paired: dict[str, Any]) -> list[dict[str, str]]:
+    """One table row per (method, metric): the printed and reported form."""
+    rows = []
+    for method, metrics in paired["differences"].items():
+        for metric, d in metrics.items():
+            rows.append({"method": f"{method} - {paired['baseline']}", "metric": metric, "mean diff": f"{d['mean']:+.3f}",
+                         "95% CI": f"[{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]", "won/lost": f"{d['won']}/{d['lost']}",
+                         "subjects": str(d["subjects"]), "verdict": d["verdict"]})
+    return rows

@@ -1,0 +1,106 @@
+"""Paired statistics with bootstrap intervals, training budgets kept from one run, loop-level
+model selection for any method, and disjoint MiniBench subject sets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rewardbooth.config import load_config
+from rewardbooth.errors import ConfigError
+from rewardbooth.evaluation.paired import bootstrap_interval, compare, paired_differences, verdict
+from rewardbooth.models.lora import LORA_WEIGHTS_NAME
+from rewardbooth.training.loop import budget_dir, train
+from rewardbooth.training.run_dir import prepare_run_dir
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():
+    diffs = [0.10, 0.05, 0.20, -0.02, 0.08, 0.12, 0.03, 0.15]
+    low, high = bootstrap_interval(diffs)
+    mean = sum(diffs) / len(diffs)
+    assert low < mean < high
+    assert (low, high) == bootstrap_interval(diffs)  # fixed seed
+    # Within the range of the data, and narrower than it.
+    assert min(diffs) < low and high < max(diffs)
+    # Twice the subjects with the same spread: a narrower interval.
+    low2, high2 = bootstrap_interval(diffs * 2)
+    assert high2 - low2 < high - low
+
+
+def test_verdict_follows_the_interval():
+    assert compare([0.1, 0.2, 0.15, 0.12, 0.18])["verdict"] == "better"
+    assert compare([-0.1, -0.2, -0.15, -0.12, -0.18])["verdict"] == "worse"
+    assert compare([0.3, -0.3, 0.2, -0.25, 0.01, -0.02])["verdict"] == "no detectable difference"
+    assert verdict(0.01, 0.2) == "better" and verdict(-0.2, -0.01) == "worse" and verdict(-0.1, 0.1) == "no detectable difference"
+    one = compare([0.5])
+    assert one["verdict"] == "too few subjects" and one["won"] == 1
+
+
+def test_paired_differences_pair_by_subject():
+    rows = {
+        "dreambooth": [{"subject": "a", "m": 0.5}, {"subject": "b", "m": 0.2}, {"subject": "c", "m": 0.9}],
+        # listed in another order: pairing is by subject name, not position
+        "dpg": [{"subject": "c", "m": 1.0}, {"subject": "a", "m": 0.6}, {"subject": "b", "m": 0.1}],
+    }
+    result = paired_differences(rows, ("m",), baseline="dreambooth")
+    d = result["differences"]["dpg"]["m"]
+    assert d["mean"] == pytest.approx((0.1 - 0.1 + 0.1) / 3)
+    assert (d["won"], d["lost"], d["subjects"]) == (2, 1, 3)
+    assert "dreambooth" not in result["differences"]
+
+
+def test_budgets_keep_the_weights_a_shorter_run_would_give(tmp_path, tiny_overrides):
+    long_cfg = load_config(overrides=dict(tiny_overrides, **{"train.steps": 4, "train.save_steps": [2]}))
+    short_cfg = load_config(overrides=dict(tiny_overrides, **{"train.steps": 2}))
+    runs = {}
+    for name, cfg in (("long", long_cfg), ("short", short_cfg)):
+        runs[name] = tmp_path / name
+        prepare_run_dir(runs[name], resume=False, overwrite=False)
+        train(cfg, runs[name], progress=False)
+    kept = load_file(budget_dir(runs["long"], 2) / LORA_WEIGHTS_NAME)
+    short = load_file(runs["short"] / LORA_WEIGHTS_NAME)
+    final = load_file(runs["long"] / LORA_WEIGHTS_NAME)
+    assert kept.keys() == short.keys()
+    for key in kept:
+        torch.testing.assert_close(kept[key], short[key])
+    assert any(not torch.equal(kept[k], final[k]) for k in kept)
+    assert json.loads((budget_dir(runs["long"], 2) / "budget.json").read_text()) == {"step": 2, "selected_step": 2}
+
+
+def test_save_steps_outside_the_run_are_refused(tiny_overrides):
+    with pytest.raises(ConfigError, match="train.save_steps"):
+        load_config(overrides=dict(tiny_overrides, **{"train.steps": 4, "train.save_steps": [8]}))
+
+
+def test_loop_selection_works_for_dreambooth_and_respects_min_step(tmp_path, tiny_overrides):
+    overrides = dict(tiny_overrides, **{
+        "train.steps": 6, "validation.every": 2, "validation.steps": 1, "validation.num_images": 1,
+        "validation.select": True, "evaluation.align_model": "tiny", "train.save_steps": [4]})
+    for min_step in (0, 4):
+        cfg = load_config(overrides=dict(overrides, **{"validation.select_min_step": min_step}))
+        run = tmp_path / f"min{min_step}"
+        prepare_run_dir(run, resume=False, overwrite=False)
+        result = train(cfg, run, progress=False)
+        curve = {r["step"]: r["val_reward"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                 if r.get("validation")}
+        assert sorted(curve) == [2, 4, 6] and all(0 < v <= 1 for v in curve.values())
+        candidates = {s: v for s, v in curve.items() if s >= min_step}
+        assert result.selected_step == max(candidates, key=candidates.get)
+        at_budget = {s: v for s, v in candidates.items() if s <= 4}
+        kept = json.loads((budget_dir(run, 4) / "budget.json").read_text())
+        assert kept["selected_step"] == max(at_budget, key=at_budget.get)
+
+
+def test_subject_sets_of_different_seeds_share_no_subject(tmp_path):
+    from rewardbooth.mini.bench import prepare_subjects
+
+    first = prepare_subjects(tmp_path / "a", 24, 0)
+    second = prepare_subjects(tmp_path / "b", 24, 1)
+    assert len({s.name for s in first}) == len({s.name for s in second}) == 24
+    assert not {s.name for s in first} & {s.name for s in second}
+    # Within a set every subject is its own combination.
+    combos = {(s.subject.shape, s.subject.colour, s.subject.pattern) for s in first}
+    assert len(combos) == 24
