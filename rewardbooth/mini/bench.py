@@ -57,17 +57,41 @@ MINI_COMMON: dict[str, Any] = {
 # RPO's training prompts: four of the seven contexts the bench asks for (the paper's eight prompts
 # overlap DreamBench's 25 in the same way: some, not all).
 RPO_PROMPTS = [f"a {{identifier}} {{class_noun}} {CONTEXT_PHRASES[c]}" for c in ("beach", "snow", "city", "night")]
-# Per method: the tuned settings. Every method trains the full U-Net for the same 400 steps
-# (batch 2 + 2 class images); each got the better of lr 2e-4 / 4e-4 by identity_kept on
-# subjects drawn from --subjects-seed 100, never the reported seed (docs/minibench.md, "Tuning").
+# Per method: the tuned settings. Every method trains the full U-Net for the same 400 steps at
+# batch 1 (+ 1 class image; the papers' batch, and 0.56x the time of batch 2 here); learning rates
+# were bracketed on subjects of --subjects-seed 100 and up, never a reported seed (docs/minibench.md, "Tuning").
 MINI_METHODS: dict[str, dict[str, Any]] = {
-    "dreambooth": {"adapter.kind": "full", "train.learning_rate": 4e-4, "train.steps": 400, "train.batch_size": 2,
+    "dreambooth": {"adapter.kind": "full", "train.learning_rate": 4e-4, "train.steps": 400, "train.batch_size": 1,
                    "validation.every": 0},
     "dpg": {"adapter.kind": "full", "adapter.train_text_encoder": False, "train.learning_rate": 2e-4, "train.steps": 400,
-            "train.batch_size": 2, "validation.every": 0},
-    "rpo": {"adapter.kind": "full", "train.learning_rate": 2e-4, "train.steps": 400, "train.batch_size": 2,
-            "validation.every": 40, "validation.num_images": 2, "rpo.negative_steps": 20, "rpo.negative_guidance": 4.0,
+            "train.batch_size": 1, "validation.every": 0},
+    "rpo": {"adapter.kind": "full", "train.learning_rate": 2e-4, "train.steps": 400, "train.batch_size": 1,
+            "validation.every": 40, "validation.num_images": 2, "rpo.negative_steps": 10, "rpo.negative_guidance": 4.0,
             "rpo.prompts": RPO_PROMPTS},
+}
+# Named variants: a method with some settings changed, benchmarked like a method (`--methods
+# dreambooth,dpg-direct,...`), so every variant tried is a setting with a name and a record.
+MINI_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # selection alone: DreamBooth keeping its best validated weights by RPO's reward
+    "dreambooth-select": ("dreambooth", {"validation.every": 40, "validation.num_images": 2, "validation.select": True,
+                                         "validation.prompts": RPO_PROMPTS}),
+    # DPG: a differentiable reward straight through the decoded look-forward image (no critic)
+    "dpg-direct": ("dpg", {"dpg.reward": "dino", "dpg.actor": "direct", "dpg.instance_weight": 1.0,
+                           "dpg.weighting": "uniform", "dpg.reward_weight": 0.1}),
+    # DPG: a critic of the reward fed the reward encoder's features, warmed up before the actor uses it
+    "dpg-feature-critic": ("dpg", {"dpg.reward": "dino", "dpg.critic_input": "features", "dpg.critic_optimizer": "adam",
+                                   "dpg.critic_lr": 1e-3, "dpg.critic_warmup_steps": 100, "dpg.instance_weight": 1.0,
+                                   "dpg.weighting": "uniform", "dpg.reward_weight": 0.1}),
+    # DPG recon critic weighted toward detail steps, with the instance loss on
+    "dpg-snr": ("dpg", {"dpg.weighting": "snr", "dpg.instance_weight": 1.0}),
+    "dpg-low-t": ("dpg", {"dpg.weighting": "uniform", "dpg.actor_max_timestep": 300, "dpg.instance_weight": 1.0}),
+    # the paper's ablation: no look-forward
+    "dpg-no-lookforward": ("dpg", {"dpg.look_forward": False}),
+    # RPO: the preference term off; labels that carry signal; the official prompt pairing; selection that waits
+    "rpo-beta0": ("rpo", {"rpo.beta": 0.0}),
+    "rpo-soft": ("rpo", {"rpo.labels": "soft", "rpo.label_temperature": 0.05, "rpo.lambda_train": 0.5}),
+    "rpo-official-pairs": ("rpo", {"rpo.reference_prompt": "negative"}),
+    "rpo-late-select": ("rpo", {"validation.select_min_step": 200, "validation.select_lambda": 0.7}),
 }
 SUITES = {
     # subjects, images per prompt, sampling steps. 10 DPM-Solver steps keep the base model's attribute
@@ -159,9 +183,11 @@ class MiniBenchRunner(BenchRunner):
 
 
 def method_config(method: str, config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
-    if method not in MINI_METHODS:
-        raise ConfigError(f"unknown method {method!r} in --methods; choose from {', '.join(METHOD_NAMES)}")
-    return load_config(config_file, {"train.method": method, **MINI_COMMON, **MINI_METHODS[method], **overrides})
+    """A method's (or named variant's) MiniBench settings; `overrides` (--set) on top."""
+    base, changes = MINI_VARIANTS.get(method, (method, {}))
+    if base not in MINI_METHODS:
+        raise ConfigError(f"unknown method {method!r} in --methods; choose from {', '.join([*METHOD_NAMES, *MINI_VARIANTS])}")
+    return load_config(config_file, {"train.method": base, **MINI_COMMON, **MINI_METHODS[base], **changes, **overrides})
 
 
 def class_image_dir(root: Path, class_noun: str) -> Path:
