@@ -15,5 +15,9 @@ class ConfigError(RewardboothError):
     """A setting is missing, unknown or out of range."""
 
 
+class CheckpointError(RewardboothError):
+    """A checkpoint cannot be trusted or read."""
+
+
 class OutputExistsError(RewardboothError):
     """The output folder already holds something we would overwrite."""

@@ -205,3 +205,42 @@ def test_dead_critic_is_reported(tmp_path, dpg_overrides):
     assert method.grad_norms == [0.0, 0.0]  # what the warning is about: no signal reaches the U-Net
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["critic_live_fraction"] == 0.0 for r in records)
+
+
+class _Trap:
+    """A pickle that creates a file when unpickled: what a tampered checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_never_unpickles_checkpoint_files(tmp_path, dpg_overrides, straight_and_resumed, metric_series):
+    import pickle
+
+    from rewardbooth.errors import CheckpointError
+
+    marker = tmp_path / "pwned"
+
+    def booby_trap(broken):
+        checkpoint = sorted((broken / "checkpoints").iterdir())[-1]
+        # DPG's replay and counter are safetensors now: no pickle of ours holds method state.
+        assert not list(checkpoint.glob("custom_checkpoint_*.pkl"))
+        assert (checkpoint / "method_state.safetensors").is_file()
+        (checkpoint / "random_states_0.pkl").write_bytes(pickle.dumps(_Trap(marker)))  # read with weights_only=True
+        return checkpoint
+
+    cfg = load_config(overrides=dict(dpg_overrides, **{"train.steps": 6, "train.checkpoint_every": 3}))
+    straight, broken, checkpoint = straight_and_resumed(cfg, tmp_path, DPG, 5, booby_trap)
+    assert not marker.exists()
+    # ...and the resumed run still reproduces the uninterrupted one (replay and counter restored).
+    for key in ("loss", "critic_loss", "reward_predicted"):
+        assert metric_series(broken, key) == pytest.approx(metric_series(straight, key), rel=1e-5), key
+
+    # A pickle that accelerate would load unsafely is refused before anything reads it.
+    (checkpoint / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Trap(marker)))
+    with pytest.raises(CheckpointError, match="custom_checkpoint_0.pkl"):
+        train(cfg, broken, resume=True, progress=False, method=DPG())
+    assert not marker.exists()

@@ -36,9 +36,12 @@ class Method:
         """Optimizers the method steps itself (e.g. the critic's); checkpointed too."""
         return []
 
-    def checkpoint_objects(self) -> list:
-        """Other state to save with checkpoints (objects with state_dict / load_state_dict)."""
-        return []
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Other state to save with checkpoints, as named tensors (written as safetensors: no pickle)."""
+        return {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what state_tensors() returned."""
 
     def use_prepared(self, modules: list[torch.nn.Module], optimizers: list) -> None:
         """Receive extra modules/optimizers as wrapped by accelerate (DDP, device placement)."""

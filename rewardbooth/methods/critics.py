@@ -117,11 +117,20 @@ class Replay:
         inputs = tuple(torch.stack(parts) for parts in zip(*(item[0] for item in chosen)))
         return inputs, torch.stack([item[1] for item in chosen])
 
-    def state_dict(self) -> dict:
-        return {"items": self.items, "next": self.next}
+    def state_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The ring as stacked tensors (for safetensors), in ring order."""
+        state = {f"{prefix}next": torch.tensor(self.next)}
+        if self.items:
+            for k, parts in enumerate(zip(*(item[0] for item in self.items))):
+                state[f"{prefix}input_{k}"] = torch.stack(parts).contiguous()
+            state[f"{prefix}target"] = torch.stack([item[1] for item in self.items]).contiguous()
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        self.items, self.next = state["items"], state["next"]
+    def load_state_tensors(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+        self.next = int(state[f"{prefix}next"])
+        inputs = [state[f"{prefix}input_{k}"] for k in range(sum(key.startswith(f"{prefix}input_") for key in state))]
+        targets = state.get(f"{prefix}target")
+        self.items = [] if targets is None else [(tuple(x[i] for x in inputs), targets[i]) for i in range(targets.shape[0])]
 
 
 def critic_regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -93,8 +93,12 @@ class DPG(DreamBooth):
     def use_prepared(self, modules, optimizers):
         self.critic_train, self.critic_optimizer = modules[0], optimizers[0]
 
-    def checkpoint_objects(self):
-        return [self.replay, _Counter(self, "critic_steps")]
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.replay.state_tensors("replay."), "critic_steps": torch.tensor(self.critic_steps)}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        self.replay.load_state_tensors(state, "replay.")
+        self.critic_steps = int(state["critic_steps"])
 
     # --- what is judged, and by whom ----------------------------------------------------------
     def decode(self, ctx: TrainContext, latents: torch.Tensor) -> torch.Tensor:
@@ -199,16 +203,3 @@ class DPG(DreamBooth):
         return loss, {**logs, "actor_q_term": actor_term.detach(), "critic_loss": critic_loss.detach(),
                       "critic_live_fraction": live, "reward_true": reward_true.mean(),
                       "reward_predicted": q_reward.mean(), "critic_abs_error": (q_reward - reward_true).abs().mean()}
-
-
-class _Counter:
-    """Checkpoint an int attribute of an object (accelerate wants state_dict/load_state_dict)."""
-
-    def __init__(self, owner, attribute: str):
-        self.owner, self.attribute = owner, attribute
-
-    def state_dict(self) -> dict:
-        return {"value": getattr(self.owner, self.attribute)}
-
-    def load_state_dict(self, state: dict) -> None:
-        setattr(self.owner, self.attribute, int(state["value"]))

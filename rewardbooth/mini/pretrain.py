@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator("cpu").manual_seed(args.seed)
     start = 0
     if args.resume:
-        state = torch.load(args.out / TRAIN_STATE, weights_only=False)
+        state = torch.load(args.out / TRAIN_STATE, weights_only=True)  # tensors and numbers only: no pickled code
         with torch.no_grad():
             torch._foreach_copy_([p.data for p in params], state["params"])
         ema.shadow = state["ema"]

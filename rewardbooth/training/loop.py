@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rewardbooth.config import RunConfig
+from rewardbooth.errors import CheckpointError
 from rewardbooth.methods import get_method
 from rewardbooth.methods.base import Method
 from rewardbooth.models.loading import load_components, make_pipeline
@@ -34,6 +35,7 @@ from rewardbooth.training.run_dir import (
 
 BEST_DIR = "best"
 BUDGETS_DIR = "budgets"
+METHOD_STATE_NAME = "method_state.safetensors"
 SELECTION_REWARD = "val_reward"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -136,6 +138,9 @@ class Trainer:
                 for i, model in enumerate(models):
                     state = {n: p.detach().contiguous() for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
                     save_file(state, str(Path(output_dir) / f"trainable_{i}.safetensors"))
+                # Method state (DPG's replay, counters) as tensors: accelerate would pickle it.
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.method.state_tensors().items()},
+                          str(Path(output_dir) / METHOD_STATE_NAME))
             weights.clear()
 
         def load_hook(models, input_dir):
@@ -148,6 +153,9 @@ class Trainer:
                     for name, tensor in state.items():
                         params[name].copy_(tensor)
             models.clear()
+            method_state = Path(input_dir) / METHOD_STATE_NAME
+            if method_state.is_file():
+                self.method.load_state_tensors(load_file(str(method_state), device=str(acc.device)))
 
         acc.register_save_state_pre_hook(save_hook)
         acc.register_load_state_pre_hook(load_hook)
@@ -188,8 +196,6 @@ class Trainer:
         self.method.use_prepared(prepared[n : n + len(extra)], prepared[n + len(extra) : n + len(extra) + len(extra_optimizers)])
         optimizer, lr_scheduler = prepared[-2], prepared[-1]
         self._register_checkpoint_hooks()
-        for obj in self.method.checkpoint_objects():
-            acc.register_for_checkpointing(obj)
 
         start_step = 0
         if resume:
@@ -242,6 +248,10 @@ class Trainer:
         if not checkpoints:
             return 0  # nothing saved yet: start over in the same folder
         step, path = checkpoints[-1]
+        foreign = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+        if foreign:  # accelerate would unpickle these with weights_only=False, i.e. run whatever they hold
+            raise CheckpointError(f"checkpoint {path} holds {', '.join(foreign)}, pickles rewardbooth never writes; "
+                                  "refusing to load it (delete the file if you trust it, or the checkpoint)")
         self.accelerator.load_state(str(path))  # extra modules are prepared, so restored here too
         best = self.run_dir / BEST_DIR / "best.json"
         if best.is_file() and self.selection_key:
