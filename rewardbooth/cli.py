@@ -223,6 +223,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, run_dir, resume=args.resume, progress=not args.quiet)
     if not state.is_main_process:
         return 0
+    if result.already_finished:
+        print(f"run {run_dir} is already finished ({result.final_step} steps; weights {result.weights}); nothing to resume. "
+              f"Pass --resume --steps N with N > {result.final_step} to train it further.")
+        return 0
     report = write_run_report(run_dir)
     selected = f" (best validated step {result.selected_step})" if result.selected_step != result.final_step else ""
     print(f"trained {cfg.train.method} for {result.final_step} steps{selected}: weights {result.weights}, report {report}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +32,13 @@ from rewardbooth.training.run_dir import (
     checkpoint_path,
     list_checkpoints,
     prune_checkpoints,
+    run_lock,
 )
 
 BEST_DIR = "best"
 BUDGETS_DIR = "budgets"
 METHOD_STATE_NAME = "method_state.safetensors"
+RESULT_NAME = "result.json"
 SELECTION_REWARD = "val_reward"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -46,6 +49,7 @@ class TrainResult:
     final_step: int  # the last step trained (earlier than train.steps after early stopping)
     weights: Path  # LoRA safetensors file, or the folder holding the fine-tuned U-Net
     selected_step: int  # the step whose weights are the result (the best validated one under selection)
+    already_finished: bool = False  # resumed a finished run: nothing was trained
 
 
 def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
@@ -162,6 +166,23 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
+        """Train (holding the run folder's lock), or on resume of a finished run return its result."""
+        if resume and (finished := self.finished_result()) is not None:
+            return finished
+        with run_lock(self.run_dir) if self.accelerator.is_main_process else nullcontext():
+            return self._run(resume)
+
+    def finished_result(self) -> TrainResult | None:
+        """The result of this folder's earlier run if it already trained train.steps steps (or stopped early)."""
+        path = self.run_dir / RESULT_NAME
+        if not path.is_file():
+            return None
+        done = json.loads(path.read_text())
+        if self.cfg.train.steps > done.get("steps", done["last_step"]):
+            return None  # asked for more steps: continue from the last checkpoint
+        return TrainResult(self.run_dir, done["last_step"], self.run_dir / done["weights"], done["selected_step"], already_finished=True)
+
+    def _run(self, resume: bool) -> TrainResult:
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
 
@@ -236,7 +257,8 @@ class Trainer:
                     break
             if done in t.save_steps and done != t.steps:
                 self.save_budget(ctx, done)
-            if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+            # The last step is checkpointed too, so a finished run can continue with a larger --steps.
+            if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == t.steps):
                 self.save_checkpoint(done)
         bar.close()
         if cfg.validation.every and done % cfg.validation.every != 0:
@@ -246,6 +268,9 @@ class Trainer:
     def _resume(self) -> int:
         checkpoints = list_checkpoints(self.run_dir)
         if not checkpoints:
+            if (self.run_dir / RESULT_NAME).is_file():  # finished, and asked for more steps
+                raise CheckpointError(f"run {self.run_dir} finished without a checkpoint to continue from "
+                                      "(train.checkpoint_every was 0); train a new run with more steps instead")
             return 0  # nothing saved yet: start over in the same folder
         step, path = checkpoints[-1]
         foreign = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
@@ -379,8 +404,8 @@ class Trainer:
         weights = self.run_dir
         if acc.is_main_process:
             weights = self.write_result_weights(ctx, self.run_dir)
-            (self.run_dir / "result.json").write_text(json.dumps({
-                "method": self.method.name, "last_step": last_step,
+            (self.run_dir / RESULT_NAME).write_text(json.dumps({
+                "method": self.method.name, "last_step": last_step, "steps": self.cfg.train.steps,
                 "selected_step": self.best[0] if self.best else last_step,
                 "weights": str(Path(weights).relative_to(self.run_dir)),
                 "base_model": self.cfg.model.name, "resolution": ctx.resolution, "num_processes": acc.num_processes,

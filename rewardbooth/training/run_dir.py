@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,66 @@ CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
+RUN_MARKER = ".rewardbooth-run"  # written only by rewardbooth, when it creates a run folder
+LOCK_NAME = ".rewardbooth-lock"
+# What a run folder may hold; --overwrite refuses a folder with anything else in it.
+RUN_ENTRIES = {RUN_MARKER, LOCK_NAME, CONFIG_NAME, METRICS_NAME, CHECKPOINT_DIR, "samples", "class_images", "negatives",
+               "best", "budgets", "report.html", "report_assets", "pytorch_lora_weights.safetensors", "unet", "text_encoder",
+               "result.json", "generated", "reference"}
 
 
 def is_run_dir(folder: Path) -> bool:
-    return (folder / CONFIG_NAME).is_file()
+    """A folder rewardbooth made for a run (its marker), or a run of an older version (config.yaml)."""
+    return (folder / RUN_MARKER).is_file() or (folder / CONFIG_NAME).is_file()
+
+
+def _lock_holder(run_dir: Path) -> str | None:
+    """The pid holding the run folder's lock, or None when no live process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no locking
+        return None
+    path = run_dir / LOCK_NAME
+    if not path.is_file():
+        return None
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            return f.read().strip() or "unknown"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def _in_use(run_dir: Path, holder: str) -> OutputExistsError:
+    return OutputExistsError(f"run folder {run_dir} is in use by another rewardbooth process (pid {holder}); "
+                             "wait for it to finish or choose another --output")
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run folder for one process: an OS lock (flock), released when the process dies."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / LOCK_NAME).open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise _in_use(run_dir, f.read().strip() or "unknown") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, protected: list[Path] = ()) -> None:
@@ -33,17 +91,26 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, protected: lis
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputExistsError(f"output {run_dir} is a file, not a folder")
     non_empty = run_dir.is_dir() and any(run_dir.iterdir())
+    if run_dir.is_dir() and (holder := _lock_holder(run_dir)):
+        raise _in_use(run_dir, holder)
     if resume:
-        if not is_run_dir(run_dir):
+        if not (run_dir / CONFIG_NAME).is_file():
             raise OutputExistsError(f"cannot resume: {run_dir} is not a rewardbooth run folder (no {CONFIG_NAME})")
+        (run_dir / RUN_MARKER).touch()
         return
     if non_empty:
         if not overwrite:
             raise OutputExistsError(f"output folder {run_dir} is not empty; pass --resume to continue it or --overwrite to replace it")
-        if not is_run_dir(run_dir):
-            raise OutputExistsError(f"refusing to overwrite {run_dir}: it is not a rewardbooth run folder (no {CONFIG_NAME})")
+        if not (run_dir / RUN_MARKER).is_file():
+            raise OutputExistsError(f"refusing to overwrite {run_dir}: it is not a rewardbooth run folder (no {RUN_MARKER} marker); "
+                                    "delete it yourself if it is one")
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES)
+        if foreign:
+            raise OutputExistsError(f"refusing to overwrite {run_dir}: it holds {', '.join(foreign[:3])}, which rewardbooth "
+                                    "never writes; move them out or choose another --output")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_MARKER).write_text(json.dumps({"rewardbooth": "run"}) + "\n")
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:

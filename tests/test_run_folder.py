@@ -1,0 +1,118 @@
+"""Run folders: --overwrite deletes only rewardbooth's own runs, one process per folder, and a
+finished run resumed is finished (or continues with more steps)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rewardbooth.cli import main
+from rewardbooth.config import load_config
+from rewardbooth.errors import CheckpointError, OutputExistsError
+from rewardbooth.models.lora import LORA_WEIGHTS_NAME
+from rewardbooth.training.loop import train
+from rewardbooth.training.run_dir import RUN_MARKER, prepare_run_dir
+
+
+def test_overwrite_refuses_a_user_folder_that_merely_has_a_config_yaml(tmp_path, capsys):
+    project = tmp_path / "thesis"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print('hi')\n")
+    (project / "thesis.tex").write_text("\\documentclass{article}\n")
+    (project / "config.yaml").write_text("train: {steps: 1}\n")
+    with pytest.raises(OutputExistsError, match="not a rewardbooth run folder"):
+        prepare_run_dir(project, resume=False, overwrite=True)
+    assert main(["train", "--model", "tiny", "--output", str(project), "--overwrite", "--instance-dir", str(tmp_path),
+                 "--class-noun", "toy"]) != 0
+    assert (project / "thesis.tex").is_file() and (project / "src" / "main.py").is_file()
+
+
+def test_overwrite_refuses_a_run_folder_holding_user_files(tmp_path):
+    run = tmp_path / "run"
+    prepare_run_dir(run, resume=False, overwrite=False)
+    assert (run / RUN_MARKER).is_file()
+    (run / "config.yaml").write_text("x: 1\n")
+    (run / "my_notes.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="my_notes.txt"):
+        prepare_run_dir(run, resume=False, overwrite=True)
+    assert (run / "my_notes.txt").read_text() == "keep me"
+    (run / "my_notes.txt").unlink()
+    prepare_run_dir(run, resume=False, overwrite=True)  # only rewardbooth's own files: replaced
+    assert not (run / "config.yaml").exists() and (run / RUN_MARKER).is_file()
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from rewardbooth.training.run_dir import run_lock
+with run_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    prepare_run_dir(run, resume=False, overwrite=False)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = load_config(overrides=dict(tiny_overrides, **{"train.steps": 1}))
+        for attempt in (lambda: prepare_run_dir(run, resume=True, overwrite=False),
+                        lambda: prepare_run_dir(run, resume=False, overwrite=True),
+                        lambda: train(cfg, run, progress=False)):
+            with pytest.raises(OutputExistsError, match=f"in use by another rewardbooth process \\(pid {holder.pid}\\)"):
+                attempt()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The lock died with its process (kill -9 leaves no stale lock).
+    time.sleep(0.1)
+    train(load_config(overrides=dict(tiny_overrides, **{"train.steps": 1})), run, progress=False)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_more_steps_continue(tmp_path, tiny_overrides, metric_series):
+    common = dict(tiny_overrides, **{"train.checkpoint_every": 2})
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    for folder in (run, straight):
+        prepare_run_dir(folder, resume=False, overwrite=False)
+    train(load_config(overrides=dict(common, **{"train.steps": 4})), run, progress=False)
+    weights = (run / LORA_WEIGHTS_NAME).read_bytes()
+    result = train(load_config(overrides=dict(common, **{"train.steps": 4})), run, resume=True, progress=False)
+    assert result.already_finished and result.final_step == 4
+    assert (run / LORA_WEIGHTS_NAME).read_bytes() == weights  # not retrained from step 0
+
+    # More steps: continues from step 4 and ends where one uninterrupted 6-step run ends.
+    more = train(load_config(overrides=dict(common, **{"train.steps": 6})), run, resume=True, progress=False)
+    assert not more.already_finished and more.final_step == 6
+    train(load_config(overrides=dict(common, **{"train.steps": 6})), straight, progress=False)
+    assert sorted(metric_series(run, "loss")) == list(range(1, 7))
+    assert metric_series(run, "loss") == pytest.approx(metric_series(straight, "loss"), rel=1e-5)
+    a, b = load_file(run / LORA_WEIGHTS_NAME), load_file(straight / LORA_WEIGHTS_NAME)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_finished_run_without_checkpoints_cannot_silently_restart(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    prepare_run_dir(run, resume=False, overwrite=False)
+    train(load_config(overrides=dict(tiny_overrides, **{"train.steps": 2})), run, progress=False)  # checkpoint_every 0
+    weights = (run / LORA_WEIGHTS_NAME).read_bytes()
+    with pytest.raises(CheckpointError, match="without a checkpoint"):
+        train(load_config(overrides=dict(tiny_overrides, **{"train.steps": 4})), run, resume=True, progress=False)
+    assert (run / LORA_WEIGHTS_NAME).read_bytes() == weights
+
+
+def test_cli_resume_of_a_finished_run_says_so(tmp_path, subject_dir, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--model", "tiny", "--instance-dir", str(subject_dir), "--class-noun", "toy", "--output", str(run),
+            "--steps", "2", "--num-class-images", "2", "--quiet", "--set", "prior.generation_steps=2", "--set", "validation.every=0"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    assert "already finished (2 steps" in capsys.readouterr().out
