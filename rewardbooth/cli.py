@@ -388,6 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rewardbooth: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"rewardbooth: error: cannot write{where}: {exc.strerror} (finished checkpoints are kept; "
+              "free space or pick another --output, then --resume)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -116,3 +116,47 @@ def test_cli_resume_of_a_finished_run_says_so(tmp_path, subject_dir, capsys):
     capsys.readouterr()
     assert main([*argv, "--resume"]) == 0
     assert "already finished (2 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["truncated trainable_0.safetensors", "garbage optimizer.bin"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_overrides, straight_and_resumed, metric_series, damage):
+    cfg = load_config(overrides=dict(tiny_overrides, **{"train.steps": 6, "train.checkpoint_every": 2,
+                                                       "train.checkpoints_total_limit": 3}))
+    from rewardbooth.methods.dreambooth import DreamBooth
+
+    def break_newest(broken):
+        newest = sorted((broken / "checkpoints").iterdir())[-1]
+        assert newest.name == "checkpoint-000004"
+        if damage.startswith("truncated"):
+            path = newest / "trainable_0.safetensors"
+            path.write_bytes(path.read_bytes()[:100])
+        else:
+            (newest / "optimizer.bin").write_bytes(b"not a torch file at all")
+
+    with pytest.warns(UserWarning, match=damage.split()[1]):
+        straight, broken, _ = straight_and_resumed(cfg, tmp_path, DreamBooth, 5, break_newest)
+    assert metric_series(broken, "loss") == pytest.approx(metric_series(straight, "loss"), rel=1e-5)
+
+
+def test_a_full_disk_at_the_final_save_is_one_line_and_resumable(tmp_path, subject_dir, capsys, monkeypatch):
+    import errno
+
+    import rewardbooth.training.loop as loop
+
+    run = tmp_path / "run"
+    argv = ["train", "--model", "tiny", "--instance-dir", str(subject_dir), "--class-noun", "toy", "--output", str(run),
+            "--steps", "2", "--num-class-images", "2", "--quiet", "--checkpoint-every", "1",
+            "--set", "prior.generation_steps=2", "--set", "validation.every=0"]
+    real = loop.save_lora
+
+    def full_disk(folder, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / LORA_WEIGHTS_NAME))
+
+    monkeypatch.setattr(loop, "save_lora", full_disk)
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and LORA_WEIGHTS_NAME in err
+    assert not (run / LORA_WEIGHTS_NAME).exists()
+    monkeypatch.setattr(loop, "save_lora", real)
+    assert main([*argv, "--resume"]) == 0  # the final checkpoint survived: only the export is redone
+    assert (run / LORA_WEIGHTS_NAME).is_file()

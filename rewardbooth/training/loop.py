@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from rewardbooth.errors import CheckpointError
 from rewardbooth.methods import get_method
 from rewardbooth.methods.base import Method
 from rewardbooth.models.loading import load_components, make_pipeline
-from rewardbooth.models.lora import TEXT_ENCODER_TARGETS, add_lora, save_lora
+from rewardbooth.models.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from rewardbooth.sampling import SampleSettings, generate
 from rewardbooth.training.context import TrainContext
 from rewardbooth.training.run_dir import (
@@ -30,8 +31,11 @@ from rewardbooth.training.run_dir import (
     METRICS_NAME,
     MetricsLog,
     checkpoint_path,
+    atomic_write_text,
     list_checkpoints,
     prune_checkpoints,
+    STAGING_NAME,
+    replace_into,
     run_lock,
 )
 
@@ -192,7 +196,7 @@ class Trainer:
             if getattr(section, key):
                 setattr(section, key, str(Path(getattr(section, key)).expanduser().resolve()))
         if acc.is_main_process:
-            (self.run_dir / CONFIG_NAME).write_text(cfg.to_yaml())
+            atomic_write_text(self.run_dir / CONFIG_NAME, cfg.to_yaml())
         # Critic and adapter initialisation draw from the global generators: seed before each.
         set_seed(cfg.train.seed)
         ctx = self._load()
@@ -272,12 +276,19 @@ class Trainer:
                 raise CheckpointError(f"run {self.run_dir} finished without a checkpoint to continue from "
                                       "(train.checkpoint_every was 0); train a new run with more steps instead")
             return 0  # nothing saved yet: start over in the same folder
-        step, path = checkpoints[-1]
-        foreign = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
-        if foreign:  # accelerate would unpickle these with weights_only=False, i.e. run whatever they hold
-            raise CheckpointError(f"checkpoint {path} holds {', '.join(foreign)}, pickles rewardbooth never writes; "
-                                  "refusing to load it (delete the file if you trust it, or the checkpoint)")
-        self.accelerator.load_state(str(path))  # extra modules are prepared, so restored here too
+        for step, path in reversed(checkpoints):  # the newest intact one
+            foreign = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+            if foreign:  # accelerate would unpickle these with weights_only=False, i.e. run whatever they hold
+                raise CheckpointError(f"checkpoint {path} holds {', '.join(foreign)}, pickles rewardbooth never writes; "
+                                      "refusing to load it (delete the file if you trust it, or the checkpoint)")
+            try:
+                self.accelerator.load_state(str(path))  # extra modules are prepared, so restored here too
+                break
+            except Exception as exc:  # noqa: BLE001 - any unreadable file: name it and fall back
+                warnings.warn(f"checkpoint {path} is damaged ({_damaged_file(path) or _first_line(exc)}); "
+                              "falling back to the previous checkpoint", stacklevel=2)
+        else:
+            raise CheckpointError(f"no intact checkpoint in {self.run_dir / 'checkpoints'} to resume from")
         best = self.run_dir / BEST_DIR / "best.json"
         if best.is_file() and self.selection_key:
             saved = json.loads(best.read_text())
@@ -291,7 +302,7 @@ class Trainer:
         acc.save_state(str(path))
         if acc.is_main_process:
             # Written last: a checkpoint without step.json was interrupted and is ignored.
-            (path / "step.json").write_text(json.dumps({"step": step}))
+            atomic_write_text(path / "step.json", json.dumps({"step": step}))
             prune_checkpoints(self.run_dir, self.cfg.train.checkpoints_total_limit)
         acc.wait_for_everyone()
         return path
@@ -334,7 +345,7 @@ class Trainer:
             if self.best is None or extra[key] > self.best[1]:
                 self.best = (step, extra[key])
                 self.export_weights(ctx, self.run_dir / BEST_DIR)
-                (self.run_dir / BEST_DIR / "best.json").write_text(json.dumps({"step": self.best[0], key: self.best[1]}))
+                atomic_write_text(self.run_dir / BEST_DIR / "best.json", json.dumps({"step": self.best[0], key: self.best[1]}))
 
     def selection_score(self, ctx: TrainContext, prompts: list[str], images: list[list]) -> float:
         """Mean lambda-Harmonic reward (validation.select_lambda) of the validation images."""
@@ -363,38 +374,45 @@ class Trainer:
         return stop[0]
 
     def export_weights(self, ctx: TrainContext, folder: Path) -> Path:
-        """Write the trained weights in the diffusers format: a LoRA file, or unet/ (+ text_encoder/)."""
+        """Write the trained weights in the diffusers format: a LoRA file, or unet/ (+ text_encoder/).
+        Written beside, then moved into place: a full disk mid-export leaves the previous weights whole."""
         acc = self.accelerator
         unet = acc.unwrap_model(ctx.unet)
         text_encoder = acc.unwrap_model(ctx.text_encoder) if ctx.text_encoder is not None else None
-        folder.mkdir(parents=True, exist_ok=True)
+        staging = self._staging(folder)
         if self.cfg.adapter.kind == "lora":
-            return save_lora(folder, unet, text_encoder)
-        unet.save_pretrained(folder / "unet", safe_serialization=True)
-        if text_encoder is not None:
-            text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-        return folder / "unet"
+            save_lora(staging, unet, text_encoder)
+        else:
+            unet.save_pretrained(staging / "unet", safe_serialization=True)
+            if text_encoder is not None:
+                text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
+        return self._place(staging, folder)
+
+    def _staging(self, folder: Path) -> Path:
+        staging = folder / STAGING_NAME
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        return staging
+
+    def _place(self, staging: Path, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        replace_into(staging, folder)
+        return folder / (LORA_WEIGHTS_NAME if self.cfg.adapter.kind == "lora" else "unet")
 
     def write_result_weights(self, ctx: TrainContext, folder: Path) -> Path:
         """The run's result as of now into `folder`: the best validated weights under selection, else the current ones."""
         if self.best is None:
             return self.export_weights(ctx, folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for item in (self.run_dir / BEST_DIR).iterdir():
-            target = folder / item.name
-            if item.is_dir():
-                shutil.rmtree(target, ignore_errors=True)
-                shutil.copytree(item, target)
-            elif item.name != "best.json":
-                shutil.copy2(item, target)
-        return folder / ("pytorch_lora_weights.safetensors" if self.cfg.adapter.kind == "lora" else "unet")
+        staging = self._staging(folder)
+        shutil.copytree(self.run_dir / BEST_DIR, staging, ignore=shutil.ignore_patterns("best.json"), dirs_exist_ok=True)
+        return self._place(staging, folder)
 
     def save_budget(self, ctx: TrainContext, step: int) -> Path:
         """budgets/step-N/: the result a run of N steps would have given (same weights, same selection)."""
         folder = budget_dir(self.run_dir, step)
         if self.accelerator.is_main_process:
             self.write_result_weights(ctx, folder)
-            (folder / "budget.json").write_text(json.dumps({"step": step, "selected_step": self.best[0] if self.best else step}))
+            atomic_write_text(folder / "budget.json", json.dumps({"step": step, "selected_step": self.best[0] if self.best else step}))
         self.accelerator.wait_for_everyone()
         return folder
 
@@ -404,7 +422,7 @@ class Trainer:
         weights = self.run_dir
         if acc.is_main_process:
             weights = self.write_result_weights(ctx, self.run_dir)
-            (self.run_dir / RESULT_NAME).write_text(json.dumps({
+            atomic_write_text(self.run_dir / RESULT_NAME, json.dumps({
                 "method": self.method.name, "last_step": last_step, "steps": self.cfg.train.steps,
                 "selected_step": self.best[0] if self.best else last_step,
                 "weights": str(Path(weights).relative_to(self.run_dir)),
@@ -413,6 +431,27 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         return TrainResult(self.run_dir, last_step, Path(weights), self.best[0] if self.best else last_step)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _damaged_file(checkpoint: Path) -> str | None:
+    """The first file of a checkpoint that does not read back (safetensors header, torch state)."""
+    from safetensors import safe_open
+
+    for file in sorted(checkpoint.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as f:
+                    for key in f.keys():
+                        f.get_tensor(key)
+            elif file.suffix == ".bin":
+                torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            return f"{file.name}: {_first_line(exc)}"
+    return None
 
 
 def budget_dir(run_dir: Path, step: int) -> Path:

@@ -17,10 +17,32 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 RUN_MARKER = ".rewardbooth-run"  # written only by rewardbooth, when it creates a run folder
 LOCK_NAME = ".rewardbooth-lock"
+STAGING_NAME = ".export-tmp"  # weights are written here, then moved into place
 # What a run folder may hold; --overwrite refuses a folder with anything else in it.
-RUN_ENTRIES = {RUN_MARKER, LOCK_NAME, CONFIG_NAME, METRICS_NAME, CHECKPOINT_DIR, "samples", "class_images", "negatives",
+RUN_ENTRIES = {RUN_MARKER, LOCK_NAME, STAGING_NAME, CONFIG_NAME, METRICS_NAME, CHECKPOINT_DIR, "samples", "class_images", "negatives",
                "best", "budgets", "report.html", "report_assets", "pytorch_lora_weights.safetensors", "unet", "text_encoder",
                "result.json", "generated", "reference"}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename: a crash or full disk leaves the old file or none, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def replace_into(source: Path, folder: Path) -> None:
+    """Move every entry of `source` into `folder` (replacing same-named ones), then remove `source`."""
+    for item in Path(source).iterdir():
+        target = Path(folder) / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    shutil.rmtree(source, ignore_errors=True)
 
 
 def is_run_dir(folder: Path) -> bool:
