@@ -17,7 +17,7 @@ from rewardbooth.mini.world import make_subject, subject_prompts
 from rewardbooth.models.loading import load_components, load_run_pipeline, make_pipeline
 from rewardbooth.sampling import SampleSettings, generate
 from rewardbooth.training.loop import train
-from rewardbooth.training.run_dir import prepare_run_dir
+from rewardbooth.training.run_dir import RUN_MARKER, prepare_run_dir
 
 IMAGES_PER_PROMPT = 4
 MINI_NOTICE = ("The 'mini' model was pretrained on rewardbooth's procedural MiniBench world (32 px shapes in 8 contexts), "
@@ -28,6 +28,12 @@ MINI_NOTICE = ("The 'mini' model was pretrained on rewardbooth's procedural Mini
 def run_demo(run_dir: Path, steps: int | None = None, seed: int = 0, overwrite: bool = False, progress: bool = True,
              method: str = "dreambooth", images_per_prompt: int = IMAGES_PER_PROMPT) -> Path:
     run_dir = Path(run_dir)
+    report = run_dir / "report.html"
+    if not overwrite and (run_dir / RUN_MARKER).is_file():
+        if report.is_file() and (run_dir / "result.json").is_file():
+            print(f"the demo in {run_dir} is already done: {report} (pass --overwrite to run it again)")
+            return report
+        overwrite = True  # an interrupted demo of ours: start it again (the marker says the folder is ours)
     prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
     subject = make_subject(seed=seed)
     reference_dir = run_dir / "reference"

@@ -65,10 +65,37 @@ def test_demo_learns_a_mini_subject(tmp_path):
     assert "Did it learn the subject?" in html and "before training" in html
     assert (tmp_path / "demo" / "report_assets" / "samples_after.png").is_file()
     assert len(list((tmp_path / "demo" / "reference").glob("*.png"))) >= 4
-    # Running it again without --overwrite must not touch the first run.
-    with pytest.raises(Exception, match="overwrite"):
-        run_demo(tmp_path / "demo", steps=3, progress=False)
-    assert report.read_text() == html
+    # Running it again says it is done and touches nothing (README's one-liner works twice).
+    stamp = report.stat().st_mtime_ns
+    assert run_demo(tmp_path / "demo", steps=3, progress=False) == report
+    assert report.read_text() == html and report.stat().st_mtime_ns == stamp
+
+
+def test_an_interrupted_demo_starts_again(tmp_path, monkeypatch):
+    import rewardbooth.demo as demo
+
+    real_train = demo.train
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path / "demo", steps=2, progress=False, images_per_prompt=1)
+    assert not (tmp_path / "demo" / "report.html").exists()
+    monkeypatch.setattr(demo, "train", real_train)
+    report = demo.run_demo(tmp_path / "demo", steps=2, progress=False, images_per_prompt=1)
+    assert report.is_file() and (tmp_path / "demo" / "result.json").is_file()
+
+
+def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path):
+    from rewardbooth.demo import run_demo
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(Exception, match="not empty"):
+        run_demo(tmp_path / "mine", steps=2, progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_mini_bench_parallel_jobs_match_one_process(tmp_path):

@@ -240,6 +240,7 @@ def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBe
     if threads:
         import torch
 
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the workers share the cores: no per-run thread search
         torch.set_num_threads(threads)
     judge = AttributeJudge("mini", device=device)
     for method, cfg in configs.items():

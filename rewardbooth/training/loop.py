@@ -26,6 +26,7 @@ from rewardbooth.models.loading import load_components, make_pipeline
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from rewardbooth.sampling import SampleSettings, generate
 from rewardbooth.training.context import TrainContext
+from rewardbooth.training.threads import choose_cpu_threads, should_choose_threads
 from rewardbooth.training.run_dir import (
     CONFIG_NAME,
     METRICS_NAME,
@@ -107,6 +108,22 @@ class Trainer:
         ctx = TrainContext(cfg, self.run_dir, acc, components, resolution, weight_dtype, progress=self.progress and acc.is_main_process)
         ctx.unet = components.unet
         return ctx
+
+    def _choose_threads(self, ctx: TrainContext) -> int:
+        """Small models on the CPU: the measured-fastest thread count (see training/threads.py)."""
+        unet = ctx.components.unet
+        if self.accelerator.num_processes > 1 or not should_choose_threads(ctx.device, sum(p.numel() for p in unet.parameters())):
+            return torch.get_num_threads()
+        side = ctx.resolution // ctx.components.vae_scale_factor
+        latents = torch.randn(2 * self.cfg.train.batch_size, unet.config.in_channels, side, side, device=ctx.device,
+                              dtype=ctx.weight_dtype, requires_grad=True)
+        text = ctx.encode_prompts([self.cfg.instance_prompt] * latents.shape[0])
+        timesteps = torch.full((latents.shape[0],), 500, device=ctx.device)
+
+        def step():  # forward + backward to the input: a training step's work, no weight touched
+            unet(latents, timesteps, text).sample.sum().backward()
+
+        return choose_cpu_threads(step)
 
     def _attach_trainable(self, ctx: TrainContext) -> list[dict]:
         cfg, components = self.cfg, ctx.components
@@ -200,6 +217,7 @@ class Trainer:
         # Critic and adapter initialisation draw from the global generators: seed before each.
         set_seed(cfg.train.seed)
         ctx = self._load()
+        self.cpu_threads = self._choose_threads(ctx)
         self.method.prepare(ctx)
         set_seed(cfg.train.seed)
         groups = self._attach_trainable(ctx)
@@ -427,6 +445,7 @@ class Trainer:
                 "selected_step": self.best[0] if self.best else last_step,
                 "weights": str(Path(weights).relative_to(self.run_dir)),
                 "base_model": self.cfg.model.name, "resolution": ctx.resolution, "num_processes": acc.num_processes,
+                "cpu_threads": self.cpu_threads if acc.device.type == "cpu" else None,
             }, indent=2))
         acc.wait_for_everyone()
         acc.end_training()
