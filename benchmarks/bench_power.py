@@ -13,20 +13,21 @@ for designs of equal CPU time: a subject costs its training (--train-seconds) pl
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 from collections import defaultdict
 from pathlib import Path
 
 
 def read_images(folder: Path, metric: str) -> dict[tuple[str, str, str], float]:
+    """(subject, prompt, seed) -> the metric, from a bench folder's finished subjects."""
+    from rewardbooth.evaluation.bench import load_scores
+
     rows = {}
-    with (folder / "results.csv").open() as f:
-        for row in csv.DictReader(f):
-            value = float(row[metric])
-            if not math.isnan(value):
-                seed = row["file"].rsplit("_s", 1)[-1]  # image k of a prompt carries seed + k in its name
-                rows[(row["subject"], row["prompt"], seed)] = value
+    for score in load_scores(folder):
+        value = float(getattr(score, metric, score.extra.get(metric, math.nan)))
+        if not math.isnan(value):
+            seed = score.file.rsplit("_s", 1)[-1]  # image k of a prompt carries seed + k in its name
+            rows[(score.subject, score.prompt, seed)] = value
     return rows
 
 

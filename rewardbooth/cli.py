@@ -75,11 +75,45 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows defaults, except the empty ones (unset flags fall back to the config's default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _config_default(key: str):
+    from rewardbooth.config import RunConfig
+
+    value = RunConfig()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def set_library_verbosity(verbose: bool) -> None:
+    """Keep the libraries' warnings (torchvision fallbacks, dtype notes, banners) off the user's terminal
+    unless --verbose; the environment carries the choice into `accelerate launch` processes."""
+    level = "warning" if verbose else "error"
+    for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "ACCELERATE_LOG_LEVEL"):
+        os.environ[variable] = level
+    for name in ("transformers", "diffusers"):
+        if name in sys.modules:
+            getattr(sys.modules[name].utils.logging, f"set_verbosity_{level}")()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardbooth", description="Reward-driven subject personalization for text-to-image diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show the libraries' warnings and banners too")
 
-    train = sub.add_parser("train", help="personalize a model to a subject")
+    def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=HelpFormatter, parents=[common], **kwargs)
+
+    train = add_parser("train", help="personalize a model to a subject")
     train.add_argument("--config", help="YAML run config (sections: model, data, prior, adapter, train, validation)")
     train.add_argument("--output", required=True, help="run folder to create")
     train.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
@@ -89,12 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--num-processes", type=int, default=1,
                        help="data-parallel processes (runs `accelerate launch`; GPUs if available, else CPU processes)")
-    for flag, _, kind, text in TRAIN_FLAGS:
-        train.add_argument(flag, type=kind, help=text)
+    for flag, key, kind, text in TRAIN_FLAGS:
+        default = _config_default(key)
+        shown = text if "default" in text or default is None else f"{text} (default: {default})"
+        train.add_argument(flag, type=kind, help=shown)
     for flag, _, _, text in TRAIN_SWITCHES:
         train.add_argument(flag, action="store_true", help=text)
 
-    gen = sub.add_parser("generate", help="sample images from a trained run")
+    gen = add_parser("generate", help="sample images from a trained run")
     gen.add_argument("--run", required=True, help="run folder written by `rewardbooth train`")
     gen.add_argument("--prompt", action="append", required=True, help="prompt; repeatable")
     gen.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt")
@@ -105,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", help="folder for the PNGs (default RUN/generated)")
     gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
-    ev = sub.add_parser("evaluate", help="DreamBench metrics (DINO, CLIP-I, CLIP-T) of a folder of generated images")
+    ev = add_parser("evaluate", help="DreamBench metrics (DINO, CLIP-I, CLIP-T) of a folder of generated images")
     ev.add_argument("--images", required=True, help="generated images (with metadata.jsonl from `generate`, or use --prompt)")
     ev.add_argument("--references", required=True, help="the subject's reference images")
     ev.add_argument("--prompt", help="the prompt of every image (overrides metadata.jsonl)")
@@ -113,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", help="also write per-image scores and summaries to this JSON file")
     add_judge_flags(ev)
 
-    bench = sub.add_parser("bench", help="DreamBench or MiniBench: train, generate, score, report; resumable, shardable")
+    bench = add_parser("bench", help="DreamBench or MiniBench: train, generate, score, report; resumable, shardable")
     bench.add_argument("--suite", choices=("dreambench", "mini"), default="dreambench",
                        help="dreambench: the 30 DreamBench subjects (needs --dreambench); mini: fresh MiniBench subjects, "
                             "the shipped mini model and judges, every method of --methods compared (CPU)")
@@ -142,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true")
     add_judge_flags(bench)
 
-    demo = sub.add_parser("demo", help="the built-in CPU demo: a MiniBench subject learned by the shipped mini model; report")
+    demo = add_parser("demo", help="the built-in CPU demo: a MiniBench subject learned by the shipped mini model; report")
     demo.add_argument("--output", default="rewardbooth-demo", help="run folder (default ./rewardbooth-demo)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the mini bench's setting)")
     demo.add_argument("--method", default="dreambooth", help="dreambooth | dpg | rpo")
@@ -377,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    set_library_verbosity(args.verbose)
     try:
         if args.command == "train" and args.num_processes != 1 and "WORLD_SIZE" not in os.environ:
             return launch_processes(args.num_processes, _without_num_processes(argv))

@@ -117,3 +117,20 @@ def test_cli_train_then_generate(tmp_path, capsys, subject_dir):
     # A second call adds files instead of replacing the first ones.
     main(["generate", "--run", str(run), "--prompt", "a sks toy", "-n", "2", "--steps", "2"])
     assert len(list((run / "generated").glob("0*.png"))) == 4
+
+
+def test_library_warnings_stay_off_the_terminal_unless_verbose(tmp_path, subject_dir):
+    import os
+    import subprocess
+    import sys
+
+    def argv(out):
+        return [sys.executable, "-m", "rewardbooth.cli", "train", "--model", "mini", "--instance-dir", str(subject_dir),
+                "--class-noun", "ball", "--output", str(tmp_path / out), "--steps", "1", "--num-class-images", "1", "--quiet"]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    quiet = subprocess.run(argv("quiet"), capture_output=True, text=True, env=env, timeout=300)
+    loud = subprocess.run([*argv("loud"), "--verbose"], capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-500:]
+    assert "torchvision" in loud.stderr  # the warning exists, so its absence below means something
+    assert "torchvision" not in quiet.stderr and "float32" not in quiet.stderr
