@@ -71,6 +71,17 @@ def _scorer(args: argparse.Namespace, evaluation=None):
     return Scorer.from_config(evaluation, device=_device(args))
 
 
+def _run_evaluation_settings(images: Path):
+    """The judges of the run that made `images` (RUN/generated, or a folder inside a run), if any."""
+    from rewardbooth.config import load_config
+    from rewardbooth.training.run_dir import CONFIG_NAME
+
+    for folder in (images, *images.resolve().parents[:2]):
+        if (folder / CONFIG_NAME).is_file():
+            return load_config(folder / CONFIG_NAME).evaluation
+    return None
+
+
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
@@ -134,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--run", required=True, help="run folder written by `rewardbooth train`")
     gen.add_argument("--prompt", action="append", required=True, help="prompt; repeatable")
     gen.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt")
-    gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's validation steps)")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance (default: the run's validation guidance; 4 for mini, 7.5 for SD)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=4)
     gen.add_argument("--output", help="folder for the PNGs (default RUN/generated)")
@@ -277,7 +289,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from rewardbooth.models.loading import load_run_pipeline
     from rewardbooth.sampling import METADATA_NAME, SampleSettings, generate, save_generated
 
-    if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
+    if args.num_images < 1 or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         raise ConfigError("-n, --steps and --batch-size must be positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if str(device).startswith("cuda") else None
@@ -285,8 +297,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg, pipe = load_run_pipeline(run_dir, device=device, dtype=dtype)
     out = Path(args.output) if args.output else run_dir / "generated"
     out.mkdir(parents=True, exist_ok=True)
-    settings = SampleSettings(steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                              resolution=cfg.data.resolution)
+    settings = SampleSettings(steps=args.steps or cfg.validation.steps,
+                              guidance_scale=cfg.validation.guidance_scale if args.guidance is None else args.guidance,
+                              seed=args.seed, batch_size=args.batch_size, resolution=cfg.data.resolution)
     images = generate(pipe, args.prompt, args.num_images, settings, progress=True)
     written = save_generated(out, args.prompt, images, args.seed)
     grid = save_image_grid([im for row in images for im in row], out / "grids" / f"{written[0].stem}.png", cols=args.num_images)
@@ -308,7 +321,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from rewardbooth.evaluation.metrics import evaluate_folder, format_table, summarize
 
-    scorer = _scorer(args)
+    scorer = _scorer(args, _run_evaluation_settings(Path(args.images)))
     scores = evaluate_folder(Path(args.images), Path(args.references), identifier=args.identifier, prompt=args.prompt, scorer=scorer)
     per_prompt, overall = summarize(scores, "prompt"), summarize(scores)
     print(format_table(per_prompt))

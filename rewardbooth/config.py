@@ -323,6 +323,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 continue
             if key not in explicit:
                 set_value(cfg, key, value)
+    from rewardbooth.models.presets import preset_defaults
+
+    for key, value in preset_defaults(cfg.model.name).items():  # a preset's own world beats a paper's defaults
+        if key not in explicit:
+            set_value(cfg, key, value)
     validate(cfg)
     return cfg
 

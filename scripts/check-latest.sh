@@ -10,7 +10,8 @@ trap 'rm -rf "$venv"' EXIT
 python3 -m venv "$venv"
 . "$venv/bin/activate"
 pip install -q torch==2.13.0
-pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+# Every library at its newest allowed release; torch stays the CPU build (a newer one is a multi-GB CUDA download).
+pip install -q --upgrade --upgrade-strategy eager -c <(echo "torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')") -e ".[test]"
 echo "newest allowed set:"
 pip list --format=freeze | grep -viE "^(rewardbooth|pip|setuptools)=" | sed 's/^/  /'
 python -m pytest "${@:--q}"

@@ -134,3 +134,44 @@ def test_library_warnings_stay_off_the_terminal_unless_verbose(tmp_path, subject
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-500:]
     assert "torchvision" in loud.stderr  # the warning exists, so its absence below means something
     assert "torchvision" not in quiet.stderr and "float32" not in quiet.stderr
+
+
+def test_presets_bring_their_own_world(tmp_path, monkeypatch):
+    from rewardbooth.cli import main
+    from rewardbooth.mini.model import world_words
+
+    # tiny: random-weight judges and reward encoders, never the hub's
+    tiny = load_config(overrides={"train.method": "rpo", "model.name": "tiny"})
+    assert (tiny.evaluation.align_model, tiny.evaluation.dino_model, tiny.evaluation.clip_model) == ("tiny", "tiny", "tiny")
+    # mini: its judges, its guidance and prompts made of its own words (not "Van Gogh rendition")
+    mini = load_config(overrides={"train.method": "rpo", "model.name": "mini", "data.class_noun": "ball"})
+    assert mini.evaluation.align_model == "mini" and mini.validation.guidance_scale == 4.0
+    words = set(world_words()) | {"a", "sks", "ball"}
+    for template in mini.rpo.prompts + [mini.data.instance_prompt, mini.data.class_prompt]:
+        assert set(mini.format_prompt(template).split()) <= words, template
+    # ... and every one of them stays overridable
+    assert load_config(overrides={"model.name": "mini", "evaluation.dino_model": "facebook/dino-vits16"}).evaluation.dino_model \
+        == "facebook/dino-vits16"
+    # generate on a mini run samples with the run's guidance, not SD's 7.5
+    import rewardbooth.models.loading as loading
+    import rewardbooth.sampling as sampling
+
+    seen = {}
+    monkeypatch.setattr(loading, "load_run_pipeline", lambda run, device=None, dtype=None: (mini, object()))
+    monkeypatch.setattr(sampling, "generate", lambda pipe, prompts, n, settings, progress=False: seen.setdefault("s", settings) and [])
+    monkeypatch.setattr(sampling, "save_generated", lambda *a: (_ for _ in ()).throw(SystemExit(0)))
+    try:
+        main(["generate", "--run", str(tmp_path), "--prompt", "a sks ball"])
+    except SystemExit:
+        pass
+    assert seen["s"].guidance_scale == 4.0 and seen["s"].steps == mini.validation.steps
+
+
+def test_evaluate_inside_a_run_uses_the_runs_judges(tmp_path):
+    from rewardbooth.cli import _run_evaluation_settings
+
+    run = tmp_path / "run"
+    (run / "generated").mkdir(parents=True)
+    (run / "config.yaml").write_text(load_config(overrides={"model.name": "mini"}).to_yaml())
+    assert _run_evaluation_settings(run / "generated").dino_model == "mini"
+    assert _run_evaluation_settings(tmp_path) is None

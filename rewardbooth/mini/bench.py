@@ -33,30 +33,22 @@ from rewardbooth.evaluation.bench import BenchRunner, subject_config, summarize_
 from rewardbooth.evaluation.metrics import ImageScore, Scorer
 from rewardbooth.evaluation.paired import paired_differences
 from rewardbooth.mini.scoring import AttributeJudge, attribute_checks
-from rewardbooth.mini.world import CONTEXT_PHRASES, DEFAULT_SPLIT, MiniSubject, PromptSpec, make_subjects, subject_prompts
+from rewardbooth.mini.world import DEFAULT_SPLIT, MiniSubject, PromptSpec, make_subjects, subject_prompts
+from rewardbooth.models.presets import mini_defaults
 
-# Settings every method shares on the mini model (the world's captions carry no "photo of").
+# Settings every method shares in the bench; the mini preset's own world (judges, prompts, guidance:
+# rewardbooth.models.presets) comes with --model mini.
 MINI_COMMON: dict[str, Any] = {
     "model.name": "mini",
-    "data.instance_prompt": "a {identifier} {class_noun}",
-    "data.class_prompt": "a {class_noun}",
     "data.random_flip": True,
-    "evaluation.dino_model": "mini",
-    "evaluation.clip_model": "mini",
-    "evaluation.align_model": "mini",
     "prior.num_class_images": 32,
-    "prior.generation_steps": 20,
-    "prior.generation_guidance": 4.0,
     "prior.generation_batch_size": 32,  # 32 px samples: big batches are nearly free
     "validation.batch_size": 32,
     "validation.steps": 10,  # as the bench's sampler (SUITES): accuracies hold at 10 steps
-    "validation.guidance_scale": 4.0,
     "train.checkpoint_every": 0,
     "train.log_every": 10,
 }
-# RPO's training prompts: four of the seven contexts the bench asks for (the paper's eight prompts
-# overlap DreamBench's 25 in the same way: some, not all).
-RPO_PROMPTS = [f"a {{identifier}} {{class_noun}} {CONTEXT_PHRASES[c]}" for c in ("beach", "snow", "city", "night")]
+RPO_PROMPTS = mini_defaults()["rpo.prompts"]  # the preset's: four of the seven contexts the bench asks for
 # Per method: the tuned settings. Every method trains the full U-Net for the same 400 steps at
 # batch 1 (+ 1 class image; the papers' batch, and 0.56x the time of batch 2 here); learning rates
 # were bracketed on subjects of --subjects-seed 100 and up, never a reported seed (docs/minibench.md, "Tuning").
@@ -66,8 +58,7 @@ MINI_METHODS: dict[str, dict[str, Any]] = {
     "dpg": {"adapter.kind": "full", "adapter.train_text_encoder": False, "train.learning_rate": 2e-4, "train.steps": 400,
             "train.batch_size": 1, "validation.every": 0},
     "rpo": {"adapter.kind": "full", "train.learning_rate": 2e-4, "train.steps": 400, "train.batch_size": 1,
-            "validation.every": 40, "validation.num_images": 2, "rpo.negative_steps": 10, "rpo.negative_guidance": 4.0,
-            "rpo.prompts": RPO_PROMPTS},
+            "validation.every": 40, "validation.num_images": 2, "rpo.negative_steps": 10},
 }
 # Named variants: a method with some settings changed, benchmarked like a method (`--methods
 # dreambooth,dpg-direct,...`), so every variant tried is a setting with a name and a record.
