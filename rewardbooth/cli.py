@@ -247,7 +247,8 @@ def _without_num_processes(argv: list[str]) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rewardbooth.config import load_config, require_training_inputs
-    from rewardbooth.data.images import load_image_folder
+    from rewardbooth.data.images import list_image_files, load_image_folder
+    from rewardbooth.models.loading import model_native_resolution
     from rewardbooth.evaluation.run_report import write_run_report
     from rewardbooth.training.loop import train
     from rewardbooth.training.run_dir import CONFIG_NAME, prepare_run_dir
@@ -258,7 +259,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         config_file = run_dir / CONFIG_NAME  # resume repeats the saved run unless told otherwise
     cfg = load_config(config_file, train_overrides(args))
     require_training_inputs(cfg)
-    load_image_folder(cfg.data.instance_dir)  # bad photos fail now, before any model loads or folder is made
+    # Everything checkable is checked before any model loads or anything is written.
+    resolution = cfg.data.resolution or model_native_resolution(cfg.model.name, cfg.model.revision)
+    min_size = cfg.data.min_image_size if cfg.data.min_image_size is not None else resolution // 2
+    load_image_folder(cfg.data.instance_dir, min_size=min_size)
+    if cfg.prior.enabled and cfg.prior.class_dir:
+        list_image_files(cfg.prior.class_dir, role="class-image folder")
     protected = [Path(p) for p in (cfg.data.instance_dir, cfg.prior.class_dir) if p]
     from accelerate import PartialState
 

@@ -175,3 +175,41 @@ def test_evaluate_inside_a_run_uses_the_runs_judges(tmp_path):
     (run / "config.yaml").write_text(load_config(overrides={"model.name": "mini"}).to_yaml())
     assert _run_evaluation_settings(run / "generated").dino_model == "mini"
     assert _run_evaluation_settings(tmp_path) is None
+
+
+@pytest.mark.parametrize("problem", ["bad model", "unreachable hub id", "too small image", "missing class folder"])
+def test_bad_input_is_reported_before_anything_loads_or_is_written(tmp_path, subject_dir, capsys, monkeypatch, problem):
+    import time
+
+    from PIL import Image
+
+    import rewardbooth.models.loading as loading
+    from rewardbooth.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, src in enumerate(sorted(subject_dir.glob("*.png"))):
+        Image.open(src).save(photos / f"{i}.png")
+    model, extra = "tiny", []
+    if problem == "bad model":
+        model = "no-such-model"
+    elif problem == "unreachable hub id":
+        model = "someone/not-in-any-cache"
+    elif problem == "too small image":
+        Image.new("RGB", (4, 4)).save(photos / "tiny.png")
+        model = "mini"
+    else:
+        extra = ["--class-dir", str(tmp_path / "nowhere")]
+    loaded = []
+    monkeypatch.setattr(loading, "load_components", lambda *a, **k: loaded.append(a))
+    out = tmp_path / "run"
+    start = time.perf_counter()
+    code = main(["train", "--model", model, "--instance-dir", str(photos), "--class-noun", "toy", "--output", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert not loaded and not out.exists()  # nothing loaded, nothing written: the corrected rerun just works
+    assert time.perf_counter() - start < 10
+    culprit = {"bad model": "no-such-model", "unreachable hub id": "someone/not-in-any-cache", "too small image": "tiny.png",
+               "missing class folder": "class-image folder"}[problem]
+    assert culprit in err

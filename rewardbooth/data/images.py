@@ -113,7 +113,7 @@ def load_image(path: Path | str, min_size: int = 0) -> Image.Image:
     return image
 
 
-def list_image_files(folder: Path | str) -> list[Path]:
+def list_image_files(folder: Path | str, role: str = "reference folder") -> list[Path]:
     """Image files directly inside ``folder``, sorted by name.
 
     Hidden files, OS junk files and sub-folders are skipped; any other file that is
@@ -121,13 +121,13 @@ def list_image_files(folder: Path | str) -> list[Path]:
     """
     folder = Path(folder)
     if not folder.exists():
-        raise ImageFolderError(f"reference folder {_show(folder)} does not exist")
+        raise ImageFolderError(f"{role} {_show(folder)} does not exist")
     if not folder.is_dir():
-        raise ImageFolderError(f"reference folder {_show(folder)} is a file, not a folder")
+        raise ImageFolderError(f"{role} {_show(folder)} is a file, not a folder")
     try:
         entries = sorted(folder.iterdir(), key=lambda p: p.name)
     except OSError as exc:
-        raise ImageFolderError(f"cannot list reference folder {_show(folder)}: {_one_line(exc)}") from None
+        raise ImageFolderError(f"cannot list {role} {_show(folder)}: {_one_line(exc)}") from None
 
     images: list[Path] = []
     unsupported: list[Path] = []
@@ -144,17 +144,17 @@ def list_image_files(folder: Path | str) -> list[Path]:
         if len(unsupported) > 3:
             names += f" and {len(unsupported) - 3} more"
         raise ImageFolderError(
-            f"reference folder {_show(folder)} contains files that are not supported images "
+            f"{role} {_show(folder)} contains files that are not supported images "
             f"(jpg, jpeg, png, webp): {names}; move them elsewhere"
         )
     if not images:
-        raise ImageFolderError(f"reference folder {_show(folder)} contains no images (jpg, png, webp)")
+        raise ImageFolderError(f"{role} {_show(folder)} contains no images (jpg, png, webp)")
     return images
 
 
-def load_image_folder(folder: Path | str, min_size: int = 0) -> list[Image.Image]:
-    """All images of a reference folder as RGB, in file-name order."""
-    return [load_image(path, min_size=min_size) for path in list_image_files(folder)]
+def load_image_folder(folder: Path | str, min_size: int = 0, role: str = "reference folder") -> list[Image.Image]:
+    """All images of a folder as RGB, in file-name order; `role` names the folder in errors."""
+    return [load_image(path, min_size=min_size) for path in list_image_files(folder, role)]
 
 
 def preprocess(

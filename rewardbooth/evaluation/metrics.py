@@ -108,7 +108,7 @@ def read_generated_folder(folder: Path, prompt: str | None = None) -> tuple[list
         return files, [prompt or e["prompt"] for e in entries]
     if prompt is None:
         raise ConfigError(f"{folder} has no {METADATA_NAME}; pass --prompt to give the prompt of its images")
-    files = list_image_files(folder)
+    files = list_image_files(folder, role="images folder")
     return files, [prompt] * len(files)
 
 

@@ -39,7 +39,7 @@ def prepare_class_images(ctx: TrainContext) -> list[Image.Image]:
     """
     prior = ctx.cfg.prior
     wanted = prior.num_class_images
-    user_files = list_image_files(prior.class_dir)[:wanted] if prior.class_dir else []
+    user_files = list_image_files(prior.class_dir, role="class-image folder")[:wanted] if prior.class_dir else []
     cache = ctx.run_dir / CLASS_IMAGE_FOLDER
     cached = sorted(cache.glob("class_*.png")) if cache.is_dir() else []
     missing = wanted - len(user_files) - len(cached)

@@ -104,6 +104,30 @@ def load_components(name: str, revision: str | None = None, variant: str | None 
     return Components(name, path, unet, vae, text_encoder, tokenizer, noise_scheduler)
 
 
+def read_model_config(name: str, revision: str | None, file: str) -> dict:
+    """One small JSON file of a model (folder, preset or hub id) without loading any weights,
+    so a bad name or an unreachable hub id fails in a second, before anything is written."""
+    path = resolve_model_path(name)
+    local = Path(path) / file
+    if local.is_file():
+        return json.loads(local.read_text())
+    if Path(path).exists():
+        raise ConfigError(f"model folder {path} has no {file}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(path, file, revision=revision)).read_text())
+    except Exception as exc:  # noqa: BLE001 - offline, not found, gated, no network: one line naming the model
+        raise ConfigError(f"cannot get model {name!r} from the hub (or its cache): {_one_line(exc)}") from None
+
+
+def model_native_resolution(name: str, revision: str | None = None) -> int:
+    """The U-Net's sample size times the VAE's downsampling, from the configs alone."""
+    unet = read_model_config(name, revision, "unet/config.json")
+    vae = read_model_config(name, revision, "vae/config.json")
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def make_pipeline(components: Components, unet=None, text_encoder=None, scheduler: str = "dpm"):
     """A StableDiffusionPipeline over (possibly training) components, for sampling."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
