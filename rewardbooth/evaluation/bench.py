@@ -189,17 +189,20 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]],
     from rewardbooth.evaluation.report import plot_bars, plot_tradeoff
 
     assets = report_dir / "report_assets"
+    # Each folder is labelled by its method, or by its folder name where methods repeat (variants, budgets).
+    names = [info["method"] for _, info, _ in methods]
+    labels = {d: info["method"] if names.count(info["method"]) == 1 else d.name for d, info, _ in methods}
     table = []
     for d, _, r in methods:
         overall = r["overall"]
         metrics = [k for k in overall if k not in ("scope", "images") and not k.endswith("_std_over_subjects")]
-        table.append({"method": d.name, "folder": str(d), "subjects": r["subjects"], "images": overall["images"],
+        table.append({"method": labels[d], "folder": str(d), "subjects": r["subjects"], "images": overall["images"],
                       **{m: f"{overall[m]:.4f} ± {overall[m + '_std_over_subjects']:.4f}" for m in metrics}})
     judges = methods[0][2]["judges"]
     text = "mean over all images ± standard deviation over subjects; judges: " + ", ".join(f"{k}={v}" for k, v in judges.items())
     sections = [ReportSection("Overall", text, table=table), *(extra_sections or [])]
     names = sorted({row["subject"] for _, _, r in methods for row in r["per_subject"]})
-    series = {d.name: {row["subject"]: row for row in r["per_subject"]} for d, _, r in methods}
+    series = {labels[d]: {row["subject"]: row for row in r["per_subject"]} for d, _, r in methods}
     chart_images = []
     present = set(methods[0][2]["overall"])
     for x, y in (("dino", "clip_t"), ("identity_kept", "prompt_ok")):
@@ -224,9 +227,9 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]],
             if not (subject_dir / "scores.json").is_file():
                 continue
             references = load_image_folder(reference_dirs[name])
-            grid = _subject_grid(subject_dir, references, info["images_per_prompt"], assets / bench_dir.name / f"{name}.png")
+            grid = _subject_grid(subject_dir, references, info["images_per_prompt"], assets / labels[bench_dir] / f"{name}.png")
             grids.append((str(grid.relative_to(report_dir)), name))
-        sections.append(ReportSection(f"Samples: {bench_dir.name}", "first row: references; then one row per prompt", images=grids))
+        sections.append(ReportSection(f"Samples: {labels[bench_dir]}", "first row: references; then one row per prompt", images=grids))
     tiny = any(info["model"].startswith("tiny") or "tiny" in info["judges"].values() for _, info, _ in methods)
     notice = ("Built-in tiny models with random weights made these numbers: they test the harness, "
               "not personalization quality.") if tiny else None
