@@ -52,11 +52,20 @@ RPO_PROMPTS = mini_defaults()["rpo.prompts"]  # the preset's: four of the seven 
 # Per method: the tuned settings. Every method trains the full U-Net for the same 400 steps at
 # batch 1 (+ 1 class image; the papers' batch, and 0.56x the time of batch 2 here); learning rates
 # were bracketed on subjects of --subjects-seed 100 and up, never a reported seed (docs/minibench.md, "Tuning").
+DPG_FEATURE_CRITIC: dict[str, Any] = {
+    "dpg.reward": "dino", "dpg.critic_input": "features", "dpg.critic_optimizer": "adam", "dpg.critic_lr": 1e-3,
+    "dpg.critic_warmup_steps": 100, "dpg.instance_weight": 1.0, "dpg.weighting": "uniform", "dpg.reward_weight": 0.1}
+# The released code's DPG: the reconstruction critic, gamma^t, no instance loss.
+DPG_RELEASED: dict[str, Any] = {
+    "dpg.reward": "recon", "dpg.critic_input": "latent", "dpg.critic_optimizer": "sgd", "dpg.critic_lr": 0.01,
+    "dpg.critic_warmup_steps": 0, "dpg.instance_weight": 0.0, "dpg.weighting": "gamma", "dpg.reward_weight": 1.0}
 MINI_METHODS: dict[str, dict[str, Any]] = {
     "dreambooth": {"adapter.kind": "full", "train.learning_rate": 4e-4, "train.steps": 400, "train.batch_size": 1,
                    "validation.every": 0},
+    # DPG with the reward critic fed mini-DINO features of the decoded look-forward image (won the tuning
+    # round: docs/minibench.md); the released code's reconstruction critic is the variant dpg-recon.
     "dpg": {"adapter.kind": "full", "adapter.train_text_encoder": False, "train.learning_rate": 2e-4, "train.steps": 400,
-            "train.batch_size": 1, "validation.every": 0},
+            "train.batch_size": 1, "validation.every": 0, **DPG_FEATURE_CRITIC},
     "rpo": {"adapter.kind": "full", "train.learning_rate": 2e-4, "train.steps": 400, "train.batch_size": 1,
             "validation.every": 40, "validation.num_images": 2, "rpo.negative_steps": 10},
 }
@@ -67,17 +76,17 @@ MINI_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dreambooth-select": ("dreambooth", {"validation.every": 40, "validation.num_images": 2, "validation.select": True,
                                          "validation.prompts": RPO_PROMPTS}),
     # DPG: a differentiable reward straight through the decoded look-forward image (no critic)
-    "dpg-direct": ("dpg", {"dpg.reward": "dino", "dpg.actor": "direct", "dpg.instance_weight": 1.0,
+    "dpg-direct": ("dpg", {**DPG_RELEASED, "dpg.reward": "dino", "dpg.actor": "direct", "dpg.instance_weight": 1.0,
                            "dpg.weighting": "uniform", "dpg.reward_weight": 0.1}),
-    # DPG: a critic of the reward fed the reward encoder's features, warmed up before the actor uses it
-    "dpg-feature-critic": ("dpg", {"dpg.reward": "dino", "dpg.critic_input": "features", "dpg.critic_optimizer": "adam",
-                                   "dpg.critic_lr": 1e-3, "dpg.critic_warmup_steps": 100, "dpg.instance_weight": 1.0,
-                                   "dpg.weighting": "uniform", "dpg.reward_weight": 0.1}),
+    # DPG as released (the tuning round's "dpg"): the reconstruction critic
+    "dpg-recon": ("dpg", DPG_RELEASED),
+    # DPG: a critic of the reward fed the reward encoder's features, warmed up before the actor uses it (now "dpg")
+    "dpg-feature-critic": ("dpg", DPG_FEATURE_CRITIC),
     # DPG recon critic weighted toward detail steps, with the instance loss on
-    "dpg-snr": ("dpg", {"dpg.weighting": "snr", "dpg.instance_weight": 1.0}),
-    "dpg-low-t": ("dpg", {"dpg.weighting": "uniform", "dpg.actor_max_timestep": 300, "dpg.instance_weight": 1.0}),
+    "dpg-snr": ("dpg", {**DPG_RELEASED, "dpg.weighting": "snr", "dpg.instance_weight": 1.0}),
+    "dpg-low-t": ("dpg", {**DPG_RELEASED, "dpg.weighting": "uniform", "dpg.actor_max_timestep": 300, "dpg.instance_weight": 1.0}),
     # the paper's ablation: no look-forward
-    "dpg-no-lookforward": ("dpg", {"dpg.look_forward": False}),
+    "dpg-no-lookforward": ("dpg", {**DPG_RELEASED, "dpg.look_forward": False}),
     # RPO: the preference term off; labels that carry signal; the official prompt pairing; selection that waits
     "rpo-beta0": ("rpo", {"rpo.beta": 0.0}),
     "rpo-soft": ("rpo", {"rpo.labels": "soft", "rpo.label_temperature": 0.05, "rpo.lambda_train": 0.5}),
