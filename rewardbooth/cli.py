@@ -316,8 +316,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rewardbooth.demo import run_demo
 
-    report = run_demo(Path(args.output), steps=args.steps, seed=args.seed, overwrite=args.overwrite, method=args.method)
-    print(f"demo finished: open {report}")
+    run_demo(Path(args.output), steps=args.steps, seed=args.seed, overwrite=args.overwrite, method=args.method)  # prints its summary
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rewardbooth.evaluation.report import ReportSection, save_image_grid
+from rewardbooth.evaluation.report import ReportSection, save_labelled_rows
 from rewardbooth.evaluation.run_report import write_run_report
 from rewardbooth.mini.bench import GUIDANCE, SAMPLE_BATCH, method_config
 from rewardbooth.mini.scoring import ATTRIBUTE_METRICS, AttributeJudge, attribute_checks
@@ -47,32 +47,54 @@ def run_demo(run_dir: Path, steps: int | None = None, seed: int = 0, overwrite: 
     settings = SampleSettings(steps=20, guidance_scale=GUIDANCE, seed=seed, batch_size=SAMPLE_BATCH)
     judge = AttributeJudge("mini")
 
-    def sample_and_judge(pipe, label: str) -> tuple[Path, dict[str, float]]:
-        rows = generate(pipe, prompts, images_per_prompt, settings, progress=progress, description=f"samples {label}")
+    def sample_and_judge(pipe) -> tuple[list[list], dict[str, float]]:
+        rows = generate(pipe, prompts, images_per_prompt, settings, progress=progress, description="samples")
         flat = [im for row in rows for im in row]
         checks = [attribute_checks(p, spec) for p, spec in zip(judge.predict(flat), [s for s in specs for _ in range(images_per_prompt)])]
         means = {}
         for metric in ATTRIBUTE_METRICS:
             values = [c[metric] for c in checks if c[metric] == c[metric]]  # NaN: not asked by that prompt
             means[metric] = sum(values) / len(values) if values else float("nan")
-        grid = save_image_grid(flat, run_dir / "report_assets" / f"samples_{label}.png", cols=images_per_prompt)
-        return grid, means
+        return rows, means
 
-    before_grid, before = sample_and_judge(make_pipeline(load_components(cfg.model.name)), "before")
+    before_rows, before = sample_and_judge(make_pipeline(load_components(cfg.model.name)))
     train(cfg, run_dir, progress=progress)
     _, pipe = load_run_pipeline(run_dir)
-    after_grid, after = sample_and_judge(pipe, "after")
+    after_rows, after = sample_and_judge(pipe)
 
-    table = [{"check": m, "before training": f"{before[m]:.2f}", "after training": f"{after[m]:.2f}"} for m in ATTRIBUTE_METRICS]
-    rows_text = "rows: " + " | ".join(prompts) + f"; {images_per_prompt} seeds per prompt, the same seeds before and after"
+    side_by_side = save_labelled_rows([(prompt, b + a) for prompt, b, a in zip(prompts, before_rows, after_rows)],
+                                      run_dir / "report_assets" / "before_after.png", scale=3, gap_after=images_per_prompt,
+                                      header=["before training", f"after {cfg.train.steps} {method} steps"])
+    summary = demo_summary(subject, before, after)
+    table = [{"check": m, "before training": f"{before[m]:.2f}", "after training": f"{after[m]:.2f}",
+              "change": _change(before[m], after[m])} for m in ATTRIBUTE_METRICS]
     sections = [
-        ReportSection("Did it learn the subject?",
-                      f"The subject is a {subject.colour} {subject.pattern} {subject.shape}. Share of images where the attribute "
-                      "judge sees what the prompt needs: the subject's shape, colour and pattern kept (identity_kept: all three), "
-                      "the prompted context and modifiers drawn (prompt_ok).", table=table),
-        ReportSection("Before training (the base model given the same prompts)", rows_text,
-                      images=[(str(before_grid.relative_to(run_dir)), "before")]),
-        ReportSection(f"After {cfg.train.steps} {method} steps (weights reloaded from disk)", rows_text,
-                      images=[(str(after_grid.relative_to(run_dir)), "after")]),
+        ReportSection("Did it learn the subject?", "\n".join(summary) + "\n\nShare of images where the attribute judge sees "
+                      "what the prompt needs: the subject's shape, colour and pattern kept (identity_kept: all three at once, "
+                      "the strictest number), the prompted context and modifiers drawn (prompt_ok).", table=table),
+        ReportSection("Before and after, prompt by prompt",
+                      f"each row one prompt; left {images_per_prompt} images from the base model, right the same seeds after "
+                      "training (weights reloaded from disk)", images=[(str(side_by_side.relative_to(run_dir)), "before | after")]),
     ]
-    return write_run_report(run_dir, notice=MINI_NOTICE, extra_sections=sections)
+    report = write_run_report(run_dir, notice=MINI_NOTICE, extra_sections=sections)
+    print("\n".join([*summary, f"report: {report}"]))
+    return report
+
+
+def _change(before: float, after: float) -> str:
+    if before != before or after != after:
+        return ""
+    if after > before + 0.05:
+        return "better"
+    return "worse" if after < before - 0.05 else "about the same"
+
+
+def demo_summary(subject, before: dict[str, float], after: dict[str, float]) -> list[str]:
+    """Two plain-language lines: what the model now keeps of the subject, and whether it still follows prompts."""
+    kept = ", ".join(f"{name} {before[f'{name}_kept']:.0%} -> {after[f'{name}_kept']:.0%}" for name in ("shape", "colour", "pattern"))
+    return [
+        f"The {subject.colour} {subject.pattern} {subject.shape}: kept in the images (before -> after training): {kept}; "
+        f"all three at once {before['identity_kept']:.0%} -> {after['identity_kept']:.0%}.",
+        f"It still draws what the prompt asks (context, colour, size) in {after['prompt_ok']:.0%} of images "
+        f"({before['prompt_ok']:.0%} before).",
+    ]

@@ -57,13 +57,23 @@ def test_mini_bench_refuses_unknown_method(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
-def test_demo_learns_a_mini_subject(tmp_path):
+def test_demo_learns_a_mini_subject(tmp_path, capsys):
+    from PIL import Image
+
     from rewardbooth.demo import run_demo
 
     report = run_demo(tmp_path / "demo", steps=3, progress=False, images_per_prompt=1)
     html = report.read_text()
     assert "Did it learn the subject?" in html and "before training" in html
-    assert (tmp_path / "demo" / "report_assets" / "samples_after.png").is_file()
+    # The terminal gets three lines: what is kept, whether prompts are followed, where the report is.
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 3 and "kept in the images" in printed[0] and "still draws what the prompt asks" in printed[1]
+    assert printed[2] == f"report: {report}"
+    # Before and after side by side: one labelled row per prompt, before | after.
+    side = Image.open(tmp_path / "demo" / "report_assets" / "before_after.png")
+    assert side.height >= 13 * 3 * 32 // 1.1 and side.width > 2 * 3 * 32
+    # Only the settings of the method that ran.
+    assert "rpo.beta" not in html and "dpg.gamma" not in html and "train.method" in html
     assert len(list((tmp_path / "demo" / "reference").glob("*.png"))) >= 4
     # Running it again says it is done and touches nothing (README's one-liner works twice).
     stamp = report.stat().st_mtime_ns

@@ -184,3 +184,15 @@ def test_write_report_rejects_absolute_image_path(tmp_path: Path) -> None:
     section = ReportSection("x", images=[(str(tmp_path / "a.png"), "abs")])
     with pytest.raises(ValueError):
         write_report(tmp_path, "t", [section])
+
+
+def test_report_shows_big_photos_as_thumbnails(tmp_path):
+    from PIL import Image
+
+    from rewardbooth.evaluation.report import save_image_grid
+
+    photos = [Image.new("RGB", (4000, 3000), (40 * i, 90, 160)) for i in range(5)]
+    path = save_image_grid(photos, tmp_path / "references.png", cols=5, max_side=256)
+    with Image.open(path) as strip:
+        assert strip.height <= 256 + 4 and strip.width <= 5 * 256 + 12
+    assert path.stat().st_size < 2_000_000

@@ -62,10 +62,53 @@ def make_grid(
     return grid
 
 
-def save_image_grid(images: list[Image.Image], path: Path, cols: int | None = None) -> Path:
+def save_image_grid(images: list[Image.Image], path: Path, cols: int | None = None, max_side: int | None = None) -> Path:
+    """A grid PNG; `max_side` shrinks larger images first (phone photos make thumbnails, not 100 MB strips)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if max_side:
+        images = [_thumbnail(im, max_side) for im in images]
     make_grid(images, cols=cols).save(path, format="PNG")
+    return path
+
+
+def _thumbnail(image: Image.Image, max_side: int) -> Image.Image:
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+
+
+def save_labelled_rows(rows: list[tuple[str, list[Image.Image]]], path: Path, scale: int = 1, gap_after: int | None = None,
+                       header: list[str] | None = None) -> Path:
+    """One row of images per label, the label written at the row's left; a wider gap after
+    `gap_after` images (e.g. before | after); optional column headers over the two halves."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    w, h = rows[0][1][0].size
+    w, h = w * scale, h * scale
+    label_width = 8 + max(int(font.getlength(label)) for label, _ in rows)
+    cols = max(len(images) for _, images in rows)
+    gap = 12
+    top = 16 if header else 0
+    x0 = [label_width + k * (w + 2) + (gap if gap_after and k >= gap_after else 0) for k in range(cols)]
+    width = x0[-1] + w + 4
+    if header:  # room for the last header's text
+        width = max(width, x0[gap_after or 0] + int(font.getlength(header[-1])) + 4)
+    canvas = Image.new("RGB", (width, top + len(rows) * (h + 2) + 2), "white")
+    draw = ImageDraw.Draw(canvas)
+    if header:
+        for text, column in zip(header, (0, gap_after or 0)):
+            draw.text((x0[column], 2), text, fill="black", font=font)
+    for r, (label, images) in enumerate(rows):
+        y = top + 2 + r * (h + 2)
+        draw.text((4, y + h // 2 - 6), label, fill="black", font=font)
+        for k, image in enumerate(images):
+            canvas.paste(image.convert("RGB").resize((w, h), Image.Resampling.NEAREST), (x0[k], y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG")
     return path
 
 
@@ -226,6 +269,7 @@ figure { display: inline-block; margin: 8px 12px 8px 0; vertical-align: top; max
 figure img { max-width: 100%; border: 1px solid #ccc; image-rendering: auto; }
 figure img.pixelated { image-rendering: pixelated; }
 figcaption { font-size: 0.85em; color: #555; max-width: 520px; }
+.table-wrap { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 8px 0; }
 th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 th { background: #f0f0f0; }
@@ -250,7 +294,7 @@ def _table_html(rows: list[dict]) -> str:
         "<tr>" + "".join(f"<td>{html.escape(_format_cell(row.get(c)))}</td>" for c in columns) + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 SMALL_IMAGE_WIDTH = 320  # narrower grids (e.g. 32 px samples) are shown enlarged, pixel for pixel

@@ -11,6 +11,7 @@ from rewardbooth.data.images import load_image_folder
 from rewardbooth.evaluation.report import ReportSection, plot_metrics, read_metrics, save_image_grid, write_report
 from rewardbooth.training.run_dir import CONFIG_NAME, METRICS_NAME
 
+REFERENCE_THUMBNAIL = 256  # px, longest side of each reference in the report's strip
 
 
 def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: list[ReportSection] = ()) -> Path:
@@ -23,7 +24,7 @@ def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: l
     instance_dir = cfg["data"]["instance_dir"]
     if instance_dir and Path(instance_dir).is_dir():
         references = load_image_folder(Path(instance_dir))
-        save_image_grid(references, run_dir / "report_assets" / "references.png", cols=len(references))
+        save_image_grid(references, run_dir / "report_assets" / "references.png", cols=len(references), max_side=REFERENCE_THUMBNAIL)
         sections.append(ReportSection("Reference images", f"{len(references)} images of the subject from {instance_dir}",
                                       images=[("report_assets/references.png", "references")]))
 
@@ -56,8 +57,11 @@ def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: l
         ))
 
     sections.extend(extra_sections)
-    settings = [{"setting": f"{section}.{key}", "value": json.dumps(value)} for section, values in cfg.items() for key, value in values.items()]
-    sections.append(ReportSection("Settings", "the resolved config.yaml of this run", table=settings))
+    method = cfg["train"]["method"]
+    other_methods = {"rpo", "dpg"} - {method}  # each method's own section; the others do not apply to this run
+    settings = [{"setting": f"{section}.{key}", "value": json.dumps(value)} for section, values in cfg.items()
+                if section not in other_methods for key, value in values.items()]
+    sections.append(ReportSection("Settings", f"the resolved config.yaml of this run (the settings {method} uses)", table=settings))
     title = f"rewardbooth {result.get('method', cfg['train']['method'])} run: {cfg['data']['identifier']} {cfg['data']['class_noun']}"
     return write_report(run_dir, title, sections, notice=notice)
 
