@@ -196,3 +196,12 @@ def test_report_shows_big_photos_as_thumbnails(tmp_path):
     with Image.open(path) as strip:
         assert strip.height <= 256 + 4 and strip.width <= 5 * 256 + 12
     assert path.stat().st_size < 2_000_000
+
+
+def test_wide_tables_scroll_inside_their_card(tmp_path):
+    from rewardbooth.evaluation.report import ReportSection, write_report
+
+    row = {f"metric_{i}": f"{i / 7:.3f} ± 0.100" for i in range(16)}
+    html = write_report(tmp_path, "rewardbooth MiniBench results", [ReportSection("Overall", table=[row])]).read_text()
+    assert '<div class="table-wrap"><table>' in html and ".table-wrap { overflow-x: auto" in html
+    assert "<title>rewardbooth MiniBench results</title>" in html
