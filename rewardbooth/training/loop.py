@@ -26,19 +26,19 @@ from rewardbooth.models.loading import load_components, make_pipeline
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from rewardbooth.sampling import SampleSettings, generate
 from rewardbooth.training.context import TrainContext
-from rewardbooth.training.threads import choose_cpu_threads, should_choose_threads
 from rewardbooth.training.run_dir import (
     CONFIG_NAME,
     METRICS_NAME,
+    STAGING_NAME,
     MetricsLog,
-    checkpoint_path,
     atomic_write_text,
+    checkpoint_path,
     list_checkpoints,
     prune_checkpoints,
-    STAGING_NAME,
     replace_into,
     run_lock,
 )
+from rewardbooth.training.threads import choose_cpu_threads, should_choose_threads
 
 BEST_DIR = "best"
 BUDGETS_DIR = "budgets"
