@@ -110,6 +110,8 @@ def set_library_verbosity(verbose: bool) -> None:
     level = "warning" if verbose else "error"
     for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "ACCELERATE_LOG_LEVEL"):
         os.environ[variable] = level
+    if not verbose:  # the libraries' per-file "Loading weights" bars; rewardbooth's own bars show the real work
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     for name in ("transformers", "diffusers"):
         if name in sys.modules:
             getattr(sys.modules[name].utils.logging, f"set_verbosity_{level}")()

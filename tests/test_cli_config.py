@@ -133,7 +133,7 @@ def test_library_warnings_stay_off_the_terminal_unless_verbose(tmp_path, subject
     loud = subprocess.run([*argv("loud"), "--verbose"], capture_output=True, text=True, env=env, timeout=300)
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-500:]
     assert "torchvision" in loud.stderr  # the warning exists, so its absence below means something
-    assert "torchvision" not in quiet.stderr and "float32" not in quiet.stderr
+    assert "torchvision" not in quiet.stderr and "float32" not in quiet.stderr and "Loading weights" not in quiet.stderr
 
 
 def test_presets_bring_their_own_world(tmp_path, monkeypatch):
