@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rewardbooth.evaluation.report import ReportSection, save_labelled_rows
 from rewardbooth.evaluation.run_report import write_run_report
-from rewardbooth.mini.bench import GUIDANCE, SAMPLE_BATCH, method_config
+from rewardbooth.mini.bench import GUIDANCE, SAMPLE_BATCH, SUITES, method_config
 from rewardbooth.mini.scoring import ATTRIBUTE_METRICS, AttributeJudge, attribute_checks
 from rewardbooth.mini.world import make_subject, subject_prompts
 from rewardbooth.models.loading import load_components, load_run_pipeline, make_pipeline
@@ -44,7 +44,7 @@ def run_demo(run_dir: Path, steps: int | None = None, seed: int = 0, overwrite: 
     cfg = method_config(method, None, overrides)
     specs = subject_prompts(subject, cfg.data.identifier)
     prompts = [spec.prompt for spec in specs]
-    settings = SampleSettings(steps=20, guidance_scale=GUIDANCE, seed=seed, batch_size=SAMPLE_BATCH)
+    settings = SampleSettings(steps=SUITES["full"]["sample_steps"], guidance_scale=GUIDANCE, seed=seed, batch_size=SAMPLE_BATCH)
     judge = AttributeJudge("mini")
 
     def sample_and_judge(pipe) -> tuple[list[list], dict[str, float]]:
