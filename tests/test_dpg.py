@@ -239,8 +239,11 @@ def test_resume_never_unpickles_checkpoint_files(tmp_path, dpg_overrides, straig
     for key in ("loss", "critic_loss", "reward_predicted"):
         assert metric_series(broken, key) == pytest.approx(metric_series(straight, key), rel=1e-5), key
 
-    # A pickle that accelerate would load unsafely is refused before anything reads it.
-    (checkpoint / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Trap(marker)))
+    # A pickle that accelerate would load unsafely is refused before anything reads it (resuming
+    # the finished run for more steps loads its newest checkpoint).
+    newest = sorted((broken / "checkpoints").iterdir())[-1]
+    (newest / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Trap(marker)))
+    more = load_config(overrides=dict(dpg_overrides, **{"train.steps": 9, "train.checkpoint_every": 3}))
     with pytest.raises(CheckpointError, match="custom_checkpoint_0.pkl"):
-        train(cfg, broken, resume=True, progress=False, method=DPG())
+        train(more, broken, resume=True, progress=False, method=DPG())
     assert not marker.exists()
