@@ -28,8 +28,8 @@ from rewardbooth.methods.critics import (
     critic_regression_loss,
     live_fraction,
 )
-from rewardbooth.methods.dreambooth import DreamBooth
 from rewardbooth.errors import ConfigError
+from rewardbooth.methods.dreambooth import DreamBooth
 from rewardbooth.rewards import Subject, build_reward
 from rewardbooth.training.context import TrainContext
 
@@ -110,12 +110,10 @@ class DPG(DreamBooth):
     def image_reward(self, ctx: TrainContext, images: torch.Tensor) -> torch.Tensor:
         return self.reward(images, [ctx.cfg.instance_prompt] * images.shape[0], self.subject).float().to(images.device)
 
-    def critic_inputs(self, judged, x0_ref, timesteps, text, images=None) -> tuple[torch.Tensor, ...]:
+    def critic_inputs(self, judged, x0_ref, timesteps, text, features=None) -> tuple[torch.Tensor, ...]:
         if self.recon:
             return ((judged - x0_ref) ** 2,)
-        if self.features:
-            return (self.reward.encoder.encode_images(images), timesteps, text)
-        return (judged, timesteps, text)
+        return (features if self.features else judged, timesteps, text)
 
     @torch.no_grad()
     def true_reward(self, ctx: TrainContext, judged: torch.Tensor, x0_ref: torch.Tensor, images=None) -> torch.Tensor:
@@ -174,6 +172,8 @@ class DPG(DreamBooth):
         x0_ref = noised.x0[:b].float()
         text_b = text[:b].detach().float()
         images = self.decode(ctx, judged) if (self.direct or self.features) else None
+        # Encoder features of the judged image, computed once: the actor's (with grad) and, detached, the replay's.
+        features = self.reward.encoder.encode_images(images) if self.features else None
 
         if self.direct:  # no critic: the reward's own gradient
             reward = self.image_reward(ctx, images)
@@ -182,10 +182,9 @@ class DPG(DreamBooth):
                                                            "reward_true": reward.detach().mean()}
 
         # Critic step on detached samples (replayed with recent ones).
-        detached_images = images.detach() if images is not None else None
-        target = self.true_reward(ctx, judged.detach(), x0_ref, detached_images)
-        with torch.no_grad():
-            self.replay.add(self.critic_inputs(judged.detach(), x0_ref, t, text_b, detached_images), target)
+        target = self.true_reward(ctx, judged.detach(), x0_ref, images.detach() if images is not None else None)
+        detached_features = features.detach() if features is not None else None
+        self.replay.add(self.critic_inputs(judged.detach(), x0_ref, t, text_b, detached_features), target)
         inputs, targets = self.replay.sample(cfg.critic_batch_size, newest=b, generator=generator)
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss = critic_regression_loss(self.critic_train(*inputs), targets)
@@ -195,7 +194,7 @@ class DPG(DreamBooth):
         self.critic_optimizer.zero_grad(set_to_none=True)
         self.critic_steps += 1
 
-        actor_term, q, live = self.actor_term(ctx, self.critic_inputs(judged, x0_ref, t, text_b, images), t)
+        actor_term, q, live = self.actor_term(ctx, self.critic_inputs(judged, x0_ref, t, text_b, features), t)
         if self.critic_steps > cfg.critic_warmup_steps:
             loss = loss + cfg.reward_weight * actor_term
         reward_true = target if not self.recon else -target  # log rewards (higher is better) for both kinds

@@ -50,8 +50,9 @@ MINI_COMMON: dict[str, Any] = {
 }
 RPO_PROMPTS = mini_defaults()["rpo.prompts"]  # the preset's: four of the seven contexts the bench asks for
 # Per method: the tuned settings. Every method trains the full U-Net for the same 400 steps at
-# batch 1 (+ 1 class image; the papers' batch, and 0.56x the time of batch 2 here); learning rates
-# were bracketed on subjects of --subjects-seed 100 and up, never a reported seed (docs/minibench.md, "Tuning").
+# batch 1 (+ 1 class image; the papers' batch, and 0.56x the time of batch 2 here). The learning rates
+# are those chosen at batch 2 on the old seed-100 subjects (not yet re-bracketed at batch 1); the DPG
+# variant won tuning round 1 on set 100, never a reported set (docs/minibench.md, "Tuning").
 DPG_FEATURE_CRITIC: dict[str, Any] = {
     "dpg.reward": "dino", "dpg.critic_input": "features", "dpg.critic_optimizer": "adam", "dpg.critic_lr": 1e-3,
     "dpg.critic_warmup_steps": 100, "dpg.instance_weight": 1.0, "dpg.weighting": "uniform", "dpg.reward_weight": 0.1}
@@ -351,9 +352,10 @@ def mini_report_sections(out: Path, results: dict[str, dict], paired: dict[str, 
             f"method minus {paired['baseline']} on the same subjects; {table['interval']}; the verdict follows the "
             "interval (better: all above 0, worse: all below 0)", table=paired_rows(table)))
     if all(b is not None for b in budgets) and len(budgets) > 1:
-        curves = {m: [(b, results[bench_folder_name(m, b)]["overall"]) for b in budgets] for m in methods}
-        path = plot_frontier({m: [(b, row["prompt_ok"], row["identity_kept"]) for b, row in points] for m, points in curves.items()},
-                             out / "report_assets" / "frontier.png", "prompt_ok (text alignment)", "identity_kept (subject fidelity)")
+        overall = {(m, b): results[bench_folder_name(m, b)]["overall"] for m in methods for b in budgets}
+        curves = {m: [(b, overall[m, b]["prompt_ok"], overall[m, b]["identity_kept"]) for b in budgets] for m in methods}
+        path = plot_frontier(curves, out / "report_assets" / "frontier.png", "prompt_ok (text alignment)",
+                             "identity_kept (subject fidelity)")
         sections.append(ReportSection("Budget frontier", "mean over subjects at each training budget (steps, labelled): "
                                       "better means up at the same budget and the same prompt_ok",
                                       images=[(str(path.relative_to(out)), "identity_kept vs prompt_ok per method across budgets")]))
