@@ -124,3 +124,20 @@ def test_mini_bench_parallel_jobs_match_one_process(tmp_path):
     shared = tmp_path / "two" / "class_images"
     assert {p.name for p in shared.iterdir()} == nouns and all(len(list((shared / n).glob("*.png"))) == 4 for n in nouns)
     assert not list((tmp_path / "two" / "dreambooth").glob("subjects/*/run/class_images/*.png"))
+
+
+def test_mini_bench_budgets_train_once_and_plot_the_frontier(tmp_path):
+    from rewardbooth.mini.bench import run_mini_bench
+
+    out = tmp_path / "bench"
+    report = run_mini_bench(out, ["dreambooth", "dpg-recon"], quick=True, num_subjects=1, images_per_prompt=1, sample_steps=2,
+                            progress=False, jobs=1, budgets=[2, 3], overrides={"prior.num_class_images": 2})
+    # one run per method and subject, trained to the largest budget, its smaller budget kept inside
+    runs = sorted((out / "runs").glob("*/*/result.json"))
+    assert len(runs) == 2 and all(json.loads(r.read_text())["last_step"] == 3 for r in runs)
+    assert all((r.parent / "budgets" / "step-000002" / "budget.json").is_file() for r in runs)
+    assert {p.name for p in out.iterdir() if "@" in p.name} == {"dreambooth@2", "dreambooth@3", "dpg-recon@2", "dpg-recon@3"}
+    paired = json.loads((out / "paired.json").read_text())
+    assert set(paired["budgets"]) == {"2", "3"} and set(paired["budgets"]["2"]["differences"]) == {"dpg-recon"}
+    html = report.read_text()
+    assert (out / "report_assets" / "frontier.png").is_file() and "Budget frontier" in html and "at 3 steps" in html
