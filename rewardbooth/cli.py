@@ -15,7 +15,7 @@ from rewardbooth.errors import RewardboothError
 
 # Flags that set a config value: (flag, dotted key, type, help). None type = boolean switch.
 TRAIN_FLAGS = [
-    ("--model", "model.name", str, "hub id, local diffusers folder, or a preset: mini (pretrained on the MiniBench world), tiny, tiny-v (random weights)"),
+    ("--model", "model.name", str, "hub id, local diffusers folder, or a preset: mini (pretrained on the MiniBench world), tiny, tiny-v, tiny-sdxl (random weights). SDXL: e.g. stabilityai/stable-diffusion-xl-base-1.0"),
     ("--method", "train.method", str, "dreambooth | dpg | rpo (dpg: the released script's defaults, SD 1.4, full U-Net + "
                                           "text encoder, lr 1e-6, 1000 steps, --set dpg.reward=dino for the reward critic; rpo: the paper's defaults, SD 2.1, full U-Net, lr 5e-6, 400 steps; "
                                           "labels use rpo.lambda_train=0.0 as the official code does, the paper speaks of lambda_train)"),
@@ -31,6 +31,8 @@ TRAIN_FLAGS = [
     ("--seed", "train.seed", int, "seed for data order, noise and timesteps"),
     ("--checkpoint-every", "train.checkpoint_every", int, "save a resumable checkpoint every N steps (0: off)"),
     ("--rank", "adapter.rank", int, "LoRA rank"),
+    ("--alpha", "adapter.alpha", float, "LoRA alpha; the update is scaled by alpha / rank (default: rank)"),
+    ("--vae", "model.vae", str, "another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"),
     ("--num-class-images", "prior.num_class_images", int, "class images for prior preservation"),
     ("--prior-weight", "prior.weight", float, "weight of the prior-preservation loss"),
     ("--class-dir", "prior.class_dir", str, "your own class images (read only; missing ones are generated)"),
@@ -154,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=4)
     gen.add_argument("--output", help="folder for the PNGs (default RUN/generated)")
     gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+
+    export = add_parser("export", help="write a LoRA run's weights for other tools (kohya: A1111/Forge/ComfyUI; diffusers; peft)")
+    export.add_argument("run", help="run folder written by `rewardbooth train` (adapter.kind=lora)")
+    export.add_argument("--format", default="kohya", choices=["kohya", "diffusers", "peft"], help="key layout to write")
+    export.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="cast the weights (default: as trained)")
+    export.add_argument("--output", default=None,
+                        help="file (kohya, diffusers) or folder (peft) to write; default beside the run's weights, named by format and dtype")
 
     ev = add_parser("evaluate", help="DreamBench metrics (DINO, CLIP-I, CLIP-T) of a folder of generated images")
     ev.add_argument("--images", required=True, help="generated images (with metadata.jsonl from `generate`, or use --prompt)")
@@ -315,6 +324,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from rewardbooth.models.export import export_lora
+
+    written = export_lora(Path(args.run), args.format, Path(args.output) if args.output else None, args.dtype)
+    print(f"wrote {written}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rewardbooth.demo import run_demo
 
@@ -426,7 +443,7 @@ def _bench_mini(args: argparse.Namespace, methods: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "bench": cmd_bench, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "evaluate": cmd_evaluate, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

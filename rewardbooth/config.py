@@ -26,6 +26,7 @@ class ModelConfig:
     name: str = DEFAULT_MODEL  # hub id, local diffusers folder, or a built-in preset ("tiny")
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files on the hub
+    vae: str | None = None  # another AutoencoderKL (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
 
 
 @dataclass

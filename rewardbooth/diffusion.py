@@ -12,12 +12,60 @@ import torch
 import torch.nn.functional as F
 
 
+def _tokens(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """Text embeddings (last hidden state), padded to the tokenizer's max length as SD does."""
-    tokens = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(text_encoder.device)
-    return text_encoder(tokens)[0]
+    return text_encoder(_tokens(tokenizer, prompts, text_encoder.device))[0]
+
+
+@dataclass
+class TextConditioning:
+    """What the U-Net is conditioned on. SD: the hidden states. SDXL adds the second encoder's
+    pooled embedding and the size/crop micro-conditioning (`time_ids`)."""
+
+    hidden: torch.Tensor  # (B, L, D) cross-attention input
+    pooled: torch.Tensor | None = None  # (B, P) SDXL only
+    time_ids: torch.Tensor | None = None  # (B, 6): original size, crop top-left, target size
+
+    def added_cond_kwargs(self) -> dict[str, torch.Tensor] | None:
+        return None if self.pooled is None else {"text_embeds": self.pooled, "time_ids": self.time_ids}
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def __getitem__(self, index) -> "TextConditioning":
+        return TextConditioning(*(None if v is None else v[index] for v in (self.hidden, self.pooled, self.time_ids)))
+
+    @staticmethod
+    def stack(rows: list["TextConditioning"]) -> "TextConditioning":
+        """Rows as returned by indexing with an int, stacked into a batch."""
+        parts = [[getattr(r, name) for r in rows] for name in ("hidden", "pooled", "time_ids")]
+        return TextConditioning(*(None if p[0] is None else torch.stack(p) for p in parts))
+
+
+def encode_sdxl_prompts(tokenizers, text_encoders, prompts: list[str], size: int) -> TextConditioning:
+    """SDXL's conditioning as its pipeline builds it: both encoders' penultimate hidden states,
+    concatenated; the second encoder's projected pooled output; time ids for an uncropped
+    `size` x `size` image (our training images are resized and center-cropped to that size)."""
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        out = encoder(_tokens(tokenizer, prompts, encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder is CLIPTextModelWithProjection: text_embeds
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=pooled.device, dtype=pooled.dtype).repeat(len(prompts), 1)
+    return TextConditioning(torch.cat(hidden, dim=-1), pooled, time_ids)
+
+
+def unet_output(unet, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor | TextConditioning) -> torch.Tensor:
+    """One U-Net call; `text` is SD hidden states or a TextConditioning (SD or SDXL)."""
+    if isinstance(text, TextConditioning):
+        return unet(noisy, timesteps, text.hidden, added_cond_kwargs=text.added_cond_kwargs()).sample
+    return unet(noisy, timesteps, text).sample
 
 
 def alphas_cumprod(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -98,9 +146,9 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
 
 
-def denoising_error(unet, scheduler, batch: NoisedBatch, text_embeddings: torch.Tensor) -> torch.Tensor:
+def denoising_error(unet, scheduler, batch: NoisedBatch, text: torch.Tensor | TextConditioning) -> torch.Tensor:
     """Per-sample ||U-Net(x_t, t, c) - target||^2, the loss of DreamBooth and RPO's e(.)."""
-    prediction = unet(batch.noisy, batch.timesteps, text_embeddings).sample
+    prediction = unet_output(unet, batch.noisy, batch.timesteps, text)
     return per_sample_mse(prediction, training_target(scheduler, batch))
 
 

@@ -70,7 +70,7 @@ class DPG(DreamBooth):
                 raise ConfigError(f"dpg.actor=direct needs a differentiable reward; {cfg.reward!r} is not (use dpg.actor=critic)")
             if self.features and not hasattr(self.reward, "encoder"):
                 raise ConfigError(f"dpg.critic_input=features needs a reward with an image encoder; {cfg.reward!r} has none")
-        text_dim = ctx.components.text_encoder.config.hidden_size
+        text_dim = unet_cfg.cross_attention_dim  # SDXL: both encoders' widths
         if self.recon:
             self.critic = ReconstructionCritic(unet_cfg.in_channels, latent_size, cfg.critic_hidden, cfg.critic_activation)
         elif self.features:
@@ -159,7 +159,7 @@ class DPG(DreamBooth):
     def loss(self, ctx: TrainContext, generator: torch.Generator):
         cfg = ctx.cfg.dpg
         noised, text, b = self.sample_batch(ctx, generator)
-        prediction = ctx.unet(noised.noisy, noised.timesteps, text).sample
+        prediction = diffusion.unet_output(ctx.unet, noised.noisy, noised.timesteps, text)
         errors = diffusion.per_sample_mse(prediction, diffusion.training_target(ctx.noise_scheduler, noised))
         loss, logs = self.combine(ctx, errors, b, instance_weight=cfg.instance_weight)
 
@@ -170,7 +170,7 @@ class DPG(DreamBooth):
         else:
             judged = diffusion.step_back(ctx.noise_scheduler, noised.noisy[:b], prediction[:b], t, STEP_BACK_STRIDE).float()
         x0_ref = noised.x0[:b].float()
-        text_b = text[:b].detach().float()
+        text_b = text.hidden[:b].detach().float()
         images = self.decode(ctx, judged) if (self.direct or self.features) else None
         # Encoder features of the judged image, computed once: the actor's (with grad) and, detached, the replay's.
         features = self.reward.encoder.encode_images(images) if self.features else None

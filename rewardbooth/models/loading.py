@@ -17,7 +17,9 @@ from rewardbooth.errors import ConfigError
 from rewardbooth.mini.assets import MINI_NAME, mini_model_path
 from rewardbooth.models.tiny import TINY_PRESETS, tiny_model_path
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")  # pipeline folder (and LoRA key prefix) of each encoder
 
 
 @dataclass
@@ -31,6 +33,21 @@ class Components:
     text_encoder: Any
     tokenizer: Any
     noise_scheduler: Any  # DDPM scheduler used to noise latents in training
+    text_encoder_2: Any = None  # SDXL's second encoder (CLIPTextModelWithProjection)
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = True  # SDXL: unconditional embeddings are zeros, as the checkpoint says
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.is_sdxl else [])
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer] + ([self.tokenizer_2] if self.is_sdxl else [])
 
     @property
     def vae_scale_factor(self) -> int:
@@ -62,7 +79,7 @@ def resolve_model_path(name: str) -> str:
             raise ConfigError(f"model folder {local} has no model_index.json (expected a diffusers pipeline folder)")
         pipeline_class = json.loads((local / "model_index.json").read_text()).get("_class_name", "")
         if pipeline_class not in SUPPORTED_PIPELINES:
-            raise ConfigError(f"model {name} is a {pipeline_class}; supported: {', '.join(SUPPORTED_PIPELINES)} (SD 1.x / 2.x)")
+            raise ConfigError(f"model {name} is a {pipeline_class}; supported: {', '.join(SUPPORTED_PIPELINES)} (SD 1.x / 2.x, SDXL)")
         return str(local)
     if name.count("/") != 1 or name.startswith(("/", ".", "~")):
         raise ConfigError(f"model {name!r} is neither an existing folder, a hub id (owner/name) nor a preset ({', '.join([*TINY_PRESETS, MINI_NAME])})")
@@ -83,25 +100,42 @@ def quiet_library_progress() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_components(name: str, revision: str | None = None, variant: str | None = None, dtype: torch.dtype | None = None) -> Components:
-    """Load U-Net, VAE, text encoder, tokenizer and the training noise scheduler."""
+def load_components(name: str, revision: str | None = None, variant: str | None = None, dtype: torch.dtype | None = None,
+                    vae: str | None = None) -> Components:
+    """Load U-Net, VAE, text encoder(s), tokenizer(s) and the training noise scheduler.
+
+    `vae`: another AutoencoderKL (hub id or folder), e.g. an fp16-safe SDXL VAE.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     quiet_library_progress()
 
     path = resolve_model_path(name)
+    index = read_model_config(name, revision, "model_index.json")
+    sdxl = index.get("_class_name") == SDXL_PIPELINE or "text_encoder_2" in index
     common: dict[str, Any] = {"revision": revision}
     weights = dict(common, variant=variant, torch_dtype=dtype) if dtype is not None else dict(common, variant=variant)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+        second = {}
+        if sdxl:
+            second = dict(tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common),
+                          text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights),
+                          force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ConfigError(f"could not load model {name!r}: {_one_line(exc)}") from None
-    return Components(name, path, unet, vae, text_encoder, tokenizer, noise_scheduler)
+    try:
+        if vae:
+            vae_model = AutoencoderKL.from_pretrained(vae, **({"torch_dtype": dtype} if dtype is not None else {}))
+        else:
+            vae_model = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ConfigError(f"could not load VAE {vae or name!r}: {_one_line(exc)}") from None
+    return Components(name, path, unet, vae_model, text_encoder, tokenizer, noise_scheduler, **second)
 
 
 def read_model_config(name: str, revision: str | None, file: str) -> dict:
@@ -128,21 +162,20 @@ def model_native_resolution(name: str, revision: str | None = None) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-def make_pipeline(components: Components, unet=None, text_encoder=None, scheduler: str = "dpm"):
-    """A StableDiffusionPipeline over (possibly training) components, for sampling."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+def make_pipeline(components: Components, unet=None, text_encoders: list | None = None, scheduler: str = "dpm"):
+    """A StableDiffusion(XL)Pipeline over (possibly training) components, for sampling."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler_cls = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}[scheduler]
-    pipe = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=text_encoder if text_encoder is not None else components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=unet if unet is not None else components.unet,
-        scheduler=scheduler_cls.from_config(components.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    encoders = text_encoders or components.text_encoders
+    parts = dict(vae=components.vae, text_encoder=encoders[0], tokenizer=components.tokenizer,
+                 unet=unet if unet is not None else components.unet,
+                 scheduler=scheduler_cls.from_config(components.noise_scheduler.config))
+    if components.is_sdxl:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=encoders[1], tokenizer_2=components.tokenizer_2,
+                                         force_zeros_for_empty_prompt=components.force_zeros_for_empty_prompt, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -159,7 +192,7 @@ def load_run_pipeline(run_dir: Path, device: str | torch.device = "cpu", dtype: 
     if not (run_dir / CONFIG_NAME).is_file():
         raise ConfigError(f"{run_dir} is not a rewardbooth run folder (no {CONFIG_NAME})")
     cfg = load_config(run_dir / CONFIG_NAME)
-    components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant, dtype=dtype)
+    components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant, dtype=dtype, vae=cfg.model.vae)
     weights = Path(weights_dir) if weights_dir is not None else run_dir
     if (weights / LORA_WEIGHTS_NAME).is_file():
         import diffusers
@@ -173,11 +206,14 @@ def load_run_pipeline(run_dir: Path, device: str | torch.device = "cpu", dtype: 
             diffusers.utils.logging.set_verbosity(level)
     elif (weights / "unet").is_dir():
         from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         unet = UNet2DConditionModel.from_pretrained(weights / "unet", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(weights / "text_encoder", torch_dtype=dtype) if (weights / "text_encoder").is_dir() else None
-        pipe = make_pipeline(components, unet=unet, text_encoder=text_encoder)
+        encoders = list(components.text_encoders)
+        for i, (folder, cls) in enumerate(zip(TEXT_ENCODER_FOLDERS, (CLIPTextModel, CLIPTextModelWithProjection))):
+            if i < len(encoders) and (weights / folder).is_dir():
+                encoders[i] = cls.from_pretrained(weights / folder, torch_dtype=dtype)
+        pipe = make_pipeline(components, unet=unet, text_encoders=encoders)
     else:
         raise ConfigError(f"run {weights} has no trained weights yet (no {LORA_WEIGHTS_NAME} or unet/): did training finish?")
     return cfg, pipe.to(device)

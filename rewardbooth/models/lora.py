@@ -8,7 +8,6 @@ import torch
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-TEXT_ENCODER_PREFIX = "text_encoder."
 
 
 def lora_config(rank: int, alpha: float | None, dropout: float, target_modules: list[str]):
@@ -41,42 +40,83 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model)
 
 
-def save_lora(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> Path:
-    """Write unet (and text encoder) LoRA weights as diffusers-format safetensors."""
-    from diffusers import StableDiffusionPipeline
+def _adapter_metadata(model: torch.nn.Module) -> dict:
+    """The adapter's LoraConfig as diffusers stores it in the file header (rank, alpha, targets), so
+    `load_lora_weights` scales by alpha / rank instead of assuming alpha == rank."""
+    config = model.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def save_lora(folder: Path, unet: torch.nn.Module, text_encoders: list[torch.nn.Module] | None = None, sdxl: bool = False) -> Path:
+    """Write U-Net (and text-encoder) LoRA weights as diffusers-format safetensors
+    (SDXL: `text_encoder.` and `text_encoder_2.` keys, as StableDiffusionXLPipeline writes them)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    unet_layers = convert_state_dict_to_diffusers(lora_state_dict(unet))
-    text_layers = convert_state_dict_to_diffusers(lora_state_dict(text_encoder)) if text_encoder is not None else None
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(folder),
-        unet_lora_layers=unet_layers,
-        text_encoder_lora_layers=text_layers,
-        safe_serialization=True,
-    )
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(lora_state_dict(unet)),
+              "unet_lora_adapter_metadata": _adapter_metadata(unet)}
+    for encoder, argument in zip(text_encoders or [], ("text_encoder", "text_encoder_2")):
+        layers[f"{argument}_lora_layers"] = convert_state_dict_to_diffusers(lora_state_dict(encoder))
+        layers[f"{argument}_lora_adapter_metadata"] = _adapter_metadata(encoder)
+    pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipeline_cls.save_lora_weights(save_directory=str(folder), safe_serialization=True, **layers)
     return Path(folder) / LORA_WEIGHTS_NAME
 
 
+def split_lora_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """A diffusers-format LoRA state's U-Net keys, and each text encoder's keys without their prefix."""
+    from rewardbooth.models.loading import TEXT_ENCODER_FOLDERS
+
+    encoders = [{k[len(f) + 1:]: v for k, v in state.items() if k.startswith(f + ".")} for f in TEXT_ENCODER_FOLDERS]
+    unet = {k: v for k, v in state.items() if not k.startswith(tuple(f + "." for f in TEXT_ENCODER_FOLDERS))}
+    return unet, encoders
+
+
 def load_lora_into_pipeline(pipe, weights: Path, rank: int, alpha: float | None) -> None:
-    """Load a run's LoRA file: the U-Net part through diffusers, the text-encoder part through peft.
+    """Load a LoRA file (diffusers or kohya layout): the U-Net part through diffusers, the
+    text-encoder part(s) through peft.
 
     diffusers hands text-encoder LoRA to transformers' peft integration, which refuses peft
     versions it was not released with; the file stays loadable by `pipe.load_lora_weights`.
+    `rank` / `alpha` describe the text-encoder adapters when the file does not.
     """
     from diffusers.utils import convert_state_dict_to_peft
     from peft import inject_adapter_in_model
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    state = load_file(str(weights))
-    text_state = {k[len(TEXT_ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(TEXT_ENCODER_PREFIX)}
-    unet_state = {k: v for k, v in state.items() if not k.startswith(TEXT_ENCODER_PREFIX)}
+    state, network_alphas, metadata = pipe.lora_state_dict(str(weights), return_lora_metadata=True)
+    unet_state, encoder_states = split_lora_state(state)
     if unet_state:
-        pipe.load_lora_weights(unet_state)
-    if text_state:
+        pipe.load_lora_into_unet({f"unet.{k}" if not k.startswith("unet.") else k: v for k, v in unet_state.items()},
+                                 network_alphas=network_alphas, unet=pipe.unet, metadata=metadata, _pipeline=pipe)
+    for name, encoder, text_state in zip(("text_encoder", "text_encoder_2"), (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)),
+                                         encoder_states):
+        if not text_state:
+            continue
         text_state = convert_state_dict_to_peft(text_state)
+        text_state = {_strip_text_model(k, encoder): v for k, v in text_state.items()}
         targets = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in text_state})
-        inject_adapter_in_model(lora_config(rank, alpha, 0.0, targets), pipe.text_encoder)
-        result = set_peft_model_state_dict(pipe.text_encoder, text_state)
+        config = lora_config(rank, alpha, 0.0, targets)
+        file_config = {k[len(name) + 1:]: v for k, v in (metadata or {}).items() if k.startswith(name + ".")}
+        if file_config:
+            config.r, config.lora_alpha = int(file_config["r"]), float(file_config["lora_alpha"])
+        elif network_alphas:  # kohya: one alpha per module, the same for all of ours
+            alphas = {v for k, v in network_alphas.items() if k.startswith(name + ".")}
+            if alphas:
+                config.r, config.lora_alpha = _rank_of(text_state), float(alphas.pop())
+        inject_adapter_in_model(config, encoder)
+        result = set_peft_model_state_dict(encoder, text_state)
         if result.unexpected_keys:
             raise RuntimeError(f"{weights}: text-encoder LoRA keys not loaded: {result.unexpected_keys[:3]}")
+
+
+def _rank_of(peft_state: dict[str, torch.Tensor]) -> int:
+    return int(next(v.shape[0] for k, v in peft_state.items() if ".lora_A." in k))
+
+
+def _strip_text_model(key: str, encoder: torch.nn.Module) -> str:
+    """Checkpoints name CLIP layers `text_model.encoder...`; transformers 5's CLIPTextModel has no
+    `text_model` wrapper (CLIPTextModelWithProjection keeps it)."""
+    if key.startswith("text_model.") and not hasattr(encoder, "text_model"):
+        return key[len("text_model."):]
+    return key

@@ -24,6 +24,7 @@ class TinyPreset:
     prediction_type: str  # "epsilon" (SD 1.x, SD 2 base) or "v_prediction" (SD 2.x 768)
     seed: int = 0
     shape: str = "tiny"  # "tiny": toy sizes; "sd15": Stable Diffusion 1.5's real layer sizes (benchmarks)
+    family: str = "sd"  # "sd" (one text encoder) or "sdxl" (two, pooled embeddings, size conditioning)
 
 
 TINY_PRESETS = {
@@ -32,6 +33,8 @@ TINY_PRESETS = {
     # Random weights at SD 1.5's shapes (860M-parameter U-Net, 512 px): for speed and memory
     # figures offline. About 4 GB on disk once built.
     "sd15-random": TinyPreset("sd15-random", "epsilon", shape="sd15"),
+    # SDXL's component classes (two text encoders, text_time embedding) at toy sizes.
+    "tiny-sdxl": TinyPreset("tiny-sdxl", "epsilon", family="sdxl"),
 }
 
 # (U-Net, VAE, text encoder) sizes per shape.
@@ -71,11 +74,51 @@ def build_tiny_pipeline(preset: TinyPreset):
         return _build_tiny_pipeline(preset)
 
 
+def _tiny_text_encoder(size: dict, vocab: dict[str, int], with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=size["text_hidden"],
+        intermediate_size=size["text_ffn"],
+        num_hidden_layers=size["text_layers"],
+        num_attention_heads=size["text_heads"],
+        max_position_embeddings=77,
+        projection_dim=size["text_hidden"],
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def _tiny_vae(size: dict, scaling_factor: float = 0.18215):
+    from diffusers import AutoencoderKL
+
+    depth = len(size["vae_channels"])
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=size["vae_channels"],
+        down_block_types=("DownEncoderBlock2D",) * depth,
+        up_block_types=("UpDecoderBlock2D",) * depth,
+        latent_channels=4,
+        layers_per_block=size["vae_layers"],
+        norm_num_groups=32,
+        sample_size=size["vae_size"],
+        scaling_factor=scaling_factor,
+    )
+
+
 def _build_tiny_pipeline(preset: TinyPreset):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTokenizer
 
     size = SHAPES[preset.shape]
+    vocab = _byte_level_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    if preset.family == "sdxl":
+        return _build_tiny_sdxl_pipeline(preset, size, vocab, tokenizer)
     depth = len(size["unet_channels"])
     unet = UNet2DConditionModel(
         sample_size=size["sample_size"],  # latent size; times the VAE factor gives the image size
@@ -89,34 +132,46 @@ def _build_tiny_pipeline(preset: TinyPreset):
         attention_head_dim=size["head_dim"],
         norm_num_groups=32,
     )
-    vae_depth = len(size["vae_channels"])
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=size["vae_channels"],
-        down_block_types=("DownEncoderBlock2D",) * vae_depth,
-        up_block_types=("UpDecoderBlock2D",) * vae_depth,
-        latent_channels=4,
-        layers_per_block=size["vae_layers"],
+    return assemble_pipeline(unet, _tiny_vae(size), _tiny_text_encoder(size, vocab), tokenizer, preset.prediction_type)
+
+
+def _build_tiny_sdxl_pipeline(preset: TinyPreset, size: dict, vocab: dict[str, int], tokenizer):
+    """SDXL's layout at toy widths: no attention in the first level, deeper transformers below,
+    cross-attention over both encoders' concatenated states, pooled text + 6 size ids embedded."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    time_embed_dim = 8
+    text_hidden = size["text_hidden"]
+    unet = UNet2DConditionModel(
+        sample_size=size["sample_size"],
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=size["unet_channels"],
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=2 * text_hidden,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=text_hidden + 6 * time_embed_dim,
         norm_num_groups=32,
-        sample_size=size["vae_size"],
     )
-    vocab = _byte_level_vocab()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=size["text_hidden"],
-            intermediate_size=size["text_ffn"],
-            num_hidden_layers=size["text_layers"],
-            num_attention_heads=size["text_heads"],
-            max_position_embeddings=77,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                                       prediction_type=preset.prediction_type, steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(size, scaling_factor=0.13025),  # SDXL's VAE scale
+        text_encoder=_tiny_text_encoder(size, vocab),
+        text_encoder_2=_tiny_text_encoder(size, vocab, with_projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
     )
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    return assemble_pipeline(unet, vae, text_encoder, tokenizer, preset.prediction_type)
 
 
 def assemble_pipeline(unet, vae, text_encoder, tokenizer, prediction_type: str):

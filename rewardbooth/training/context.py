@@ -24,9 +24,9 @@ class TrainContext:
     resolution: int
     weight_dtype: torch.dtype
     unet: Any = None  # the trained U-Net (wrapped by accelerate once training starts)
-    text_encoder: Any = None
+    text_encoders: list | None = None  # the trained text encoder(s), wrapped; None: the frozen ones
     progress: bool = True  # show progress bars for one-off work (class images, negatives)
-    _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict)
+    _prompt_cache: dict[str, diffusion.TextConditioning] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -40,17 +40,22 @@ class TrainContext:
     def trains_text_encoder(self) -> bool:
         return self.cfg.adapter.train_text_encoder
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings; cached per prompt unless the text encoder is being trained."""
-        text_encoder = self.text_encoder if self.text_encoder is not None else self.components.text_encoder
+    def _encode(self, prompts: list[str]) -> diffusion.TextConditioning:
+        encoders = self.text_encoders or self.components.text_encoders
+        if self.components.is_sdxl:
+            return diffusion.encode_sdxl_prompts(self.components.tokenizers, encoders, prompts, self.resolution)
+        return diffusion.TextConditioning(diffusion.encode_prompts(self.components.tokenizer, encoders[0], prompts))
+
+    def encode_prompts(self, prompts: list[str]) -> diffusion.TextConditioning:
+        """The U-Net's conditioning; cached per prompt unless the text encoder is being trained."""
         if self.trains_text_encoder:  # the encoder changes every step: nothing to cache
-            return diffusion.encode_prompts(self.components.tokenizer, text_encoder, prompts)
+            return self._encode(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             with torch.no_grad():
-                embeddings = diffusion.encode_prompts(self.components.tokenizer, text_encoder, missing)
-            self._prompt_cache.update(zip(missing, embeddings))
-        return torch.stack([self._prompt_cache[p] for p in prompts])
+                encoded = self._encode(missing)
+            self._prompt_cache.update((p, encoded[i]) for i, p in enumerate(missing))
+        return diffusion.TextConditioning.stack([self._prompt_cache[p] for p in prompts])
 
     def base_pipeline(self):
         """A sampling pipeline over the frozen base weights (used before adapters exist)."""

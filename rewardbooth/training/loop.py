@@ -22,7 +22,8 @@ from rewardbooth.config import RunConfig
 from rewardbooth.errors import CheckpointError
 from rewardbooth.methods import get_method
 from rewardbooth.methods.base import Method
-from rewardbooth.models.loading import load_components, make_pipeline
+from rewardbooth import diffusion
+from rewardbooth.models.loading import TEXT_ENCODER_FOLDERS, load_components, make_pipeline
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from rewardbooth.sampling import SampleSettings, generate
 from rewardbooth.training.context import TrainContext
@@ -98,11 +99,12 @@ class Trainer:
     # --- setup ------------------------------------------------------------------------------
     def _load(self) -> TrainContext:
         cfg, acc = self.cfg, self.accelerator
-        components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant)
+        components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant, vae=cfg.model.vae)
         weight_dtype = DTYPES[cfg.train.mixed_precision]
         # Frozen parts run in the low-precision dtype; trained weights stay float32 (autocast).
         components.vae.requires_grad_(False).to(acc.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
-        components.text_encoder.requires_grad_(False).to(acc.device, dtype=weight_dtype)
+        for encoder in components.text_encoders:
+            encoder.requires_grad_(False).to(acc.device, dtype=weight_dtype)
         components.unet.requires_grad_(False).to(acc.device, dtype=weight_dtype)
         resolution = cfg.data.resolution or components.native_resolution
         ctx = TrainContext(cfg, self.run_dir, acc, components, resolution, weight_dtype, progress=self.progress and acc.is_main_process)
@@ -121,7 +123,7 @@ class Trainer:
         timesteps = torch.full((latents.shape[0],), 500, device=ctx.device)
 
         def step():  # forward + backward to the input: a training step's work, no weight touched
-            unet(latents, timesteps, text).sample.sum().backward()
+            diffusion.unet_output(unet, latents, timesteps, text).sum().backward()
 
         return choose_cpu_threads(step)
 
@@ -137,19 +139,19 @@ class Trainer:
         for p in _trainable_parameters(components.unet):
             p.data = p.data.float()
         groups.append({"params": _trainable_parameters(components.unet), "lr": cfg.learning_rate})
-        if a.train_text_encoder:
+        for encoder in components.text_encoders if a.train_text_encoder else []:  # SDXL: both encoders
             if a.kind == "lora":
-                add_lora(components.text_encoder, a.rank, a.alpha, a.dropout, TEXT_ENCODER_TARGETS)
+                add_lora(encoder, a.rank, a.alpha, a.dropout, TEXT_ENCODER_TARGETS)
             else:
-                components.text_encoder.requires_grad_(True)
-            for p in _trainable_parameters(components.text_encoder):
+                encoder.requires_grad_(True)
+            for p in _trainable_parameters(encoder):
                 p.data = p.data.float()
             lr = cfg.train.text_encoder_learning_rate or cfg.learning_rate
-            groups.append({"params": _trainable_parameters(components.text_encoder), "lr": lr})
+            groups.append({"params": _trainable_parameters(encoder), "lr": lr})
+            if cfg.train.gradient_checkpointing:
+                encoder.gradient_checkpointing_enable()
         if cfg.train.gradient_checkpointing:
             components.unet.enable_gradient_checkpointing()
-            if a.train_text_encoder:
-                components.text_encoder.gradient_checkpointing_enable()
         return groups
 
     def _register_checkpoint_hooks(self) -> None:
@@ -228,13 +230,13 @@ class Trainer:
             t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * acc.num_processes,
             num_training_steps=t.steps * acc.num_processes,
         )
-        trained = [ctx.components.unet] + ([ctx.components.text_encoder] if cfg.adapter.train_text_encoder else [])
+        trained = [ctx.components.unet] + (ctx.components.text_encoders if cfg.adapter.train_text_encoder else [])
         extra, extra_optimizers = self.method.extra_modules(), self.method.extra_optimizers()
         prepared = list(acc.prepare(*trained, *extra, *extra_optimizers, optimizer, lr_scheduler))
+        n = len(trained)
         ctx.unet = prepared[0]
         if cfg.adapter.train_text_encoder:
-            ctx.text_encoder = prepared[1]
-        n = len(trained)
+            ctx.text_encoders = prepared[1:n]
         trained = prepared[:n]  # accumulate() must see the DDP wrappers to skip syncs between micro-batches
         self.method.use_prepared(prepared[n : n + len(extra)], prepared[n + len(extra) : n + len(extra) + len(extra_optimizers)])
         optimizer, lr_scheduler = prepared[-2], prepared[-1]
@@ -328,8 +330,10 @@ class Trainer:
     # --- validation and export --------------------------------------------------------------
     def validation_pipeline(self, ctx: TrainContext):
         acc = self.accelerator
-        text_encoder = acc.unwrap_model(ctx.text_encoder) if ctx.text_encoder is not None else None
-        return make_pipeline(ctx.components, unet=acc.unwrap_model(ctx.unet), text_encoder=text_encoder)
+        return make_pipeline(ctx.components, unet=acc.unwrap_model(ctx.unet), text_encoders=self._text_encoders(ctx))
+
+    def _text_encoders(self, ctx: TrainContext) -> list | None:
+        return [self.accelerator.unwrap_model(e) for e in ctx.text_encoders] if ctx.text_encoders else None
 
     @torch.no_grad()
     def validate(self, ctx: TrainContext, step: int) -> None:
@@ -396,14 +400,14 @@ class Trainer:
         Written beside, then moved into place: a full disk mid-export leaves the previous weights whole."""
         acc = self.accelerator
         unet = acc.unwrap_model(ctx.unet)
-        text_encoder = acc.unwrap_model(ctx.text_encoder) if ctx.text_encoder is not None else None
+        text_encoders = self._text_encoders(ctx)
         staging = self._staging(folder)
         if self.cfg.adapter.kind == "lora":
-            save_lora(staging, unet, text_encoder)
+            save_lora(staging, unet, text_encoders, sdxl=ctx.components.is_sdxl)
         else:
             unet.save_pretrained(staging / "unet", safe_serialization=True)
-            if text_encoder is not None:
-                text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
+            for encoder, name in zip(text_encoders or [], TEXT_ENCODER_FOLDERS):
+                encoder.save_pretrained(staging / name, safe_serialization=True)
         return self._place(staging, folder)
 
     def _staging(self, folder: Path) -> Path:
@@ -440,6 +444,11 @@ class Trainer:
         weights = self.run_dir
         if acc.is_main_process:
             weights = self.write_result_weights(ctx, self.run_dir)
+            if self.cfg.adapter.kind == "lora":  # the same LoRA for A1111 / ComfyUI / kohya tools
+                from rewardbooth.models.export import KOHYA_WEIGHTS_NAME, write_kohya
+
+                write_kohya(Path(weights), self.cfg, ctx.components.is_sdxl, int(ctx.components.unet.config.layers_per_block),
+                            self.run_dir / KOHYA_WEIGHTS_NAME)
             atomic_write_text(self.run_dir / RESULT_NAME, json.dumps({
                 "method": self.method.name, "last_step": last_step, "steps": self.cfg.train.steps,
                 "selected_step": self.best[0] if self.best else last_step,

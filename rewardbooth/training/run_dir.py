@@ -18,10 +18,12 @@ CHECKPOINT_PREFIX = "checkpoint-"
 RUN_MARKER = ".rewardbooth-run"  # written only by rewardbooth, when it creates a run folder
 LOCK_NAME = ".rewardbooth-lock"
 STAGING_NAME = ".export-tmp"  # weights are written here, then moved into place
+# The weights a run writes, and what `rewardbooth export` writes beside them by default.
+WEIGHT_ENTRIES = {f"{stem}{dtype}{ext}" for stem, ext in (("pytorch_lora_weights", ".safetensors"), ("lora_kohya", ".safetensors"), ("peft", ""))
+                  for dtype in ("", "_fp32", "_fp16", "_bf16")} | {"unet", "text_encoder", "text_encoder_2"}
 # What a run folder may hold; --overwrite refuses a folder with anything else in it.
 RUN_ENTRIES = {RUN_MARKER, LOCK_NAME, STAGING_NAME, CONFIG_NAME, METRICS_NAME, CHECKPOINT_DIR, "samples", "class_images", "negatives",
-               "best", "budgets", "report.html", "report_assets", "pytorch_lora_weights.safetensors", "unet", "text_encoder",
-               "result.json", "generated", "reference"}
+               "best", "budgets", "report.html", "report_assets", "result.json", "generated", "reference", *WEIGHT_ENTRIES}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
