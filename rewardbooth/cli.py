@@ -37,6 +37,11 @@ TRAIN_FLAGS = [
     ("--prior-weight", "prior.weight", float, "weight of the prior-preservation loss"),
     ("--class-dir", "prior.class_dir", str, "your own class images (read only; missing ones are generated)"),
     ("--validation-every", "validation.every", int, "generate validation images every N steps (0: off)"),
+    ("--snr-gamma", "train.snr_gamma", float, "min-SNR-gamma loss weighting, e.g. 5 (epsilon and v-prediction)"),
+    ("--noise-offset", "train.noise_offset", float, "offset noise strength, e.g. 0.05"),
+    ("--ema-decay", "train.ema_decay", float, "keep an EMA of the trained weights (e.g. 0.999) and save it as the result"),
+    ("--optimizer", "train.optimizer", str, "adamw | adamw8bit (pip install rewardbooth[bnb]) | prodigy (rewardbooth[prodigy], --lr 1)"),
+    ("--report-to", "train.report_to", str, "tensorboard | wandb: also log to an accelerate tracker (metrics.jsonl stays)"),
 ]
 TRAIN_SWITCHES = [
     ("--full", "adapter.kind", "full", "fine-tune the whole U-Net instead of LoRA"),
@@ -45,6 +50,7 @@ TRAIN_SWITCHES = [
     ("--gradient-checkpointing", "train.gradient_checkpointing", True, "trade compute for memory"),
     ("--random-crop", "data.center_crop", False, "random crops instead of center crops"),
     ("--random-flip", "data.random_flip", True, "random horizontal flips"),
+    ("--cache-latents", "data.cache_latents", True, "keep class-image latents on disk in the run folder (large class sets)"),
 ]
 
 
@@ -271,6 +277,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(config_file, train_overrides(args))
     require_training_inputs(cfg)
     # Everything checkable is checked before any model loads or anything is written.
+    from rewardbooth.training.options import check_optional_packages
+
+    check_optional_packages(cfg.train)
     resolution = cfg.data.resolution or model_native_resolution(cfg.model.name, cfg.model.revision)
     min_size = cfg.data.min_image_size if cfg.data.min_image_size is not None else resolution // 2
     load_image_folder(cfg.data.instance_dir, min_size=min_size)

@@ -19,6 +19,8 @@ from rewardbooth.errors import ConfigError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 METHOD_NAMES = ("dreambooth", "rpo", "dpg")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+TRACKERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -40,6 +42,7 @@ class DataConfig:
     center_crop: bool = True  # False: random crops, re-encoded every step
     random_flip: bool = False
     min_image_size: int | None = None  # None: half the resolution
+    cache_latents: bool = False  # keep class images' VAE latents on disk (run folder), encoded once across resumes
 
 
 @dataclass
@@ -87,6 +90,12 @@ class TrainConfig:
     # Budgets: also keep the result as it stood at these steps (budgets/step-N/), so one run to the
     # largest budget gives every smaller one (the best validated weights so far under selection).
     save_steps: list[int] = field(default_factory=list)
+    # Options of common trainers (kohya, diffusers' examples); off by default, as the papers trained.
+    snr_gamma: float | None = None  # min-SNR-gamma weighting of the denoising losses (Hang et al. 2023; 5.0 is theirs)
+    noise_offset: float = 0.0  # offset noise: + offset * N(0, 1) per image and channel, for darker/brighter images
+    ema_decay: float | None = None  # e.g. 0.999: an EMA of the trained weights is validated, selected and saved
+    optimizer: str = "adamw"  # adamw | adamw8bit (rewardbooth[bnb]) | prodigy (rewardbooth[prodigy]; use learning_rate 1.0)
+    report_to: str | None = None  # tensorboard | wandb (accelerate trackers); metrics.jsonl is written either way
 
 
 @dataclass
@@ -350,6 +359,14 @@ def validate(cfg: RunConfig) -> None:
     _check(t.log_every > 0, "train.log_every must be positive")
     _check(t.checkpoint_every >= 0, "train.checkpoint_every must be 0 (off) or positive")
     _check(t.max_grad_norm > 0, "train.max_grad_norm must be positive")
+    _check(t.snr_gamma is None or t.snr_gamma > 0, f"train.snr_gamma must be positive (or unset), got {t.snr_gamma}")
+    _check(t.noise_offset >= 0, f"train.noise_offset must be >= 0, got {t.noise_offset}")
+    _check(t.snr_gamma is None or t.method != "rpo",
+           "train.snr_gamma weights denoising losses (dreambooth, dpg); RPO's loss compares likelihoods and is left as its paper has it")
+    _check(not (d.cache_latents and not d.center_crop), "data.cache_latents needs center crops (random crops change the pixels every step)")
+    _check(t.ema_decay is None or 0 < t.ema_decay < 1, f"train.ema_decay must be in (0, 1) (or unset), got {t.ema_decay}")
+    _check(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}")
+    _check(t.report_to in (None, *TRACKERS), f"train.report_to must be one of {', '.join(TRACKERS)} (or unset), got {t.report_to!r}")
     _check(a.kind in ("lora", "full"), f"adapter.kind must be lora or full, got {a.kind!r}")
     _check(a.rank > 0, f"adapter.rank must be positive, got {a.rank}")
     _check(0.0 <= a.dropout < 1.0, "adapter.dropout must be in [0, 1)")

@@ -38,6 +38,9 @@ class TextConditioning:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
+    def detach(self) -> "TextConditioning":
+        return TextConditioning(*(None if v is None else v.detach() for v in (self.hidden, self.pooled, self.time_ids)))
+
     def __getitem__(self, index) -> "TextConditioning":
         return TextConditioning(*(None if v is None else v[index] for v in (self.hidden, self.pooled, self.time_ids)))
 
@@ -83,10 +86,17 @@ class NoisedBatch:
 
 
 def add_noise(scheduler, x0: torch.Tensor, generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
-              noise: torch.Tensor | None = None) -> NoisedBatch:
-    """Draw eps and t (uniform over the training steps) unless given, and form x_t."""
+              noise: torch.Tensor | None = None, offset: float = 0.0) -> NoisedBatch:
+    """Draw eps and t (uniform over the training steps) unless given, and form x_t.
+
+    `offset` > 0: offset noise, eps + offset * N(0, 1) constant over each image's channel, so the
+    model learns to shift mean brightness too (it is also the regression target).
+    """
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device)
+        device = generator.device if generator else x0.device
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        if offset:
+            noise = noise + offset * torch.randn((*x0.shape[:2], 1, 1), generator=generator, device=device)
         noise = noise.to(device=x0.device, dtype=x0.dtype)
     if timesteps is None:
         n = scheduler.config.num_train_timesteps
@@ -139,6 +149,19 @@ def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio abar_t / (1 - abar_t) per timestep (shape B)."""
     abar = scheduler.alphas_cumprod.to(device=timesteps.device)[timesteps].float()
     return abar / (1 - abar)
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., ICCV 2023) per timestep: min(SNR, gamma) / SNR for
+    epsilon targets, min(SNR, gamma) / (SNR + 1) for v targets (the weights of x0-space MSE, capped)."""
+    ratio = snr(scheduler, timesteps)
+    capped = ratio.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return capped / ratio
+    if kind == "v_prediction":
+        return capped / (ratio + 1)
+    raise ValueError(f"unsupported prediction type {kind!r}")
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ def denoising_calls(monkeypatch):
 
     def spy(unet, scheduler, batch, text_embeddings):
         errors = real(unet, scheduler, batch, text_embeddings)
-        calls.append((unet, batch, text_embeddings.detach().clone(), errors.detach().clone()))
+        calls.append((unet, batch, text_embeddings.detach(), errors.detach().clone()))
         return errors
 
     monkeypatch.setattr(diffusion, "denoising_error", spy)
@@ -70,7 +70,7 @@ def eps_errors(unet, scheduler, batch, text) -> torch.Tensor:
     """Per-sample ||unet(x_t, t, c) - eps||^2 computed here, for an epsilon-prediction model."""
     assert scheduler.config.prediction_type == "epsilon"
     with torch.no_grad():
-        prediction = unet(batch.noisy, batch.timesteps, text).sample
+        prediction = diffusion.unet_output(unet, batch.noisy, batch.timesteps, text)
     return (prediction.float() - batch.noise.float()).pow(2).flatten(1).mean(1)
 
 

@@ -161,7 +161,7 @@ class DPG(DreamBooth):
         noised, text, b = self.sample_batch(ctx, generator)
         prediction = diffusion.unet_output(ctx.unet, noised.noisy, noised.timesteps, text)
         errors = diffusion.per_sample_mse(prediction, diffusion.training_target(ctx.noise_scheduler, noised))
-        loss, logs = self.combine(ctx, errors, b, instance_weight=cfg.instance_weight)
+        loss, logs = self.combine(ctx, errors, noised.timesteps, b, instance_weight=cfg.instance_weight)
 
         # Look-forward on the instance half: where this trajectory would end (or, ablated, one step on).
         t = noised.timesteps[:b]

@@ -21,6 +21,7 @@ from rewardbooth.sampling import SampleSettings, generate
 from rewardbooth.training.context import LatentImageSet, TrainContext
 
 CLASS_IMAGE_FOLDER = "class_images"
+CLASS_LATENTS_NAME = "class_latents.safetensors"  # data.cache_latents: the class images' VAE moments
 
 
 def class_image_settings(cfg: RunConfig, already_made: int = 0, resolution: int | None = None) -> SampleSettings:
@@ -68,7 +69,8 @@ class DreamBooth(Method):
         self.instance = LatentImageSet(instance_images(ctx), ctx)
         self.prior = ctx.cfg.prior.enabled
         if self.prior:
-            self.classes = LatentImageSet(prepare_class_images(ctx), ctx)
+            cache = ctx.run_dir / CLASS_LATENTS_NAME if ctx.cfg.data.cache_latents else None
+            self.classes = LatentImageSet(prepare_class_images(ctx), ctx, cache=cache)
 
     def sample_batch(self, ctx: TrainContext, generator: torch.Generator) -> tuple[diffusion.NoisedBatch, torch.Tensor, int]:
         """Noised instance latents (first `b` rows), then class latents; and their text embeddings."""
@@ -78,10 +80,11 @@ class DreamBooth(Method):
         if self.prior:
             x0 = torch.cat([x0, self.classes.latents(self.classes.sample_indices(b, generator), generator)])
             prompts += [ctx.cfg.class_prompt] * b
-        return diffusion.add_noise(ctx.noise_scheduler, x0, generator), ctx.encode_prompts(prompts), b
+        return ctx.add_noise(x0, generator), ctx.encode_prompts(prompts), b
 
-    def combine(self, ctx: TrainContext, errors: torch.Tensor, b: int, instance_weight: float = 1.0):
-        """instance_weight * instance loss + lambda_prior * prior loss, from per-sample errors."""
+    def combine(self, ctx: TrainContext, errors: torch.Tensor, timesteps: torch.Tensor, b: int, instance_weight: float = 1.0):
+        """instance_weight * instance loss + lambda_prior * prior loss, from per-sample errors (min-SNR weighted if set)."""
+        errors = ctx.weight_errors(errors, timesteps)
         instance_loss = errors[:b].mean()
         logs = {"loss_instance": instance_loss.detach()}
         loss = instance_weight * instance_loss
@@ -93,4 +96,4 @@ class DreamBooth(Method):
 
     def loss(self, ctx: TrainContext, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         noised, text, b = self.sample_batch(ctx, generator)
-        return self.combine(ctx, diffusion.denoising_error(ctx.unet, ctx.noise_scheduler, noised, text), b)
+        return self.combine(ctx, diffusion.denoising_error(ctx.unet, ctx.noise_scheduler, noised, text), noised.timesteps, b)

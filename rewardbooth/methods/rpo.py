@@ -176,10 +176,10 @@ class RPO(Method):
         x0 = torch.cat([self.references.latents(ref_index, generator), self.negatives.latents(neg_index, generator)])
         prompts = [cfg.instance_prompt] * b + [self.negative_prompts[j] for j in neg_index.tolist()]
         if cfg.rpo.shared_noise:
-            one = diffusion.add_noise(ctx.noise_scheduler, x0[:b], generator)
+            one = ctx.add_noise(x0[:b], generator)
             noised = diffusion.add_noise(ctx.noise_scheduler, x0, timesteps=one.timesteps.repeat(2), noise=one.noise.repeat(2, 1, 1, 1))
         else:
-            noised = diffusion.add_noise(ctx.noise_scheduler, x0, generator)
+            noised = ctx.add_noise(x0, generator)
         text = ctx.encode_prompts(prompts)
         e_model = diffusion.denoising_error(ctx.unet, ctx.noise_scheduler, noised, text)
         with torch.no_grad(), reference_unet(ctx, self.frozen_copy) as reference:

@@ -57,6 +57,17 @@ class TrainContext:
             self._prompt_cache.update((p, encoded[i]) for i, p in enumerate(missing))
         return diffusion.TextConditioning.stack([self._prompt_cache[p] for p in prompts])
 
+    def add_noise(self, x0: torch.Tensor, generator: torch.Generator) -> diffusion.NoisedBatch:
+        """x_t for training, with the run's offset noise."""
+        return diffusion.add_noise(self.noise_scheduler, x0, generator, offset=self.cfg.train.noise_offset)
+
+    def weight_errors(self, errors: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample denoising errors, min-SNR-gamma weighted when train.snr_gamma is set."""
+        gamma = self.cfg.train.snr_gamma
+        if gamma is None:
+            return errors
+        return errors * diffusion.min_snr_weights(self.noise_scheduler, timesteps, gamma).to(errors)
+
     def base_pipeline(self):
         """A sampling pipeline over the frozen base weights (used before adapters exist)."""
         pipe = make_pipeline(self.components)
@@ -72,7 +83,7 @@ class LatentImageSet:
     re-encoded per batch.
     """
 
-    def __init__(self, images: list[Image.Image], ctx: TrainContext):
+    def __init__(self, images: list[Image.Image], ctx: TrainContext, cache: Path | None = None):
         self.images = images
         self.ctx = ctx
         data = ctx.cfg.data
@@ -80,10 +91,16 @@ class LatentImageSet:
         self.center_crop = data.center_crop
         self.moments = self.flipped_moments = None
         if self.center_crop:
-            pixels = preprocess(images, ctx.resolution, center_crop=True)
-            self.moments = diffusion.encode_moments(ctx.components.vae, pixels)
-            if self.random_flip:
-                self.flipped_moments = diffusion.encode_moments(ctx.components.vae, pixels.flip(-1))
+            cached = _read_latent_cache(cache, images, ctx.resolution) if cache is not None else None
+            if cached is not None:
+                self.moments, self.flipped_moments = cached["moments"], cached.get("flipped")
+            if self.moments is None or (self.random_flip and self.flipped_moments is None):
+                pixels = preprocess(images, ctx.resolution, center_crop=True)
+                self.moments = diffusion.encode_moments(ctx.components.vae, pixels)
+                if self.random_flip:
+                    self.flipped_moments = diffusion.encode_moments(ctx.components.vae, pixels.flip(-1))
+                if cache is not None and ctx.accelerator.is_main_process:
+                    _write_latent_cache(cache, images, ctx.resolution, self.moments, self.flipped_moments)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -104,3 +121,42 @@ class LatentImageSet:
             moments = diffusion.encode_moments(self.ctx.components.vae, pixels)
         x0 = diffusion.sample_latents(moments.float(), self.ctx.components.latent_scaling, generator)
         return x0.to(device=self.ctx.device, dtype=self.ctx.weight_dtype)
+
+
+def _fingerprint(images: list[Image.Image], resolution: int) -> str:
+    """Which images at which size the cached latents belong to (any changed pixel changes it)."""
+    import hashlib
+
+    digest = hashlib.sha256(str(resolution).encode())
+    for image in images:
+        digest.update(f"{image.size}{image.mode}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def _read_latent_cache(path: Path, images: list[Image.Image], resolution: int) -> dict[str, torch.Tensor] | None:
+    """The cached VAE moments of exactly these images, or None (missing, stale or unreadable)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != _fingerprint(images, resolution):
+                return None
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except Exception:  # noqa: BLE001 - a damaged cache is re-encoded, never trusted
+        return None
+
+
+def _write_latent_cache(path: Path, images, resolution: int, moments: torch.Tensor, flipped: torch.Tensor | None) -> None:
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors = {"moments": moments.detach().cpu().contiguous()}
+    if flipped is not None:
+        tensors["flipped"] = flipped.detach().cpu().contiguous()
+    staging = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(staging), metadata={"fingerprint": _fingerprint(images, resolution)})
+    os.replace(staging, path)

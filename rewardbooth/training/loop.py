@@ -39,11 +39,14 @@ from rewardbooth.training.run_dir import (
     replace_into,
     run_lock,
 )
+from rewardbooth.training.options import WeightEMA, check_optional_packages, make_optimizer, nothing_applied, tracker_config
 from rewardbooth.training.threads import choose_cpu_threads, should_choose_threads
 
 BEST_DIR = "best"
 BUDGETS_DIR = "budgets"
 METHOD_STATE_NAME = "method_state.safetensors"
+EMA_STATE_NAME = "ema_state.safetensors"
+TRACKER_LOGS = "logs"
 RESULT_NAME = "result.json"
 SELECTION_REWARD = "val_reward"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -72,9 +75,11 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
+        check_optional_packages(cfg.train)  # before anything is written
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.method = method or get_method(cfg.train.method)()
+        self.ema: WeightEMA | None = None
         self.progress = progress
         # accelerate keeps one global state per process; a library that runs several trainings in
         # one process (bench, tests) must clear its precision settings between them.
@@ -87,7 +92,9 @@ class Trainer:
             cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             mixed_precision=cfg.train.mixed_precision,
-            project_config=ProjectConfiguration(project_dir=str(self.run_dir), automatic_checkpoint_naming=False),
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / TRACKER_LOGS),
+                                                automatic_checkpoint_naming=False),
+            log_with=cfg.train.report_to,
         )
         self.metrics = MetricsLog(self.run_dir / METRICS_NAME, enabled=self.accelerator.is_main_process)
         self.best: tuple[int, float] | None = None  # (step, score) of the best validation so far
@@ -168,6 +175,8 @@ class Trainer:
                 # Method state (DPG's replay, counters) as tensors: accelerate would pickle it.
                 save_file({k: v.detach().cpu().contiguous() for k, v in self.method.state_tensors().items()},
                           str(Path(output_dir) / METHOD_STATE_NAME))
+                if self.ema is not None:
+                    save_file({k: v.cpu() for k, v in self.ema.state_tensors().items()}, str(Path(output_dir) / EMA_STATE_NAME))
             weights.clear()
 
         def load_hook(models, input_dir):
@@ -183,6 +192,11 @@ class Trainer:
             method_state = Path(input_dir) / METHOD_STATE_NAME
             if method_state.is_file():
                 self.method.load_state_tensors(load_file(str(method_state), device=str(acc.device)))
+            if self.ema is not None:
+                ema_state = Path(input_dir) / EMA_STATE_NAME
+                if not ema_state.is_file():
+                    raise RuntimeError(f"checkpoint {input_dir} has no {EMA_STATE_NAME}, but train.ema_decay is set")
+                self.ema.load_state_tensors(load_file(str(ema_state), device=str(acc.device)))
 
         acc.register_save_state_pre_hook(save_hook)
         acc.register_load_state_pre_hook(load_hook)
@@ -224,7 +238,7 @@ class Trainer:
         set_seed(cfg.train.seed)
         groups = self._attach_trainable(ctx)
         t = cfg.train
-        optimizer = torch.optim.AdamW(groups, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+        optimizer = make_optimizer(groups, t)
         # Schedulers count optimizer steps; accelerate steps them once per process per step.
         lr_scheduler = get_scheduler(
             t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * acc.num_processes,
@@ -240,6 +254,11 @@ class Trainer:
         trained = prepared[:n]  # accumulate() must see the DDP wrappers to skip syncs between micro-batches
         self.method.use_prepared(prepared[n : n + len(extra)], prepared[n + len(extra) : n + len(extra) + len(extra_optimizers)])
         optimizer, lr_scheduler = prepared[-2], prepared[-1]
+        params_to_clip = [p for group in optimizer.param_groups for p in group["params"]]
+        if t.ema_decay is not None:
+            self.ema = WeightEMA(params_to_clip, t.ema_decay)
+        if t.report_to:
+            acc.init_trackers("rewardbooth", config=tracker_config(cfg))
         self._register_checkpoint_hooks()
 
         start_step = 0
@@ -252,7 +271,6 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         count, done = 0, start_step  # done: steps finished (a resumed, already finished run trains none)
         tick = time.perf_counter()
-        params_to_clip = [p for group in optimizer.param_groups for p in group["params"]]
         for step in bar:
             for micro in range(t.gradient_accumulation_steps):
                 generator = step_generator(t.seed, step, micro, acc.process_index)
@@ -264,6 +282,8 @@ class Trainer:
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None and acc.sync_gradients:
+                        self.ema.step()
                 # Sums stay on the device: no host sync until a log line is written.
                 for key, value in {"loss": loss.detach(), **logs}.items():
                     sums[key] = sums.get(key, 0) + torch.as_tensor(value, device=acc.device).float()
@@ -273,6 +293,8 @@ class Trainer:
                 record = {key: acc.reduce(value / count, reduction="mean").item() for key, value in sums.items()}
                 record.update(step=done, lr=lr_scheduler.get_last_lr()[0], seconds_per_step=(time.perf_counter() - tick) * t.gradient_accumulation_steps / count)
                 self.metrics.write(record)
+                if t.report_to:
+                    acc.log({k: v for k, v in record.items() if k != "step"}, step=done)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 sums, count, tick = {}, 0, time.perf_counter()
             if cfg.validation.every and done % cfg.validation.every == 0:
@@ -335,12 +357,20 @@ class Trainer:
     def _text_encoders(self, ctx: TrainContext) -> list | None:
         return [self.accelerator.unwrap_model(e) for e in ctx.text_encoders] if ctx.text_encoders else None
 
+    def ema_applied(self):
+        """With train.ema_decay, the EMA weights stand in for the trained ones (validation, selection, export)."""
+        return self.ema.applied() if self.ema is not None else nothing_applied()
+
     @torch.no_grad()
     def validate(self, ctx: TrainContext, step: int) -> None:
-        from rewardbooth.evaluation.report import save_image_grid
-
         if not self.accelerator.is_main_process:
             return
+        with self.ema_applied():
+            self._validate(ctx, step)
+
+    def _validate(self, ctx: TrainContext, step: int) -> None:
+        from rewardbooth.evaluation.report import save_image_grid
+
         v = self.cfg.validation
         prompts = self.method.validation_prompts(ctx)
         settings = SampleSettings(steps=v.steps, guidance_scale=v.guidance_scale, seed=self.cfg.train.seed, resolution=ctx.resolution,
@@ -398,8 +428,11 @@ class Trainer:
     def export_weights(self, ctx: TrainContext, folder: Path) -> Path:
         """Write the trained weights in the diffusers format: a LoRA file, or unet/ (+ text_encoder/).
         Written beside, then moved into place: a full disk mid-export leaves the previous weights whole."""
-        acc = self.accelerator
-        unet = acc.unwrap_model(ctx.unet)
+        with self.ema_applied():
+            return self._export_weights(ctx, folder)
+
+    def _export_weights(self, ctx: TrainContext, folder: Path) -> Path:
+        unet = self.accelerator.unwrap_model(ctx.unet)
         text_encoders = self._text_encoders(ctx)
         staging = self._staging(folder)
         if self.cfg.adapter.kind == "lora":

@@ -23,7 +23,8 @@ WEIGHT_ENTRIES = {f"{stem}{dtype}{ext}" for stem, ext in (("pytorch_lora_weights
                   for dtype in ("", "_fp32", "_fp16", "_bf16")} | {"unet", "text_encoder", "text_encoder_2"}
 # What a run folder may hold; --overwrite refuses a folder with anything else in it.
 RUN_ENTRIES = {RUN_MARKER, LOCK_NAME, STAGING_NAME, CONFIG_NAME, METRICS_NAME, CHECKPOINT_DIR, "samples", "class_images", "negatives",
-               "best", "budgets", "report.html", "report_assets", "result.json", "generated", "reference", *WEIGHT_ENTRIES}
+               "best", "budgets", "report.html", "report_assets", "result.json", "generated", "reference", "logs",
+               "class_latents.safetensors", *WEIGHT_ENTRIES}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
