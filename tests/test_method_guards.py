@@ -276,11 +276,11 @@ def test_dpg_actor_term_is_gamma_to_the_t_weighted_cost(tmp_path, tiny_overrides
     used = []
     real_add_noise = diffusion.add_noise
 
-    def planted_add_noise(scheduler, x0, generator=None, timesteps=None, noise=None):
+    def planted_add_noise(scheduler, x0, generator=None, timesteps=None, noise=None, **kw):
         if timesteps is None:
             timesteps = torch.tensor(next(planted), device=x0.device)
             used.append(timesteps.clone())
-        return real_add_noise(scheduler, x0, generator, timesteps=timesteps, noise=noise)
+        return real_add_noise(scheduler, x0, generator, timesteps=timesteps, noise=noise, **kw)
 
     monkeypatch.setattr(diffusion, "add_noise", planted_add_noise)
     overrides = dict(tiny_overrides, **{

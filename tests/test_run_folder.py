@@ -149,7 +149,7 @@ def test_a_full_disk_at_the_final_save_is_one_line_and_resumable(tmp_path, subje
             "--set", "prior.generation_steps=2", "--set", "validation.every=0"]
     real = loop.save_lora
 
-    def full_disk(folder, *args):
+    def full_disk(folder, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / LORA_WEIGHTS_NAME))
 
     monkeypatch.setattr(loop, "save_lora", full_disk)
