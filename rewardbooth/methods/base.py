@@ -50,6 +50,20 @@ class Method:
         """Loss of one micro-batch and detached scalars to log. `generator` seeds all randomness."""
         raise NotImplementedError
 
+    def unet_batch(self, ctx: TrainContext) -> int:
+        """Samples per micro-batch that go through the trained U-Net with gradients."""
+        return ctx.cfg.train.batch_size
+
+    def memory_probes(self, ctx: TrainContext) -> list:
+        """The step's forward passes with gradients, for the memory estimate (run on fake tensors)."""
+        from rewardbooth.training import memory
+
+        n = self.unet_batch(ctx)
+        probes = [memory.unet_probe(ctx.unet, n, ctx.latent_size, ctx.weight_dtype, ctx.device)]
+        if ctx.trains_text_encoder:
+            probes.append(lambda: ctx.encode_prompts([ctx.cfg.instance_prompt] * n))
+        return probes
+
     def validation_prompts(self, ctx: TrainContext) -> list[str]:
         """Prompts sampled at each validation (formatted with the identifier and class noun)."""
         return [ctx.cfg.format_prompt(p) for p in ctx.cfg.validation.prompts]

@@ -155,6 +155,22 @@ class DPG(DreamBooth):
             self.warned_dead = True
         return (self.actor_weight(ctx, t) * self.actor_cost(q)).mean(), q, live
 
+    def memory_probes(self, ctx: TrainContext) -> list:
+        probes = super().memory_probes(ctx)
+        if self.direct or self.features:  # the look-forward image is decoded and judged with gradients
+            b, channels = ctx.cfg.train.batch_size, ctx.components.unet.config.in_channels
+
+            def judge():
+                latents = torch.zeros(b, channels, ctx.latent_size, ctx.latent_size, device=ctx.device, requires_grad=True)
+                images = self.decode(ctx, latents)
+                # The encoder, not the whole reward: a reward may cache its references on first use,
+                # and this runs on fake tensors. The comparison after the encoder saves next to nothing.
+                encoder = getattr(self.reward, "encoder", None)
+                return encoder.encode_images(images) if encoder is not None else images
+
+            probes.append(judge)
+        return probes
+
     # --- one step ----------------------------------------------------------------------------
     def loss(self, ctx: TrainContext, generator: torch.Generator):
         cfg = ctx.cfg.dpg

@@ -72,6 +72,9 @@ class DreamBooth(Method):
             cache = ctx.run_dir / CLASS_LATENTS_NAME if ctx.cfg.data.cache_latents else None
             self.classes = LatentImageSet(prepare_class_images(ctx), ctx, cache=cache)
 
+    def unet_batch(self, ctx: TrainContext) -> int:
+        return ctx.cfg.train.batch_size * (2 if self.prior else 1)
+
     def sample_batch(self, ctx: TrainContext, generator: torch.Generator) -> tuple[diffusion.NoisedBatch, torch.Tensor, int]:
         """Noised instance latents (first `b` rows), then class latents; and their text embeddings."""
         b = ctx.cfg.train.batch_size

@@ -187,5 +187,8 @@ class RPO(Method):
         loss, logs = preference_loss(e_model, e_ref, labels, cfg.rpo.beta)
         return loss, {**logs, "label_mean": labels.float().mean()}
 
+    def unet_batch(self, ctx: TrainContext) -> int:
+        return 2 * ctx.cfg.train.batch_size  # references and negatives
+
     def validation_prompts(self, ctx: TrainContext) -> list[str]:
         return super().validation_prompts(ctx) or self.training_prompts(ctx)

@@ -33,6 +33,10 @@ class TrainContext:
         return self.accelerator.device
 
     @property
+    def latent_size(self) -> int:
+        return self.resolution // self.components.vae_scale_factor
+
+    @property
     def noise_scheduler(self):
         return self.components.noise_scheduler
 

@@ -39,6 +39,8 @@ from rewardbooth.training.run_dir import (
     replace_into,
     run_lock,
 )
+from rewardbooth.training import memory
+from rewardbooth.training.memory import MemoryEstimate
 from rewardbooth.training.options import WeightEMA, check_optional_packages, make_optimizer, nothing_applied, tracker_config
 from rewardbooth.training.threads import choose_cpu_threads, should_choose_threads
 
@@ -80,6 +82,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.method = method or get_method(cfg.train.method)()
         self.ema: WeightEMA | None = None
+        self.memory_estimate: MemoryEstimate | None = None
         self.progress = progress
         # accelerate keeps one global state per process; a library that runs several trainings in
         # one process (bench, tests) must clear its precision settings between them.
@@ -161,6 +164,27 @@ class Trainer:
             components.unet.enable_gradient_checkpointing()
         return groups
 
+    def _estimate_memory(self, ctx: TrainContext, groups: list[dict]) -> MemoryEstimate | None:
+        """Print the estimated peak memory before the first step; warn when the device is smaller."""
+        acc, t = self.accelerator, self.cfg.train
+        extra = self.method.extra_modules()
+        trained = [p for group in groups for p in group["params"]] + [p for m in extra for p in m.parameters()]
+        try:
+            result = memory.estimate(resident=memory.resident_modules([ctx.components, self.method]), trained=trained,
+                                     probes=self.method.memory_probes(ctx), optimizer=t.optimizer, ema=t.ema_decay is not None,
+                                     mixed_precision=t.mixed_precision, device=ctx.device, processes=acc.num_processes)
+        except Exception as exc:  # an estimate must never stop a run
+            if acc.is_main_process:
+                print(f"estimated peak memory: unavailable ({_first_line(exc)})")
+            return None
+        capacity = memory.device_capacity(ctx.device)
+        if acc.is_main_process:
+            print(result.line(ctx.device, capacity))
+            if result.exceeds(capacity):
+                warnings.warn(f"the estimated peak memory ({result.total / memory.GIB:.1f} GiB) exceeds {ctx.device}'s "
+                              f"{capacity / memory.GIB:.1f} GiB; to fit, try {memory.MEMORY_ADVICE}", stacklevel=2)
+        return result
+
     def _register_checkpoint_hooks(self) -> None:
         """Checkpoints hold only trainable tensors: with LoRA, megabytes instead of a model copy."""
         from safetensors.torch import load_file, save_file
@@ -237,6 +261,7 @@ class Trainer:
         self.method.prepare(ctx)
         set_seed(cfg.train.seed)
         groups = self._attach_trainable(ctx)
+        self.memory_estimate = self._estimate_memory(ctx, groups)
         t = cfg.train
         optimizer = make_optimizer(groups, t)
         # Schedulers count optimizer steps; accelerate steps them once per process per step.

@@ -1,0 +1,201 @@
+"""Peak training memory, estimated before the first step.
+
+    peak = weights      every parameter and buffer the run keeps on the device, in its dtype
+         + gradients    one per trained parameter (float32: trained weights stay float32)
+         + optimizer    AdamW 8 bytes per trained parameter, 8-bit AdamW 2 (tensors under 4096
+                        elements stay 32-bit, as bitsandbytes keeps them), Prodigy 16
+         + EMA          a float32 copy of the trained parameters (train.ema_decay)
+         + activations  what autograd saves for the backward of one micro-batch
+         + workspace    twice the largest saved tensor (its gradient and a temporary in the backward)
+
+Activations are not guessed from layer counts: the step's forward passes (the U-Net at the
+method's batch, and DPG's decode and reward encoder where it backpropagates through them) run
+once on fake tensors, which carry shapes and dtypes but no storage, while a saved-tensor hook
+adds up what autograd keeps. Precision, gradient checkpointing, LoRA and the attention kernel
+are thereby counted as they will run, in well under a second and with no memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from rewardbooth import diffusion
+
+GIB = 1024**3
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
+OPTIMIZER_BYTES = {"adamw": 8, "prodigy": 16}  # per trained element: AdamW's two moments; Prodigy adds s and p0
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    optimizer: int
+    ema: int
+    activations: int
+    workspace: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.ema + self.activations + self.workspace
+
+    def line(self, device: torch.device | str | None = None, capacity: int | None = None) -> str:
+        parts = ", ".join(f"{name} {getattr(self, name) / GIB:.2f}" for name in
+                          ("weights", "gradients", "optimizer", "ema", "activations", "workspace") if getattr(self, name))
+        where = f" of {capacity / GIB:.1f} GiB on {device}" if capacity else ""
+        return f"estimated peak memory {self.total / GIB:.2f} GiB ({parts}){where}"
+
+    def exceeds(self, capacity: int | None) -> bool:
+        return capacity is not None and self.total > capacity
+
+
+def optimizer_bytes(parameters: Iterable[torch.Tensor], optimizer: str) -> int:
+    if optimizer == "adamw8bit":
+        return sum(p.numel() * (2 if p.numel() >= BNB_MIN_8BIT_SIZE else 8) for p in parameters)
+    return sum(p.numel() for p in parameters) * OPTIMIZER_BYTES[optimizer]
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def resident_modules(roots: Iterable[object], depth: int = 3) -> list[torch.nn.Module]:
+    """The nn.Modules reachable from `roots` through attributes, lists and dicts (a method's
+    critic, reward encoders, frozen copies), without looking inside the modules themselves."""
+    found: dict[int, torch.nn.Module] = {}
+    seen: set[int] = set()
+    frontier = list(roots)
+    for _ in range(depth + 1):
+        nxt = []
+        for obj in frontier:
+            if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, torch.Tensor)):
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, torch.nn.Module):
+                found.setdefault(id(obj), obj)
+            elif isinstance(obj, (list, tuple, set)):
+                nxt.extend(obj)
+            elif isinstance(obj, dict):
+                nxt.extend(obj.values())
+            elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+                nxt.extend(vars(obj).values())
+        frontier = nxt
+    return list(found.values())
+
+
+def _tensors(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
+    return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+
+
+def weight_bytes(modules: Iterable[torch.nn.Module], device: torch.device | None = None) -> int:
+    """Bytes of the distinct storages behind the modules' parameters and buffers (on `device`)."""
+    sizes = {}
+    for t in _tensors(modules):
+        if device is None or t.device.type == torch.device(device).type:
+            sizes[_storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(sizes.values())
+
+
+class _Probes(torch.nn.Module):
+    """Holds the modules so functional_call can swap all their weights for fake ones at once."""
+
+    def __init__(self, modules: list[torch.nn.Module], probes: list[Callable[[], object]]):
+        super().__init__()
+        self.held = torch.nn.ModuleList(modules)
+        self.probes = probes
+
+    def forward(self) -> None:
+        for probe in self.probes:
+            probe()
+
+
+def saved_activation_bytes(probes: list[Callable[[], object]], modules: Iterable[torch.nn.Module]) -> tuple[int, int]:
+    """(total, largest) bytes autograd saves while the probes run on fake tensors; the modules'
+    own weights are not counted (they are resident anyway). Each probe is one forward pass
+    whose activations live until the step's backward, so their savings add up."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    holder = _Probes(list(modules), probes)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        saved[_storage_key(t)] = t.untyped_storage().nbytes()
+        return t
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        real = {**dict(holder.named_parameters(remove_duplicate=False)), **dict(holder.named_buffers(remove_duplicate=False))}
+        fake = {name: mode.from_tensor(t) for name, t in real.items()}  # memoised: a tied weight stays one tensor
+        weights = {_storage_key(t) for t in fake.values()}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.func.functional_call(holder, fake, (), strict=False)
+    activations = [n for key, n in saved.items() if key not in weights]
+    return sum(activations), max(activations, default=0)
+
+
+def dummy_conditioning(unet, batch: int, dtype: torch.dtype, device) -> diffusion.TextConditioning:
+    """Zero text conditioning of the shapes `unet` takes (SDXL: pooled text and size ids too)."""
+    config = unet.config
+    hidden = torch.zeros(batch, 77, config.cross_attention_dim, dtype=dtype, device=device)
+    if config.addition_embed_type != "text_time":
+        return diffusion.TextConditioning(hidden)
+    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return diffusion.TextConditioning(hidden, torch.zeros(batch, pooled_dim, dtype=dtype, device=device),
+                                      torch.zeros(batch, 6, dtype=dtype, device=device))
+
+
+def unet_probe(unet, batch: int, latent_size: int, dtype: torch.dtype, device) -> Callable[[], torch.Tensor]:
+    """One training forward of the U-Net at `batch` (loss included)."""
+
+    def probe():
+        noisy = torch.zeros(batch, unet.config.in_channels, latent_size, latent_size, dtype=dtype, device=device)
+        timesteps = torch.full((batch,), 500, dtype=torch.long, device=device)
+        prediction = diffusion.unet_output(unet, noisy, timesteps, dummy_conditioning(unet, batch, dtype, device))
+        return diffusion.per_sample_mse(prediction, torch.zeros_like(prediction)).mean()
+
+    return probe
+
+
+def autocast_for(device, mixed_precision: str):
+    if mixed_precision == "no":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+
+
+def estimate(*, resident: list[torch.nn.Module], trained: list[torch.Tensor], probes: list[Callable[[], object]],
+             optimizer: str = "adamw", ema: bool = False, mixed_precision: str = "no", device=None,
+             processes: int = 1) -> MemoryEstimate:
+    """The formula above for a set-up given as modules, trained tensors and forward probes."""
+    trained_elements = sum(p.numel() for p in trained)
+    gradients = trained_elements * 4
+    if processes > 1:  # DDP keeps its gradient buckets beside the gradients
+        gradients *= 2
+    with autocast_for(device or "cpu", mixed_precision):
+        activations, largest = saved_activation_bytes(probes, resident)
+    return MemoryEstimate(
+        weights=weight_bytes(resident, device),
+        gradients=gradients,
+        optimizer=optimizer_bytes(trained, optimizer),
+        ema=trained_elements * 4 if ema else 0,
+        activations=activations,
+        workspace=2 * largest,
+    )
+
+
+def device_capacity(device: torch.device | str) -> int | None:
+    """Bytes of memory the device has: the GPU's, or the machine's RAM for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        import psutil
+
+        return psutil.virtual_memory().total
+    return None
+
+
+MEMORY_ADVICE = ("train.mixed_precision=bf16 (or fp16), train.gradient_checkpointing=true, adapter.kind=lora, "
+                 "train.optimizer=adamw8bit or a smaller train.batch_size")

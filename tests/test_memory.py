@@ -1,0 +1,120 @@
+"""The peak-memory estimate printed before training, checked against what a real step holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rewardbooth.config import load_config
+from rewardbooth.methods import get_method
+from rewardbooth.training import memory
+from rewardbooth.training.loop import Trainer
+from rewardbooth.training.run_dir import prepare_run_dir
+
+TINY_JUDGES = {"evaluation.dino_model": "tiny", "evaluation.clip_model": "tiny", "evaluation.align_model": "tiny"}
+SETUPS = {
+    "dreambooth-lora": {"train.method": "dreambooth"},
+    "dreambooth-full-checkpointed": {"train.method": "dreambooth", "adapter.kind": "full", "train.gradient_checkpointing": True},
+    "dreambooth-bf16-no-prior": {"train.method": "dreambooth", "train.mixed_precision": "bf16", "prior.enabled": False},
+    "rpo-lora": {"train.method": "rpo", "rpo.negatives_per_prompt": 1, "rpo.negative_steps": 2},
+    "dpg-feature-critic": {"train.method": "dpg", "dpg.reward": "dino", "dpg.critic_input": "features"},
+    "dpg-direct-text-encoder": {"train.method": "dpg", "dpg.reward": "dino", "dpg.actor": "direct",
+                                "adapter.train_text_encoder": True},
+}
+
+
+def _measuring(method_cls):
+    """The method, recording the bytes autograd saves during its first real loss (weights excluded)."""
+
+    class Measured(method_cls):
+        measured: int | None = None
+
+        def loss(self, ctx, generator):
+            if self.measured is not None:
+                return super().loss(ctx, generator)
+            weights = {t.untyped_storage()._cdata for t in memory._tensors(memory.resident_modules([ctx.components, self]))}
+            saved: dict[int, int] = {}
+
+            def pack(t):
+                saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                result = super().loss(ctx, generator)
+            self.measured = sum(n for key, n in saved.items() if key not in weights)
+            return result
+
+    return Measured
+
+
+def _trained(tmp_path, tiny_overrides, setup: dict, steps: int = 1) -> Trainer:
+    cfg = load_config(overrides={**tiny_overrides, **TINY_JUDGES, "data.resolution": 32, "train.steps": steps, **setup})
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_dir, resume=False, overwrite=False)
+    trainer = Trainer(cfg, run_dir, method=_measuring(get_method(cfg.train.method))(), progress=False)
+    trainer.run()
+    return trainer
+
+
+@pytest.mark.parametrize("setup", SETUPS.values(), ids=SETUPS.keys())
+def test_activation_estimate_matches_what_a_real_step_saves(tmp_path, tiny_overrides, setup, capsys):
+    trainer = _trained(tmp_path, tiny_overrides, setup)
+    estimate, measured = trainer.memory_estimate, trainer.method.measured
+    assert estimate is not None and measured > 0
+    assert estimate.activations == pytest.approx(measured, rel=0.05), (estimate, measured)
+    assert "estimated peak memory" in capsys.readouterr().out
+
+
+def test_checkpointing_and_half_precision_lower_the_estimate(tmp_path, tiny_overrides):
+    plain = _trained(tmp_path / "plain", tiny_overrides, {"adapter.kind": "full"}).memory_estimate
+    checkpointed = _trained(tmp_path / "ckpt", tiny_overrides, {"adapter.kind": "full", "train.gradient_checkpointing": True}).memory_estimate
+    half = _trained(tmp_path / "half", tiny_overrides, {"adapter.kind": "full", "train.mixed_precision": "bf16"}).memory_estimate
+    assert checkpointed.activations < 0.5 * plain.activations
+    assert half.activations < 0.75 * plain.activations
+    # Full fine-tuning trains every U-Net weight in float32: gradients as large as the U-Net, AdamW twice that.
+    assert plain.optimizer == 2 * plain.gradients
+
+
+def test_resident_weights_include_what_the_method_keeps(tmp_path, tiny_overrides):
+    """RPO's full fine-tuning keeps a frozen copy of the U-Net; DPG's feature critic a judge encoder."""
+    setups = {"db": {"adapter.kind": "full"}, "rpo": {**SETUPS["rpo-lora"], "adapter.kind": "full"},
+              "dpg": {**SETUPS["dpg-feature-critic"], "adapter.kind": "full"}}
+    estimates = {name: _trained(tmp_path / name, tiny_overrides, setup) for name, setup in setups.items()}
+    from rewardbooth.models.loading import load_components
+
+    unet_bytes = sum(p.numel() * p.element_size() for p in load_components("tiny").unet.parameters())
+    db, rpo, dpg = (estimates[n].memory_estimate.weights for n in ("db", "rpo", "dpg"))
+    assert rpo - db == pytest.approx(unet_bytes, rel=0.02)
+    assert dpg > db
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])
+def test_optimizer_term_matches_the_state_a_real_optimizer_allocates(optimizer):
+    from rewardbooth.config import TrainConfig
+    from rewardbooth.training.options import make_optimizer
+
+    params = [torch.nn.Parameter(torch.randn(64, 80)), torch.nn.Parameter(torch.randn(7))]
+    opt = make_optimizer([{"params": params, "lr": 1e-3}], TrainConfig(optimizer=optimizer))
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    allocated = sum(v.numel() * v.element_size() for state in opt.state.values() for v in state.values()
+                    if isinstance(v, torch.Tensor) and v.numel() == state_size(v, params))
+    assert memory.optimizer_bytes(params, optimizer) == allocated
+
+
+def state_size(value: torch.Tensor, params) -> int:
+    """Per-parameter state tensors (moments, s, p0) have the parameter's size; counters are scalars."""
+    return value.numel() if value.numel() in {p.numel() for p in params} else -1
+
+
+def test_a_set_up_too_large_for_the_device_warns_with_what_to_change(tmp_path, tiny_overrides, monkeypatch):
+    monkeypatch.setattr(memory, "device_capacity", lambda device: 1024**2)  # a 1 MiB device
+    with pytest.warns(UserWarning, match="exceeds.*gradient_checkpointing"):
+        trainer = _trained(tmp_path, tiny_overrides, {"adapter.kind": "full"})
+    assert trainer.memory_estimate.total > 1024**2
+    monkeypatch.setattr(memory, "device_capacity", lambda device: 1024**4)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _trained(tmp_path / "big", tiny_overrides, {"adapter.kind": "full"})
