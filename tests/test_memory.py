@@ -118,3 +118,23 @@ def test_a_set_up_too_large_for_the_device_warns_with_what_to_change(tmp_path, t
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         _trained(tmp_path / "big", tiny_overrides, {"adapter.kind": "full"})
+
+
+def test_the_memory_table_gives_the_trainers_estimate(tmp_path, tiny_overrides):
+    """benchmarks/bench_memory.py builds models on the meta device; on tiny its estimate must be
+    the one the trainer prints for the same set-up on real weights."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_memory", Path(__file__).parents[1] / "benchmarks" / "bench_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    setup = {"adapter.kind": "full", "train.mixed_precision": "bf16", "train.gradient_checkpointing": True, "prior.enabled": True}
+    from rewardbooth.models.loading import load_components
+
+    native = load_components("tiny").native_resolution
+    real = _trained(tmp_path, tiny_overrides, {**setup, "data.resolution": native}).memory_estimate
+    table = bench.table_estimate("tiny", "dreambooth", setup)
+    assert table.weights == real.weights
+    assert (table.gradients, table.optimizer) == (real.gradients, real.optimizer)
+    assert table.activations == pytest.approx(real.activations, rel=0.02)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 # Bump when the architecture or the seed changes, so stale caches are rebuilt.
-TINY_FORMAT_VERSION = 2
+TINY_FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ TINY_PRESETS = {
     "sd15-random": TinyPreset("sd15-random", "epsilon", shape="sd15"),
     # SDXL's component classes (two text encoders, text_time embedding) at toy sizes.
     "tiny-sdxl": TinyPreset("tiny-sdxl", "epsilon", family="sdxl"),
+    # Random weights at SDXL base 1.0's shapes (2.6B-parameter U-Net, 1024 px): benchmarks and the
+    # memory table, which builds it on fake tensors (no storage). About 14 GB on disk if ever built.
+    "sdxl-random": TinyPreset("sdxl-random", "epsilon", shape="sdxl", family="sdxl"),
 }
 
 # (U-Net, VAE, text encoder) sizes per shape.
@@ -43,7 +46,16 @@ SHAPES = {
                  vae_channels=(32, 64), vae_layers=1, vae_size=32, text_hidden=32, text_ffn=64, text_layers=2, text_heads=4),
     "sd15": dict(sample_size=64, unet_channels=(320, 640, 1280, 1280), unet_layers=2, cross_attention_dim=768, head_dim=8,
                  vae_channels=(128, 256, 512, 512), vae_layers=2, vae_size=512, text_hidden=768, text_ffn=3072,
-                 text_layers=12, text_heads=12),
+                 text_layers=12, text_heads=12, vocab_size=49408),
+    "sdxl": dict(sample_size=128, unet_channels=(320, 640, 1280), vae_channels=(128, 256, 512, 512), vae_layers=2,
+                 vae_size=1024, text_hidden=768, text_ffn=3072, text_layers=12, text_heads=12, vocab_size=49408),
+}
+# SDXL's U-Net layout and its second (OpenCLIP bigG) text encoder, per shape.
+SDXL_SHAPES = {
+    "tiny": dict(transformer_layers=(1, 2), head_dim=(2, 4), time_embed_dim=8,
+                 text_2=dict(text_hidden=32, text_ffn=64, text_layers=2, text_heads=4)),
+    "sdxl": dict(transformer_layers=(1, 2, 10), head_dim=(5, 10, 20), time_embed_dim=256,
+                 text_2=dict(text_hidden=1280, text_ffn=5120, text_layers=32, text_heads=20, vocab_size=49408)),
 }
 
 
@@ -78,7 +90,7 @@ def _tiny_text_encoder(size: dict, vocab: dict[str, int], with_projection: bool 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=len(vocab),
+        vocab_size=size.get("vocab_size", len(vocab)),  # real shapes: CLIP's 49408 rows, of which the byte vocabulary uses the first
         hidden_size=size["text_hidden"],
         intermediate_size=size["text_ffn"],
         num_hidden_layers=size["text_layers"],
@@ -141,23 +153,25 @@ def _build_tiny_sdxl_pipeline(preset: TinyPreset, size: dict, vocab: dict[str, i
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    time_embed_dim = 8
-    text_hidden = size["text_hidden"]
+    layout = SDXL_SHAPES[preset.shape]
+    time_embed_dim = layout["time_embed_dim"]
+    text_2 = {**size, **layout["text_2"]}
+    depth = len(size["unet_channels"])  # no attention in the first level, as SDXL
     unet = UNet2DConditionModel(
         sample_size=size["sample_size"],
         in_channels=4,
         out_channels=4,
         block_out_channels=size["unet_channels"],
         layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        attention_head_dim=(2, 4),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (depth - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),
+        transformer_layers_per_block=layout["transformer_layers"],
+        attention_head_dim=layout["head_dim"],
         use_linear_projection=True,
-        cross_attention_dim=2 * text_hidden,
+        cross_attention_dim=size["text_hidden"] + text_2["text_hidden"],
         addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim,
-        projection_class_embeddings_input_dim=text_hidden + 6 * time_embed_dim,
+        projection_class_embeddings_input_dim=text_2["text_hidden"] + 6 * time_embed_dim,
         norm_num_groups=32,
     )
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -165,7 +179,7 @@ def _build_tiny_sdxl_pipeline(preset: TinyPreset, size: dict, vocab: dict[str, i
     return StableDiffusionXLPipeline(
         vae=_tiny_vae(size, scaling_factor=0.13025),  # SDXL's VAE scale
         text_encoder=_tiny_text_encoder(size, vocab),
-        text_encoder_2=_tiny_text_encoder(size, vocab, with_projection=True),
+        text_encoder_2=_tiny_text_encoder(text_2, vocab, with_projection=True),
         tokenizer=tokenizer,
         tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
         unet=unet,

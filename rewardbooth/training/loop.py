@@ -72,6 +72,46 @@ def _trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def place_frozen(components, device, mixed_precision: str) -> torch.dtype:
+    """Freeze the base model on the device: frozen parts run in the low-precision dtype (the VAE
+    stays float32 under fp16, where SD's VAE overflows); trained weights stay float32 (autocast)."""
+    weight_dtype = DTYPES[mixed_precision]
+    components.vae.requires_grad_(False).to(device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
+    for encoder in components.text_encoders:
+        encoder.requires_grad_(False).to(device, dtype=weight_dtype)
+    components.unet.requires_grad_(False).to(device, dtype=weight_dtype)
+    return weight_dtype
+
+
+def attach_trainable(components, cfg: RunConfig) -> list[dict]:
+    """Make the trained weights (LoRA adapters, or the whole U-Net / text encoders) and return
+    their optimizer parameter groups."""
+    a = cfg.adapter
+    groups = []
+    if a.kind == "lora":
+        add_lora(components.unet, a.rank, a.alpha, a.dropout, a.target_modules)
+    else:
+        components.unet.requires_grad_(True)
+    # Trained weights in float32 even when the frozen base is half precision.
+    for p in _trainable_parameters(components.unet):
+        p.data = p.data.float()
+    groups.append({"params": _trainable_parameters(components.unet), "lr": cfg.learning_rate})
+    for encoder in components.text_encoders if a.train_text_encoder else []:  # SDXL: both encoders
+        if a.kind == "lora":
+            add_lora(encoder, a.rank, a.alpha, a.dropout, TEXT_ENCODER_TARGETS)
+        else:
+            encoder.requires_grad_(True)
+        for p in _trainable_parameters(encoder):
+            p.data = p.data.float()
+        lr = cfg.train.text_encoder_learning_rate or cfg.learning_rate
+        groups.append({"params": _trainable_parameters(encoder), "lr": lr})
+        if cfg.train.gradient_checkpointing:
+            encoder.gradient_checkpointing_enable()
+    if cfg.train.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+    return groups
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, method: Method | None = None, progress: bool = True):
         from accelerate import Accelerator
@@ -110,12 +150,7 @@ class Trainer:
     def _load(self) -> TrainContext:
         cfg, acc = self.cfg, self.accelerator
         components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant, vae=cfg.model.vae)
-        weight_dtype = DTYPES[cfg.train.mixed_precision]
-        # Frozen parts run in the low-precision dtype; trained weights stay float32 (autocast).
-        components.vae.requires_grad_(False).to(acc.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
-        for encoder in components.text_encoders:
-            encoder.requires_grad_(False).to(acc.device, dtype=weight_dtype)
-        components.unet.requires_grad_(False).to(acc.device, dtype=weight_dtype)
+        weight_dtype = place_frozen(components, acc.device, cfg.train.mixed_precision)
         resolution = cfg.data.resolution or components.native_resolution
         ctx = TrainContext(cfg, self.run_dir, acc, components, resolution, weight_dtype, progress=self.progress and acc.is_main_process)
         ctx.unet = components.unet
@@ -138,31 +173,7 @@ class Trainer:
         return choose_cpu_threads(step)
 
     def _attach_trainable(self, ctx: TrainContext) -> list[dict]:
-        cfg, components = self.cfg, ctx.components
-        a = cfg.adapter
-        groups = []
-        if a.kind == "lora":
-            add_lora(components.unet, a.rank, a.alpha, a.dropout, a.target_modules)
-        else:
-            components.unet.requires_grad_(True)
-        # Trained weights in float32 even when the frozen base is half precision.
-        for p in _trainable_parameters(components.unet):
-            p.data = p.data.float()
-        groups.append({"params": _trainable_parameters(components.unet), "lr": cfg.learning_rate})
-        for encoder in components.text_encoders if a.train_text_encoder else []:  # SDXL: both encoders
-            if a.kind == "lora":
-                add_lora(encoder, a.rank, a.alpha, a.dropout, TEXT_ENCODER_TARGETS)
-            else:
-                encoder.requires_grad_(True)
-            for p in _trainable_parameters(encoder):
-                p.data = p.data.float()
-            lr = cfg.train.text_encoder_learning_rate or cfg.learning_rate
-            groups.append({"params": _trainable_parameters(encoder), "lr": lr})
-            if cfg.train.gradient_checkpointing:
-                encoder.gradient_checkpointing_enable()
-        if cfg.train.gradient_checkpointing:
-            components.unet.enable_gradient_checkpointing()
-        return groups
+        return attach_trainable(ctx.components, self.cfg)
 
     def _estimate_memory(self, ctx: TrainContext, groups: list[dict]) -> MemoryEstimate | None:
         """Print the estimated peak memory before the first step; warn when the device is smaller."""

@@ -95,7 +95,7 @@ def weight_bytes(modules: Iterable[torch.nn.Module], device: torch.device | None
     """Bytes of the distinct storages behind the modules' parameters and buffers (on `device`)."""
     sizes = {}
     for t in _tensors(modules):
-        if device is None or t.device.type == torch.device(device).type:
+        if device is None or t.device.type in (torch.device(device).type, "meta"):  # meta: the memory table's models
             sizes[_storage_key(t)] = t.untyped_storage().nbytes()
     return sum(sizes.values())
 
@@ -113,6 +113,13 @@ class _Probes(torch.nn.Module):
             probe()
 
 
+def _fake_cpu_like(t: torch.Tensor) -> torch.Tensor:
+    """A CPU stand-in for a meta tensor (models built on the meta device for the memory table),
+    created inside a FakeTensorMode: CPU kernels decide what is saved, nothing is allocated."""
+    fake = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+    return fake.requires_grad_(t.requires_grad) if t.is_floating_point() else fake
+
+
 def saved_activation_bytes(probes: list[Callable[[], object]], modules: Iterable[torch.nn.Module]) -> tuple[int, int]:
     """(total, largest) bytes autograd saves while the probes run on fake tensors; the modules'
     own weights are not counted (they are resident anyway). Each probe is one forward pass
@@ -126,9 +133,13 @@ def saved_activation_bytes(probes: list[Callable[[], object]], modules: Iterable
         saved[_storage_key(t)] = t.untyped_storage().nbytes()
         return t
 
+    real = {**dict(holder.named_parameters(remove_duplicate=False)), **dict(holder.named_buffers(remove_duplicate=False))}
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        real = {**dict(holder.named_parameters(remove_duplicate=False)), **dict(holder.named_buffers(remove_duplicate=False))}
-        fake = {name: mode.from_tensor(t) for name, t in real.items()}  # memoised: a tied weight stays one tensor
+        by_id: dict[int, torch.Tensor] = {}  # a tied weight stays one tensor
+        for t in real.values():
+            if id(t) not in by_id:
+                by_id[id(t)] = mode.from_tensor(t) if t.device.type != "meta" else _fake_cpu_like(t)
+        fake = {name: by_id[id(t)] for name, t in real.items()}
         weights = {_storage_key(t) for t in fake.values()}
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             torch.func.functional_call(holder, fake, (), strict=False)
