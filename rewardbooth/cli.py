@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true")
     add_judge_flags(bench)
 
+    ui = add_parser("ui", help="a local web app: start runs from photos, watch them, generate and compare, bench")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
+    ui.add_argument("--runs-dir", default="runs", help="folder holding the runs, uploads and logs (default ./runs)")
+    ui.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login (needed for any --host but localhost)")
+
     demo = add_parser("demo", help="the built-in CPU demo: a MiniBench subject learned by the shipped mini model; report")
     demo.add_argument("--output", default="rewardbooth-demo", help="run folder (default ./rewardbooth-demo)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the mini bench's setting)")
@@ -313,7 +319,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from rewardbooth.errors import ConfigError
     from rewardbooth.evaluation.report import save_image_grid
     from rewardbooth.models.loading import load_run_pipeline
-    from rewardbooth.sampling import METADATA_NAME, SampleSettings, generate, save_generated
+    from rewardbooth.sampling import METADATA_NAME, generate, run_sample_settings, save_generated
 
     if args.num_images < 1 or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         raise ConfigError("-n, --steps and --batch-size must be positive")
@@ -323,9 +329,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg, pipe = load_run_pipeline(run_dir, device=device, dtype=dtype)
     out = Path(args.output) if args.output else run_dir / "generated"
     out.mkdir(parents=True, exist_ok=True)
-    settings = SampleSettings(steps=args.steps or cfg.validation.steps,
-                              guidance_scale=cfg.validation.guidance_scale if args.guidance is None else args.guidance,
-                              seed=args.seed, batch_size=args.batch_size, resolution=cfg.data.resolution)
+    settings = run_sample_settings(cfg, args.seed, args.steps, args.guidance, args.batch_size)
     images = generate(pipe, args.prompt, args.num_images, settings, progress=True)
     written = save_generated(out, args.prompt, images, args.seed)
     grid = save_image_grid([im for row in images for im in row], out / "grids" / f"{written[0].stem}.png", cols=args.num_images)
@@ -452,7 +456,21 @@ def _bench_mini(args: argparse.Namespace, methods: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "evaluate": cmd_evaluate, "bench": cmd_bench, "demo": cmd_demo}
+def cmd_ui(args: argparse.Namespace) -> int:
+    from rewardbooth.ui.server import serve
+
+    server = serve(Path(args.runs_dir), args.host, args.port, args.auth)
+    host, port = server.server_address[:2]
+    print(f"rewardbooth ui: http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/ (runs in {server.workspace.root}; Ctrl+C stops the page, not the runs)",
+          flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+COMMANDS = {"ui": cmd_ui, "train": cmd_train, "generate": cmd_generate, "export": cmd_export, "evaluate": cmd_evaluate, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,8 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split())  # always one line
         print(f"rewardbooth: error: {message}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("rewardbooth: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print("rewardbooth: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     except OSError as exc:
         import errno

@@ -27,6 +27,13 @@ class SampleSettings:
     resolution: int | None = None  # None: the model's native size
 
 
+def run_sample_settings(cfg, seed: int, steps: int | None = None, guidance: float | None = None, batch_size: int = 4) -> SampleSettings:
+    """How a trained run samples by default: its validation sampler, at its training resolution."""
+    return SampleSettings(steps=steps or cfg.validation.steps,
+                          guidance_scale=cfg.validation.guidance_scale if guidance is None else guidance,
+                          seed=seed, batch_size=batch_size, resolution=cfg.data.resolution)
+
+
 def generate(pipe, prompts: list[str], images_per_prompt: int, settings: SampleSettings, progress: bool = False,
              description: str = "generating") -> list[list[Image.Image]]:
     """Images for each prompt: result[j][k] is image k of prompt j."""

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +125,7 @@ class Trainer:
         self.method = method or get_method(cfg.train.method)()
         self.ema: WeightEMA | None = None
         self.memory_estimate: MemoryEstimate | None = None
+        self.stop_requested = False
         self.progress = progress
         # accelerate keeps one global state per process; a library that runs several trainings in
         # one process (bench, tests) must clear its precision settings between them.
@@ -237,11 +240,30 @@ class Trainer:
         acc.register_load_state_pre_hook(load_hook)
 
     # --- the loop ---------------------------------------------------------------------------
+    def _stop_on_sigterm(self):
+        """SIGTERM (the web UI's Stop) finishes the current step, checkpoints and exits; a
+        library caller in another thread, or several processes, keep the default handling."""
+        if threading.current_thread() is not threading.main_thread() or self.accelerator.num_processes > 1:
+            return nullcontext()
+
+        @contextmanager
+        def handler():
+            def request_stop(signum, frame):
+                self.stop_requested = True
+
+            previous = signal.signal(signal.SIGTERM, request_stop)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+
+        return handler()
+
     def run(self, resume: bool = False) -> TrainResult:
         """Train (holding the run folder's lock), or on resume of a finished run return its result."""
         if resume and (finished := self.finished_result()) is not None:
             return finished
-        with run_lock(self.run_dir) if self.accelerator.is_main_process else nullcontext():
+        with run_lock(self.run_dir) if self.accelerator.is_main_process else nullcontext(), self._stop_on_sigterm():
             return self._run(resume)
 
     def finished_result(self) -> TrainResult | None:
@@ -342,6 +364,11 @@ class Trainer:
             # The last step is checkpointed too, so a finished run can continue with a larger --steps.
             if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == t.steps):
                 self.save_checkpoint(done)
+            elif self.stop_requested:  # SIGTERM: stop at this step boundary, resumable from here
+                self.save_checkpoint(done)
+            if self.stop_requested:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped at step {done}; continue with --resume")
         bar.close()
         if cfg.validation.every and done % cfg.validation.every != 0:
             self.validate(ctx, done)

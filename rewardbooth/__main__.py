@@ -1,0 +1,5 @@
+import sys
+
+from rewardbooth.cli import main
+
+sys.exit(main())

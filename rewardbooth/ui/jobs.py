@@ -1,0 +1,266 @@
+"""What the web UI does to the runs folder: uploads, runs and benches as separate processes.
+
+Training and benches run as `python -m rewardbooth ...` in their own session, so the page, the
+browser or even this server can go away without stopping them; their state is read back from
+the run folder (lock, metrics.jsonl, result.json) and a log beside it, never from memory alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from rewardbooth.data.images import IMAGE_EXTENSIONS, load_image
+from rewardbooth.errors import ConfigError, ImageFolderError
+from rewardbooth.training.run_dir import CHECKPOINT_DIR, CONFIG_NAME, LOCK_NAME, METRICS_NAME
+
+UPLOADS = ".uploads"
+LOGS = ".ui-logs"
+REJECTED = "rejected"  # uploads that failed the checks: kept, never trained on
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+MIN_PHOTOS, MAX_PHOTOS = 3, 10
+METHODS = ("dreambooth", "dpg", "rpo")
+
+
+class UIError(ConfigError):
+    """A request the page made that cannot be done; its message is shown next to the control."""
+
+
+def check_name(name: str, what: str = "run name") -> str:
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+        raise UIError(f"{what} {name!r} must be 1-80 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def inside(root: Path, relative: str) -> Path:
+    """`root / relative`, refusing anything that resolves outside `root` (.., absolute paths, links)."""
+    root = root.resolve()
+    target = (root / relative.lstrip("/")).resolve()
+    if target != root and root not in target.parents:
+        raise PermissionError(f"{relative!r} is outside the runs folder")
+    return target
+
+
+def _lock_held(run_dir: Path) -> bool:
+    import fcntl
+
+    lock = run_dir / LOCK_NAME
+    if not lock.exists():
+        return False
+    with lock.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written
+                pass
+    return records
+
+
+@dataclass
+class Job:
+    process: subprocess.Popen
+    kind: str  # "train" or "bench"
+
+
+class Workspace:
+    """The runs folder and the processes this server started in it."""
+
+    def __init__(self, runs_dir: Path):
+        self.root = Path(runs_dir).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.jobs: dict[str, Job] = {}
+
+    # --- uploads ------------------------------------------------------------------------------
+    def new_upload(self) -> str:
+        upload = uuid.uuid4().hex[:12]
+        (self.root / UPLOADS / upload).mkdir(parents=True)
+        return upload
+
+    def upload_dir(self, upload: str) -> Path:
+        folder = self.root / UPLOADS / check_name(upload, "upload")
+        if not folder.is_dir():
+            raise UIError(f"upload {upload!r} does not exist; add the photos again")
+        return folder
+
+    def add_photo(self, upload: str, filename: str, data: bytes, min_size: int) -> dict:
+        """Keep the file; check it as training will. A bad file is moved aside (never lost) and
+        its one-line reason returned for the page to show next to it."""
+        folder = self.upload_dir(upload)
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(filename).name).lstrip(".") or "photo"
+        target = folder / safe
+        stem, n = target.stem, 1
+        while target.exists() or (folder / REJECTED / target.name).exists():
+            target, n = folder / f"{stem}-{n}{target.suffix}", n + 1
+        target.write_bytes(data)
+        try:
+            if target.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise ImageFolderError(f"{filename!r} is not a supported image (jpg, jpeg, png, webp)")
+            load_image(target, min_size=min_size)
+        except ImageFolderError as exc:
+            (folder / REJECTED).mkdir(exist_ok=True)
+            target.rename(folder / REJECTED / target.name)
+            return {"file": filename, "ok": False, "error": " ".join(str(exc).replace(str(target), repr(filename)).split())}
+        return {"file": filename, "ok": True, "stored": target.name}
+
+    def photos(self, upload: str) -> list[Path]:
+        folder = self.upload_dir(upload)
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    # --- runs ---------------------------------------------------------------------------------
+    def run_dir(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def log_path(self, name: str) -> Path:
+        return self.root / LOGS / f"{check_name(name)}.log"
+
+    def _spawn(self, name: str, kind: str, args: list[str]) -> None:
+        log = self.log_path(name)
+        log.parent.mkdir(exist_ok=True)
+        with log.open("ab") as out:
+            out.write(f"$ rewardbooth {' '.join(args)}\n".encode())
+            out.flush()
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            # Own session: closing the page (or this server) does not stop the run.
+            process = subprocess.Popen([sys.executable, "-m", "rewardbooth", *args], stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, cwd=self.root, env=env, start_new_session=True)
+        self.jobs[name] = Job(process, kind)
+
+    def start_runs(self, name: str, upload: str, class_noun: str, model: str, methods: list[str], steps: int,
+                   settings: dict[str, str]) -> list[str]:
+        """One run per method (named NAME, or NAME-METHOD for several); every check before any starts."""
+        check_name(name)
+        if not methods or any(m not in METHODS for m in methods):
+            raise UIError(f"choose one or more methods of {', '.join(METHODS)}")
+        if not re.match(r"^[A-Za-z][A-Za-z -]{0,40}$", class_noun or ""):
+            raise UIError("class noun: one or two plain words, e.g. dog or backpack")
+        if not isinstance(steps, int) or not 1 <= steps <= 100_000:
+            raise UIError("steps must be a whole number from 1 to 100000")
+        photos = self.photos(upload)
+        if not MIN_PHOTOS <= len(photos) <= MAX_PHOTOS:
+            raise UIError(f"{len(photos)} good photo(s); add {MIN_PHOTOS}-{MAX_PHOTOS} (bad files are listed with their reason)")
+        for key, value in settings.items():
+            if not re.match(r"^[a-z_]+\.[a-z_0-9]+$", key) or "\n" in str(value):
+                raise UIError(f"advanced setting {key!r}: write section.key=value, one per line")
+        names = [name] if len(methods) == 1 else [f"{name}-{m}" for m in methods]
+        for run in names:
+            if self.run_dir(run).exists() or run in self.jobs:
+                raise UIError(f"a run named {run!r} exists already; pick another name")
+        for run, method in zip(names, methods):
+            args = ["train", "--model", model, "--method", method, "--instance-dir", str(self.upload_dir(upload)),
+                    "--class-noun", class_noun.strip(), "--steps", str(steps), "--output", str(self.run_dir(run)), "--quiet",
+                    "--set", "train.log_every=1", "--set", f"train.checkpoint_every={max(1, min(100, steps // 4))}"]
+            for key, value in settings.items():
+                args += ["--set", f"{key}={value}"]
+            self._spawn(run, "train", args)
+        return names
+
+    def stop(self, name: str) -> None:
+        """SIGTERM: the trainer finishes its step, writes a checkpoint and exits (resumable)."""
+        job = self.jobs.get(name)
+        if job is None or job.process.poll() is not None:
+            raise UIError(f"{name!r} is not running from this page")
+        os.killpg(job.process.pid, signal.SIGTERM) if job.kind == "bench" else job.process.send_signal(signal.SIGTERM)
+
+    def resume(self, name: str) -> None:
+        run_dir = self.run_dir(name)
+        if not (run_dir / CONFIG_NAME).is_file():
+            raise UIError(f"{name!r} is not a run folder")
+        status = self.status(name)["status"]
+        if status == "running":
+            raise UIError(f"{name!r} is running")
+        if status == "finished":
+            raise UIError(f"{name!r} is finished")
+        self._spawn(name, "train", ["train", "--resume", "--output", str(run_dir), "--quiet"])
+
+    def start_bench(self) -> str:
+        name = time.strftime("bench-%Y%m%d-%H%M%S")
+        self._spawn(name, "bench", ["bench", "--suite", "mini", "--quick", "--output", str(self.run_dir(name)), "--quiet"])
+        return name
+
+    # --- what the page shows ------------------------------------------------------------------
+    def _log_tail(self, name: str, lines: int = 40) -> list[str]:
+        log = self.log_path(name)
+        return log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:] if log.is_file() else []
+
+    def status(self, name: str) -> dict:
+        run_dir = self.run_dir(name)
+        job = self.jobs.get(name)
+        alive = job is not None and job.process.poll() is None
+        tail = self._log_tail(name)
+        error = next((line for line in reversed(tail) if line.startswith("rewardbooth: error") or line.startswith("Traceback")), None)
+        if error and error.startswith("Traceback"):
+            error = next((line for line in reversed(tail) if line.strip() and not line.startswith(" ")), error)
+        if alive or (run_dir.is_dir() and _lock_held(run_dir)):
+            state = "running"
+        elif (run_dir / "result.json").is_file() or (run_dir / "results.csv").is_file():
+            state = "finished"
+        elif error:
+            state = "crashed"
+        elif any(line.startswith("rewardbooth: interrupted") for line in tail):
+            state = "stopped"
+        elif job is not None and job.process.returncode not in (None, 0):
+            state, error = "crashed", (tail[-1] if tail else f"exited with code {job.process.returncode}")
+        else:
+            state = "stopped" if (run_dir / CHECKPOINT_DIR).is_dir() else "unknown"
+        info = {"name": name, "status": state, "error": error if state == "crashed" else None}
+        if (run_dir / CONFIG_NAME).is_file():
+            import yaml
+
+            cfg = yaml.safe_load((run_dir / CONFIG_NAME).read_text())
+            records = _read_jsonl(run_dir / METRICS_NAME)
+            steps = [r for r in records if not r.get("validation")]
+            total = int(cfg["train"]["steps"])
+            step = steps[-1]["step"] if steps else 0
+            seconds = steps[-1].get("seconds_per_step") if steps else None
+            if state == "finished":
+                step = max(step, json.loads((run_dir / "result.json").read_text()).get("final_step", step))
+            info.update(method=cfg["train"]["method"], model=cfg["model"]["name"], class_noun=cfg["data"]["class_noun"],
+                        step=step, total=total, progress=round(100 * min(step, total) / total),
+                        eta_seconds=round(seconds * (total - step)) if seconds and state == "running" else None,
+                        curves={key: [[r["step"], r[key]] for r in records if key in r]
+                                for key in ("loss", "loss_instance", "loss_prior", "reward_true", "val_reward", "loss_preference")
+                                if any(key in r for r in records)},
+                        samples=[str(p.relative_to(self.root)) for p in sorted((run_dir / "samples").glob("step-*/grid.png"))],
+                        files={label: str(p.relative_to(self.root)) for label, p in
+                               (("report", run_dir / "report.html"), ("LoRA (diffusers)", run_dir / "pytorch_lora_weights.safetensors"),
+                                ("LoRA (kohya / A1111 / ComfyUI)", run_dir / "lora_kohya.safetensors")) if p.is_file()},
+                        resumable=state in ("stopped", "crashed") and (run_dir / CHECKPOINT_DIR).is_dir())
+        return info
+
+    def bench_status(self, name: str) -> dict:
+        info = self.status(name)
+        out = self.run_dir(name)
+        table = out / "results.csv"
+        if table.is_file():
+            import csv
+
+            with table.open() as f:
+                info["table"] = list(csv.DictReader(f))
+        info["plots"] = [str(p.relative_to(self.root)) for p in sorted(out.rglob("*.png")) if p.parent == out or p.parent.name == "report_assets"]
+        info["report"] = str((out / "report.html").relative_to(self.root)) if (out / "report.html").is_file() else None
+        return info
+
+    def list_runs(self) -> list[dict]:
+        names = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and NAME.match(p.name)}
+        names |= set(self.jobs)
+        training = {name for name, job in self.jobs.items() if job.kind == "train"}
+        return [self.status(name) for name in sorted(names) if (self.root / name / CONFIG_NAME).is_file() or name in training]

@@ -1,0 +1,230 @@
+"""`rewardbooth ui`: the page driven in headless Chromium as a person would, and its safety rules."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from rewardbooth.ui.jobs import UIError, Workspace
+from rewardbooth.ui.server import check_bind, serve
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def photos(tmp_path) -> list[Path]:
+    from rewardbooth.mini.world import make_subject
+
+    subject = make_subject(seed=5, num_images=3)
+    subject.save(tmp_path / "photos")
+    broken = tmp_path / "photos-bad" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return sorted((tmp_path / "photos").glob("*.png")) + [broken]
+
+
+@pytest.fixture
+def app(tmp_path):
+    """The server on a free port in a thread; yields (base url, workspace)."""
+    servers = []
+
+    def start(auth=None):
+        server = serve(tmp_path / "runs", "127.0.0.1", 0, auth)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", server.workspace
+
+    yield start
+    for server in servers:
+        for job in server.workspace.jobs.values():
+            if job.process.poll() is None:
+                job.process.kill()
+        server.shutdown()
+        server.server_close()
+
+
+def _request(url: str, data=None, headers=None, raw=False) -> tuple[int, dict | bytes]:
+    body = None if data is None else (data if raw else json.dumps(data).encode())
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(request) as response:
+            status, payload = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, payload = exc.code, exc.read()
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload
+
+
+def _upload(base: str, files: list[Path]) -> tuple[str, list[dict]]:
+    upload = _request(base + "/api/uploads", {})[1]["upload"]
+    return upload, [_request(f"{base}/api/uploads/{upload}?filename={p.name}&model=mini", p.read_bytes(), raw=True)[1] for p in files]
+
+
+def _wait(base: str, run: str, until, timeout: float = 150) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = _request(f"{base}/api/runs/{run}")[1]
+        if until(status):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"{run} did not get there in {timeout} s: {status}")
+
+
+# --- as a person uses it -----------------------------------------------------------------------
+@pytest.mark.skipif(CHROMIUM is None and os.environ.get("REWARDBOOTH_REQUIRE_BROWSER") != "1",
+                    reason="Chromium not installed (CI installs Debian's chromium and sets REWARDBOOTH_REQUIRE_BROWSER=1)")
+def test_the_page_trains_watches_and_generates(app, photos, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    base, workspace = app()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                                    "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(base)
+        page.set_input_files("#photos", [str(p) for p in photos])
+        # The corrupt upload shows its one-line error beside it; the good ones say ok.
+        expect(page.locator("li.photo", has_text="broken.png").locator(".check")).to_contain_text("not a readable image")
+        expect(page.locator("li.photo .check.ok")).to_have_count(3)
+        page.fill("#name", "my-vase")
+        page.fill("#class-noun", "vase")
+        page.fill("#steps", "10")
+        page.fill("#settings", "prior.num_class_images=4\nvalidation.every=5")
+        page.click("#start")
+        expect(page.locator("#detail-name")).to_have_text("my-vase")
+        expect(page.locator("#progress")).to_contain_text("100 %", timeout=150_000)
+        expect(page.locator("#detail-status")).to_contain_text("finished", timeout=60_000)
+        expect(page.locator("#samples img")).to_have_count(2)  # validation at steps 5 and 10
+        expect(page.locator("#downloads a", has_text="kohya")).to_have_count(1)
+        expect(page.locator("input[name=compare][value=my-vase]")).to_be_checked()
+        page.click("#generate")
+        image = page.locator("#generated img.generated")
+        expect(image).to_have_count(1, timeout=60_000)
+        page.wait_for_function("() => document.querySelector('#generated img.generated').naturalWidth > 0")
+        expect(page.locator("#generated")).to_contain_text("CLIP-T")
+        page.screenshot(path=os.environ.get("REWARDBOOTH_UI_SCREENSHOT", str(tmp_path / "ui.png")), full_page=True)
+        # A path outside the runs folder is refused, however it is spelled.
+        (tmp_path / "outside.txt").write_text("not yours")
+        for path in ("/files/..%2Foutside.txt", "/files/%2E%2E%2Foutside.txt"):  # browsers fold a plain ../ before sending
+            response = page.request.get(base + path)
+            assert response.status == 403 and "not yours" not in response.text(), path
+        browser.close()
+    # The uploads are kept, the bad one aside (never trained on, never lost).
+    upload = next((workspace.root / ".uploads").iterdir())
+    assert sorted(p.name for p in upload.glob("*.png")) == ["00.png", "01.png", "02.png"]
+    assert (upload / "rejected" / "broken.png").is_file()
+
+
+# --- safe by default ---------------------------------------------------------------------------
+def test_other_hosts_need_a_password(tmp_path):
+    with pytest.raises(UIError, match="--auth"):
+        check_bind("0.0.0.0", None)
+    check_bind("0.0.0.0", "me:secret")
+    check_bind("127.0.0.1", None)
+    out = subprocess.run([sys.executable, "-m", "rewardbooth", "ui", "--host", "0.0.0.0", "--runs-dir", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and out.stderr.strip().count("\n") == 0 and "--auth" in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_password_guards_every_route(app):
+    base, _ = app(auth="me:secret")
+    assert _request(base + "/")[0] == 401
+    assert _request(base + "/api/runs")[0] == 401
+    assert _request(base + "/api/uploads", {})[0] == 401
+    good = {"Authorization": "Basic " + base64.b64encode(b"me:secret").decode()}
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"me:guess").decode()}
+    assert _request(base + "/api/runs", headers=wrong)[0] == 401
+    assert _request(base + "/api/runs", headers=good) == (200, [])
+
+
+def test_paths_typed_in_the_page_cannot_escape_the_runs_folder(app, tmp_path):
+    base, workspace = app()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    (workspace.root / "link").symlink_to(secret)
+    (workspace.root / "mine.txt").write_text("yours")
+    assert _request(base + "/files/mine.txt") == (200, b"yours")
+    import http.client
+
+    for path in ("/files/../secret.txt", "/files/%2e%2e/secret.txt", "/files//" + str(secret).lstrip("/"), "/files/link"):
+        connection = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]))
+        connection.request("GET", path)  # sent as typed: no client-side normalisation of ".."
+        response = connection.getresponse()
+        assert response.status in (403, 404) and b"not yours" not in response.read(), path
+    assert _request(base + "/api/runs/..")[0] in (400, 404)
+    status, reply = _request(base + "/api/train", {"name": "../escape", "upload": "x", "class_noun": "vase", "methods": ["dreambooth"], "steps": 5})
+    assert status == 400 and "run name" in reply["error"]
+
+
+def test_two_runs_cannot_write_the_same_folder(app, photos):
+    base, workspace = app()
+    upload, checks = _upload(base, photos[:3])
+    form = {"name": "same", "upload": upload, "class_noun": "vase", "methods": ["dreambooth"], "steps": 400}
+    assert _request(base + "/api/train", form) == (200, {"runs": ["same"]})
+    status, reply = _request(base + "/api/train", form)
+    assert status == 400 and "exists already" in reply["error"]
+    workspace.stop("same")
+    _wait(base, "same", lambda s: s["status"] != "running", timeout=120)
+
+
+CRASHING_REWARD = '''
+import os, torch
+calls = 0
+def flaky(images, prompts, subject):
+    global calls
+    calls += 1
+    if os.environ.get("RB_CRASH") and calls > 4:
+        raise RuntimeError("judge server went away")
+    return images.float().mean(dim=(1, 2, 3))
+'''
+
+
+def test_a_crash_shows_its_error_and_the_run_resumes(app, photos, tmp_path, monkeypatch):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "flaky_reward.py").write_text(CRASHING_REWARD)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'plugins'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("RB_CRASH", "1")
+    base, workspace = app()
+    upload, _ = _upload(base, photos[:3])
+    form = {"name": "flaky", "upload": upload, "class_noun": "vase", "methods": ["dpg"], "steps": 12,
+            "settings": "dpg.reward=flaky_reward:flaky\nprior.num_class_images=2\nvalidation.every=0"}
+    assert _request(base + "/api/train", form)[0] == 200
+    crashed = _wait(base, "flaky", lambda s: s["status"] not in ("running", "unknown"))
+    assert crashed["status"] == "crashed" and "judge server went away" in crashed["error"]
+    assert crashed["resumable"] and 0 < crashed["step"] < 12
+    monkeypatch.delenv("RB_CRASH")
+    assert _request(base + "/api/runs/flaky/resume", {})[0] == 200
+    finished = _wait(base, "flaky", lambda s: s["status"] == "finished")
+    assert finished["step"] == 12 and finished["error"] is None
+
+
+def test_stop_checkpoints_where_it_stopped_and_resume_finishes(app, photos):
+    base, workspace = app()
+    upload, _ = _upload(base, photos[:3])
+    form = {"name": "long", "upload": upload, "class_noun": "vase", "methods": ["dreambooth"], "steps": 300,
+            "settings": "prior.num_class_images=2\nvalidation.every=0"}
+    assert _request(base + "/api/train", form)[0] == 200
+    _wait(base, "long", lambda s: s.get("step", 0) >= 3)
+    assert _request(base + "/api/runs/long/stop", {})[0] == 200
+    stopped = _wait(base, "long", lambda s: s["status"] != "running")
+    assert stopped["status"] == "stopped" and stopped["resumable"]
+    from rewardbooth.training.run_dir import list_checkpoints
+
+    assert list_checkpoints(workspace.run_dir("long"))[-1][0] == stopped["step"]  # checkpointed where it stopped
+    assert _request(base + "/api/runs/long/resume", {})[0] == 200
+    assert _wait(base, "long", lambda s: s["status"] == "finished")["step"] == 300
