@@ -46,6 +46,12 @@ METHODS = {  # row label -> (method, overrides)
 MODELS = {"SD 1.5 (512 px)": "sd15-random", "SDXL (1024 px)": "sdxl-random"}
 
 
+def common_settings(method: str) -> dict:
+    """Every row's base: LoRA, frozen text encoders, prior preservation for DreamBooth and DPG
+    (the methods' paper defaults, full fine-tuning and DPG's text encoder, would hide the set-up)."""
+    return {"adapter.kind": "lora", "adapter.train_text_encoder": False, "prior.enabled": method != "rpo"}
+
+
 def components_on_meta(preset_name: str):
     """The preset's components with parameters on the meta device: shapes and dtypes, no storage."""
     from rewardbooth.models.loading import Components
@@ -69,9 +75,7 @@ def table_estimate(preset_name: str, method_name: str, overrides: dict):
     from rewardbooth.training.loop import attach_trainable, place_frozen
 
     components = components_on_meta(preset_name)
-    # The methods' paper defaults (full fine-tuning, 512 px, DPG's text encoder) are set explicitly here.
-    cfg = load_config(overrides={"train.method": method_name, "data.class_noun": "dog", "adapter.kind": "lora",
-                                 "adapter.train_text_encoder": False, "prior.enabled": method_name != "rpo",
+    cfg = load_config(overrides={"train.method": method_name, "data.class_noun": "dog", **common_settings(method_name),
                                  "data.resolution": components.native_resolution, **overrides})
     weight_dtype = place_frozen(components, "meta", cfg.train.mixed_precision)
     groups = attach_trainable(components, cfg)
@@ -148,7 +152,7 @@ def cmd_measure(args) -> None:
                              "train.checkpoint_every": 0, "validation.every": 0, "prior.num_class_images": 2,
                              "prior.generation_steps": 2, "rpo.negatives_per_prompt": 1, "rpo.negative_steps": 2,
                              "evaluation.dino_model": "tiny" if args.model.startswith("tiny") else "facebook/dino-vits16",
-                             **method_overrides, **SETUPS[setup_name]}
+                             **common_settings(method), **method_overrides, **SETUPS[setup_name]}
                 if method_label.startswith("dpg (direct") and not args.model.startswith("tiny"):
                     continue  # needs a DINO download
                 run = Path(tmp) / f"run-{method}-{len(os.listdir(tmp))}"
