@@ -47,18 +47,18 @@ def _measuring(method_cls):
     return Measured
 
 
-def _trained(tmp_path, tiny_overrides, setup: dict, steps: int = 1) -> Trainer:
+def _trained(tmp_path, tiny_overrides, setup: dict, steps: int = 1, progress: bool = False) -> Trainer:
     cfg = load_config(overrides={**tiny_overrides, **TINY_JUDGES, "data.resolution": 32, "train.steps": steps, **setup})
     run_dir = tmp_path / "run"
     prepare_run_dir(run_dir, resume=False, overwrite=False)
-    trainer = Trainer(cfg, run_dir, method=_measuring(get_method(cfg.train.method))(), progress=False)
+    trainer = Trainer(cfg, run_dir, method=_measuring(get_method(cfg.train.method))(), progress=progress)
     trainer.run()
     return trainer
 
 
 @pytest.mark.parametrize("setup", SETUPS.values(), ids=SETUPS.keys())
 def test_activation_estimate_matches_what_a_real_step_saves(tmp_path, tiny_overrides, setup, capsys):
-    trainer = _trained(tmp_path, tiny_overrides, setup)
+    trainer = _trained(tmp_path, tiny_overrides, setup, progress=True)
     estimate, measured = trainer.memory_estimate, trainer.method.measured
     assert estimate is not None and measured > 0
     assert estimate.activations == pytest.approx(measured, rel=0.05), (estimate, measured)

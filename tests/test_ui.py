@@ -228,3 +228,17 @@ def test_stop_checkpoints_where_it_stopped_and_resume_finishes(app, photos):
     assert list_checkpoints(workspace.run_dir("long"))[-1][0] == stopped["step"]  # checkpointed where it stopped
     assert _request(base + "/api/runs/long/resume", {})[0] == 200
     assert _wait(base, "long", lambda s: s["status"] == "finished")["step"] == 300
+
+
+def test_the_bench_runs_from_the_page_and_shows_its_table(app):
+    base, workspace = app()
+    status, reply = _request(base + "/api/bench", {"num_subjects": "x"})
+    assert status == 400 and "positive whole number" in reply["error"]
+    bench = _request(base + "/api/bench", {"num_subjects": 1, "steps": 3, "images_per_prompt": 1, "sample_steps": 4})[1]["bench"]
+    deadline = time.time() + 600
+    while (info := _request(f"{base}/api/bench/{bench}")[1])["status"] == "running" and time.time() < deadline:
+        time.sleep(1)
+    assert info["status"] == "finished", info
+    assert {row["method"] for row in info["table"]} == {"dreambooth", "dpg", "rpo"}
+    assert info["report"] and info["plots"]
+    assert _request(f"{base}/files/{info['plots'][0]}")[0] == 200

@@ -188,12 +188,13 @@ class Trainer:
                                      probes=self.method.memory_probes(ctx), optimizer=t.optimizer, ema=t.ema_decay is not None,
                                      mixed_precision=t.mixed_precision, device=ctx.device, processes=acc.num_processes)
         except Exception as exc:  # an estimate must never stop a run
-            if acc.is_main_process:
+            if acc.is_main_process and self.progress:
                 print(f"estimated peak memory: unavailable ({_first_line(exc)})")
             return None
         capacity = memory.device_capacity(ctx.device)
         if acc.is_main_process:
-            print(result.line(ctx.device, capacity))
+            if self.progress:  # with the progress bars: not in benches, the demo's summary or --quiet
+                print(result.line(ctx.device, capacity))
             if result.exceeds(capacity):
                 warnings.warn(f"the estimated peak memory ({result.total / memory.GIB:.1f} GiB) exceeds {ctx.device}'s "
                               f"{capacity / memory.GIB:.1f} GiB; to fit, try {memory.MEMORY_ADVICE}", stacklevel=2)

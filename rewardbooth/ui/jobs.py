@@ -191,9 +191,22 @@ class Workspace:
             raise UIError(f"{name!r} is finished")
         self._spawn(name, "train", ["train", "--resume", "--output", str(run_dir), "--quiet"])
 
-    def start_bench(self) -> str:
+    def start_bench(self, options: dict | None = None) -> str:
+        """`bench --suite mini --quick`, optionally smaller for a first look (fewer subjects, steps, images)."""
+        flags = {"num_subjects": "--num-subjects", "steps": "--steps", "images_per_prompt": "-k", "sample_steps": "--sample-steps"}
+        args = ["bench", "--suite", "mini", "--quick"]
+        for key, value in (options or {}).items():
+            if key not in flags:
+                raise UIError(f"unknown bench option {key!r}")
+            if value in (None, ""):
+                continue
+            if not str(value).isdigit() or int(value) < 1:
+                raise UIError(f"bench {key.replace('_', ' ')} must be a positive whole number")
+            args += [flags[key], str(int(value))]
         name = time.strftime("bench-%Y%m%d-%H%M%S")
-        self._spawn(name, "bench", ["bench", "--suite", "mini", "--quick", "--output", str(self.run_dir(name)), "--quiet"])
+        while self.run_dir(name).exists() or name in self.jobs:
+            name += "x"
+        self._spawn(name, "bench", [*args, "--output", str(self.run_dir(name)), "--quiet"])
         return name
 
     # --- what the page shows ------------------------------------------------------------------

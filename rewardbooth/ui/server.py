@@ -166,7 +166,7 @@ def make_handler(workspace: Workspace, generator: Generator, auth: str | None):
                 ("api", "runs", "*", "stop"): lambda p, q: (workspace.stop(check_name(p[2])), self._json({"ok": True})),
                 ("api", "runs", "*", "resume"): lambda p, q: (workspace.resume(check_name(p[2])), self._json({"ok": True})),
                 ("api", "generate"): self._generate,
-                ("api", "bench"): lambda p, q: self._json({"bench": workspace.start_bench()}),
+                ("api", "bench"): lambda p, q: self._json({"bench": workspace.start_bench(json.loads(self._body() or b"{}"))}),
             })
 
         def _file(self):
