@@ -390,3 +390,22 @@ def test_encoder_dtype_setting(toy):
         load_encoder("clip", "tiny", dtype="float13")
     with pytest.raises(ConfigError, match="encoder kind 'siglip' is unknown"):
         load_encoder("siglip", "tiny")
+
+
+def test_scoring_encodes_each_image_once_per_encoder(toy, other, subject, monkeypatch):
+    """CLIP-I and CLIP-T share CLIP's image features: one image-tower pass per image, not two."""
+    from rewardbooth.evaluation.metrics import Scorer
+
+    scorer = Scorer(dict(TINY), batch_size=3)
+    clip = scorer.rewards["clip_i"].encoder
+    assert clip is scorer.rewards["clip_t"].encoder
+    passes: list[int] = []
+    original = type(clip)._image_features
+    monkeypatch.setattr(type(clip), "_image_features", lambda self, pixels: passes.append((self.kind, len(pixels))) or original(self, pixels))
+    images = list(other.images) + list(toy.images)
+    scores = scorer.score(images, ["a photo of a sks toy"] * len(images), [str(i) for i in range(len(images))], subject)
+    clip_passes = sum(n for kind, n in passes if kind == clip.kind)
+    assert clip_passes == len(images) + len(subject.references)  # each generated image once, each reference once
+    # And the numbers are those of the rewards called on their own.
+    alone = build_reward("clip_t", models=TINY)(images, ["a photo of a sks toy"] * len(images), subject)
+    assert [s.clip_t for s in scores] == pytest.approx(alone.tolist(), abs=1e-6)

@@ -66,13 +66,11 @@ class Scorer:
         return {"dino": self.models["dino"], "clip_i": self.models["clip"], "clip_t": self.models["clip"]}
 
     def score(self, images: list[Image.Image], prompts: list[str], files: list[str], subject: Subject) -> list[ImageScore]:
-        columns = {}
-        for name, reward in self.rewards.items():
-            values = []
-            for start in range(0, len(images), self.batch_size):
-                chunk = slice(start, start + self.batch_size)
-                values.extend(reward(images[chunk], prompts[chunk], subject).detach().float().cpu().tolist())
-            columns[name] = values
+        columns: dict[str, list[float]] = {name: [] for name in self.rewards}
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]  # one list for every reward: encoders reuse their features
+            for name, reward in self.rewards.items():
+                columns[name].extend(reward(chunk, prompts[start : start + self.batch_size], subject).detach().float().cpu().tolist())
         extra = [name for name in columns if name not in METRICS]
         return [ImageScore(subject.name, p, f, columns["dino"][i], columns["clip_i"][i], columns["clip_t"][i],
                            {name: columns[name][i] for name in extra})

@@ -118,8 +118,8 @@ class EncoderReward(Reward):
 
     def image_similarity(self, images: ImageBatch, subject: Subject) -> torch.Tensor:
         """Mean cosine over references, in [-1, 1]."""
-        features = self.encoder.encode_images(images)
-        return (features @ self.reference_features(subject).T).mean(dim=1)
+        references = self.reference_features(subject)  # first: the encoder then remembers `images` for the text score
+        return (self.encoder.encode_images(images) @ references.T).mean(dim=1)
 
     def text_similarity(self, images: ImageBatch, prompts: Sequence[str], subject: Subject) -> torch.Tensor:
         """Cosine with the prompt, identifier removed, in [-1, 1]."""

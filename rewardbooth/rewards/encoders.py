@@ -174,12 +174,24 @@ class ImageTextEncoder:
         return pixels.to(self.dtype)
 
     def encode_images(self, images: ImageBatch) -> torch.Tensor:
-        """(N, D) unit-norm image embeddings; differentiable when `images` is a tensor needing grad."""
+        """(N, D) unit-norm image embeddings; differentiable when `images` is a tensor needing grad.
+
+        The last batch of PIL images is remembered: CLIP-I and CLIP-T (or ALIGN's two) score the
+        same images with the same encoder one after the other, and need its features once."""
         if len(images) == 0:
             return torch.empty(0, self.dim, device=self.device)
         track = isinstance(images, torch.Tensor) and images.requires_grad and torch.is_grad_enabled()
         if not isinstance(images, torch.Tensor):
             images = list(images)
+            last = getattr(self, "_last_batch", None)
+            if last is not None and len(last[0]) == len(images) and all(a is b for a, b in zip(last[0], images)):
+                return last[1]
+            features = self._encode_image_chunks(images, track)
+            self._last_batch = (images, features)  # holds the images, so identity cannot be reused
+            return features
+        return self._encode_image_chunks(images, track)
+
+    def _encode_image_chunks(self, images: ImageBatch, track: bool) -> torch.Tensor:
         chunks = []
         with torch.set_grad_enabled(track):
             for start in range(0, len(images), self.batch_size):
