@@ -1,0 +1,191 @@
+"""GPU check: s/step, peak memory and achieved TFLOP/s of every method, and sampling images/s,
+on SD-1.5-shaped and SDXL-shaped random-weight models at native size in bf16.
+
+    bash benchmarks/gpu_check.sh               # on one GPU: under 8 minutes
+    bash benchmarks/gpu_check.sh --dry-run     # on a CPU: every path once, on tiny and tiny-sdxl
+
+The models are built with random weights directly on the device (the real layer sizes of
+`sd15-random` and `sdxl-random`: nothing to download, nothing written to disk) and handed to the
+real trainer, which trains each method a few steps through the same loop users run. Judges are
+the offline `tiny` encoders (only RPO scores anything, once, before training).
+
+TFLOP/s counts the U-Net's own work, measured with torch's FlopCounterMode on one forward at the
+method's batch: x2 per step for LoRA (forward, backward to the input), x3 for full fine-tuning,
++1 forward for RPO's frozen reference. The card's peak is its dense bf16 tensor rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s), by a substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0,
+                    "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+FULL = {"sd15": "sd15-random", "sdxl": "sdxl-random"}
+DRY = {"sd15": "tiny", "sdxl": "tiny-sdxl"}
+METHODS = ("dreambooth", "rpo", "dpg")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny models, one timed step: checks every path")
+    parser.add_argument("--models", default="sd15,sdxl")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.steps, args.warmup = 1, 1
+    return args
+
+
+def card_peak(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def build_components(preset_name: str, device: str):
+    """The preset's pipeline with random weights built on the device (no disk round trip)."""
+    from rewardbooth.models.loading import Components
+    from rewardbooth.models.tiny import TINY_PRESETS, build_tiny_pipeline
+
+    with torch.device(device):
+        pipe = build_tiny_pipeline(TINY_PRESETS[preset_name])
+    return Components(preset_name, "", pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                      getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))
+
+
+def unet_forward_flops(trainer, ctx_unet, batch: int, resolution: int, vae_factor: int, dtype, device: str) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rewardbooth.training import memory
+
+    probe = memory.unet_probe(ctx_unet, batch, resolution // vae_factor, dtype, device)
+    with torch.no_grad(), memory.autocast_for(device, trainer.cfg.train.mixed_precision), FlopCounterMode(display=False) as counter:
+        probe()
+    return counter.get_total_flops()
+
+
+def peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: whole-process peak RSS
+
+
+def train_method(model_key: str, preset: str, method: str, args, device: str, subject_dir: Path, work: Path) -> dict:
+    from rewardbooth.config import load_config
+    from rewardbooth.training import loop
+    from rewardbooth.training.run_dir import prepare_run_dir
+
+    components = build_components(preset, device)
+    resolution = components.native_resolution
+    cfg = load_config(overrides={
+        "model.name": preset, "train.method": method, "data.instance_dir": str(subject_dir), "data.class_noun": "toy",
+        "data.resolution": resolution, "adapter.kind": "lora", "adapter.train_text_encoder": False,
+        "train.mixed_precision": "bf16" if device.startswith("cuda") else "no", "train.steps": args.warmup + args.steps,
+        "train.log_every": 1, "train.checkpoint_every": 0, "validation.every": 0, "prior.enabled": method != "rpo",
+        "prior.num_class_images": 2, "prior.generation_steps": 4, "rpo.negatives_per_prompt": 1, "rpo.negative_steps": 4,
+        "evaluation.dino_model": "tiny", "evaluation.clip_model": "tiny", "evaluation.align_model": "tiny",
+    })
+    run_dir = work / f"{model_key}-{method}"
+    prepare_run_dir(run_dir, resume=False, overwrite=False)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = loop.Trainer(cfg, run_dir, progress=False)
+    with mock.patch.object(loop, "load_components", lambda *a, **k: components):
+        trainer.run()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    timed = [r["seconds_per_step"] for r in records if "seconds_per_step" in r and r["step"] > args.warmup]
+    seconds = statistics.median(timed)
+    peak = peak_bytes(device)
+    n = trainer.method.unet_batch(type("Ctx", (), {"cfg": cfg})())
+    forward = unet_forward_flops(trainer, components.unet, n, resolution, components.vae_scale_factor,
+                                 loop.DTYPES[cfg.train.mixed_precision], device)
+    step_flops = forward * (3 if cfg.adapter.kind == "full" else 2) + (forward if method == "rpo" else 0)
+    estimate = trainer.memory_estimate.total if trainer.memory_estimate else None
+    del trainer, components
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"model": preset, "method": method, "resolution": resolution, "s_per_step": seconds, "peak_gib": peak / 1024**3,
+            "estimate_gib": estimate / 1024**3 if estimate else None, "tflop_per_step": step_flops / 1e12,
+            "tflops": step_flops / 1e12 / seconds}
+
+
+def sampling_rate(preset: str, device: str, dry: bool) -> dict:
+    from rewardbooth.models.loading import make_pipeline
+    from rewardbooth.sampling import SampleSettings, generate
+
+    components = build_components(preset, device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    for part in (components.unet, components.vae, *components.text_encoders):
+        part.to(dtype=dtype)
+    pipe = make_pipeline(components)
+    settings = SampleSettings(steps=2 if dry else 30, guidance_scale=7.5, batch_size=4)
+    prompts, k = (["a toy"], 1) if dry else (["a toy on the beach", "a toy in the snow"], 2)
+    generate(pipe, prompts, k, settings)  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    generate(pipe, prompts, k, settings)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {"model": preset, "images": len(prompts) * k, "steps": settings.steps, "images_per_s": len(prompts) * k / elapsed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = "cpu" if args.dry_run else "cuda"
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; use --dry-run on a CPU", file=sys.stderr)
+        return 2
+    from rewardbooth.data.procedural import make_subject, save_subject
+
+    presets = DRY if args.dry_run else FULL
+    peak = card_peak(device)
+    name = torch.cuda.get_device_name(device) if device == "cuda" else "CPU (dry run)"
+    started = time.perf_counter()
+    rows, samples = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        subject_dir = work / "toy"
+        save_subject(make_subject(seed=3, num_images=4, size=1024 if not args.dry_run else 64), subject_dir)
+        for model_key in args.models.split(","):
+            for method in args.methods.split(","):
+                rows.append(train_method(model_key, presets[model_key], method, args, device, subject_dir, work))
+                print(f"  {rows[-1]['model']} {method}: {rows[-1]['s_per_step']:.3f} s/step", flush=True)
+            samples.append(sampling_rate(presets[model_key], device, args.dry_run))
+    precision = "fp32" if args.dry_run else "bf16"
+    print(f"\n{time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}, {precision}, LoRA rank 4, batch 1 (+ class image / negative), "
+          f"median of {args.steps} steps after {args.warmup}; {time.perf_counter() - started:.0f} s in all")
+    print("| model | px | method | s/step | peak GiB (estimate) | U-Net TFLOP/step | TFLOP/s | % of card peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        share = f"{100 * r['tflops'] / peak:.1f}" if peak else "n/a"
+        estimate = f" ({r['estimate_gib']:.2f})" if r["estimate_gib"] else ""
+        print(f"| {r['model']} | {r['resolution']} | {r['method']} | {r['s_per_step']:.3f} | {r['peak_gib']:.2f}{estimate} | "
+              f"{r['tflop_per_step']:.4g} | {r['tflops']:.4g} | {share} |")
+    print("\n| model | sampling images/s | images | steps |")
+    print("| --- | --- | --- | --- |")
+    for s in samples:
+        print(f"| {s['model']} | {s['images_per_s']:.3f} | {s['images']} | {s['steps']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "training": rows, "sampling": samples}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
