@@ -1,0 +1,55 @@
+"""benchmarks/bench_official.py's measuring parts: phases from a run's own progress output, NaN and
+crash detection, per-child peak RSS, and the native-size model copy (the research code is not here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_official.py"
+
+FAKE = r'''
+import sys, time
+time.sleep(0.4)                      # set-up
+for step in range(1, 4):
+    time.sleep(0.3)
+    loss = "nan" if "--nan" in sys.argv and step == 3 else "0.5"
+    sys.stdout.write(f"\rSteps:  {step * 33}%|###| {step}/3 [00:01<00:01, loss={loss}]")
+    sys.stdout.flush()
+time.sleep(0.4)                      # saving
+if "--crash" in sys.argv:
+    print("\nRuntimeError: Function 'PowBackward0' returned nan values in its 0th output.")
+    sys.exit(1)
+'''
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("bench_official", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_official"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_run_is_split_into_setup_training_and_after(tmp_path):
+    bench = load()
+    (tmp_path / "fake.py").write_text(FAKE)
+    pattern = re.compile(r"Steps:\s+\d+%\|.*?\|\s*(\d+)/\d+")
+    run = bench.execute(bench.Run("fake", [sys.executable, str(tmp_path / "fake.py")], pattern), {})
+    assert run.returncode == 0 and run.steps_seen == 3 and not run.nan
+    assert 0.6 <= run.setup < 1.5 and 0.45 <= run.training < 1.2 and 0.3 <= run.after < 1.2
+    assert abs(run.setup + run.training + run.after - run.total) < 0.05 and run.peak_mb > 1
+    crashed = bench.execute(bench.Run("fake", [sys.executable, str(tmp_path / "fake.py"), "--nan", "--crash"], pattern), {})
+    assert crashed.returncode == 1 and crashed.nan and "returned nan" in crashed.last_line
+
+
+def test_the_model_copy_has_the_bench_resolution_as_its_native_size(tmp_path):
+    from rewardbooth.models.loading import load_components
+    from rewardbooth.models.tiny import tiny_model_path
+
+    copy = load().native_size_copy(tiny_model_path("tiny"), 128, tmp_path)
+    assert load_components(str(copy)).native_resolution == 128
+    assert json.loads((copy / "unet" / "config.json").read_text())["sample_size"] == 64
