@@ -61,8 +61,7 @@ def components_on_meta(preset_name: str):
 
     with init_empty_weights():  # parameters on meta; buffers and schedulers as usual
         pipe = build_tiny_pipeline(TINY_PRESETS[preset_name])
-    return Components(preset_name, "", pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                      getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))
+    return Components.from_pipeline(preset_name, pipe)
 
 
 def table_estimate(preset_name: str, method_name: str, overrides: dict):

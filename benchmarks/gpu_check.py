@@ -64,8 +64,7 @@ def build_components(preset_name: str, device: str):
 
     with torch.device(device):
         pipe = build_tiny_pipeline(TINY_PRESETS[preset_name])
-    return Components(preset_name, "", pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                      getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))
+    return Components.from_pipeline(preset_name, pipe)
 
 
 def unet_forward_flops(trainer, ctx_unet, batch: int, resolution: int, vae_factor: int, dtype, device: str) -> int:

@@ -57,7 +57,7 @@ class DPG(DreamBooth):
         super().prepare(ctx)
         cfg = ctx.cfg.dpg
         unet_cfg = ctx.components.unet.config
-        latent_size = ctx.resolution // ctx.components.vae_scale_factor
+        latent_size = ctx.latent_size
         self.recon = cfg.reward == "recon"
         self.direct = cfg.actor == "direct"
         self.features = cfg.critic_input == "features" and not self.recon

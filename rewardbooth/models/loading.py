@@ -37,6 +37,12 @@ class Components:
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: bool = True  # SDXL: unconditional embeddings are zeros, as the checkpoint says
 
+    @classmethod
+    def from_pipeline(cls, source: str, pipe) -> Components:
+        """The components of a pipeline object built in memory (benchmarks' random-weight models)."""
+        return cls(source, "", pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                   getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))
+
     @property
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None

@@ -164,7 +164,7 @@ class Trainer:
         unet = ctx.components.unet
         if self.accelerator.num_processes > 1 or not should_choose_threads(ctx.device, sum(p.numel() for p in unet.parameters())):
             return torch.get_num_threads()
-        side = ctx.resolution // ctx.components.vae_scale_factor
+        side = ctx.latent_size
         latents = torch.randn(2 * self.cfg.train.batch_size, unet.config.in_channels, side, side, device=ctx.device,
                               dtype=ctx.weight_dtype, requires_grad=True)
         text = ctx.encode_prompts([self.cfg.instance_prompt] * latents.shape[0])
@@ -174,9 +174,6 @@ class Trainer:
             diffusion.unet_output(unet, latents, timesteps, text).sum().backward()
 
         return choose_cpu_threads(step)
-
-    def _attach_trainable(self, ctx: TrainContext) -> list[dict]:
-        return attach_trainable(ctx.components, self.cfg)
 
     def _estimate_memory(self, ctx: TrainContext, groups: list[dict]) -> MemoryEstimate | None:
         """Print the estimated peak memory before the first step; warn when the device is smaller."""
@@ -294,7 +291,7 @@ class Trainer:
         self.cpu_threads = self._choose_threads(ctx)
         self.method.prepare(ctx)
         set_seed(cfg.train.seed)
-        groups = self._attach_trainable(ctx)
+        groups = attach_trainable(ctx.components, cfg)
         self.memory_estimate = self._estimate_memory(ctx, groups)
         t = cfg.train
         optimizer = make_optimizer(groups, t)

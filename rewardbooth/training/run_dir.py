@@ -53,7 +53,7 @@ def is_run_dir(folder: Path) -> bool:
     return (folder / RUN_MARKER).is_file() or (folder / CONFIG_NAME).is_file()
 
 
-def _lock_holder(run_dir: Path) -> str | None:
+def lock_holder(run_dir: Path) -> str | None:
     """The pid holding the run folder's lock, or None when no live process holds it."""
     try:
         import fcntl
@@ -116,7 +116,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, protected: lis
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputExistsError(f"output {run_dir} is a file, not a folder")
     non_empty = run_dir.is_dir() and any(run_dir.iterdir())
-    if run_dir.is_dir() and (holder := _lock_holder(run_dir)):
+    if run_dir.is_dir() and (holder := lock_holder(run_dir)):
         raise _in_use(run_dir, holder)
     if resume:
         if not (run_dir / CONFIG_NAME).is_file():

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from rewardbooth.data.images import IMAGE_EXTENSIONS, load_image
 from rewardbooth.errors import ConfigError, ImageFolderError
-from rewardbooth.training.run_dir import CHECKPOINT_DIR, CONFIG_NAME, LOCK_NAME, METRICS_NAME
+from rewardbooth.evaluation.report import read_metrics
+from rewardbooth.training.run_dir import CHECKPOINT_DIR, CONFIG_NAME, METRICS_NAME, lock_holder
 
 UPLOADS = ".uploads"
 LOGS = ".ui-logs"
@@ -47,32 +48,6 @@ def inside(root: Path, relative: str) -> Path:
     if target != root and root not in target.parents:
         raise PermissionError(f"{relative!r} is outside the runs folder")
     return target
-
-
-def _lock_held(run_dir: Path) -> bool:
-    import fcntl
-
-    lock = run_dir / LOCK_NAME
-    if not lock.exists():
-        return False
-    with lock.open("a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written
-                pass
-    return records
 
 
 @dataclass
@@ -222,7 +197,7 @@ class Workspace:
         error = next((line for line in reversed(tail) if line.startswith("rewardbooth: error") or line.startswith("Traceback")), None)
         if error and error.startswith("Traceback"):
             error = next((line for line in reversed(tail) if line.strip() and not line.startswith(" ")), error)
-        if alive or (run_dir.is_dir() and _lock_held(run_dir)):
+        if alive or (run_dir.is_dir() and lock_holder(run_dir)):
             state = "running"
         elif (run_dir / "result.json").is_file() or (run_dir / "results.csv").is_file():
             state = "finished"
@@ -239,7 +214,7 @@ class Workspace:
             import yaml
 
             cfg = yaml.safe_load((run_dir / CONFIG_NAME).read_text())
-            records = _read_jsonl(run_dir / METRICS_NAME)
+            records = read_metrics(run_dir / METRICS_NAME) if (run_dir / METRICS_NAME).is_file() else []
             steps = [r for r in records if not r.get("validation")]
             total = int(cfg["train"]["steps"])
             step = steps[-1]["step"] if steps else 0
