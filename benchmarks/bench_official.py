@@ -1,9 +1,12 @@
 """Whole runs, side by side: the research scripts against the matching `rewardbooth train`.
 
-    python benchmarks/bench_official.py --official-dpg DPG_DIR --diffusers-examples DIFFUSERS_DIR [--official-rpo RPO_DIR]
+    python benchmarks/bench_official.py --official-dpg DPG_DIR --diffusers-examples DIFFUSERS_DIR --official-rpo RPO_DIR
+    python benchmarks/bench_official.py --official-rpo RPO_DIR --rpo-python RPO_ENV/bin/python --pairs rpo --resolution 32 --steps 40
 
 DPG_DIR, RPO_DIR and DIFFUSERS_DIR are checkouts the user fetched (commits in
-docs/research-code-notes.md); nothing of them is vendored. Each pair trains the same tiny
+docs/research-code-notes.md); nothing of them is vendored. RPO's train.py loads its ALIGN judge by
+hub id: every run here reads a Hugging Face cache filled with the tiny judges under the hub ids
+(HF_HUB_CACHE, offline), so both sides score with the same tiny ALIGN and nothing is downloaded. Each pair trains the same tiny
 SD-shaped model (the `tiny` preset's from_pretrained folder, passed to both as a folder) on the
 same images, with the same steps, class images and resolution. Runs alternate (official, ours,
 then ours, official, ...) because these machines are shared; medians and ranges are printed.
@@ -20,12 +23,17 @@ runs them with a small stand-in so the multi-GB torchvision install is not neede
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
+import pty
 import re
+import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,17 +59,28 @@ class Run:
     steps_seen: int = 0
 
 
-def execute(run: Run, env: dict) -> Run:
-    """Run a command, timestamping its output lines (tqdm's \\r updates count as lines)."""
+def execute(run: Run, env: dict, log: Path | None = None) -> Run:
+    """Run a command, timestamping its output lines (tqdm's \\r updates count as lines); its whole
+    output goes to `log` when given."""
     start = time.perf_counter()
-    process = subprocess.Popen(run.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    terminal, child_side = pty.openpty()
+    # A 0x0 terminal gets 0-column tqdm bars, that is none: give it a size.
+    fcntl.ioctl(child_side, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    process = subprocess.Popen(run.command, stdin=subprocess.DEVNULL, stdout=child_side, stderr=child_side, env=env)
+    os.close(child_side)
     first_step = last_step = None
     buffer = b""
+    log_file = open(log, "wb") if log else None
     while True:
-        chunk = os.read(process.stdout.fileno(), 65536)
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # EIO: every writer of the terminal has exited
+            chunk = b""
         if not chunk:
             break
         buffer += chunk
+        if log_file:
+            log_file.write(chunk)
         *lines, buffer = re.split(rb"[\r\n]", buffer)
         now = time.perf_counter()
         # tqdm ends an update with the next "\r": the unterminated tail is already the newest update.
@@ -69,8 +88,8 @@ def execute(run: Run, env: dict) -> Run:
             line = raw.decode(errors="replace").strip()
             if not line:
                 continue
-            if index < len(lines):
-                run.last_line = line
+            if index < len(lines) and not run.step_pattern.search(line):
+                run.last_line = line  # a failure's message, not the progress bar it interrupted
             match = run.step_pattern.search(line)
             if match:
                 done = int(match.group(1))
@@ -83,6 +102,9 @@ def execute(run: Run, env: dict) -> Run:
     if buffer.strip():
         run.last_line = buffer.decode(errors="replace").strip()
         run.nan = run.nan or bool(NAN.search(run.last_line) and "loss" in run.last_line.lower())
+    os.close(terminal)
+    if log_file:
+        log_file.close()
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     end = time.perf_counter()
@@ -92,51 +114,105 @@ def execute(run: Run, env: dict) -> Run:
     return run
 
 
-def pairs(args, model: Path, subject: Path, work: Path, repeat: int) -> list[tuple[str, Run, Run]]:
-    common = dict(steps=args.steps, n=args.num_class_images, res=args.resolution)
+PAIR_NAMES = ("dreambooth-lora", "dreambooth-full", "dpg", "rpo")
+
+
+@dataclass
+class Pair:
+    name: str
+    official: Run
+    ours: list[Run]  # first our defaults; further runs do the script's amount of work where our default differs
+
+
+def pairs(args, model: Path, subject: Path, work: Path, repeat: int) -> list[Pair]:
+    steps, n, res = str(args.steps), str(args.num_class_images), str(args.resolution)
     python = sys.executable
-    out = []
-    ours_base = [python, "-m", "rewardbooth", "train", "--model", str(model), "--instance-dir", str(subject), "--class-noun", "toy",
-                 "--identifier", "sks", "--steps", str(args.steps), "--resolution", str(args.resolution),
-                 "--num-class-images", str(args.num_class_images), "--validation-every", "0", "--checkpoint-every", "0", "--seed", "0",
-                 "--set", "data.instance_prompt=a photo of {identifier} {class_noun}", "--set", "data.class_prompt=a photo of {class_noun}"]
     ours_step = re.compile(r"train \w+:\s+\d+%\|.*?\|\s*(\d+)/\d+")
     their_step = re.compile(r"Steps:\s+\d+%\|.*?\|\s*(\d+)/\d+")
-    if args.diffusers_examples:
-        script = Path(args.diffusers_examples) / "examples" / "dreambooth" / "train_dreambooth_lora.py"
-        official = [python, str(RUN_OFFICIAL), str(script), "--pretrained_model_name_or_path", str(model),
-                    "--instance_data_dir", str(subject), "--instance_prompt", "a photo of sks toy", "--with_prior_preservation",
-                    "--class_prompt", "a photo of toy", "--class_data_dir", str(work / f"db-class-{repeat}"),
-                    "--num_class_images", str(common["n"]), "--output_dir", str(work / f"db-official-{repeat}"),
-                    "--resolution", str(common["res"]), "--train_batch_size", "1", "--learning_rate", "1e-4", "--rank", "4",
-                    "--max_train_steps", str(common["steps"]), "--lr_scheduler", "constant", "--seed", "0",
-                    "--checkpointing_steps", str(10 * common["steps"])]
-        ours = [*ours_base, "--method", "dreambooth", "--rank", "4", "--lr", "1e-4", "--output", str(work / f"db-ours-{repeat}")]
-        out.append(("dreambooth LoRA vs diffusers example", Run("diffusers", official, their_step), Run("rewardbooth", ours, ours_step)))
-    if args.official_dpg:
-        script = Path(args.official_dpg) / "train_dreambooth_dpg.py"
-        official = [python, str(RUN_OFFICIAL), str(script), "--pretrained_model_name_or_path", str(model),
-                    "--instance_data_dir", str(subject), "--instance_prompt", "a photo of sks toy", "--with_prior_preservation",
-                    "--prior_loss_weight=1.0", "--class_data_dir", str(work / f"dpg-class-{repeat}"), "--class_prompt", "a photo of toy",
-                    "--output_dir", str(work / f"dpg-official-{repeat}"), f"--resolution={common['res']}", "--train_batch_size=1",
-                    f"--max_train_steps={common['steps']}", "--learning_rate=1e-6", f"--num_class_images={common['n']}",
-                    "--lr_scheduler=constant", "--train_text_encoder", "--seed", "23"]
-        ours = [*ours_base, "--method", "dpg", "--output", str(work / f"dpg-ours-{repeat}")]  # DPG's defaults: the released command
-        out.append(("dpg vs official", Run("official", official, their_step), Run("rewardbooth", ours, ours_step)))
-    if args.official_rpo:
-        print("note: the official RPO script loads its judges by hub id (facebook/dino-vits16, openai/clip-vit-base-patch16, "
-              "kakaobrain/align-base) and needs torchmetrics; run this with network access or a filled Hugging Face cache",
-              file=sys.stderr)
-        script = Path(args.official_rpo) / "train.py"
-        official = [python, str(RUN_OFFICIAL), str(script), "--pretrained_model_name_or_path", str(model),
-                    "--reference_data_dir", str(subject), "--generated_data_dir", str(work / f"rpo-neg-{repeat}"),
-                    "--savepath", str(work / f"rpo-official-{repeat}"), "--beta=1.0", "--prompt", "a [V] toy",
-                    f"--resolution={common['res']}", "--train_batch_size=1", "--learning_rate=5e-6",
-                    f"--max_train_steps={common['steps']}", "--eval_steps=40", "--subject", "toy", "--class_token", "toy",
-                    "--reward_lambda=0.5"]
-        ours = [*ours_base, "--method", "rpo", "--output", str(work / f"rpo-ours-{repeat}")]
-        out.append(("rpo vs official", Run("official", official, their_step), Run("rewardbooth", ours, ours_step)))
+
+    def ours(pair: str, label: str, method: str, *extra: str, validation_every: int = 0) -> Run:
+        command = [python, "-m", "rewardbooth", "train", "--model", str(model), "--instance-dir", str(subject),
+                   "--class-noun", "toy", "--identifier", "sks", "--steps", steps, "--resolution", res,
+                   "--num-class-images", n, "--validation-every", str(validation_every), "--checkpoint-every", "0",
+                   "--seed", "0", "--set", "data.instance_prompt=a photo of {identifier} {class_noun}",
+                   "--set", "data.class_prompt=a photo of {class_noun}", "--method", method,
+                   "--output", str(work / f"{pair}-{re.sub(r'[^a-z0-9]+', '-', label)}-{repeat}"), *extra]
+        return Run(label, command, ours_step)
+
+    def official(script: Path, *script_args: str, interpreter: str = python, shim: tuple[str, ...] = ()) -> Run:
+        return Run("official", [interpreter, str(RUN_OFFICIAL), *shim, str(script), "--pretrained_model_name_or_path", str(model),
+                                *script_args], their_step)
+
+    wanted = set(args.pairs)
+    out = []
+    dreambooth = Path(args.diffusers_examples or ".") / "examples" / "dreambooth"
+    for kind, script, lr, their_extra, our_extra in (("lora", "train_dreambooth_lora.py", "1e-4", ["--rank", "4"], ["--rank", "4"]),
+                                                     ("full", "train_dreambooth.py", "5e-6", [], ["--full"])):
+        if args.diffusers_examples and f"dreambooth-{kind}" in wanted:
+            theirs = official(dreambooth / script, "--instance_data_dir", str(subject), "--instance_prompt", "a photo of sks toy",
+                              "--with_prior_preservation", "--class_prompt", "a photo of toy",
+                              "--class_data_dir", str(work / f"db-{kind}-class-{repeat}"), "--num_class_images", n,
+                              "--output_dir", str(work / f"db-{kind}-official-{repeat}"), "--resolution", res,
+                              "--train_batch_size", "1", "--learning_rate", lr, *their_extra,
+                              "--max_train_steps", steps, "--lr_scheduler", "constant", "--seed", "0",
+                              "--checkpointing_steps", str(10 * args.steps))
+            theirs.label = "diffusers"
+            out.append(Pair(f"dreambooth {kind} vs diffusers example", theirs,
+                            [ours(f"dreambooth-{kind}", "rewardbooth", "dreambooth", *our_extra, "--lr", lr)]))
+    if args.official_dpg and "dpg" in wanted:
+        theirs = official(Path(args.official_dpg) / "train_dreambooth_dpg.py", "--instance_data_dir", str(subject),
+                          "--instance_prompt", "a photo of sks toy", "--with_prior_preservation", "--prior_loss_weight=1.0",
+                          "--class_data_dir", str(work / f"dpg-class-{repeat}"), "--class_prompt", "a photo of toy",
+                          "--output_dir", str(work / f"dpg-official-{repeat}"), f"--resolution={res}", "--train_batch_size=1",
+                          f"--max_train_steps={steps}", "--learning_rate=1e-6", f"--num_class_images={n}",
+                          "--lr_scheduler=constant", "--train_text_encoder", "--seed", "23")
+        out.append(Pair("dpg vs official", theirs, [ours("dpg", "rewardbooth", "dpg")]))  # DPG's defaults: the released command
+    if args.official_rpo and "rpo" in wanted:
+        every = args.rpo_validation_every
+        theirs = official(Path(args.official_rpo) / "train.py", "--reference_data_dir", str(subject),
+                          "--generated_data_dir", str(work / f"rpo-neg-{repeat}"), "--savepath", str(work / f"rpo-official-{repeat}"),
+                          "--output_dir", str(work / f"rpo-out-{repeat}"), "--cache_dir", str(work / "rpo-cache"),
+                          "--beta=1.0", "--prompt", "a [V] toy", f"--resolution={res}", "--train_batch_size=1",
+                          "--learning_rate=5e-6", f"--max_train_steps={steps}", f"--validation_step={every}",
+                          "--subject", "toy", "--class_token", "toy", "--reward_lambda=0.5", "--seed", "0",
+                          interpreter=args.rpo_python or python, shim=("--one-device",))  # it divides by the GPU count
+        # RPO's defaults are the README command's; the script draws 16 negatives per prompt, the paper 4 (ours).
+        out.append(Pair("rpo vs official", theirs, [ours("rpo", "rewardbooth", "rpo", validation_every=every),
+                                                    ours("rpo", "rewardbooth, 16 negatives", "rpo", "--set", "rpo.negatives_per_prompt=16",
+                                                         validation_every=every)]))
     return out
+
+
+def write_legacy_tokenizer_files(folder: Path) -> None:
+    """vocab.json + merges.txt (BPE) or vocab.txt (WordPiece) beside tokenizer.json: transformers 5
+    saves only the latter, and the research code's environments (transformers 4.x, slow
+    tokenizers) read only the former."""
+    import json
+
+    model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    if model["type"] == "BPE":
+        (folder / "vocab.json").write_text(json.dumps(model["vocab"]))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+    elif model["type"] == "WordPiece":
+        (folder / "vocab.txt").write_text("\n".join(sorted(model["vocab"], key=model["vocab"].get)) + "\n")
+
+
+def filled_hub_cache(into: Path) -> Path:
+    """A Hugging Face hub cache holding the tiny judges under the research code's hub ids, so scripts
+    that load "kakaobrain/align-base" & co. run offline (with HF_HUB_CACHE and HF_HUB_OFFLINE)."""
+    from rewardbooth.rewards.encoders import DEFAULT_ENCODER_MODELS, ENCODER_KINDS, tiny_encoder_path
+
+    cache = into / "hub"
+    revision = "0" * 40
+    for kind in ENCODER_KINDS:
+        repo = cache / ("models--" + DEFAULT_ENCODER_MODELS[kind].replace("/", "--"))
+        shutil.copytree(tiny_encoder_path(kind), repo / "snapshots" / revision)
+        if (repo / "snapshots" / revision / "tokenizer.json").is_file():
+            write_legacy_tokenizer_files(repo / "snapshots" / revision)
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(revision)
+    return cache
 
 
 def native_size_copy(folder: Path, resolution: int, into: Path) -> Path:
@@ -144,7 +220,6 @@ def native_size_copy(folder: Path, resolution: int, into: Path) -> Path:
     class images at the model's native size and rewardbooth at the training resolution, so both
     must agree for the set-up times to compare like with like."""
     import json
-    import shutil
 
     target = into / "tiny-native"
     shutil.copytree(folder, target)
@@ -153,7 +228,20 @@ def native_size_copy(folder: Path, resolution: int, into: Path) -> Path:
         values = json.loads(config.read_text())
         values[key] = size  # tiny's VAE halves the image: latents are resolution / 2
         config.write_text(json.dumps(values, indent=1))
+    write_legacy_tokenizer_files(target / "tokenizer")
+    _prefix_text_encoder_keys(target / "text_encoder" / "model.safetensors")
     return target
+
+
+def _prefix_text_encoder_keys(file: Path) -> None:
+    """transformers 5 saves CLIPTextModel's weights without the "text_model." prefix that 4.x
+    expects (and silently replaces with random weights); the hub's SD checkpoints carry it, and 5.x
+    reads it too. With it both environments load the same text encoder."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(file)
+    if not any(key.startswith("text_model.") for key in weights):
+        save_file({f"text_model.{key}": value for key, value in weights.items()}, file, metadata={"format": "pt"})
 
 
 def fmt(values: list[float | None]) -> str:
@@ -166,45 +254,64 @@ def fmt(values: list[float | None]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official-dpg", help="checkout of wfanyue/DPG-T2I-Personalization")
-    parser.add_argument("--official-rpo", help="checkout of andrew-miao/RPO")
+    parser.add_argument("--official-rpo", help="checkout of andrew-miao/RPO (needs torchmetrics, see docs/research-code-notes.md)")
+    parser.add_argument("--rpo-python", help="the Python of an environment with RPO's pins (its environment.yaml: "
+                        "transformers 4.46, diffusers 0.30; train.py breaks on transformers 5), default this one")
     parser.add_argument("--diffusers-examples", help="checkout of huggingface/diffusers (examples/dreambooth)")
+    parser.add_argument("--pairs", default=",".join(PAIR_NAMES), type=lambda text: [p for p in text.split(",") if p],
+                        help=f"comma-separated, of {', '.join(PAIR_NAMES)} (default: every pair whose code is given)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--num-class-images", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=128, help="px (128 on tiny: the 64x64 latents DPG's critic is built for)")
+    parser.add_argument("--rpo-validation-every", type=int, default=40, help="both RPO sides validate (and select) every N steps")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--logs", type=Path, help="folder to keep every run's whole output in (default: none kept)")
     args = parser.parse_args(argv)
     if not (args.official_dpg or args.official_rpo or args.diffusers_examples):
         parser.error("give at least one of --official-dpg, --official-rpo, --diffusers-examples")
+    unknown = sorted(set(args.pairs) - set(PAIR_NAMES))
+    if unknown:
+        parser.error(f"--pairs: unknown {', '.join(unknown)}; use {', '.join(PAIR_NAMES)}")
+    if args.official_dpg and "dpg" in args.pairs and args.resolution != 128:
+        parser.error("--pairs dpg needs --resolution 128: the official critic flattens 64x64 latents (tiny halves the image)")
 
     from rewardbooth.data.procedural import make_subject, save_subject
     from rewardbooth.models.tiny import tiny_model_path
 
-    model = native_size_copy(tiny_model_path("tiny"), args.resolution, Path(tempfile.mkdtemp(prefix="bench-official-model-")))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    results: dict[str, dict[str, list[Run]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-official-") as tmp:
         work = Path(tmp)
+        model = native_size_copy(tiny_model_path("tiny"), args.resolution, work)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(filled_hub_cache(work)), "PYTHONUNBUFFERED": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
         subject = work / "subject"
         save_subject(make_subject(seed=3, num_images=4, size=args.resolution), subject)
+        results: dict[str, list[Pair]] = {}
+        if args.logs:
+            args.logs.mkdir(parents=True, exist_ok=True)
         for repeat in range(args.repeats):
-            for name, official, ours in pairs(args, model, subject, work, repeat):
-                order = (official, ours) if repeat % 2 == 0 else (ours, official)
-                for run in order:
-                    execute(run, env)
-                    print(f"  {name} / {run.label} #{repeat}: {run.total:.1f} s, rc {run.returncode}, steps {run.steps_seen}"
+            for pair in pairs(args, model, subject, work, repeat):
+                order = [pair.official, *pair.ours]
+                for run in order if repeat % 2 == 0 else order[::-1]:
+                    log = None
+                    if args.logs:
+                        log = args.logs / f"{re.sub(r'[^a-z0-9]+', '-', f'{pair.name} {run.label}')}-{repeat}.log"
+                    execute(run, env, log)
+                    print(f"  {pair.name} / {run.label} #{repeat}: {run.total:.1f} s, rc {run.returncode}, steps {run.steps_seen}"
                           + (", NaN" if run.nan else "") + ("" if run.returncode == 0 else f": {run.last_line[:160]}"), flush=True)
-                    results.setdefault(name, {}).setdefault(run.label, []).append(run)
+                results.setdefault(pair.name, []).append(pair)
     print(f"\n{time.strftime('%Y-%m-%d')}, tiny SD-shaped model at {args.resolution} px, {args.steps} steps, "
           f"{args.num_class_images} class images, {args.repeats} alternating repeats; seconds, median (range)")
     print("| pair | side | total | set-up | training | after | peak RSS MB | finished / NaN | ours / theirs (total) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, sides in results.items():
-        (theirs_label, theirs), (ours_label, ours) = [(k, v) for k, v in sides.items() if k != "rewardbooth"][0], ("rewardbooth", sides["rewardbooth"])
-        for label, runs in ((theirs_label, theirs), (ours_label, ours)):
-            ratio = ""
-            if label == "rewardbooth":
-                completed = [r.total for r in theirs if r.returncode == 0]
-                ratio = f"{statistics.median(r.total for r in ours) / statistics.median(completed):.2f}" if completed else "theirs never finished"
+    for name, repeats in results.items():
+        theirs = [pair.official for pair in repeats]
+        completed = [r.total for r in theirs if r.returncode == 0]
+        sides = [(theirs[0].label, theirs, "")]
+        for index, variant in enumerate(repeats[0].ours):
+            runs = [pair.ours[index] for pair in repeats]
+            ratio = f"{statistics.median(r.total for r in runs) / statistics.median(completed):.2f}" if completed else "theirs never finished"
+            sides.append((variant.label, runs, ratio))
+        for label, runs, ratio in sides:
             finished = sum(r.returncode == 0 for r in runs)
             print(f"| {name} | {label} | {fmt([r.total for r in runs])} | {fmt([r.setup for r in runs])} | "
                   f"{fmt([r.training for r in runs])} | {fmt([r.after for r in runs])} | {fmt([r.peak_mb for r in runs])} | "

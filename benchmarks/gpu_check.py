@@ -57,16 +57,6 @@ def card_peak(device: str) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def build_components(preset_name: str, device: str):
-    """The preset's pipeline with random weights built on the device (no disk round trip)."""
-    from rewardbooth.models.loading import Components
-    from rewardbooth.models.tiny import TINY_PRESETS, build_tiny_pipeline
-
-    with torch.device(device):
-        pipe = build_tiny_pipeline(TINY_PRESETS[preset_name])
-    return Components.from_pipeline(preset_name, pipe)
-
-
 def unet_forward_flops(trainer, ctx_unet, batch: int, resolution: int, vae_factor: int, dtype, device: str) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -85,11 +75,12 @@ def peak_bytes(device: str) -> int:
 
 
 def train_method(model_key: str, preset: str, method: str, args, device: str, subject_dir: Path, work: Path) -> dict:
+    from rewardbooth.models.loading import Components
     from rewardbooth.config import load_config
     from rewardbooth.training import loop
     from rewardbooth.training.run_dir import prepare_run_dir
 
-    components = build_components(preset, device)
+    components = Components.random_on(preset, device)
     resolution = components.native_resolution
     cfg = load_config(overrides={
         "model.name": preset, "train.method": method, "data.instance_dir": str(subject_dir), "data.class_noun": "toy",
@@ -124,10 +115,10 @@ def train_method(model_key: str, preset: str, method: str, args, device: str, su
 
 
 def sampling_rate(preset: str, device: str, dry: bool) -> dict:
-    from rewardbooth.models.loading import make_pipeline
+    from rewardbooth.models.loading import Components, make_pipeline
     from rewardbooth.sampling import SampleSettings, generate
 
-    components = build_components(preset, device)
+    components = Components.random_on(preset, device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     for part in (components.unet, components.vae, *components.text_encoders):
         part.to(dtype=dtype)

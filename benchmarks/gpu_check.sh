@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec python benchmarks/gpu_check.py "$@"
+exec "${PYTHON:-python3}" benchmarks/gpu_check.py "$@"

@@ -1,11 +1,14 @@
-"""benchmarks/bench_official.py's measuring parts: phases from a run's own progress output, NaN and
-crash detection, per-child peak RSS, and the native-size model copy (the research code is not here)."""
+"""benchmarks/bench_official.py's measuring parts: phases from a run's own progress output (on a
+terminal), NaN and crash detection, per-child peak RSS, the hub cache of tiny judges and the
+native-size model copy (the research code is not here)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,11 +17,13 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_official.py
 FAKE = r'''
 import sys, time
 time.sleep(0.4)                      # set-up
-for step in range(1, 4):
+if not sys.stdout.isatty():          # RPO's train.py hides its progress bar off a terminal
+    sys.exit(3)
+from tqdm import tqdm                # which draws nothing on a terminal without a size
+bar = tqdm(range(1, 4), desc="Steps")
+for step in bar:
     time.sleep(0.3)
-    loss = "nan" if "--nan" in sys.argv and step == 3 else "0.5"
-    sys.stdout.write(f"\rSteps:  {step * 33}%|###| {step}/3 [00:01<00:01, loss={loss}]")
-    sys.stdout.flush()
+    bar.set_postfix(loss="nan" if "--nan" in sys.argv and step == 3 else "0.5")
 time.sleep(0.4)                      # saving
 if "--crash" in sys.argv:
     print("\nRuntimeError: Function 'PowBackward0' returned nan values in its 0th output.")
@@ -44,6 +49,17 @@ def test_a_run_is_split_into_setup_training_and_after(tmp_path):
     assert abs(run.setup + run.training + run.after - run.total) < 0.05 and run.peak_mb > 1
     crashed = bench.execute(bench.Run("fake", [sys.executable, str(tmp_path / "fake.py"), "--nan", "--crash"], pattern), {})
     assert crashed.returncode == 1 and crashed.nan and "returned nan" in crashed.last_line
+
+
+def test_the_filled_hub_cache_serves_the_tiny_judges_under_the_research_codes_hub_ids(tmp_path):
+    cache = load().filled_hub_cache(tmp_path)
+    probe = ("import transformers; m = transformers.AlignModel.from_pretrained('kakaobrain/align-base'); "
+             "p = transformers.AutoProcessor.from_pretrained('kakaobrain/align-base'); "
+             "print(m.config.projection_dim, type(p).__name__)")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["32", "AlignProcessor"]  # the tiny ALIGN, not a download
 
 
 def test_the_model_copy_has_the_bench_resolution_as_its_native_size(tmp_path):

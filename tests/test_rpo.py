@@ -141,3 +141,47 @@ def test_rpo_validation_reward_curve_and_selection(tmp_path, rpo_overrides):
     assert result.selected_step == best_step
     prompts = json.loads((run / "samples" / "step-000002" / "prompts.json").read_text())
     assert prompts == [cfg.format_prompt(p) for p in OBJECT_PROMPTS]  # validation uses the training prompts
+
+
+def test_rpos_judge_is_parked_off_the_device_during_training_steps(tmp_path, rpo_overrides, monkeypatch):
+    """RPO needs its ALIGN judge for the labels and at validations only: every training step runs
+    with it parked (on a GPU: in CPU memory), and using it brings it back. On this CPU-only machine
+    park() would move nothing, so the test tracks the parked state the trainer leaves the judges in."""
+    from rewardbooth.rewards import encoders
+
+    monkeypatch.setattr(encoders.ImageTextEncoder, "park", lambda self: setattr(self, "parked", True))
+    encoders.clear_encoder_cache()
+    states = []  # per training step: were all loaded judges parked?
+    original_loss = RPO.loss
+
+    def loss_spy(self, *args):
+        states.append(bool(encoders._LOADED) and all(e.parked for e in encoders._LOADED))
+        return original_loss(self, *args)
+
+    monkeypatch.setattr(RPO, "loss", loss_spy)
+    cfg = load_config(overrides=dict(rpo_overrides, **{"train.steps": 4, "validation.every": 2, "validation.num_images": 1,
+                                                       "validation.steps": 2}))
+    run = tmp_path / "run"
+    prepare_run_dir(run, resume=False, overwrite=False)
+    train(cfg, run, progress=False)
+    assert states == [True] * 4  # parked after the labels, and again after the step-2 validation
+    curve = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve if r.get("validation")] == [2, 4]  # the parked judge still scored each validation
+    encoders.clear_encoder_cache()
+
+
+def test_a_parked_judge_comes_back_for_its_next_use():
+    from PIL import Image
+
+    from rewardbooth.rewards import encoders
+
+    encoder = encoders.load_encoder("align", "tiny")
+    images = [Image.new("RGB", (32, 32), (200, 30, 30))]
+    before = encoder.encode_images(images).clone()
+    encoder.parked = True  # as park() leaves it on a GPU
+    encoder._last_batch = None
+    after = encoder.encode_images(images)
+    assert not encoder.parked and torch.allclose(before, after)
+    encoder.parked = True
+    encoder.encode_texts(["a photo"])
+    assert not encoder.parked

@@ -26,7 +26,7 @@ from rewardbooth import diffusion
 from rewardbooth.data.images import load_image
 from rewardbooth.methods.base import Method
 from rewardbooth.methods.dreambooth import instance_images
-from rewardbooth.rewards import Subject, build_reward
+from rewardbooth.rewards import Subject, build_reward, park_encoders
 from rewardbooth.sampling import METADATA_NAME, SampleSettings, generate, save_generated
 from rewardbooth.training.context import LatentImageSet, TrainContext
 
@@ -132,6 +132,7 @@ class RPO(Method):
             self.reference_rewards = torch.stack(columns, dim=1)
             self.negative_rewards = label_reward(negative_images, self.negative_prompts, self.subject).float().cpu()
         self.negative_prompt_column = torch.tensor([self.scoring_prompts.index(p) for p in self.negative_prompts])
+        park_encoders()  # the labels are made: the judge is not needed again until a validation
         # Full fine-tuning needs a frozen copy; LoRA reuses the base weights with adapters off.
         self.frozen_copy = None
         if cfg.adapter.kind == "full":

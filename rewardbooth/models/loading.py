@@ -43,6 +43,16 @@ class Components:
         return cls(source, "", pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
                    getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))
 
+    @classmethod
+    def random_on(cls, preset: str, device: str) -> Components:
+        """A tiny/random preset built with its seeded random weights directly on `device`, with no
+        disk round trip (benchmarks at real sizes: sd15-random, sdxl-random)."""
+        from rewardbooth.models.tiny import build_tiny_pipeline
+
+        with torch.device(device):
+            pipe = build_tiny_pipeline(TINY_PRESETS[preset])
+        return cls.from_pipeline(preset, pipe)
+
     @property
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None

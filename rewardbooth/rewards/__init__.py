@@ -20,6 +20,7 @@ from rewardbooth.rewards.encoders import (
     ImageTextEncoder,
     clear_encoder_cache,
     load_encoder,
+    park_encoders,
     tiny_encoder_path,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "clear_encoder_cache",
     "harmonic_reward",
     "load_encoder",
+    "park_encoders",
     "register_reward",
     "strip_identifier",
     "tiny_encoder_path",

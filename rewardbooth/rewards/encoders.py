@@ -157,6 +157,21 @@ class ImageTextEncoder:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, device={self.device}, dtype={self.dtype})"
 
+    # -- parking -------------------------------------------------------------------------------
+    parked = False
+
+    def park(self) -> None:
+        """Move the weights to CPU memory until the next encode: a judge used only for labels and
+        validations (RPO's ALIGN, selection) then takes no accelerator memory during training steps."""
+        if self.device.type != "cpu" and not self.parked:
+            self.model.to("cpu")
+            self.parked = True
+
+    def _unpark(self) -> None:
+        if self.parked:
+            self.model.to(self.device)
+            self.parked = False
+
     @property
     def dim(self) -> int:
         raise NotImplementedError
@@ -192,6 +207,7 @@ class ImageTextEncoder:
         return self._encode_image_chunks(images, track)
 
     def _encode_image_chunks(self, images: ImageBatch, track: bool) -> torch.Tensor:
+        self._unpark()
         chunks = []
         with torch.set_grad_enabled(track):
             for start in range(0, len(images), self.batch_size):
@@ -212,6 +228,7 @@ class ImageTextEncoder:
         if len(texts) == 0:
             return torch.empty(0, self.dim, device=self.device)
         max_length = min(int(self.tokenizer.model_max_length), self._max_text_positions())
+        self._unpark()
         chunks = []
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
@@ -299,6 +316,18 @@ def load_encoder(kind: str, model: str | None = None, device: str | torch.device
 def clear_encoder_cache() -> None:
     """Forget the loaded encoders (tests; freeing memory)."""
     _load_encoder_cached.cache_clear()
+    _LOADED.clear()
+
+
+def park_encoders() -> None:
+    """Park every loaded judge (see ImageTextEncoder.park); each returns to its device when next used."""
+    for encoder in _LOADED:
+        encoder.park()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+_LOADED: list[ImageTextEncoder] = []  # what _load_encoder_cached holds, for park_encoders
 
 
 @functools.cache
@@ -315,7 +344,9 @@ def _load_encoder_cached(kind: str, model: str, device: str, dtype: torch.dtype 
         raise ConfigError(f"could not load {kind} model {model!r}: {_first_line(exc)}") from exc
     loaded = loaded.to(device=device, dtype=dtype) if dtype is not None else loaded.to(device)
     encoder_class = ClipEncoder if loaded.config.model_type == "clip" else _ENCODER_CLASSES[kind]
-    return encoder_class(model, path, loaded, processor, tokenizer, device=device, dtype=dtype)
+    encoder = encoder_class(model, path, loaded, processor, tokenizer, device=device, dtype=dtype)
+    _LOADED.append(encoder)
+    return encoder
 
 
 def resolve_encoder_path(kind: str, model: str) -> str:

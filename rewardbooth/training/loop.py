@@ -27,6 +27,7 @@ from rewardbooth.methods.base import Method
 from rewardbooth import diffusion
 from rewardbooth.models.loading import TEXT_ENCODER_FOLDERS, load_components, make_pipeline
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, add_lora, save_lora
+from rewardbooth.rewards.encoders import park_encoders
 from rewardbooth.sampling import SampleSettings, generate
 from rewardbooth.training.context import TrainContext
 from rewardbooth.training.run_dir import (
@@ -459,6 +460,7 @@ class Trainer:
                 self.best = (step, extra[key])
                 self.export_weights(ctx, self.run_dir / BEST_DIR)
                 atomic_write_text(self.run_dir / BEST_DIR / "best.json", json.dumps({"step": self.best[0], key: self.best[1]}))
+        park_encoders()  # judges scored this validation; training steps do not need them on the device
 
     def selection_score(self, ctx: TrainContext, prompts: list[str], images: list[list]) -> float:
         """Mean lambda-Harmonic reward (validation.select_lambda) of the validation images."""
