@@ -77,8 +77,10 @@ def peak_bytes(device: str) -> int:
 def train_method(model_key: str, preset: str, method: str, args, device: str, subject_dir: Path, work: Path) -> dict:
     from rewardbooth.models.loading import Components
     from rewardbooth.config import load_config
-    from rewardbooth.training import loop
+    from rewardbooth.training import loop, memory
     from rewardbooth.training.run_dir import prepare_run_dir
+
+    take_device_peak = memory.take_device_peak
 
     components = Components.random_on(preset, device)
     resolution = components.native_resolution
@@ -92,15 +94,24 @@ def train_method(model_key: str, preset: str, method: str, args, device: str, su
     })
     run_dir = work / f"{model_key}-{method}"
     prepare_run_dir(run_dir, resume=False, overwrite=False)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
+    take_device_peak(device)  # forget the earlier runs' peaks
     trainer = loop.Trainer(cfg, run_dir, progress=False)
-    with mock.patch.object(loop, "load_components", lambda *a, **k: components):
+    peaks = []  # the loop's readings: set-up's peak first, then one per logged step
+
+    def recording_peak(dev):
+        peaks.append(take_device_peak(dev))
+        return peaks[-1]
+
+    with mock.patch.object(loop, "load_components", lambda *a, **k: components), \
+            mock.patch.object(memory, "take_device_peak", recording_peak):
         trainer.run()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     timed = [r["seconds_per_step"] for r in records if "seconds_per_step" in r and r["step"] > args.warmup]
     seconds = statistics.median(timed)
-    peak = peak_bytes(device)
+    on_gpu = device.startswith("cuda")
+    # GPU: the training steps' own peak (what the estimate is of) apart from set-up's; CPU: whole-process RSS.
+    setup_gib = peaks[0] if on_gpu else None
+    peak_gib = max(r["peak_memory_gib"] for r in records if "peak_memory_gib" in r) if on_gpu else peak_bytes(device) / 1024**3
     n = trainer.method.unet_batch(type("Ctx", (), {"cfg": cfg})())
     forward = unet_forward_flops(trainer, components.unet, n, resolution, components.vae_scale_factor,
                                  loop.DTYPES[cfg.train.mixed_precision], device)
@@ -109,7 +120,7 @@ def train_method(model_key: str, preset: str, method: str, args, device: str, su
     del trainer, components
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"model": preset, "method": method, "resolution": resolution, "s_per_step": seconds, "peak_gib": peak / 1024**3,
+    return {"model": preset, "method": method, "resolution": resolution, "s_per_step": seconds, "peak_gib": peak_gib, "setup_peak_gib": setup_gib,
             "estimate_gib": estimate / 1024**3 if estimate else None, "tflop_per_step": step_flops / 1e12,
             "tflops": step_flops / 1e12 / seconds}
 
@@ -161,12 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     precision = "fp32" if args.dry_run else "bf16"
     print(f"\n{time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}, {precision}, LoRA rank 4, batch 1 (+ class image / negative), "
           f"median of {args.steps} steps after {args.warmup}; {time.perf_counter() - started:.0f} s in all")
-    print("| model | px | method | s/step | peak GiB (estimate) | U-Net TFLOP/step | TFLOP/s | % of card peak |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | px | method | s/step | training peak GiB (estimate) | set-up peak GiB | U-Net TFLOP/step | TFLOP/s | % of card peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         share = f"{100 * r['tflops'] / peak:.1f}" if peak else "n/a"
         estimate = f" ({r['estimate_gib']:.2f})" if r["estimate_gib"] else ""
-        print(f"| {r['model']} | {r['resolution']} | {r['method']} | {r['s_per_step']:.3f} | {r['peak_gib']:.2f}{estimate} | "
+        setup = f"{r['setup_peak_gib']:.2f}" if r["setup_peak_gib"] is not None else "n/a (CPU: RSS is whole-process)"
+        print(f"| {r['model']} | {r['resolution']} | {r['method']} | {r['s_per_step']:.3f} | {r['peak_gib']:.2f}{estimate} | {setup} | "
               f"{r['tflop_per_step']:.4g} | {r['tflops']:.4g} | {share} |")
     print("\n| model | sampling images/s | images | steps |")
     print("| --- | --- | --- | --- |")

@@ -328,6 +328,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         count, done = 0, start_step  # done: steps finished (a resumed, already finished run trains none)
         tick = time.perf_counter()
+        memory.take_device_peak(acc.device)  # set-up's peak (class images, labels) is not the steps'
         for step in bar:
             for micro in range(t.gradient_accumulation_steps):
                 generator = step_generator(t.seed, step, micro, acc.process_index)
@@ -349,6 +350,8 @@ class Trainer:
             if done % t.log_every == 0 or done == t.steps:
                 record = {key: acc.reduce(value / count, reduction="mean").item() for key, value in sums.items()}
                 record.update(step=done, lr=lr_scheduler.get_last_lr()[0], seconds_per_step=(time.perf_counter() - tick) * t.gradient_accumulation_steps / count)
+                if (peak := memory.take_device_peak(acc.device)) is not None:
+                    record["peak_memory_gib"] = round(peak, 3)
                 self.metrics.write(record)
                 if t.report_to:
                     acc.log({k: v for k, v in record.items() if k != "step"}, step=done)

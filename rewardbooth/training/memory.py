@@ -208,5 +208,16 @@ def device_capacity(device: torch.device | str) -> int | None:
     return None
 
 
+def take_device_peak(device: torch.device | str) -> float | None:
+    """GiB of accelerator memory at its peak since the last call (then reset), for metrics.jsonl:
+    the training steps' real peak beside the estimate. None on the CPU (no resettable peak there)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
 MEMORY_ADVICE = ("train.mixed_precision=bf16 (or fp16), train.gradient_checkpointing=true, adapter.kind=lora, "
                  "train.optimizer=adamw8bit or a smaller train.batch_size")
