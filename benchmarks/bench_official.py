@@ -165,7 +165,8 @@ def pairs(args, model: Path, subject: Path, work: Path, repeat: int) -> list[Pai
                           "--class_data_dir", str(work / f"dpg-class-{repeat}"), "--class_prompt", "a photo of toy",
                           "--output_dir", str(work / f"dpg-official-{repeat}"), f"--resolution={res}", "--train_batch_size=1",
                           f"--max_train_steps={steps}", "--learning_rate=1e-6", f"--num_class_images={n}",
-                          "--lr_scheduler=constant", "--train_text_encoder", "--seed", "23")
+                          "--lr_scheduler=constant", "--train_text_encoder", "--seed", "23",
+                          shim=() if args.dpg_anomaly_detection else ("--no-anomaly-detection",))
         out.append(Pair("dpg vs official", theirs, [ours("dpg", "rewardbooth", "dpg")]))  # DPG's defaults: the released command
     if args.official_rpo and "rpo" in wanted:
         every = args.rpo_validation_every
@@ -260,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diffusers-examples", help="checkout of huggingface/diffusers (examples/dreambooth)")
     parser.add_argument("--pairs", default=",".join(PAIR_NAMES), type=lambda text: [p for p in text.split(",") if p],
                         help=f"comma-separated, of {', '.join(PAIR_NAMES)} (default: every pair whose code is given)")
+    parser.add_argument("--dpg-anomaly-detection", action="store_true",
+                        help="leave the DPG script's anomaly detection on, as released: it then stops at its first NaN "
+                             "(default: off, so the run reaches its end and has a whole-run time)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--num-class-images", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=128, help="px (128 on tiny: the 64x64 latents DPG's critic is built for)")

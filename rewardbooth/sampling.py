@@ -7,6 +7,7 @@ does not depend on the batch size and the same seed shows each prompt's effect o
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,26 @@ def generate(pipe, prompts: list[str], images_per_prompt: int, settings: SampleS
     results: list[list[Image.Image | None]] = [[None] * images_per_prompt for _ in prompts]
     device = pipe.unet.device
     bar = tqdm(total=len(jobs), desc=description, disable=not progress, unit="img")
+    with _sliced_decoding(pipe.vae):
+        _generate_batches(pipe, prompts, jobs, results, settings, device, bar)
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+@contextmanager
+def _sliced_decoding(vae):
+    """Decode a batch one image at a time (the same pixels): a full-size batch decode was the run's
+    memory peak on a GPU, above the training steps' (SDXL + RPO negatives: 25.3 GiB vs 21.6)."""
+    was_slicing = getattr(vae, "use_slicing", False)
+    vae.enable_slicing()
+    try:
+        yield
+    finally:
+        if not was_slicing:
+            vae.disable_slicing()
+
+
+def _generate_batches(pipe, prompts, jobs, results, settings: SampleSettings, device, bar) -> None:
     for start in range(0, len(jobs), settings.batch_size):
         chunk = jobs[start : start + settings.batch_size]
         generators = [torch.Generator(device="cpu").manual_seed(settings.seed + k) for _, k in chunk]
@@ -61,8 +82,6 @@ def generate(pipe, prompts: list[str], images_per_prompt: int, settings: SampleS
         for (j, k), image in zip(chunk, out):
             results[j][k] = image
         bar.update(len(chunk))
-    bar.close()
-    return results  # type: ignore[return-value]
 
 
 def save_generated(folder: Path, prompts: list[str], images: list[list[Image.Image]], seed: int) -> list[Path]:

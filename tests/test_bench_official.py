@@ -69,3 +69,17 @@ def test_the_model_copy_has_the_bench_resolution_as_its_native_size(tmp_path):
     copy = load().native_size_copy(tiny_model_path("tiny"), 128, tmp_path)
     assert load_components(str(copy)).native_resolution == 128
     assert json.loads((copy / "unet" / "config.json").read_text())["sample_size"] == 64
+
+
+def test_the_shim_can_switch_off_a_scripts_anomaly_detection_and_leaves_it_alone_otherwise(tmp_path):
+    """DPG's script turns anomaly detection on and stops at its first NaN; `--no-anomaly-detection`
+    lets it run to the end. The script itself is run unchanged (and sees its own argv)."""
+    script = tmp_path / "script.py"
+    script.write_text("import sys, torch\ntorch.autograd.set_detect_anomaly(True)\n"
+                      "print(torch.is_anomaly_enabled(), sys.argv[1:])\n")
+    shim = SCRIPT.parent / "official_shims" / "run_official.py"
+    for options, enabled in (([], "True"), (["--no-anomaly-detection"], "False")):
+        out = subprocess.run([sys.executable, str(shim), *options, str(script), "--x", "1"], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split("\n")[-2] == f"{enabled} ['--x', '1']"
