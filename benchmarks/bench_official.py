@@ -252,6 +252,47 @@ def fmt(values: list[float | None]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else f"{values[0]:.1f}"
 
 
+def table_rows(text: str) -> list[dict]:
+    """The medians of the printed table's rows (a run's output or a saved log)."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 9 or cells[0] in ("pair", "---"):
+            continue
+        median = [float(c.split()[0]) if c not in ("-", "") else 0.0 for c in cells[2:6]]
+        rows.append({"pair": cells[0], "side": cells[1], **dict(zip(("total", "setup", "training", "after"), median)),
+                     "finished": cells[7], "ratio": cells[8]})
+    return rows
+
+
+def plot_phases(rows: list[dict], path: Path, title: str = "") -> None:
+    """Stacked bars, one per pair and side: set-up, training and after, with each of ours' ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1.4))
+    labels = [f"{r['pair'].replace(' vs ', ' / ')}: {r['side']}" for r in rows][::-1]
+    left = [0.0] * len(rows)
+    for phase, colour in (("setup", "#8da0cb"), ("training", "#fc8d62"), ("after", "#66c2a5")):
+        widths = [r[phase] for r in rows][::-1]
+        ax.barh(labels, widths, left=left, color=colour, label=phase.replace("setup", "set-up"))
+        left = [a + b for a, b in zip(left, widths)]
+    for y, r in enumerate(rows[::-1]):
+        note = f" {r['ratio']}x" if r["ratio"] and r["ratio"][0].isdigit() else ("" if not r["ratio"] else f" {r['ratio']}")
+        if "NaN in 0" not in r["finished"]:
+            note += f" ({r['finished']})"
+        ax.text(r["total"], y, note, va="center", fontsize=8)
+    ax.set_xlabel("seconds (median)")
+    ax.set_xlim(0, max(r["total"] for r in rows) * 1.35)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or "whole runs: research code vs rewardbooth", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official-dpg", help="checkout of wfanyue/DPG-T2I-Personalization")
@@ -270,7 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rpo-validation-every", type=int, default=40, help="both RPO sides validate (and select) every N steps")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--logs", type=Path, help="folder to keep every run's whole output in (default: none kept)")
+    parser.add_argument("--plot", type=Path, help="also draw the table as stacked bars (set-up / training / after) into this PNG")
+    parser.add_argument("--replot", type=Path, help="only draw --plot from a saved output of this script (no runs)")
     args = parser.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot needs --plot")
+        rows = table_rows(args.replot.read_text())
+        if not rows:
+            parser.error(f"--replot: no result table in {args.replot}")
+        plot_phases(rows, args.plot)
+        return 0
     if not (args.official_dpg or args.official_rpo or args.diffusers_examples):
         parser.error("give at least one of --official-dpg, --official-rpo, --diffusers-examples")
     unknown = sorted(set(args.pairs) - set(PAIR_NAMES))
@@ -303,10 +354,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {pair.name} / {run.label} #{repeat}: {run.total:.1f} s, rc {run.returncode}, steps {run.steps_seen}"
                           + (", NaN" if run.nan else "") + ("" if run.returncode == 0 else f": {run.last_line[:160]}"), flush=True)
                 results.setdefault(pair.name, []).append(pair)
-    print(f"\n{time.strftime('%Y-%m-%d')}, tiny SD-shaped model at {args.resolution} px, {args.steps} steps, "
-          f"{args.num_class_images} class images, {args.repeats} alternating repeats; seconds, median (range)")
-    print("| pair | side | total | set-up | training | after | peak RSS MB | finished / NaN | ours / theirs (total) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    heading = (f"{time.strftime('%Y-%m-%d')}, tiny SD-shaped model at {args.resolution} px, {args.steps} steps, "
+               f"{args.num_class_images} class images, {args.repeats} alternating repeats; seconds, median (range)")
+    table = ["| pair | side | total | set-up | training | after | peak RSS MB | finished / NaN | ours / theirs (total) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, repeats in results.items():
         theirs = [pair.official for pair in repeats]
         completed = [r.total for r in theirs if r.returncode == 0]
@@ -317,9 +368,12 @@ def main(argv: list[str] | None = None) -> int:
             sides.append((variant.label, runs, ratio))
         for label, runs, ratio in sides:
             finished = sum(r.returncode == 0 for r in runs)
-            print(f"| {name} | {label} | {fmt([r.total for r in runs])} | {fmt([r.setup for r in runs])} | "
-                  f"{fmt([r.training for r in runs])} | {fmt([r.after for r in runs])} | {fmt([r.peak_mb for r in runs])} | "
-                  f"{finished}/{len(runs)} finished, NaN in {sum(r.nan for r in runs)} | {ratio} |")
+            table.append(f"| {name} | {label} | {fmt([r.total for r in runs])} | {fmt([r.setup for r in runs])} | "
+                         f"{fmt([r.training for r in runs])} | {fmt([r.after for r in runs])} | {fmt([r.peak_mb for r in runs])} | "
+                         f"{finished}/{len(runs)} finished, NaN in {sum(r.nan for r in runs)} | {ratio} |")
+    print(f"\n{heading}\n" + "\n".join(table))
+    if args.plot:
+        plot_phases(table_rows("\n".join(table)), args.plot, heading.split(";")[0])
     return 0
 
 

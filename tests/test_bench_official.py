@@ -83,3 +83,28 @@ def test_the_shim_can_switch_off_a_scripts_anomaly_detection_and_leaves_it_alone
                              timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split("\n")[-2] == f"{enabled} ['--x', '1']"
+
+
+SAVED_OUTPUT = """  rpo vs official / official #0: 218.4 s, rc 0, steps 4
+
+2026-12-04, tiny SD-shaped model at 32 px, 4 steps, 8 class images, 1 alternating repeats; seconds, median (range)
+| pair | side | total | set-up | training | after | peak RSS MB | finished / NaN | ours / theirs (total) |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| rpo vs official | official | 218.4 (210.0-220.0) | 145.2 | 35.7 | 37.5 | 427.3 | 1/1 finished, NaN in 0 |  |
+| rpo vs official | rewardbooth | 64.4 | 34.0 | 28.1 | 2.2 | 481.8 | 1/1 finished, NaN in 0 | 0.29 |
+| dpg vs official | official | 325.4 | 323.6 | - | 1.9 | 780.0 | 0/2 finished, NaN in 2 |  |
+| dpg vs official | rewardbooth | 185.8 | 165.4 | 18.9 | 1.5 | 704.6 | 2/2 finished, NaN in 0 | theirs never finished |
+"""
+
+
+def test_a_saved_output_is_read_back_and_drawn_as_phases(tmp_path):
+    bench = load()
+    rows = bench.table_rows(SAVED_OUTPUT)
+    assert [(r["pair"], r["side"]) for r in rows] == [("rpo vs official", "official"), ("rpo vs official", "rewardbooth"),
+                                                      ("dpg vs official", "official"), ("dpg vs official", "rewardbooth")]
+    assert rows[0]["total"] == 218.4 and rows[0]["setup"] == 145.2 and rows[1]["ratio"] == "0.29" and rows[2]["training"] == 0.0
+    (tmp_path / "out.log").write_text(SAVED_OUTPUT)
+    assert bench.main(["--replot", str(tmp_path / "out.log"), "--plot", str(tmp_path / "phases.png")]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "phases.png").size[1] > 200
