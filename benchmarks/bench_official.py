@@ -1,7 +1,7 @@
 """Whole runs, side by side: the research scripts against the matching `rewardbooth train`.
 
-    python benchmarks/bench_official.py --official-dpg DPG_DIR --diffusers-examples DIFFUSERS_DIR --official-rpo RPO_DIR
-    python benchmarks/bench_official.py --official-rpo RPO_DIR --rpo-python RPO_ENV/bin/python --pairs rpo --resolution 32 --steps 40
+    python benchmarks/bench_official.py --official-dpg DPG_DIR --diffusers-examples DIFFUSERS_DIR --pairs dreambooth-lora,dpg --steps 10 --repeats 2 --plot phases.png
+    python benchmarks/bench_official.py --official-rpo RPO_DIR --rpo-python RPO_ENV/bin/python --pairs rpo --resolution 32 --steps 80 --rpo-validation-every 40 --repeats 2
 
 DPG_DIR, RPO_DIR and DIFFUSERS_DIR are checkouts the user fetched (commits in
 docs/research-code-notes.md); nothing of them is vendored. RPO's train.py loads its ALIGN judge by
