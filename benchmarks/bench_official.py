@@ -59,14 +59,15 @@ class Run:
     steps_seen: int = 0
 
 
-def execute(run: Run, env: dict, log: Path | None = None) -> Run:
-    """Run a command, timestamping its output lines (tqdm's \\r updates count as lines); its whole
-    output goes to `log` when given."""
+def execute(run: Run, env: dict, log: Path | None = None, cwd: Path | None = None) -> Run:
+    """Run a command in `cwd`, timestamping its output lines (tqdm's \\r updates count as lines); its
+    whole output goes to `log` when given."""
     start = time.perf_counter()
     terminal, child_side = pty.openpty()
     # A 0x0 terminal gets 0-column tqdm bars, that is none: give it a size.
     fcntl.ioctl(child_side, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
-    process = subprocess.Popen(run.command, stdin=subprocess.DEVNULL, stdout=child_side, stderr=child_side, env=env)
+    process = subprocess.Popen(run.command, stdin=subprocess.DEVNULL, stdout=child_side, stderr=child_side, env=env,
+                               cwd=cwd)
     os.close(child_side)
     first_step = last_step = None
     buffer = b""
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                     log = None
                     if args.logs:
                         log = args.logs / f"{re.sub(r'[^a-z0-9]+', '-', f'{pair.name} {run.label}')}-{repeat}.log"
-                    execute(run, env, log)
+                    execute(run, env, log, cwd=work)  # RPO's train.py writes logs/ into its working directory
                     print(f"  {pair.name} / {run.label} #{repeat}: {run.total:.1f} s, rc {run.returncode}, steps {run.steps_seen}"
                           + (", NaN" if run.nan else "") + ("" if run.returncode == 0 else f": {run.last_line[:160]}"), flush=True)
                 results.setdefault(pair.name, []).append(pair)

@@ -75,8 +75,8 @@ def peak_bytes(device: str) -> int:
 
 
 def train_method(model_key: str, preset: str, method: str, args, device: str, subject_dir: Path, work: Path) -> dict:
-    from rewardbooth.models.loading import Components
     from rewardbooth.config import load_config
+    from rewardbooth.models.loading import Components
     from rewardbooth.training import loop, memory
     from rewardbooth.training.run_dir import prepare_run_dir
 
