@@ -67,11 +67,11 @@ def components_on_meta(preset_name: str):
 def table_estimate(preset_name: str, method_name: str, overrides: dict):
     """The trainer's estimate for a set-up, on meta SD-shaped weights placed and adapted by the
     trainer's own code."""
-    from rewardbooth.config import load_config
-    from rewardbooth.methods import get_method
+    from rewardbooth.methods import get_method, load_config
+    from rewardbooth.methods.context import TrainContext
+    from rewardbooth.methods.dpg import decode_latents
     from rewardbooth.training import memory
-    from rewardbooth.training.context import TrainContext
-    from rewardbooth.training.loop import attach_trainable, place_frozen
+    from rewardbooth.training.setup import attach_trainable, place_frozen
 
     components = components_on_meta(preset_name)
     cfg = load_config(overrides={"train.method": method_name, "data.class_noun": "dog", **common_settings(method_name),
@@ -83,11 +83,13 @@ def table_estimate(preset_name: str, method_name: str, overrides: dict):
     # U-Net's frozen copy for RPO's reference under full fine-tuning, DPG's actor settings.
     method.prior = cfg.prior.enabled
     method.frozen_copy = copy.deepcopy(components.unet).requires_grad_(False) if cfg.adapter.kind == "full" and method_name == "rpo" else None
-    method.direct, method.features, method.reward = cfg.dpg.actor == "direct", False, SimpleNamespace()
     # The forward passes are traced on CPU stand-ins of the meta weights.
     ctx = TrainContext(cfg, Path("."), SimpleNamespace(device=torch.device("cpu")), components,
                        components.native_resolution, weight_dtype)
     ctx.unet = components.unet
+    if method_name == "dpg":  # the released critic judges latents; the direct actor decodes (no encoder on fake tensors)
+        method.actor = SimpleNamespace(decodes=cfg.dpg.actor == "direct",
+                                       judge=SimpleNamespace(decode=lambda latents: decode_latents(ctx, latents), encoder=None))
     trained = [p for group in groups for p in group["params"]]
     return memory.estimate(resident=memory.resident_modules([components, method]), trained=trained,
                            probes=method.memory_probes(ctx), optimizer=cfg.train.optimizer,
@@ -114,7 +116,7 @@ def cmd_table(args) -> None:
 MEASURE_CHILD = r"""
 import json, os, resource, sys, psutil, torch
 from pathlib import Path
-from rewardbooth.config import load_config
+from rewardbooth.methods import load_config
 from rewardbooth.training.loop import Trainer
 from rewardbooth.training.run_dir import prepare_run_dir
 overrides, run_dir = json.loads(sys.argv[1]), Path(sys.argv[2])
@@ -135,11 +137,11 @@ print("RESULT " + json.dumps({"estimate": e.total, "activations": e.activations,
 
 
 def cmd_measure(args) -> None:
-    from rewardbooth.data.procedural import make_subject, save_subject
+    from rewardbooth.mini.world import make_subject
 
     with tempfile.TemporaryDirectory() as tmp:
         subject = Path(tmp) / "toy"
-        save_subject(make_subject(seed=3, num_images=4, size=max(64, args.resolution)), subject)
+        make_subject(seed=3, num_images=4).resized(max(64, args.resolution)).save(subject)
         print(f"| model | method | set-up | estimate GiB | measured GiB | measured / estimate | measured as |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for method_label, (method, method_overrides) in METHODS.items():

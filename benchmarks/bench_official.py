@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.official_dpg and "dpg" in args.pairs and args.resolution != 128:
         parser.error("--pairs dpg needs --resolution 128: the official critic flattens 64x64 latents (tiny halves the image)")
 
-    from rewardbooth.data.procedural import make_subject, save_subject
+    from rewardbooth.mini.world import make_subject
     from rewardbooth.models.tiny import tiny_model_path
 
     with tempfile.TemporaryDirectory(prefix="bench-official-") as tmp:
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(filled_hub_cache(work)), "PYTHONUNBUFFERED": "1",
                "TOKENIZERS_PARALLELISM": "false"}
         subject = work / "subject"
-        save_subject(make_subject(seed=3, num_images=4, size=args.resolution), subject)
+        make_subject(seed=3, num_images=4).resized(args.resolution).save(subject)
         results: dict[str, list[Pair]] = {}
         if args.logs:
             args.logs.mkdir(parents=True, exist_ok=True)

@@ -50,14 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from rewardbooth.data.procedural import make_subject
     from rewardbooth.errors import RewardboothError
+    from rewardbooth.mini.world import make_subject
     from rewardbooth.rewards import Subject, build_reward
 
     torch.set_num_threads(args.threads)
     models = {kind: (args.model if kind in args.kind else "tiny") for kind in ("dino", "clip", "align")}
-    refs = make_subject(seed=0, num_images=3, size=args.size)
-    generated = [im for seed in range(1, args.n + 1) for im in make_subject(seed=seed, num_images=1, size=args.size).images]
+    refs = make_subject(seed=0, num_images=3).resized(args.size)
+    generated = [im for seed in range(1, args.n + 1) for im in make_subject(seed=seed, num_images=1).resized(args.size).images]
     subject = Subject(refs.name, refs.images, identifier="sks", class_noun=refs.class_noun)
     prompts = [f"a sks {refs.class_noun} number {i} on the beach" for i in range(args.n)]
     images = generated

@@ -98,7 +98,8 @@ def run_one(args: argparse.Namespace, work: Path) -> dict:
 
     import torch
 
-    from rewardbooth.config import load_config, parse_override
+    from rewardbooth.config import parse_override
+    from rewardbooth.methods import load_config
     from rewardbooth.methods import method_registry
     from rewardbooth.models.tiny import TINY_PRESETS
     from rewardbooth.training.loop import train
@@ -185,14 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for key, value in {"TOKENIZERS_PARALLELISM": "false", "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error"}.items():
         os.environ.setdefault(key, value)
-    from rewardbooth.data.procedural import make_subject, save_subject
     from rewardbooth.methods import method_registry
+    from rewardbooth.mini.world import make_subject
 
     start, results, failed = time.perf_counter(), {}, []
     with tempfile.TemporaryDirectory(prefix="bench_steps-") as tmp:
         work = Path(args.work or tmp)  # the parent's folder, shared by its children
         if not (work / "subject").is_dir():
-            save_subject(make_subject(seed=3, num_images=3, size=64), work / "subject")
+            make_subject(seed=3, num_images=3).resized(64).save(work / "subject")
         if args.one is not None:
             result = run_one(args, work)
             if args.json:

@@ -60,9 +60,10 @@ def card_peak(device: str) -> float | None:
 def unet_forward_flops(trainer, ctx_unet, batch: int, resolution: int, vae_factor: int, dtype, device: str) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
+    from rewardbooth import diffusion
     from rewardbooth.training import memory
 
-    probe = memory.unet_probe(ctx_unet, batch, resolution // vae_factor, dtype, device)
+    probe = diffusion.unet_probe(ctx_unet, batch, resolution // vae_factor, dtype, device)
     with torch.no_grad(), memory.autocast_for(device, trainer.cfg.train.mixed_precision), FlopCounterMode(display=False) as counter:
         probe()
     return counter.get_total_flops()
@@ -75,9 +76,9 @@ def peak_bytes(device: str) -> int:
 
 
 def train_method(model_key: str, preset: str, method: str, args, device: str, subject_dir: Path, work: Path) -> dict:
-    from rewardbooth.config import load_config
+    from rewardbooth.methods import load_config
     from rewardbooth.models.loading import Components
-    from rewardbooth.training import loop, memory
+    from rewardbooth.training import loop, memory, setup
     from rewardbooth.training.run_dir import prepare_run_dir
 
     take_device_peak = memory.take_device_peak
@@ -114,7 +115,7 @@ def train_method(model_key: str, preset: str, method: str, args, device: str, su
     peak_gib = max(r["peak_memory_gib"] for r in records if "peak_memory_gib" in r) if on_gpu else peak_bytes(device) / 1024**3
     n = trainer.method.unet_batch(type("Ctx", (), {"cfg": cfg})())
     forward = unet_forward_flops(trainer, components.unet, n, resolution, components.vae_scale_factor,
-                                 loop.DTYPES[cfg.train.mixed_precision], device)
+                                 setup.DTYPES[cfg.train.mixed_precision], device)
     step_flops = forward * (3 if cfg.adapter.kind == "full" else 2) + (forward if method == "rpo" else 0)
     estimate = trainer.memory_estimate.total if trainer.memory_estimate else None
     del trainer, components
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; use --dry-run on a CPU", file=sys.stderr)
         return 2
-    from rewardbooth.data.procedural import make_subject, save_subject
+    from rewardbooth.mini.world import make_subject
 
     presets = DRY if args.dry_run else FULL
     peak = card_peak(device)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         subject_dir = work / "toy"
-        save_subject(make_subject(seed=3, num_images=4, size=1024 if not args.dry_run else 64), subject_dir)
+        make_subject(seed=3, num_images=4).resized(1024 if not args.dry_run else 64).save(subject_dir)
         for model_key in args.models.split(","):
             for method in args.methods.split(","):
                 rows.append(train_method(model_key, presets[model_key], method, args, device, subject_dir, work))

@@ -7,18 +7,20 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
+from rewardbooth.config import RunConfig
 from rewardbooth.errors import RewardboothError
+from rewardbooth.methods import BUILTIN_METHODS, baseline_method, method_names, methods_help
+from rewardbooth.models.presets import preset_names
 
 # Flags that set a config value: (flag, dotted key, type, help). None type = boolean switch.
 TRAIN_FLAGS = [
-    ("--model", "model.name", str, "hub id, local diffusers folder, or a preset: mini (pretrained on the MiniBench world), tiny, tiny-v, tiny-sdxl (random weights). SDXL: e.g. stabilityai/stable-diffusion-xl-base-1.0"),
-    ("--method", "train.method", str, "dreambooth | dpg | rpo (dpg: the released script's defaults, SD 1.4, full U-Net + "
-                                          "text encoder, lr 1e-6, 1000 steps, --set dpg.reward=dino for the reward critic; rpo: the paper's defaults, SD 2.1, full U-Net, lr 5e-6, 400 steps; "
-                                          "labels use rpo.lambda_train=0.0 as the official code does, the paper speaks of lambda_train)"),
+    ("--model", "model.name", str, None),  # help from the preset registry (build_parser)
+    ("--method", "train.method", str, None),  # help from the method registry (build_parser)
     ("--instance-dir", "data.instance_dir", str, "folder of 3-6 subject images"),
     ("--class-noun", "data.class_noun", str, "the subject's class, e.g. dog"),
     ("--identifier", "data.identifier", str, "rare token naming the subject (default sks)"),
@@ -62,9 +64,9 @@ def add_judge_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _device(args: argparse.Namespace) -> str:
-    import torch
+    from rewardbooth.models.loading import default_device
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return default_device(args.device)
 
 
 def _scorer(args: argparse.Namespace, evaluation=None):
@@ -81,7 +83,7 @@ def _scorer(args: argparse.Namespace, evaluation=None):
 
 def _run_evaluation_settings(images: Path):
     """The judges of the run that made `images` (RUN/generated, or a folder inside a run), if any."""
-    from rewardbooth.config import load_config
+    from rewardbooth.methods import load_config
     from rewardbooth.training.run_dir import CONFIG_NAME
 
     for folder in (images, *images.resolve().parents[:2]):
@@ -104,8 +106,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _config_default(key: str):
-    from rewardbooth.config import RunConfig
-
     value = RunConfig()
     for part in key.split("."):
         value = getattr(value, part)
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, formatter_class=HelpFormatter, parents=[common], **kwargs)
 
     train = add_parser("train", help="personalize a model to a subject")
-    train.add_argument("--config", help="YAML run config (sections: model, data, prior, adapter, train, validation)")
+    train.add_argument("--config", help=f"YAML run config (sections: {', '.join(f.name for f in dataclasses.fields(RunConfig))})")
     train.add_argument("--output", required=True, help="run folder to create")
     train.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
@@ -144,7 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--num-processes", type=int, default=1,
                        help="data-parallel processes (runs `accelerate launch`; GPUs if available, else CPU processes)")
+    generated_help = {"--method": f"{' | '.join(method_names())} (default {baseline_method().name}); {methods_help()}; "
+                                     "defaults and departures from the papers: docs/methods.md",
+                      "--model": f"hub id, local diffusers folder, or a preset: {', '.join(preset_names())}. "
+                                 "SDXL: e.g. stabilityai/stable-diffusion-xl-base-1.0"}
     for flag, key, kind, text in TRAIN_FLAGS:
+        text = text or generated_help[flag]
         default = _config_default(key)
         shown = text if "default" in text or default is None else f"{text} (default: {default})"
         train.add_argument(flag, type=kind, help=shown)
@@ -216,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add_parser("demo", help="the built-in CPU demo: a MiniBench subject learned by the shipped mini model; report")
     demo.add_argument("--output", default="rewardbooth-demo", help="run folder (default ./rewardbooth-demo)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the mini bench's setting)")
-    demo.add_argument("--method", default="dreambooth", help="dreambooth | dpg | rpo")
+    demo.add_argument("--method", default=baseline_method().name, help=" | ".join(method_names()))
     demo.add_argument("--seed", type=int, default=0, help="seed of the MiniBench subject and the run")
     demo.add_argument("--overwrite", action="store_true", help="replace a previous demo run")
     return parser
@@ -269,7 +274,8 @@ def _without_num_processes(argv: list[str]) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rewardbooth.config import load_config, require_training_inputs
+    from rewardbooth.config import require_training_inputs
+    from rewardbooth.methods import load_config
     from rewardbooth.data.images import list_image_files, load_image_folder
     from rewardbooth.models.loading import model_native_resolution
     from rewardbooth.evaluation.run_report import write_run_report
@@ -317,13 +323,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from rewardbooth.errors import ConfigError
-    from rewardbooth.evaluation.report import save_image_grid
-    from rewardbooth.models.loading import load_run_pipeline
+    from rewardbooth.data.images import save_image_grid
+    from rewardbooth.training.finished_run import load_run_pipeline
     from rewardbooth.sampling import METADATA_NAME, generate, run_sample_settings, save_generated
 
     if args.num_images < 1 or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         raise ConfigError("-n, --steps and --batch-size must be positive")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     dtype = torch.float16 if str(device).startswith("cuda") else None
     run_dir = Path(args.run)
     cfg, pipe = load_run_pipeline(run_dir, device=device, dtype=dtype)
@@ -338,7 +344,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from rewardbooth.models.export import export_lora
+    from rewardbooth.training.finished_run import export_lora
 
     written = export_lora(Path(args.run), args.format, Path(args.output) if args.output else None, args.dtype)
     print(f"wrote {written}")
@@ -372,7 +378,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from rewardbooth.config import load_config, parse_override
+    from rewardbooth.config import parse_override
+    from rewardbooth.methods import load_config
     from rewardbooth.data.dreambench import load_dreambench
     from rewardbooth.errors import ConfigError
     from rewardbooth.evaluation.bench import BenchRunner, merge, parse_shard, shard_subjects
@@ -387,10 +394,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("give --method or --methods, not both")
     methods = [m.strip() for m in (args.methods or args.method or "").split(",") if m.strip()]
     if args.suite == "mini":
-        return _bench_mini(args, methods or ["dreambooth", "dpg", "rpo"])
+        return _bench_mini(args, methods or list(BUILTIN_METHODS))
     if len(methods) > 1:
         raise ConfigError("the dreambench suite runs one --method per bench folder (shard and --merge them); --methods is for --suite mini")
-    args.method = methods[0] if methods else "dreambooth"
+    args.method = methods[0] if methods else baseline_method().name
     args.images_per_prompt = args.images_per_prompt or 4
     args.sample_steps = args.sample_steps or 50
     if not args.dreambench:

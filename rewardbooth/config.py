@@ -11,6 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
@@ -18,7 +19,6 @@ import yaml
 from rewardbooth.errors import ConfigError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-METHOD_NAMES = ("dreambooth", "rpo", "dpg")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 TRACKERS = ("tensorboard", "wandb")
 
@@ -68,7 +68,7 @@ class AdapterConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "dreambooth"
+    method: str | None = None  # a registered method's name; None: the registry's baseline (see rewardbooth.methods)
     steps: int = 400
     learning_rate: float | None = None  # None: 1e-4 with LoRA, 5e-6 for full fine-tuning
     text_encoder_learning_rate: float | None = None  # None: same as learning_rate
@@ -301,11 +301,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, the method's defaults, then the YAML file (if any), then overrides; validated.
+# A source of defaults: (config so far, dotted keys the file and overrides set) -> {dotted key: value}.
+DefaultsSource = Callable[["RunConfig", set[str]], dict[str, Any]]
 
-    A method's defaults (e.g. RPO's paper settings) apply only to keys the file and the
-    overrides leave unset, so a saved config.yaml always reproduces its run.
+
+def build_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                 defaults: Sequence[DefaultsSource] = (), checks: Sequence[Callable[["RunConfig"], None]] = ()) -> RunConfig:
+    """Dataclass defaults, then the YAML file (if any), then overrides; then each source of
+    `defaults` in order, on the keys the file and overrides leave unset; validated, then `checks`.
+
+    The library's resolver (`rewardbooth.methods.load_config`) passes the method's and the
+    preset's defaults and the method's checks; a saved config.yaml sets every key, so it
+    always reproduces its run.
     """
     cfg = RunConfig()
     explicit: set[str] = set()
@@ -324,25 +331,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for key, value in (overrides or {}).items():
         if value is not None:
             set_value(cfg, key, value, explicit)
-    if cfg.train.method in METHOD_NAMES:
-        from rewardbooth.methods import get_method
-
-        for key, value in get_method(cfg.train.method).defaults.items():
-            # A paper's resolution belongs to the paper's model: your own model keeps its native size.
-            if key == "data.resolution" and "model.name" in explicit:
-                continue
+    for source in defaults:
+        for key, value in source(cfg, explicit).items():
             if key not in explicit:
                 set_value(cfg, key, value)
-    from rewardbooth.models.presets import preset_defaults
-
-    for key, value in preset_defaults(cfg.model.name).items():  # a preset's own world beats a paper's defaults
-        if key not in explicit:
-            set_value(cfg, key, value)
     validate(cfg)
+    for check in checks:
+        check(cfg)
     return cfg
 
 
-def _check(condition: bool, message: str) -> None:
+def ensure(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
@@ -350,58 +349,34 @@ def _check(condition: bool, message: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Reject settings that cannot work, each with a message naming the setting."""
     t, d, a, p, v = cfg.train, cfg.data, cfg.adapter, cfg.prior, cfg.validation
-    _check(t.method in METHOD_NAMES, f"train.method must be one of {', '.join(METHOD_NAMES)}, got {t.method!r}")
-    _check(t.steps > 0, f"train.steps must be positive, got {t.steps}")
-    _check(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
-    _check(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps must be positive")
-    _check(cfg.learning_rate > 0, f"train.learning_rate must be positive, got {cfg.learning_rate}")
-    _check(t.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
-    _check(t.log_every > 0, "train.log_every must be positive")
-    _check(t.checkpoint_every >= 0, "train.checkpoint_every must be 0 (off) or positive")
-    _check(t.max_grad_norm > 0, "train.max_grad_norm must be positive")
-    _check(t.snr_gamma is None or t.snr_gamma > 0, f"train.snr_gamma must be positive (or unset), got {t.snr_gamma}")
-    _check(t.noise_offset >= 0, f"train.noise_offset must be >= 0, got {t.noise_offset}")
-    _check(t.snr_gamma is None or t.method != "rpo",
-           "train.snr_gamma weights denoising losses (dreambooth, dpg); RPO's loss compares likelihoods and is left as its paper has it")
-    _check(not (d.cache_latents and not d.center_crop), "data.cache_latents needs center crops (random crops change the pixels every step)")
-    _check(t.ema_decay is None or 0 < t.ema_decay < 1, f"train.ema_decay must be in (0, 1) (or unset), got {t.ema_decay}")
-    _check(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}")
-    _check(t.report_to in (None, *TRACKERS), f"train.report_to must be one of {', '.join(TRACKERS)} (or unset), got {t.report_to!r}")
-    _check(a.kind in ("lora", "full"), f"adapter.kind must be lora or full, got {a.kind!r}")
-    _check(a.rank > 0, f"adapter.rank must be positive, got {a.rank}")
-    _check(0.0 <= a.dropout < 1.0, "adapter.dropout must be in [0, 1)")
-    _check(d.resolution is None or (d.resolution >= 8 and d.resolution % 8 == 0), f"data.resolution must be a multiple of 8, got {d.resolution}")
-    _check(bool(d.identifier.strip()), "data.identifier must not be empty")
-    _check(p.weight >= 0, "prior.weight must be non-negative")
-    _check(p.num_class_images > 0 or not p.enabled, "prior.num_class_images must be positive when prior preservation is on")
-    _check(v.every >= 0 and v.num_images > 0 and v.steps > 0, "validation.every must be >= 0, num_images and steps positive")
-    _check(v.patience >= 0, "validation.patience must be 0 (off) or positive")
-    _check(0.0 <= v.select_lambda <= 1.0, "validation.select_lambda must be in [0, 1]")
-    _check(v.select_encoder in ("align", "clip"), f"validation.select_encoder must be align or clip, got {v.select_encoder!r}")
-    _check(v.select_min_step >= 0, "validation.select_min_step must be >= 0")
-    _check(all(0 < s <= t.steps for s in t.save_steps), f"train.save_steps must lie in [1, train.steps={t.steps}], got {t.save_steps}")
-    g = cfg.dpg
-    _check(0.0 < g.gamma <= 1.0, "dpg.gamma must be in (0, 1]")
-    _check(g.weighting in ("gamma", "snr", "uniform"), f"dpg.weighting must be gamma, snr or uniform, got {g.weighting!r}")
-    _check(g.snr_cap > 0 and g.reward_weight >= 0, "dpg.snr_cap must be positive and dpg.reward_weight >= 0")
-    _check(g.actor in ("critic", "direct"), f"dpg.actor must be critic or direct, got {g.actor!r}")
-    _check(g.critic_input in ("latent", "features"), f"dpg.critic_input must be latent or features, got {g.critic_input!r}")
-    _check(not (g.actor == "direct" and g.reward == "recon"),
-           "dpg.actor=direct needs a differentiable reward (e.g. dpg.reward=dino), not the recon critic")
-    _check(g.actor_max_timestep is None or g.actor_max_timestep > 0, "dpg.actor_max_timestep must be positive")
-    _check(g.critic_optimizer in ("sgd", "adam"), f"dpg.critic_optimizer must be sgd or adam, got {g.critic_optimizer!r}")
-    _check(g.critic_activation in ("relu", "leaky_relu"), f"dpg.critic_activation must be relu or leaky_relu, got {g.critic_activation!r}")
-    _check(g.critic_lr > 0 and g.critic_hidden > 0, "dpg.critic_lr and dpg.critic_hidden must be positive")
-    _check(g.replay_size >= g.critic_batch_size > 0, "dpg.replay_size must be >= dpg.critic_batch_size > 0")
-    _check(g.instance_weight >= 0 and g.critic_warmup_steps >= 0, "dpg.instance_weight and dpg.critic_warmup_steps must be >= 0")
-    r = cfg.rpo
-    _check(r.negatives_per_prompt > 0, "rpo.negatives_per_prompt must be positive")
-    _check(0.0 <= r.lambda_train <= 1.0, "rpo.lambda_train must be in [0, 1]")
-    _check(r.beta >= 0, "rpo.beta must be >= 0")
-    _check(r.label_temperature > 0, "rpo.label_temperature must be positive")
-    _check(r.labels in ("bernoulli", "soft"), f"rpo.labels must be bernoulli or soft, got {r.labels!r}")
-    _check(r.reference_prompt in ("instance", "negative"), f"rpo.reference_prompt must be instance or negative, got {r.reference_prompt!r}")
-    _check(r.reward_encoder in ("align", "clip"), f"rpo.reward_encoder must be align or clip, got {r.reward_encoder!r}")
+    ensure(bool(t.method), "train.method must name a method")
+    ensure(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    ensure(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
+    ensure(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps must be positive")
+    ensure(cfg.learning_rate > 0, f"train.learning_rate must be positive, got {cfg.learning_rate}")
+    ensure(t.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
+    ensure(t.log_every > 0, "train.log_every must be positive")
+    ensure(t.checkpoint_every >= 0, "train.checkpoint_every must be 0 (off) or positive")
+    ensure(t.max_grad_norm > 0, "train.max_grad_norm must be positive")
+    ensure(t.snr_gamma is None or t.snr_gamma > 0, f"train.snr_gamma must be positive (or unset), got {t.snr_gamma}")
+    ensure(t.noise_offset >= 0, f"train.noise_offset must be >= 0, got {t.noise_offset}")
+    ensure(not (d.cache_latents and not d.center_crop), "data.cache_latents needs center crops (random crops change the pixels every step)")
+    ensure(t.ema_decay is None or 0 < t.ema_decay < 1, f"train.ema_decay must be in (0, 1) (or unset), got {t.ema_decay}")
+    ensure(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}")
+    ensure(t.report_to in (None, *TRACKERS), f"train.report_to must be one of {', '.join(TRACKERS)} (or unset), got {t.report_to!r}")
+    ensure(a.kind in ("lora", "full"), f"adapter.kind must be lora or full, got {a.kind!r}")
+    ensure(a.rank > 0, f"adapter.rank must be positive, got {a.rank}")
+    ensure(0.0 <= a.dropout < 1.0, "adapter.dropout must be in [0, 1)")
+    ensure(d.resolution is None or (d.resolution >= 8 and d.resolution % 8 == 0), f"data.resolution must be a multiple of 8, got {d.resolution}")
+    ensure(bool(d.identifier.strip()), "data.identifier must not be empty")
+    ensure(p.weight >= 0, "prior.weight must be non-negative")
+    ensure(p.num_class_images > 0 or not p.enabled, "prior.num_class_images must be positive when prior preservation is on")
+    ensure(v.every >= 0 and v.num_images > 0 and v.steps > 0, "validation.every must be >= 0, num_images and steps positive")
+    ensure(v.patience >= 0, "validation.patience must be 0 (off) or positive")
+    ensure(0.0 <= v.select_lambda <= 1.0, "validation.select_lambda must be in [0, 1]")
+    ensure(v.select_encoder in ("align", "clip"), f"validation.select_encoder must be align or clip, got {v.select_encoder!r}")
+    ensure(v.select_min_step >= 0, "validation.select_min_step must be >= 0")
+    ensure(all(0 < s <= t.steps for s in t.save_steps), f"train.save_steps must lie in [1, train.steps={t.steps}], got {t.save_steps}")
     for template in (d.instance_prompt, d.class_prompt, *v.prompts):
         try:
             template.format(identifier="x", class_noun="y")
@@ -411,5 +386,5 @@ def validate(cfg: RunConfig) -> None:
 
 def require_training_inputs(cfg: RunConfig) -> None:
     """Settings that `train` needs but that have no sensible default."""
-    _check(cfg.data.instance_dir is not None, "missing --instance-dir (data.instance_dir): the folder of subject images")
-    _check(cfg.data.class_noun is not None and cfg.data.class_noun.strip() != "", "missing --class-noun (data.class_noun), e.g. dog")
+    ensure(cfg.data.instance_dir is not None, "missing --instance-dir (data.instance_dir): the folder of subject images")
+    ensure(cfg.data.class_noun is not None and cfg.data.class_noun.strip() != "", "missing --class-noun (data.class_noun), e.g. dog")

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rewardbooth.evaluation.report import ReportSection, save_labelled_rows
+from rewardbooth.evaluation.report import ReportSection
+from rewardbooth.data.images import save_labelled_rows
 from rewardbooth.evaluation.run_report import write_run_report
 from rewardbooth.mini.bench import GUIDANCE, SAMPLE_BATCH, SUITES, method_config
 from rewardbooth.mini.scoring import ATTRIBUTE_METRICS, AttributeJudge, attribute_checks
 from rewardbooth.mini.world import make_subject, subject_prompts
-from rewardbooth.models.loading import load_components, load_run_pipeline, make_pipeline
+from rewardbooth.models.loading import load_components, make_pipeline
+from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.sampling import SampleSettings, generate
+from rewardbooth.methods import baseline_method
 from rewardbooth.training.loop import train
-from rewardbooth.training.run_dir import RUN_MARKER, prepare_run_dir
+from rewardbooth.training.run_dir import RUN_MARKER, RunFolder, prepare_run_dir
 
 IMAGES_PER_PROMPT = 4
 MINI_NOTICE = ("The 'mini' model was pretrained on rewardbooth's procedural MiniBench world (32 px shapes in 8 contexts), "
@@ -26,11 +29,12 @@ MINI_NOTICE = ("The 'mini' model was pretrained on rewardbooth's procedural Mini
 
 
 def run_demo(run_dir: Path, steps: int | None = None, seed: int = 0, overwrite: bool = False, progress: bool = True,
-             method: str = "dreambooth", images_per_prompt: int = IMAGES_PER_PROMPT) -> Path:
+             method: str | None = None, images_per_prompt: int = IMAGES_PER_PROMPT) -> Path:
     run_dir = Path(run_dir)
-    report = run_dir / "report.html"
+    folder = RunFolder(run_dir)
+    report = folder.report
     if not overwrite and (run_dir / RUN_MARKER).is_file():
-        if report.is_file() and (run_dir / "result.json").is_file():
+        if report.is_file() and folder.is_finished():
             print(f"the demo in {run_dir} is already done: {report} (pass --overwrite to run it again)")
             return report
         overwrite = True  # an interrupted demo of ours: start it again (the marker says the folder is ours)
@@ -41,7 +45,7 @@ def run_demo(run_dir: Path, steps: int | None = None, seed: int = 0, overwrite: 
     overrides = {"data.instance_dir": str(reference_dir), "data.class_noun": subject.class_noun, "train.seed": seed}
     if steps is not None:
         overrides["train.steps"] = steps
-    cfg = method_config(method, None, overrides)
+    cfg = method_config(method or baseline_method().name, None, overrides)
     specs = subject_prompts(subject, cfg.data.identifier)
     prompts = [spec.prompt for spec in specs]
     settings = SampleSettings(steps=SUITES["full"]["sample_steps"], guidance_scale=GUIDANCE, seed=seed, batch_size=SAMPLE_BATCH)

@@ -6,6 +6,7 @@ x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, c text embedding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -190,3 +191,26 @@ def encode_moments(vae, pixels: torch.Tensor, batch_size: int = 8) -> torch.Tens
     for chunk in pixels.split(batch_size):
         out.append(vae.encode(chunk.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters)
     return torch.cat(out)
+
+
+def dummy_conditioning(unet, batch: int, dtype: torch.dtype, device) -> TextConditioning:
+    """Zero text conditioning of the shapes `unet` takes (SDXL: pooled text and size ids too)."""
+    config = unet.config
+    hidden = torch.zeros(batch, 77, config.cross_attention_dim, dtype=dtype, device=device)
+    if config.addition_embed_type != "text_time":
+        return TextConditioning(hidden)
+    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return TextConditioning(hidden, torch.zeros(batch, pooled_dim, dtype=dtype, device=device),
+                            torch.zeros(batch, 6, dtype=dtype, device=device))
+
+
+def unet_probe(unet, batch: int, latent_size: int, dtype: torch.dtype, device) -> Callable[[], torch.Tensor]:
+    """One training forward of the U-Net at `batch` (loss included)."""
+
+    def probe():
+        noisy = torch.zeros(batch, unet.config.in_channels, latent_size, latent_size, dtype=dtype, device=device)
+        timesteps = torch.full((batch,), 500, dtype=torch.long, device=device)
+        prediction = unet_output(unet, noisy, timesteps, dummy_conditioning(unet, batch, dtype, device))
+        return per_sample_mse(prediction, torch.zeros_like(prediction)).mean()
+
+    return probe

@@ -28,11 +28,11 @@ def _model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def subject_dir(tmp_path_factory) -> Path:
-    """Five 64 px images of a procedural subject."""
-    from rewardbooth.data.procedural import make_subject, save_subject
+    """Five 64 px images of a MiniBench subject."""
+    from rewardbooth.mini.world import make_subject
 
     folder = tmp_path_factory.mktemp("subject") / "toy"
-    save_subject(make_subject(seed=3, num_images=5, size=64), folder)
+    make_subject(seed=3, num_images=5, size=64).save(folder)
     return folder
 
 
@@ -107,7 +107,7 @@ def straight_and_resumed_fixture():
 
 def metric_series(run_dir: Path, key: str) -> dict[int, float]:
     """step -> value of one key in a run's metrics.jsonl."""
-    from rewardbooth.evaluation.report import read_metrics
+    from rewardbooth.training.run_dir import read_metrics
 
     return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
 

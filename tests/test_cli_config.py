@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from rewardbooth.cli import main
-from rewardbooth.config import RunConfig, load_config
+from rewardbooth.config import RunConfig
+from rewardbooth.methods import load_config
 from rewardbooth.errors import ConfigError
 
 
@@ -138,7 +139,7 @@ def test_library_warnings_stay_off_the_terminal_unless_verbose(tmp_path, subject
 
 def test_presets_bring_their_own_world(tmp_path, monkeypatch):
     from rewardbooth.cli import main
-    from rewardbooth.mini.model import world_words
+    from rewardbooth.recipes.mini_model import world_words
 
     # tiny: random-weight judges and reward encoders, never the hub's
     tiny = load_config(overrides={"train.method": "rpo", "model.name": "tiny"})
@@ -153,7 +154,7 @@ def test_presets_bring_their_own_world(tmp_path, monkeypatch):
     assert load_config(overrides={"model.name": "mini", "evaluation.dino_model": "facebook/dino-vits16"}).evaluation.dino_model \
         == "facebook/dino-vits16"
     # generate on a mini run samples with the run's guidance, not SD's 7.5
-    import rewardbooth.models.loading as loading
+    import rewardbooth.training.finished_run as loading
     import rewardbooth.sampling as sampling
 
     seen = {}
@@ -183,7 +184,7 @@ def test_bad_input_is_reported_before_anything_loads_or_is_written(tmp_path, sub
 
     from PIL import Image
 
-    import rewardbooth.models.loading as loading
+    import rewardbooth.training.finished_run as loading
     from rewardbooth.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

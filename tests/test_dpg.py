@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from rewardbooth import diffusion
-from rewardbooth.config import load_config
+from rewardbooth.methods import load_config
 from rewardbooth.methods.critics import ReconstructionCritic, Replay, RewardCritic, critic_regression_loss, live_fraction
 from rewardbooth.methods.dpg import DPG
-from rewardbooth.models.loading import load_components, load_run_pipeline
+from rewardbooth.models.loading import load_components
+from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.training.loop import train
 from rewardbooth.training.run_dir import prepare_run_dir
 
@@ -75,21 +76,27 @@ class Probe(DPG):
         self.grad_norms, self.critic_unchanged = [], []
         self.snapshot = None
 
-    def actor_term(self, ctx, inputs, t):
-        term, q, live = super().actor_term(ctx, inputs, t)
-        params = [p for p in ctx.accelerator.unwrap_model(ctx.unet).parameters() if p.requires_grad]
-        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-        self.grad_norms.append(sum(float(g.norm()) for g in grads if g is not None))
-        critic = ctx.accelerator.unwrap_model(self.critic_train)
-        assert all(p.grad is None for p in critic.parameters())  # the actor term leaves phi alone
-        return term, q, live
+    def prepare(self, ctx):
+        super().prepare(ctx)
+        actor_term = self.actor.term
+
+        def probed(ctx, *args):
+            term, active, logs = actor_term(ctx, *args)
+            params = [p for p in ctx.accelerator.unwrap_model(ctx.unet).parameters() if p.requires_grad]
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            self.grad_norms.append(sum(float(g.norm()) for g in grads if g is not None))
+            critic = ctx.accelerator.unwrap_model(self.actor.critic_train)
+            assert all(p.grad is None for p in critic.parameters())  # the actor term leaves phi alone
+            return term, active, logs
+
+        self.actor.term = probed
 
     def loss(self, ctx, generator):
-        critic = ctx.accelerator.unwrap_model(self.critic_train) if self.snapshot is not None else None
+        critic = ctx.accelerator.unwrap_model(self.actor.critic_train) if self.snapshot is not None else None
         if critic is not None:  # between two loss() calls only the actor optimizer stepped
             self.critic_unchanged.append(all(torch.equal(a, b) for a, b in zip(self.snapshot, critic.parameters())))
         result = super().loss(ctx, generator)
-        self.snapshot = [p.detach().clone() for p in ctx.accelerator.unwrap_model(self.critic_train).parameters()]
+        self.snapshot = [p.detach().clone() for p in ctx.accelerator.unwrap_model(self.actor.critic_train).parameters()]
         return result
 
 
@@ -157,7 +164,7 @@ def test_non_differentiable_reward_trains_the_actor(tmp_path, dpg_overrides, mon
     prepare_run_dir(run, resume=False, overwrite=False)
     probe = Probe()
     train(cfg, run, progress=False, method=probe)
-    assert not probe.recon and all(g > 0 for g in probe.grad_norms)  # the critic's gradient reached the U-Net
+    assert probe.actor.judge is not None and all(g > 0 for g in probe.grad_norms)  # the critic's gradient reached the U-Net
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(abs(r["reward_true"]) < 2 and r["critic_loss"] >= 0 for r in records)
 
@@ -192,7 +199,7 @@ class DeadCritic(Probe):
     def prepare(self, ctx):
         super().prepare(ctx)
         with torch.no_grad():
-            self.critic.fc1.bias.fill_(-1e4)
+            self.actor.critic.fc1.bias.fill_(-1e4)
 
 
 def test_dead_critic_is_reported(tmp_path, dpg_overrides):

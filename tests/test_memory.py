@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rewardbooth.config import load_config
+from rewardbooth.methods import load_config
 from rewardbooth.methods import get_method
 from rewardbooth.training import memory
 from rewardbooth.training.loop import Trainer

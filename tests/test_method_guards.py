@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardbooth import diffusion
-from rewardbooth.config import load_config
+from rewardbooth.methods import load_config
 from rewardbooth.methods.dpg import DPG
 from rewardbooth.methods.dreambooth import DreamBooth
 from rewardbooth.methods.rpo import RPO
@@ -254,10 +254,10 @@ class ActorProbeDPG(DPG):
 
     def prepare(self, ctx):
         super().prepare(ctx)
-        self.critic = RecordingCritic(self.critic)
+        self.actor.critic = RecordingCritic(self.actor.critic)
 
     def loss(self, ctx, generator):
-        critic = self.critic
+        critic = self.actor.critic
         start = len(critic.outputs)
         loss, logs = super().loss(ctx, generator)
         actor_q = [q for through_actor, q in critic.outputs[start:] if through_actor]

@@ -8,14 +8,14 @@ import torch
 
 from rewardbooth.diffusion import add_noise, denoising_error, encode_prompts
 from rewardbooth.mini import pretraining_batch
-from rewardbooth.mini.model import (
+from rewardbooth.recipes.mini_model import (
     IDENTIFIER_TOKENS,
     MINI_PRESETS,
     build_mini_pipeline,
     check_word_tokens,
     world_words,
 )
-from rewardbooth.mini.pretrain import images_to_tensor
+from rewardbooth.recipes.mini_pretrain import images_to_tensor
 from rewardbooth.models.loading import load_components, make_pipeline
 
 

@@ -1,4 +1,4 @@
-"""The MiniBench training scripts: pretraining resumes with its EMA, judges save loadable checkpoints."""
+"""The MiniBench recipes (rewardbooth.recipes): pretraining resumes with its EMA, judges save loadable checkpoints."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rewardbooth.mini import judges, pretrain
+from rewardbooth.recipes import mini_judges as judges
+from rewardbooth.recipes import mini_pretrain as pretrain
 from rewardbooth.mini.scoring import AttributeJudge
 from rewardbooth.rewards.encoders import ClipEncoder, DinoEncoder, clear_encoder_cache, load_encoder
 
@@ -31,7 +32,7 @@ def test_pretrain_resumes_and_saves_the_ema(tmp_path):
     saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     # save_pretrained wrote the moving average, which differs from the raw weights after training.
     n_unet = len(saved)
-    raw, ema = state["params"][:n_unet], state["ema"][:n_unet]
+    raw, ema = state["params"][:n_unet], [state["ema"][f"shadow.{i}"] for i in range(n_unet)]
     assert any(not torch.equal(r, e) for r, e in zip(raw, ema))
     assert any(torch.equal(t, e) for t, e in zip(saved.values(), ema) if t.shape == e.shape)
     assert json.loads((out / "rewardbooth_mini.json").read_text())["steps_done"] == 7

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rewardbooth.errors import OutputExistsError
 from rewardbooth.mini import (
     ALL_COMBOS,
     COLOUR_RGB,
@@ -340,10 +341,31 @@ def test_subject_prompts_use_the_given_identifier() -> None:
     assert all("zwx" in s.prompt.split() and "sks" not in s.prompt for s in specs)
 
 
-def test_subject_saves_like_procedural_subjects(tmp_path) -> None:
-    paths = make_subject(1, num_images=4).save(tmp_path / "subject")
+def test_subject_saves_numbered_pngs(tmp_path) -> None:
+    subject = make_subject(1, num_images=4)
+    paths = subject.save(tmp_path / "new" / "subject")
     assert [p.name for p in paths] == ["00.png", "01.png", "02.png", "03.png"]
-    assert Image.open(paths[0]).size == (32, 32)
+    with Image.open(paths[0]) as im:
+        assert im.size == (32, 32) and im.tobytes() == subject.images[0].tobytes()
+
+
+def test_subject_save_refuses_a_non_empty_folder(tmp_path) -> None:
+    subject = make_subject(1, num_images=2)
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError) as info:
+        subject.save(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path) in message
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+    assert len(subject.save(tmp_path, overwrite=True)) == 2
+
+
+def test_resized_subject_keeps_everything_but_the_image_size() -> None:
+    subject = make_subject(2, num_images=3)
+    big = subject.resized(96)
+    assert [im.size for im in big.images] == [(96, 96)] * 3 and all(im.mode == "RGB" for im in big.images)
+    assert (big.name, big.combo, big.scenes) == (subject.name, subject.combo, subject.scenes)
+    assert [im.size for im in subject.images] == [(32, 32)] * 3  # the original is untouched
 
 
 def test_contact_sheet_command_writes_a_sheet(tmp_path, capsys) -> None:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rewardbooth.config import load_config
+from rewardbooth.methods import load_config
 from rewardbooth.errors import ConfigError
 from rewardbooth.evaluation.paired import bootstrap_interval, compare, paired_differences, verdict
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
-from rewardbooth.training.loop import budget_dir, train
-from rewardbooth.training.run_dir import prepare_run_dir
+from rewardbooth.training.loop import train
+from rewardbooth.training.run_dir import RunFolder, prepare_run_dir
 
 
 def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():
@@ -60,14 +60,14 @@ def test_budgets_keep_the_weights_a_shorter_run_would_give(tmp_path, tiny_overri
         runs[name] = tmp_path / name
         prepare_run_dir(runs[name], resume=False, overwrite=False)
         train(cfg, runs[name], progress=False)
-    kept = load_file(budget_dir(runs["long"], 2) / LORA_WEIGHTS_NAME)
+    kept = load_file(RunFolder(runs["long"]).budget_dir(2) / LORA_WEIGHTS_NAME)
     short = load_file(runs["short"] / LORA_WEIGHTS_NAME)
     final = load_file(runs["long"] / LORA_WEIGHTS_NAME)
     assert kept.keys() == short.keys()
     for key in kept:
         torch.testing.assert_close(kept[key], short[key])
     assert any(not torch.equal(kept[k], final[k]) for k in kept)
-    assert json.loads((budget_dir(runs["long"], 2) / "budget.json").read_text()) == {"step": 2, "selected_step": 2}
+    assert json.loads((RunFolder(runs["long"]).budget_dir(2) / "budget.json").read_text()) == {"step": 2, "selected_step": 2}
 
 
 def test_save_steps_outside_the_run_are_refused(tiny_overrides):
@@ -90,7 +90,7 @@ def test_loop_selection_works_for_dreambooth_and_respects_min_step(tmp_path, tin
         candidates = {s: v for s, v in curve.items() if s >= min_step}
         assert result.selected_step == max(candidates, key=candidates.get)
         at_budget = {s: v for s, v in candidates.items() if s <= 4}
-        kept = json.loads((budget_dir(run, 4) / "budget.json").read_text())
+        kept = json.loads((RunFolder(run).budget_dir(4) / "budget.json").read_text())
         assert kept["selected_step"] == max(at_budget, key=at_budget.get)
 
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rewardbooth.data.procedural import make_subject
 from rewardbooth.errors import ConfigError
 from rewardbooth.rewards import (
     BUILTIN_REWARDS,
@@ -24,6 +23,7 @@ from rewardbooth.rewards import (
     tiny_encoder_path,
     unregister_reward,
 )
+from rewardbooth.mini.world import make_subject
 
 TINY = {"dino": "tiny", "clip": "tiny", "align": "tiny"}
 PROMPTS = ["a sks toy in the snow", "a sks toy on the beach", "a red sks toy", "sks toy with a city in the background"]

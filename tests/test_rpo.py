@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from rewardbooth import diffusion
-from rewardbooth.config import load_config
+from rewardbooth.methods import load_config
 from rewardbooth.methods.rpo import OBJECT_PROMPTS, RPO, preference_loss
-from rewardbooth.models.loading import load_components, load_run_pipeline
+from rewardbooth.models.loading import load_components
+from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.training.loop import train
 from rewardbooth.training.run_dir import list_checkpoints, prepare_run_dir
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from rewardbooth.cli import main
-from rewardbooth.config import load_config
+from rewardbooth.methods import load_config
 from rewardbooth.errors import CheckpointError, OutputExistsError
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
 from rewardbooth.training.loop import train
@@ -141,7 +141,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_over
 def test_a_full_disk_at_the_final_save_is_one_line_and_resumable(tmp_path, subject_dir, capsys, monkeypatch):
     import errno
 
-    import rewardbooth.training.loop as loop
+    import rewardbooth.training.weights as loop
 
     run = tmp_path / "run"
     argv = ["train", "--model", "tiny", "--instance-dir", str(subject_dir), "--class-noun", "toy", "--output", str(run),

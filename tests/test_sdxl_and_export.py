@@ -10,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rewardbooth.config import load_config
-from rewardbooth.models.export import KOHYA_WEIGHTS_NAME, export_lora, sgm_module_name
-from rewardbooth.models.loading import load_components, load_run_pipeline, make_pipeline
+from rewardbooth.methods import load_config
+from rewardbooth.models.export import KOHYA_WEIGHTS_NAME, sgm_module_name
+from rewardbooth.training.finished_run import export_lora
+from rewardbooth.models.loading import load_components, make_pipeline
+from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
 from rewardbooth.sampling import SampleSettings, generate
 from rewardbooth.training.loop import train
@@ -165,7 +167,7 @@ def test_sdxl_training_conditions_the_unet_as_the_pipeline_does(subject_dir):
     training feeds the U-Net are those StableDiffusionXLPipeline feeds it when sampling."""
     from accelerate import Accelerator
 
-    from rewardbooth.training.context import TrainContext
+    from rewardbooth.methods.context import TrainContext
 
     cfg = load_config(None, _overrides(subject_dir, "tiny-sdxl", "dreambooth", "lora"))
     components = load_components("tiny-sdxl")

@@ -36,7 +36,7 @@ def test_only_small_models_on_the_cpu_without_an_explicit_setting(monkeypatch):
 def test_training_a_small_model_records_the_chosen_count(tmp_path, tiny_overrides, monkeypatch):
     import json
 
-    from rewardbooth.config import load_config
+    from rewardbooth.methods import load_config
     from rewardbooth.training.loop import train
     from rewardbooth.training.run_dir import prepare_run_dir
     from rewardbooth.training.threads import thread_candidates

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rewardbooth import diffusion
-from rewardbooth.config import load_config
+from rewardbooth.methods import load_config
 from rewardbooth.errors import ConfigError
 from rewardbooth.methods.dreambooth import CLASS_LATENTS_NAME, DreamBooth
 from rewardbooth.models.loading import load_components
@@ -188,7 +188,7 @@ def test_class_latents_are_cached_on_disk_and_reused(tmp_path, tiny_overrides, m
 
     # Same class images again: no VAE encoding; one image changed: encoded again.
     from rewardbooth.training import context as context_module
-    from rewardbooth.training.context import LatentImageSet
+    from rewardbooth.methods.context import LatentImageSet
 
     encoded = []
     real = diffusion.encode_moments
@@ -210,7 +210,7 @@ def test_class_latents_are_cached_on_disk_and_reused(tmp_path, tiny_overrides, m
 def _bare_context(cfg, run_dir):
     from accelerate import Accelerator
 
-    from rewardbooth.training.context import TrainContext
+    from rewardbooth.methods.context import TrainContext
 
     return TrainContext(cfg, run_dir, Accelerator(cpu=True), load_components("tiny"), resolution=32, weight_dtype=torch.float32)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rewardbooth import diffusion
-from rewardbooth.config import load_config
+from rewardbooth.methods import load_config
 from rewardbooth.errors import ConfigError
 from rewardbooth.methods.dpg import DPG
 from rewardbooth.methods.rpo import RPO, preference_labels, preference_loss
@@ -156,13 +156,22 @@ class CriticProbe(DPG):
     def __init__(self):
         self.inputs, self.grad_norms = [], []
 
-    def actor_term(self, ctx, inputs, t):
-        term, q, live = super().actor_term(ctx, inputs, t)
-        self.inputs.append(inputs)
-        params = [p for p in ctx.accelerator.unwrap_model(ctx.unet).parameters() if p.requires_grad]
-        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-        self.grad_norms.append(sum(float(g.norm()) for g in grads if g is not None))
-        return term, q, live
+    def prepare(self, ctx):
+        super().prepare(ctx)
+        actor_term, predicted_cost = self.actor.term, self.actor.predicted_cost
+
+        def recorded_cost(ctx, inputs):  # the critic's inputs on the actor's side (with gradients)
+            self.inputs.append(inputs)
+            return predicted_cost(ctx, inputs)
+
+        def probed(ctx, *args):
+            term, active, logs = actor_term(ctx, *args)
+            params = [p for p in ctx.accelerator.unwrap_model(ctx.unet).parameters() if p.requires_grad]
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            self.grad_norms.append(sum(float(g.norm()) for g in grads if g is not None))
+            return term, active, logs
+
+        self.actor.predicted_cost, self.actor.term = recorded_cost, probed
 
 
 def test_feature_critic_sees_encoder_features_and_learns_them(tmp_path, dpg_overrides):
@@ -172,7 +181,7 @@ def test_feature_critic_sees_encoder_features_and_learns_them(tmp_path, dpg_over
     probe = CriticProbe()
     folder = run(cfg, tmp_path, probe)
     features, t, _ = probe.inputs[0]
-    assert features.shape == (2, probe.reward.encoder.dim)
+    assert features.shape == (2, probe.actor.judge.encoder.dim)
     torch.testing.assert_close(features.norm(dim=-1), torch.ones(2))  # unit-norm encoder embeddings
     assert all(g > 0 for g in probe.grad_norms)  # the critic's gradient reaches the U-Net through the features
     errors = [r["critic_abs_error"] for r in records(folder)]

@@ -6,6 +6,7 @@ names the offending file or folder, because the CLI prints ``str(error)`` verbat
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -192,3 +193,84 @@ def preprocess(
         return torch.empty((0, 3, resolution, resolution))
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return batch / 127.5 - 1.0
+
+
+# --- the image tiler: grids for reports, validation samples and generated images ----------
+
+
+def make_grid(
+    images: list[Image.Image],
+    cols: int | None = None,
+    pad: int = 2,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """Tile images into a grid with `pad` pixels around and between every cell.
+
+    Size: width = cols * w + (cols + 1) * pad, height = rows * h + (rows + 1) * pad,
+    where (w, h) is the first image's size (the others are resized to it).
+    """
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    n = len(images)
+    cols = max(1, min(cols or math.ceil(math.sqrt(n)), n))
+    rows = math.ceil(n / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), background)
+    for i, image in enumerate(images):
+        if image.size != (w, h):
+            image = image.resize((w, h), Image.Resampling.LANCZOS)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        row, col = divmod(i, cols)
+        grid.paste(image, (pad + col * (w + pad), pad + row * (h + pad)))
+    return grid
+
+
+def save_image_grid(images: list[Image.Image], path: Path, cols: int | None = None, max_side: int | None = None) -> Path:
+    """A grid PNG; `max_side` shrinks larger images first (phone photos make thumbnails, not 100 MB strips)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if max_side:
+        images = [_thumbnail(im, max_side) for im in images]
+    make_grid(images, cols=cols).save(path, format="PNG")
+    return path
+
+
+def _thumbnail(image: Image.Image, max_side: int) -> Image.Image:
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+
+
+def save_labelled_rows(rows: list[tuple[str, list[Image.Image]]], path: Path, scale: int = 1, gap_after: int | None = None,
+                       header: list[str] | None = None) -> Path:
+    """One row of images per label, the label written at the row's left; a wider gap after
+    `gap_after` images (e.g. before | after); optional column headers over the two halves."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    w, h = rows[0][1][0].size
+    w, h = w * scale, h * scale
+    label_width = 8 + max(int(font.getlength(label)) for label, _ in rows)
+    cols = max(len(images) for _, images in rows)
+    gap = 12
+    top = 16 if header else 0
+    x0 = [label_width + k * (w + 2) + (gap if gap_after and k >= gap_after else 0) for k in range(cols)]
+    width = x0[-1] + w + 4
+    if header:  # room for the last header's text
+        width = max(width, x0[gap_after or 0] + int(font.getlength(header[-1])) + 4)
+    canvas = Image.new("RGB", (width, top + len(rows) * (h + 2) + 2), "white")
+    draw = ImageDraw.Draw(canvas)
+    if header:
+        for text, column in zip(header, (0, gap_after or 0)):
+            draw.text((x0[column], 2), text, fill="black", font=font)
+    for r, (label, images) in enumerate(rows):
+        y = top + 2 + r * (h + 2)
+        draw.text((4, y + h // 2 - 6), label, fill="black", font=font)
+        for k, image in enumerate(images):
+            canvas.paste(image.convert("RGB").resize((w, h), Image.Resampling.NEAREST), (x0[k], y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG")
+    return path

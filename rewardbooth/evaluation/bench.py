@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 
 from rewardbooth.config import RunConfig
 from rewardbooth.data.dreambench import DreamBench, DreamBenchSubject, load_dreambench
-from rewardbooth.data.images import load_image, load_image_folder
+from rewardbooth.data.images import load_image, load_image_folder, save_image_grid
 from rewardbooth.errors import ConfigError, OutputExistsError
 from rewardbooth.evaluation.metrics import METRICS, ImageScore, Scorer, summarize
-from rewardbooth.evaluation.report import ReportSection, save_image_grid, write_report
+from rewardbooth.evaluation.report import ReportSection, write_report
 from rewardbooth.rewards import Subject
-from rewardbooth.training.run_dir import prepare_run_dir
+from rewardbooth.training.run_dir import RunFolder, prepare_run_dir
 
 BENCH_INFO = "bench.json"
 
@@ -101,13 +101,13 @@ class BenchRunner:
         return done
 
     def run_subject(self, subject: DreamBenchSubject) -> None:
-        from rewardbooth.models.loading import load_run_pipeline
+        from rewardbooth.training.finished_run import load_run_pipeline
         from rewardbooth.sampling import SampleSettings, generate, save_generated
         from rewardbooth.training.loop import train
 
         folder = self.subject_dir(subject)
         run_dir = self.run_dir(subject)
-        if not (run_dir / "result.json").is_file():
+        if not RunFolder(run_dir).is_finished():
             resume = (run_dir / "config.yaml").is_file()
             prepare_run_dir(run_dir, resume=resume, overwrite=False)
             train(self.subject_config(subject), run_dir, resume=resume, progress=self.progress)
@@ -186,7 +186,7 @@ def summarize_folders(bench_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
 
 def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]], title: str = "rewardbooth DreamBench results",
                        extra_sections: list[ReportSection] | None = None) -> Path:
-    from rewardbooth.evaluation.report import plot_bars, plot_tradeoff
+    from rewardbooth.evaluation.figures import plot_bars, plot_tradeoff
 
     assets = report_dir / "report_assets"
     # Each folder is labelled by its method, or by its folder name where methods repeat (variants, budgets).

@@ -7,18 +7,21 @@ from pathlib import Path
 
 import yaml
 
-from rewardbooth.data.images import load_image_folder
-from rewardbooth.evaluation.report import ReportSection, plot_metrics, read_metrics, save_image_grid, write_report
-from rewardbooth.training.run_dir import CONFIG_NAME, METRICS_NAME
+from rewardbooth.data.images import load_image_folder, save_image_grid
+from rewardbooth.evaluation.figures import plot_metrics
+from rewardbooth.evaluation.report import ReportSection, write_report
+from rewardbooth.methods import method_registry
+from rewardbooth.training.run_dir import RunFolder
 
 REFERENCE_THUMBNAIL = 256  # px, longest side of each reference in the report's strip
 
 
 def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: list[ReportSection] = ()) -> Path:
-    run_dir = Path(run_dir)
-    cfg = yaml.safe_load((run_dir / CONFIG_NAME).read_text())
-    result = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").exists() else {}
-    records = read_metrics(run_dir / METRICS_NAME)
+    folder = RunFolder(run_dir)
+    run_dir = folder.root
+    cfg = yaml.safe_load(folder.config.read_text())
+    result = folder.read_result()
+    records = folder.read_metrics()
     sections = []
 
     instance_dir = cfg["data"]["instance_dir"]
@@ -42,11 +45,11 @@ def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: l
     keys = _numeric_keys(validation_records, skip={"step", "validation"})
     if plot_metrics(validation_records, keys, run_dir / "report_assets" / "validation.png", title="validation") is not None:
         text = "; ".join(f"step {r['step']}: " + ", ".join(f"{k} {r[k]:.4f}" for k in keys if k in r) for r in validation_records)
-        if result.get("selected_step") is not None and result.get("selected_step") != result.get("last_step"):
-            text += f". Selected weights: step {result['selected_step']} (best validation)."
+        if result is not None and result.selected_step != result.last_step:
+            text += f". Selected weights: step {result.selected_step} (best validation)."
         sections.append(ReportSection("Validation curve", text, images=[("report_assets/validation.png", "per validation")]))
 
-    grids = sorted((run_dir / "samples").glob("step-*/grid.png")) if (run_dir / "samples").is_dir() else []
+    grids = folder.sample_grids()
     if grids:
         prompts_file = grids[-1].parent / "prompts.json"
         prompts = json.loads(prompts_file.read_text()) if prompts_file.is_file() else []
@@ -58,11 +61,12 @@ def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: l
 
     sections.extend(extra_sections)
     method = cfg["train"]["method"]
-    other_methods = {"rpo", "dpg"} - {method}  # each method's own section; the others do not apply to this run
+    # each method's own section; the others do not apply to this run
+    other_methods = {cls.section for name, cls in method_registry().items() if cls.section and name != method}
     settings = [{"setting": f"{section}.{key}", "value": json.dumps(value)} for section, values in cfg.items()
                 if section not in other_methods for key, value in values.items()]
     sections.append(ReportSection("Settings", f"the resolved config.yaml of this run (the settings {method} uses)", table=settings))
-    title = f"rewardbooth {result.get('method', cfg['train']['method'])} run: {cfg['data']['identifier']} {cfg['data']['class_noun']}"
+    title = f"rewardbooth {result.method if result else method} run: {cfg['data']['identifier']} {cfg['data']['class_noun']}"
     return write_report(run_dir, title, sections, notice=notice)
 
 

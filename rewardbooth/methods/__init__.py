@@ -1,21 +1,102 @@
-"""Personalization methods: each the algorithm box of its paper over the shared primitives."""
+"""Personalization methods: each the algorithm box of its paper over the shared primitives.
+
+The registry below is the one place a method is known: method lists, help text, report
+sections, web-app curves, named variants and config checks all derive from it. Plug-in methods
+announce themselves through the `rewardbooth.methods` entry-point group (like plug-in rewards).
+"""
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from rewardbooth.config import RunConfig, build_config
 from rewardbooth.errors import ConfigError
 from rewardbooth.methods.base import Method
+from rewardbooth.methods.dpg import DPG
+from rewardbooth.methods.dreambooth import DreamBooth
+from rewardbooth.methods.rpo import RPO
+from rewardbooth.models.presets import preset_defaults
+
+ENTRY_POINT_GROUP = "rewardbooth.methods"
+BUILTIN_METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (DreamBooth, DPG, RPO)}
 
 
 def method_registry() -> dict[str, type[Method]]:
-    from rewardbooth.methods.dpg import DPG
-    from rewardbooth.methods.dreambooth import DreamBooth
-    from rewardbooth.methods.rpo import RPO
+    """Built-in methods, then those installed packages announce (a plug-in cannot shadow a built-in)."""
+    registry = dict(BUILTIN_METHODS)
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if point.name in registry:
+            continue
+        try:
+            cls = point.load()
+        except Exception as exc:
+            raise ConfigError(f"method {point.name!r}: entry point {point.value!r} failed to load: {exc}".splitlines()[0]) from exc
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise ConfigError(f"method {point.name!r}: entry point {point.value!r} is not a rewardbooth Method subclass")
+        registry[point.name] = cls
+    return registry
 
-    return {cls.name: cls for cls in (DreamBooth, RPO, DPG)}
+
+def method_names() -> list[str]:
+    return list(method_registry())
+
+
+def baseline_method() -> type[Method]:
+    """The method every other is compared with (DreamBooth)."""
+    return next(cls for cls in BUILTIN_METHODS.values() if cls.baseline)
 
 
 def get_method(name: str) -> type[Method]:
     registry = method_registry()
     if name not in registry:
-        raise ConfigError(f"unknown method {name!r} (available: {', '.join(registry)})")
+        raise ConfigError(f"train.method: unknown method {name!r} (available: {', '.join(registry)})")
     return registry[name]
+
+
+def variant_names() -> list[str]:
+    return [name for cls in method_registry().values() for name in cls.variants]
+
+
+def resolve_variant(name: str) -> tuple[type[Method], dict[str, Any]]:
+    """A method name or a named variant (e.g. dpg-recon) -> its method and the settings it changes."""
+    registry = method_registry()
+    if name in registry:
+        return registry[name], {}
+    for cls in registry.values():
+        if name in cls.variants:
+            return cls, dict(cls.variants[name])
+    raise ConfigError(f"unknown method or variant {name!r} (methods: {', '.join(registry)}; variants: {', '.join(variant_names())})")
+
+
+def methods_help() -> str:
+    """One line per method for --help and the web app."""
+    return "; ".join(f"{name}: {cls.summary}" for name, cls in method_registry().items())
+
+
+def _method_defaults(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
+    if cfg.train.method is None:
+        cfg.train.method = baseline_method().name
+    defaults = dict(get_method(cfg.train.method).defaults)
+    if "model.name" in explicit:  # a paper's resolution belongs to the paper's model: yours keeps its native size
+        defaults.pop("data.resolution", None)
+    return defaults
+
+
+def _preset_defaults(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
+    return preset_defaults(cfg.model.name)  # a preset's own world beats a paper's defaults
+
+
+def _method_checks(cfg: RunConfig) -> None:
+    get_method(cfg.train.method).check(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """A run's full configuration: defaults, the method's paper settings and the preset's world on
+    the keys the YAML file and the overrides leave unset; validated, with the method's checks."""
+    return build_config(path, overrides, defaults=(_method_defaults, _preset_defaults), checks=(_method_checks,))
+
+
+__all__ = ["BUILTIN_METHODS", "ENTRY_POINT_GROUP", "Method", "baseline_method", "get_method", "load_config", "method_names",
+           "method_registry", "methods_help", "resolve_variant", "variant_names"]

@@ -2,28 +2,48 @@
 
 A method is the paper's algorithm box: what data it needs (prepared once, before adapters are
 attached, so the frozen base model can generate class images or negatives) and the loss of one
-micro-batch. The loop owns everything else: optimizers, precision, accumulation, checkpoints,
-logging, validation.
+micro-batch. The loop owns everything else: optimizers (a method's own ones step through
+`TrainContext.owned_backward`, once per optimizer step), precision, accumulation, checkpoints,
+logging, validation and model selection.
+
+Everything the rest of rewardbooth knows about a method is a class attribute here: its help
+line, its config section, its paper defaults and checks, its MiniBench settings and named
+variants, the curves the web app draws.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rewardbooth import diffusion
+
 if TYPE_CHECKING:
-    from rewardbooth.training.context import TrainContext
+    from rewardbooth.config import RunConfig
+    from rewardbooth.methods.context import TrainContext
 
 
 class Method:
     name: str = ""
+    summary: str = ""  # one line for --help and the web app
+    baseline: bool = False  # the method the others are compared with (one built-in)
+    section: str | None = None  # its own config section (cfg.<section>), shown only in its runs' reports
     # A key of validation_metrics to maximise: the loop then keeps the best validated weights as
     # the run's result and can stop early (validation.patience). Without one, validation.select
     # gives any method selection by the loop's lambda-Harmonic reward.
     selection_metric: str | None = None
     # Settings of the paper's reference run, applied where the user's config leaves them unset.
-    defaults: dict[str, object] = {}
+    defaults: dict[str, Any] = {}
+    # MiniBench: the settings this method trains with in `bench --suite mini` (tuned on sets 100+),
+    # and named variants (name -> settings changed), benchmarked like methods.
+    minibench: dict[str, Any] = {}
+    variants: dict[str, dict[str, Any]] = {}
+    curves: tuple[str, ...] = ("loss",)  # metrics.jsonl keys the web app plots
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Reject settings of this method that cannot work (ConfigError naming the setting)."""
 
     def prepare(self, ctx: TrainContext) -> None:
         """Load data, cache embeddings and base-model samples; runs with the base model frozen."""
@@ -33,7 +53,7 @@ class Method:
         return []
 
     def extra_optimizers(self) -> list[torch.optim.Optimizer]:
-        """Optimizers the method steps itself (e.g. the critic's); checkpointed too."""
+        """Optimizers of the extra modules; stepped through ctx.owned_backward, checkpointed too."""
         return []
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -56,10 +76,8 @@ class Method:
 
     def memory_probes(self, ctx: TrainContext) -> list:
         """The step's forward passes with gradients, for the memory estimate (run on fake tensors)."""
-        from rewardbooth.training import memory
-
         n = self.unet_batch(ctx)
-        probes = [memory.unet_probe(ctx.unet, n, ctx.latent_size, ctx.weight_dtype, ctx.device)]
+        probes = [diffusion.unet_probe(ctx.unet, n, ctx.latent_size, ctx.weight_dtype, ctx.device)]
         if ctx.trains_text_encoder:
             probes.append(lambda: ctx.encode_prompts([ctx.cfg.instance_prompt] * n))
         return probes

@@ -1,10 +1,12 @@
-"""DPG's critics Q_phi and the replay of recent (critic input, reward) pairs they regress on."""
+"""DPG's critics Q_phi, the critic kinds (strategies), and the replay of recent (critic input, reward) pairs."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rewardbooth import diffusion
 
 
 def _activation(name: str) -> nn.Module:
@@ -135,3 +137,69 @@ class Replay:
 
 def critic_regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(prediction.float(), target.float())
+
+
+# --- critic kinds: what Q sees, what it regresses to, what the actor minimises ------------------
+
+
+class ReconstructionKind:
+    """The released code's critic: Q(R) over R = (x0_hat - x0_ref)^2 predicts the cost MSE(x0_hat, x0_ref)."""
+
+    needs_image = False
+
+    def build(self, latent_channels: int, latent_size: int, text_dim: int, feature_dim: int | None, cfg) -> nn.Module:
+        return ReconstructionCritic(latent_channels, latent_size, cfg.critic_hidden, cfg.critic_activation)
+
+    def inputs(self, judged, x0_ref, timesteps, text, features) -> tuple[torch.Tensor, ...]:
+        return ((judged - x0_ref) ** 2,)
+
+    @torch.no_grad()
+    def target(self, judged, x0_ref, images, judge) -> torch.Tensor:
+        return diffusion.per_sample_mse(judged, x0_ref)
+
+    def cost(self, q: torch.Tensor) -> torch.Tensor:
+        return q  # a predicted cost: minimised as it is
+
+    def as_reward(self, value: torch.Tensor) -> torch.Tensor:
+        return -value  # logged as a reward (higher is better)
+
+
+class LatentRewardKind:
+    """The paper's reward critic: Q(x0_hat, t, c) predicts the reward of the decoded look-forward image."""
+
+    needs_image = False
+
+    def build(self, latent_channels: int, latent_size: int, text_dim: int, feature_dim: int | None, cfg) -> nn.Module:
+        return RewardCritic(latent_channels, text_dim, cfg.critic_hidden, cfg.critic_activation)
+
+    def inputs(self, judged, x0_ref, timesteps, text, features) -> tuple[torch.Tensor, ...]:
+        return (judged, timesteps, text)
+
+    @torch.no_grad()
+    def target(self, judged, x0_ref, images, judge) -> torch.Tensor:
+        return judge(images if images is not None else judge.decode(judged)).detach()
+
+    def cost(self, q: torch.Tensor) -> torch.Tensor:
+        return -q
+
+    def as_reward(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+class FeatureRewardKind(LatentRewardKind):
+    """Q(f, t, c) over the reward encoder's features f of the decoded look-forward image."""
+
+    needs_image = True
+
+    def build(self, latent_channels: int, latent_size: int, text_dim: int, feature_dim: int | None, cfg) -> nn.Module:
+        return FeatureCritic(feature_dim, text_dim, cfg.critic_hidden, cfg.critic_activation)
+
+    def inputs(self, judged, x0_ref, timesteps, text, features) -> tuple[torch.Tensor, ...]:
+        return (features, timesteps, text)
+
+
+def critic_kind(reward: str, critic_input: str):
+    """dpg.reward=recon: the reconstruction critic; a reward with dpg.critic_input=latent|features: a reward critic."""
+    if reward == "recon":
+        return ReconstructionKind()
+    return FeatureRewardKind() if critic_input == "features" else LatentRewardKind()

@@ -1,44 +1,173 @@
 """DPG: deterministic policy gradient with a learned critic and look-forward (Wei et al., ECCV 2024).
 
-Algorithm (specs/METHODS.md section 2), per step on DreamBooth's batch (instance + class images):
+Algorithm (docs/methods.md#dpg), per step on DreamBooth's batch (instance + class images):
     eps_theta = U-Net(x_t, t, c);  x0_hat = look_forward(x_t, eps_theta, t)          (one U-Net call)
     critic:  r = reward of the detached look-forward sample; store (input, r) in the replay;
              phi <- phi - lr * grad_phi MSE(Q_phi(input), r) on replayed pairs
     actor:   L = lambda_prior L_prior + w_inst L_inst + mean_t w(t) * cost(Q_phi(x0_hat))
              with gradients through x0_hat into the U-Net, none into phi; w(t) = gamma^t (released code).
-Two critics: "recon" (released code) Q(R), R = (x0_hat - x0_ref)^2, predicts the cost
-MSE(x0_hat, x0_ref); a reward critic Q(x0_hat or its image features, t, c) predicts any reward of
-the decoded image (DINO to the references by default), so a non-differentiable reward supervises
-the actor too. dpg.actor=direct drops the critic and backpropagates a differentiable reward of the
-decoded x0_hat; dpg.look_forward=false judges the one-step-denoised x_{t-1} instead (the ablation).
+The critic kinds (what Q sees and predicts) live in critics.py; dpg.actor=direct swaps the critic
+for the reward's own gradient (DirectActor); dpg.look_forward=false judges the one-step-denoised
+x_{t-20} instead of x0_hat (the paper's ablation).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
 from rewardbooth import diffusion
-from rewardbooth.methods.critics import (
-    FeatureCritic,
-    ReconstructionCritic,
-    Replay,
-    RewardCritic,
-    critic_regression_loss,
-    live_fraction,
-)
+from rewardbooth.config import RunConfig, ensure
 from rewardbooth.errors import ConfigError
+from rewardbooth.methods.context import TrainContext
+from rewardbooth.methods.critics import Replay, critic_kind, critic_regression_loss, live_fraction
 from rewardbooth.methods.dreambooth import DreamBooth
 from rewardbooth.rewards import Subject, build_reward
-from rewardbooth.training.context import TrainContext
 
 DEAD_CHECK_EVERY = 50  # critic steps between checks for a dead critic
 STEP_BACK_STRIDE = 20  # without look-forward: judge x_{t-20}, one step of a 50-step DDIM sampler
 
+# The released code's DPG: the reconstruction critic, gamma^t, no instance loss.
+RELEASED_CRITIC: dict[str, Any] = {
+    "dpg.reward": "recon", "dpg.critic_input": "latent", "dpg.critic_optimizer": "sgd", "dpg.critic_lr": 0.01,
+    "dpg.critic_warmup_steps": 0, "dpg.instance_weight": 0.0, "dpg.weighting": "gamma", "dpg.reward_weight": 1.0}
+# A critic of the reward fed the reward encoder's features of the decoded look-forward image, warmed
+# up before the actor uses it (won MiniBench's tuning round: docs/minibench.md).
+FEATURE_CRITIC: dict[str, Any] = {
+    "dpg.reward": "dino", "dpg.critic_input": "features", "dpg.critic_optimizer": "adam", "dpg.critic_lr": 1e-3,
+    "dpg.critic_warmup_steps": 100, "dpg.instance_weight": 1.0, "dpg.weighting": "uniform", "dpg.reward_weight": 0.1}
+
+
+def decode_latents(ctx: TrainContext, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] of latents; differentiable (the VAE is frozen, not detached)."""
+    vae = ctx.components.vae
+    images = vae.decode((latents / ctx.components.latent_scaling).to(vae.dtype)).sample
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+class RewardJudge:
+    """The reward of decoded images against the subject, for the instance prompt."""
+
+    def __init__(self, ctx: TrainContext, spec: str, references: list):
+        evaluation = ctx.cfg.evaluation
+        models = {"dino": evaluation.dino_model, "clip": evaluation.clip_model, "align": evaluation.align_model}
+        self.ctx, self.spec = ctx, spec
+        self.reward = build_reward(spec, models=models, device=str(ctx.device))
+        self.subject = Subject("subject", references, ctx.cfg.data.identifier, ctx.cfg.data.class_noun)
+
+    @property
+    def encoder(self):
+        return getattr(self.reward, "encoder", None)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.ctx, latents)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.reward(images, [self.ctx.cfg.instance_prompt] * images.shape[0], self.subject).float().to(images.device)
+
+
+class DirectActor:
+    """No critic: the actor backpropagates a differentiable reward of the decoded look-forward image."""
+
+    decodes = True
+
+    def __init__(self, judge: RewardJudge):
+        if not judge.reward.differentiable:
+            raise ConfigError(f"dpg.actor=direct needs a differentiable reward; {judge.spec!r} is not (use dpg.actor=critic)")
+        self.judge = judge
+
+    def term(self, ctx: TrainContext, judged, x0_ref, t, text, weight, generator) -> tuple[torch.Tensor, bool, dict]:
+        reward = self.judge(self.judge.decode(judged))
+        term = -(weight * reward).mean()
+        return term, True, {"actor_reward_term": term.detach(), "reward_true": reward.detach().mean()}
+
+
+class CriticActor:
+    """The paper's actor-critic: Q_phi regresses the judged sample's reward over a replay of recent
+    samples (its own optimizer, stepped by the loop once per optimizer step); the actor minimises
+    w(t) cost(Q_phi(x0_hat)), the gradient reaching the U-Net through x0_hat, not phi."""
+
+    def __init__(self, ctx: TrainContext, judge: RewardJudge | None):
+        cfg = ctx.cfg.dpg
+        self.kind = critic_kind(cfg.reward, cfg.critic_input)
+        self.judge = judge
+        self.decodes = self.kind.needs_image
+        if self.decodes and (judge is None or judge.encoder is None):
+            raise ConfigError(f"dpg.critic_input=features needs a reward with an image encoder; {cfg.reward!r} has none")
+        unet_cfg = ctx.components.unet.config
+        feature_dim = judge.encoder.dim if self.decodes else None
+        # SDXL: cross_attention_dim spans both encoders' widths.
+        self.critic = self.kind.build(unet_cfg.in_channels, ctx.latent_size, unet_cfg.cross_attention_dim, feature_dim, cfg)
+        self.critic.to(ctx.device)
+        optimizer_cls = torch.optim.SGD if cfg.critic_optimizer == "sgd" else torch.optim.Adam
+        self.optimizer = optimizer_cls(self.critic.parameters(), lr=cfg.critic_lr)
+        self.critic_train = self.critic
+        self.replay = Replay(cfg.replay_size)
+        self.critic_steps = 0  # optimizer steps of the critic
+        self.warned_dead = False
+
+    def fit_critic(self, ctx: TrainContext, inputs: tuple[torch.Tensor, ...], target: torch.Tensor, b: int, generator) -> torch.Tensor:
+        """Store the newest (input, reward) pairs and regress Q on a replayed batch that includes them."""
+        cfg = ctx.cfg.dpg
+        self.replay.add(inputs, target)
+        replayed, targets = self.replay.sample(cfg.critic_batch_size, newest=b, generator=generator)
+        critic_loss = critic_regression_loss(self.critic_train(*replayed), targets)
+        if ctx.owned_backward(critic_loss, self.optimizer, self.critic_train.parameters(), cfg.critic_max_grad_norm):
+            self.critic_steps += 1
+        return critic_loss
+
+    def predicted_cost(self, ctx: TrainContext, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q of the judged sample with phi frozen: the gradient flows into the inputs only."""
+        critic = ctx.accelerator.unwrap_model(self.critic_train)
+        critic.requires_grad_(False)
+        try:
+            q = critic(*inputs)
+        finally:
+            critic.requires_grad_(True)
+        return self.kind.cost(q), q
+
+    def warn_if_dead(self, live: torch.Tensor) -> None:
+        # Checking needs a host sync, so look only now and then.
+        if self.critic_steps % DEAD_CHECK_EVERY == 1 and not self.warned_dead and live.item() == 0.0:
+            warnings.warn("DPG critic is dead (no active hidden unit): its gradient no longer reaches the U-Net; "
+                          "use dpg.critic_activation=leaky_relu or a lower dpg.critic_lr", stacklevel=3)
+            self.warned_dead = True
+
+    def term(self, ctx: TrainContext, judged, x0_ref, t, text, weight, generator) -> tuple[torch.Tensor, bool, dict]:
+        images = self.judge.decode(judged) if self.decodes else None
+        # Encoder features of the judged image, computed once: the actor's (with grad) and, detached, the replay's.
+        features = self.judge.encoder.encode_images(images) if self.decodes else None
+        detached = (judged.detach(), x0_ref, t, text, features.detach() if features is not None else None)
+        target = self.kind.target(judged.detach(), x0_ref, images.detach() if images is not None else None, self.judge)
+        critic_loss = self.fit_critic(ctx, self.kind.inputs(*detached), target, judged.shape[0], generator)
+
+        cost, q = self.predicted_cost(ctx, self.kind.inputs(judged, x0_ref, t, text, features))
+        live = live_fraction(ctx.accelerator.unwrap_model(self.critic_train))
+        self.warn_if_dead(live)
+        term = (weight * cost).mean()
+        reward_true, reward_predicted = self.kind.as_reward(target), self.kind.as_reward(q.detach())
+        return term, self.critic_steps > ctx.cfg.dpg.critic_warmup_steps, {
+            "actor_q_term": term.detach(), "critic_loss": critic_loss.detach(), "critic_live_fraction": live,
+            "reward_true": reward_true.mean(), "reward_predicted": reward_predicted.mean(),
+            "critic_abs_error": (reward_predicted - reward_true).abs().mean()}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.replay.state_tensors("replay."), "critic_steps": torch.tensor(self.critic_steps)}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        self.replay.load_state_tensors(state, "replay.")
+        self.critic_steps = int(state["critic_steps"])
+
 
 class DPG(DreamBooth):
     name = "dpg"
+    summary = ("DreamBooth plus an actor term: a learned critic's gradient through the look-forward x0_hat "
+               "(defaults: the released script, SD 1.4, full U-Net + text encoder, lr 1e-6, 1000 steps, reconstruction critic; "
+               "--set dpg.reward=dino for the paper's reward critic)")
+    section = "dpg"
+    curves = (*DreamBooth.curves, "reward_true")
     defaults = {  # the released script's command (train_dpg.sh)
         "model.name": "CompVis/stable-diffusion-v1-4",
         "data.resolution": 512,
@@ -52,75 +181,60 @@ class DPG(DreamBooth):
         "prior.weight": 1.0,
         "prior.num_class_images": 8,
     }
+    # MiniBench: the feature critic (won the tuning round on set 100); the released critic is dpg-recon.
+    minibench = {"adapter.kind": "full", "adapter.train_text_encoder": False, "train.learning_rate": 2e-4, "train.steps": 400,
+                 "train.batch_size": 1, "validation.every": 0, **FEATURE_CRITIC}
+    variants = {
+        # a differentiable reward straight through the decoded look-forward image (no critic)
+        "dpg-direct": {**RELEASED_CRITIC, "dpg.reward": "dino", "dpg.actor": "direct", "dpg.instance_weight": 1.0,
+                       "dpg.weighting": "uniform", "dpg.reward_weight": 0.1},
+        "dpg-recon": RELEASED_CRITIC,  # as released (the tuning round's "dpg")
+        "dpg-feature-critic": FEATURE_CRITIC,  # MiniBench's dpg, by name
+        # the reconstruction critic weighted toward detail steps, with the instance loss on
+        "dpg-snr": {**RELEASED_CRITIC, "dpg.weighting": "snr", "dpg.instance_weight": 1.0},
+        "dpg-low-t": {**RELEASED_CRITIC, "dpg.weighting": "uniform", "dpg.actor_max_timestep": 300, "dpg.instance_weight": 1.0},
+        "dpg-no-lookforward": {**RELEASED_CRITIC, "dpg.look_forward": False},  # the paper's ablation
+    }
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        g = cfg.dpg
+        ensure(0.0 < g.gamma <= 1.0, "dpg.gamma must be in (0, 1]")
+        ensure(g.weighting in ("gamma", "snr", "uniform"), f"dpg.weighting must be gamma, snr or uniform, got {g.weighting!r}")
+        ensure(g.snr_cap > 0 and g.reward_weight >= 0, "dpg.snr_cap must be positive and dpg.reward_weight >= 0")
+        ensure(g.actor in ("critic", "direct"), f"dpg.actor must be critic or direct, got {g.actor!r}")
+        ensure(g.critic_input in ("latent", "features"), f"dpg.critic_input must be latent or features, got {g.critic_input!r}")
+        ensure(not (g.actor == "direct" and g.reward == "recon"),
+               "dpg.actor=direct needs a differentiable reward (e.g. dpg.reward=dino), not the recon critic")
+        ensure(g.actor_max_timestep is None or g.actor_max_timestep > 0, "dpg.actor_max_timestep must be positive")
+        ensure(g.critic_optimizer in ("sgd", "adam"), f"dpg.critic_optimizer must be sgd or adam, got {g.critic_optimizer!r}")
+        ensure(g.critic_activation in ("relu", "leaky_relu"), f"dpg.critic_activation must be relu or leaky_relu, got {g.critic_activation!r}")
+        ensure(g.critic_lr > 0 and g.critic_hidden > 0, "dpg.critic_lr and dpg.critic_hidden must be positive")
+        ensure(g.replay_size >= g.critic_batch_size > 0, "dpg.replay_size must be >= dpg.critic_batch_size > 0")
+        ensure(g.instance_weight >= 0 and g.critic_warmup_steps >= 0, "dpg.instance_weight and dpg.critic_warmup_steps must be >= 0")
 
     def prepare(self, ctx: TrainContext) -> None:
         super().prepare(ctx)
         cfg = ctx.cfg.dpg
-        unet_cfg = ctx.components.unet.config
-        latent_size = ctx.latent_size
-        self.recon = cfg.reward == "recon"
-        self.direct = cfg.actor == "direct"
-        self.features = cfg.critic_input == "features" and not self.recon
-        if not self.recon:
-            evaluation = ctx.cfg.evaluation
-            models = {"dino": evaluation.dino_model, "clip": evaluation.clip_model, "align": evaluation.align_model}
-            self.reward = build_reward(cfg.reward, models=models, device=str(ctx.device))
-            self.subject = Subject("subject", self.instance.images, ctx.cfg.data.identifier, ctx.cfg.data.class_noun)
-            if self.direct and not self.reward.differentiable:
-                raise ConfigError(f"dpg.actor=direct needs a differentiable reward; {cfg.reward!r} is not (use dpg.actor=critic)")
-            if self.features and not hasattr(self.reward, "encoder"):
-                raise ConfigError(f"dpg.critic_input=features needs a reward with an image encoder; {cfg.reward!r} has none")
-        text_dim = unet_cfg.cross_attention_dim  # SDXL: both encoders' widths
-        if self.recon:
-            self.critic = ReconstructionCritic(unet_cfg.in_channels, latent_size, cfg.critic_hidden, cfg.critic_activation)
-        elif self.features:
-            self.critic = FeatureCritic(self.reward.encoder.dim, text_dim, cfg.critic_hidden, cfg.critic_activation)
-        else:
-            self.critic = RewardCritic(unet_cfg.in_channels, text_dim, cfg.critic_hidden, cfg.critic_activation)
-        self.critic.to(ctx.device)
-        optimizer_cls = torch.optim.SGD if cfg.critic_optimizer == "sgd" else torch.optim.Adam
-        self.critic_optimizer = optimizer_cls(self.critic.parameters(), lr=cfg.critic_lr)
-        self.replay = Replay(cfg.replay_size)
-        self.critic_steps = 0
-        self.warned_dead = False
+        judge = None if cfg.reward == "recon" else RewardJudge(ctx, cfg.reward, self.instance.images)
+        self.actor = DirectActor(judge) if cfg.actor == "direct" else CriticActor(ctx, judge)
 
     def extra_modules(self):
-        return [self.critic]
+        return [self.actor.critic] if isinstance(self.actor, CriticActor) else []
 
     def extra_optimizers(self):
-        return [self.critic_optimizer]
+        return [self.actor.optimizer] if isinstance(self.actor, CriticActor) else []
 
     def use_prepared(self, modules, optimizers):
-        self.critic_train, self.critic_optimizer = modules[0], optimizers[0]
+        if isinstance(self.actor, CriticActor):
+            self.actor.critic_train, self.actor.optimizer = modules[0], optimizers[0]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**self.replay.state_tensors("replay."), "critic_steps": torch.tensor(self.critic_steps)}
+        return self.actor.state_tensors() if isinstance(self.actor, CriticActor) else {}
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        self.replay.load_state_tensors(state, "replay.")
-        self.critic_steps = int(state["critic_steps"])
-
-    # --- what is judged, and by whom ----------------------------------------------------------
-    def decode(self, ctx: TrainContext, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] of latents; differentiable (the VAE is frozen, not detached)."""
-        vae = ctx.components.vae
-        images = vae.decode((latents / ctx.components.latent_scaling).to(vae.dtype)).sample
-        return ((images.float() + 1) / 2).clamp(0, 1)
-
-    def image_reward(self, ctx: TrainContext, images: torch.Tensor) -> torch.Tensor:
-        return self.reward(images, [ctx.cfg.instance_prompt] * images.shape[0], self.subject).float().to(images.device)
-
-    def critic_inputs(self, judged, x0_ref, timesteps, text, features=None) -> tuple[torch.Tensor, ...]:
-        if self.recon:
-            return ((judged - x0_ref) ** 2,)
-        return (features if self.features else judged, timesteps, text)
-
-    @torch.no_grad()
-    def true_reward(self, ctx: TrainContext, judged: torch.Tensor, x0_ref: torch.Tensor, images=None) -> torch.Tensor:
-        """What the critic regresses to. recon: the cost MSE(judged, x0_ref); else the reward of the image."""
-        if self.recon:
-            return diffusion.per_sample_mse(judged, x0_ref)
-        return self.image_reward(ctx, images if images is not None else self.decode(ctx, judged)).detach()
+        if isinstance(self.actor, CriticActor):
+            self.actor.load_state_tensors(state)
 
     def actor_weight(self, ctx: TrainContext, t: torch.Tensor) -> torch.Tensor:
         """w(t) of the actor term: gamma^t (released code), capped SNR, or uniform; zero above actor_max_timestep."""
@@ -135,43 +249,28 @@ class DPG(DreamBooth):
             weight = weight * (t < cfg.actor_max_timestep).float()
         return weight
 
-    def actor_cost(self, q: torch.Tensor) -> torch.Tensor:
-        """The actor minimises a cost: Q itself for recon (a predicted cost), -Q for a reward."""
-        return q if self.recon else -q
-
-    def actor_term(self, ctx: TrainContext, inputs: tuple[torch.Tensor, ...], t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """mean_t w(t) cost(Q(x0_hat)): grad flows through x0_hat into the U-Net, not into phi."""
-        critic = ctx.accelerator.unwrap_model(self.critic_train)
-        critic.requires_grad_(False)
-        try:
-            q = critic(*inputs)
-        finally:
-            critic.requires_grad_(True)
-        live = live_fraction(critic)
-        # Checking needs a host sync, so look only now and then.
-        if self.critic_steps % DEAD_CHECK_EVERY == 1 and not self.warned_dead and live.item() == 0.0:
-            warnings.warn("DPG critic is dead (no active hidden unit): its gradient no longer reaches the U-Net; "
-                          "use dpg.critic_activation=leaky_relu or a lower dpg.critic_lr", stacklevel=2)
-            self.warned_dead = True
-        return (self.actor_weight(ctx, t) * self.actor_cost(q)).mean(), q, live
+    def judged_sample(self, ctx: TrainContext, noisy, prediction, t) -> torch.Tensor:
+        """Look-forward x0_hat (where this trajectory would end) or, ablated, x_{t-20} one step on."""
+        if ctx.cfg.dpg.look_forward:
+            return diffusion.predict_x0(ctx.noise_scheduler, noisy, prediction, t).float()
+        return diffusion.step_back(ctx.noise_scheduler, noisy, prediction, t, STEP_BACK_STRIDE).float()
 
     def memory_probes(self, ctx: TrainContext) -> list:
         probes = super().memory_probes(ctx)
-        if self.direct or self.features:  # the look-forward image is decoded and judged with gradients
+        if self.actor.decodes:  # the look-forward image is decoded and judged with gradients
             b, channels = ctx.cfg.train.batch_size, ctx.components.unet.config.in_channels
+            judge = self.actor.judge
 
-            def judge():
+            def judged_image():
                 latents = torch.zeros(b, channels, ctx.latent_size, ctx.latent_size, device=ctx.device, requires_grad=True)
-                images = self.decode(ctx, latents)
+                images = judge.decode(latents)
                 # The encoder, not the whole reward: a reward may cache its references on first use,
                 # and this runs on fake tensors. The comparison after the encoder saves next to nothing.
-                encoder = getattr(self.reward, "encoder", None)
-                return encoder.encode_images(images) if encoder is not None else images
+                return judge.encoder.encode_images(images) if judge.encoder is not None else images
 
-            probes.append(judge)
+            probes.append(judged_image)
         return probes
 
-    # --- one step ----------------------------------------------------------------------------
     def loss(self, ctx: TrainContext, generator: torch.Generator):
         cfg = ctx.cfg.dpg
         noised, text, b = self.sample_batch(ctx, generator)
@@ -179,42 +278,10 @@ class DPG(DreamBooth):
         errors = diffusion.per_sample_mse(prediction, diffusion.training_target(ctx.noise_scheduler, noised))
         loss, logs = self.combine(ctx, errors, noised.timesteps, b, instance_weight=cfg.instance_weight)
 
-        # Look-forward on the instance half: where this trajectory would end (or, ablated, one step on).
-        t = noised.timesteps[:b]
-        if cfg.look_forward:
-            judged = diffusion.predict_x0(ctx.noise_scheduler, noised.noisy[:b], prediction[:b], t).float()
-        else:
-            judged = diffusion.step_back(ctx.noise_scheduler, noised.noisy[:b], prediction[:b], t, STEP_BACK_STRIDE).float()
-        x0_ref = noised.x0[:b].float()
-        text_b = text.hidden[:b].detach().float()
-        images = self.decode(ctx, judged) if (self.direct or self.features) else None
-        # Encoder features of the judged image, computed once: the actor's (with grad) and, detached, the replay's.
-        features = self.reward.encoder.encode_images(images) if self.features else None
-
-        if self.direct:  # no critic: the reward's own gradient
-            reward = self.image_reward(ctx, images)
-            actor_term = -(self.actor_weight(ctx, t) * reward).mean()
-            return loss + cfg.reward_weight * actor_term, {**logs, "actor_reward_term": actor_term.detach(),
-                                                           "reward_true": reward.detach().mean()}
-
-        # Critic step on detached samples (replayed with recent ones).
-        target = self.true_reward(ctx, judged.detach(), x0_ref, images.detach() if images is not None else None)
-        detached_features = features.detach() if features is not None else None
-        self.replay.add(self.critic_inputs(judged.detach(), x0_ref, t, text_b, detached_features), target)
-        inputs, targets = self.replay.sample(cfg.critic_batch_size, newest=b, generator=generator)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss = critic_regression_loss(self.critic_train(*inputs), targets)
-        critic_loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.critic_train.parameters(), cfg.critic_max_grad_norm)
-        self.critic_optimizer.step()
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.critic_steps += 1
-
-        actor_term, q, live = self.actor_term(ctx, self.critic_inputs(judged, x0_ref, t, text_b, features), t)
-        if self.critic_steps > cfg.critic_warmup_steps:
+        t = noised.timesteps[:b]  # the actor judges the instance half
+        judged = self.judged_sample(ctx, noised.noisy[:b], prediction[:b], t)
+        actor_term, active, actor_logs = self.actor.term(ctx, judged, noised.x0[:b].float(), t, text.hidden[:b].detach().float(),
+                                                         self.actor_weight(ctx, t), generator)
+        if active:
             loss = loss + cfg.reward_weight * actor_term
-        reward_true = target if not self.recon else -target  # log rewards (higher is better) for both kinds
-        q_reward = q.detach() if not self.recon else -q.detach()
-        return loss, {**logs, "actor_q_term": actor_term.detach(), "critic_loss": critic_loss.detach(),
-                      "critic_live_fraction": live, "reward_true": reward_true.mean(),
-                      "reward_predicted": q_reward.mean(), "critic_abs_error": (q_reward - reward_true).abs().mean()}
+        return loss, {**logs, **actor_logs}

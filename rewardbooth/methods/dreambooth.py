@@ -8,17 +8,15 @@ frozen base model from the class prompt) with the class prompt.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from PIL import Image
 
 from rewardbooth import diffusion
 from rewardbooth.config import RunConfig
-from rewardbooth.data.images import list_image_files, load_image, load_image_folder
+from rewardbooth.data.images import list_image_files, load_image
 from rewardbooth.methods.base import Method
 from rewardbooth.sampling import SampleSettings, generate
-from rewardbooth.training.context import LatentImageSet, TrainContext
+from rewardbooth.methods.context import LatentImageSet, TrainContext
 
 CLASS_IMAGE_FOLDER = "class_images"
 CLASS_LATENTS_NAME = "class_latents.safetensors"  # data.cache_latents: the class images' VAE moments
@@ -56,17 +54,19 @@ def prepare_class_images(ctx: TrainContext) -> list[Image.Image]:
     return [load_image(path) for path in [*user_files, *generated]]
 
 
-def instance_images(ctx: TrainContext) -> list[Image.Image]:
-    data = ctx.cfg.data
-    min_size = data.min_image_size if data.min_image_size is not None else ctx.resolution // 2
-    return load_image_folder(Path(data.instance_dir), min_size=min_size)
-
-
 class DreamBooth(Method):
     name = "dreambooth"
+    summary = "the baseline: denoising loss on your photos + prior preservation on class images"
+    baseline = True
+    # MiniBench (docs/minibench.md): full U-Net, 400 steps at batch 1, the learning rate chosen at batch 2 on set 100.
+    minibench = {"adapter.kind": "full", "train.learning_rate": 4e-4, "train.steps": 400, "train.batch_size": 1,
+                 "validation.every": 0}
+    # selection alone: DreamBooth keeping its best validated weights by RPO's reward
+    variants = {"dreambooth-select": {"validation.every": 40, "validation.num_images": 2, "validation.select": True}}
+    curves = ("loss", "loss_instance", "loss_prior")
 
     def prepare(self, ctx: TrainContext) -> None:
-        self.instance = LatentImageSet(instance_images(ctx), ctx)
+        self.instance = LatentImageSet(ctx.instance_images(), ctx)
         self.prior = ctx.cfg.prior.enabled
         if self.prior:
             cache = ctx.run_dir / CLASS_LATENTS_NAME if ctx.cfg.data.cache_latents else None

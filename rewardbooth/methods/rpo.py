@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from rewardbooth import diffusion
 from rewardbooth.data.images import load_image
+from rewardbooth.config import RunConfig, ensure
 from rewardbooth.methods.base import Method
-from rewardbooth.methods.dreambooth import instance_images
 from rewardbooth.rewards import Subject, build_reward, park_encoders
 from rewardbooth.sampling import METADATA_NAME, SampleSettings, generate, save_generated
-from rewardbooth.training.context import LatentImageSet, TrainContext
+from rewardbooth.methods.context import LatentImageSet, TrainContext
 
 # The 8 training prompts of the paper / official code ("[V]" is our {identifier}).
 OBJECT_PROMPTS = [
@@ -88,6 +88,20 @@ def preference_labels(r_reference: torch.Tensor, r_negative: torch.Tensor, tempe
 
 class RPO(Method):
     name = "rpo"
+    summary = ("the paper's preference loss against base-model negatives, labelled by the lambda-Harmonic reward, "
+               "with model selection (paper defaults: SD 2.1, full U-Net, lr 5e-6, 400 steps)")
+    section = "rpo"
+    curves = ("loss", "loss_preference")
+    # MiniBench (docs/minibench.md): full U-Net, 400 steps at batch 1, validation (and selection) every 40 steps.
+    minibench = {"adapter.kind": "full", "train.learning_rate": 2e-4, "train.steps": 400, "train.batch_size": 1,
+                 "validation.every": 40, "validation.num_images": 2, "rpo.negative_steps": 10}
+    # the preference term off; labels that carry signal; the official prompt pairing; selection that waits
+    variants = {
+        "rpo-beta0": {"rpo.beta": 0.0},
+        "rpo-soft": {"rpo.labels": "soft", "rpo.label_temperature": 0.05, "rpo.lambda_train": 0.5},
+        "rpo-official-pairs": {"rpo.reference_prompt": "negative"},
+        "rpo-late-select": {"validation.select_min_step": 200, "validation.select_lambda": 0.7},
+    }
     defaults = {
         "model.name": "stabilityai/stable-diffusion-2-1",
         "data.resolution": 512,
@@ -101,6 +115,19 @@ class RPO(Method):
         "validation.num_images": 4,
         "validation.prompts": [],  # empty: the 8 training prompts, as the official code validates
     }
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        r = cfg.rpo
+        ensure(cfg.train.snr_gamma is None,
+               "train.snr_gamma weights denoising losses (dreambooth, dpg); RPO's loss compares likelihoods and is left as its paper has it")
+        ensure(r.negatives_per_prompt > 0, "rpo.negatives_per_prompt must be positive")
+        ensure(0.0 <= r.lambda_train <= 1.0, "rpo.lambda_train must be in [0, 1]")
+        ensure(r.beta >= 0, "rpo.beta must be >= 0")
+        ensure(r.label_temperature > 0, "rpo.label_temperature must be positive")
+        ensure(r.labels in ("bernoulli", "soft"), f"rpo.labels must be bernoulli or soft, got {r.labels!r}")
+        ensure(r.reference_prompt in ("instance", "negative"), f"rpo.reference_prompt must be instance or negative, got {r.reference_prompt!r}")
+        ensure(r.reward_encoder in ("align", "clip"), f"rpo.reward_encoder must be align or clip, got {r.reward_encoder!r}")
 
     def training_prompts(self, ctx: TrainContext) -> list[str]:
         cfg = ctx.cfg
@@ -116,7 +143,7 @@ class RPO(Method):
 
     def prepare(self, ctx: TrainContext) -> None:
         cfg = ctx.cfg
-        references = instance_images(ctx)
+        references = ctx.instance_images()
         self.subject = Subject("subject", references, cfg.data.identifier, cfg.data.class_noun)
         self.references = LatentImageSet(references, ctx)
         negative_images, self.negative_prompts = self.prepare_negatives(ctx)

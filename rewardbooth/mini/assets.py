@@ -27,11 +27,11 @@ def _require(folder: Path, marker: str, how: str) -> Path:
 
 def mini_model_path() -> Path:
     """The shipped mini base pipeline (a diffusers folder)."""
-    return _require(BASE_DIR, "model_index.json", "rebuild them with `python -m rewardbooth.mini.pretrain --out DIR` and pass --model DIR")
+    return _require(BASE_DIR, "model_index.json", "rebuild them with `python -m rewardbooth.recipes.mini_pretrain --out DIR` and pass --model DIR")
 
 
 def mini_judge_path(kind: str) -> Path:
     """The shipped mini judge for `kind` (dino, clip, align or attributes)."""
     if kind not in JUDGE_FOLDERS:
         raise ConfigError(f"there is no mini judge for {kind!r}; choose from {', '.join(JUDGE_FOLDERS)}")
-    return _require(JUDGES_DIR / JUDGE_FOLDERS[kind], "config.json", "retrain them with `python -m rewardbooth.mini.judges --out DIR`")
+    return _require(JUDGES_DIR / JUDGE_FOLDERS[kind], "config.json", "retrain them with `python -m rewardbooth.recipes.mini_judges --out DIR`")

@@ -27,14 +27,16 @@ from typing import Any
 
 from PIL import Image
 
-from rewardbooth.config import METHOD_NAMES, RunConfig, load_config
+from rewardbooth.config import RunConfig
+from rewardbooth.methods import baseline_method, load_config, resolve_variant
 from rewardbooth.errors import ConfigError
 from rewardbooth.evaluation.bench import BenchRunner, subject_config, summarize_folders, write_bench_report
 from rewardbooth.evaluation.metrics import ImageScore, Scorer
 from rewardbooth.evaluation.paired import paired_differences
 from rewardbooth.mini.scoring import AttributeJudge, attribute_checks
 from rewardbooth.mini.world import DEFAULT_SPLIT, MiniSubject, PromptSpec, make_subjects, subject_prompts
-from rewardbooth.models.presets import mini_defaults
+from rewardbooth.mini.preset import mini_defaults
+from rewardbooth.training.run_dir import RunFolder
 
 # Settings every method shares in the bench; the mini preset's own world (judges, prompts, guidance:
 # rewardbooth.models.presets) comes with --model mini.
@@ -47,53 +49,13 @@ MINI_COMMON: dict[str, Any] = {
     "validation.steps": 10,  # as the bench's sampler (SUITES): accuracies hold at 10 steps
     "train.checkpoint_every": 0,
     "train.log_every": 10,
+    # Where a method validates (RPO, selection variants): on the preset's RPO prompts, four of the seven
+    # contexts the bench asks for (RPO's own default, its training prompts, are the same list).
+    "validation.prompts": mini_defaults()["rpo.prompts"],
 }
-RPO_PROMPTS = mini_defaults()["rpo.prompts"]  # the preset's: four of the seven contexts the bench asks for
-# Per method: the tuned settings. Every method trains the full U-Net for the same 400 steps at
-# batch 1 (+ 1 class image; the papers' batch, and 0.56x the time of batch 2 here). The learning rates
-# are those chosen at batch 2 on the old seed-100 subjects (not yet re-bracketed at batch 1); the DPG
-# variant won tuning round 1 on set 100, never a reported set (docs/minibench.md, "Tuning").
-DPG_FEATURE_CRITIC: dict[str, Any] = {
-    "dpg.reward": "dino", "dpg.critic_input": "features", "dpg.critic_optimizer": "adam", "dpg.critic_lr": 1e-3,
-    "dpg.critic_warmup_steps": 100, "dpg.instance_weight": 1.0, "dpg.weighting": "uniform", "dpg.reward_weight": 0.1}
-# The released code's DPG: the reconstruction critic, gamma^t, no instance loss.
-DPG_RELEASED: dict[str, Any] = {
-    "dpg.reward": "recon", "dpg.critic_input": "latent", "dpg.critic_optimizer": "sgd", "dpg.critic_lr": 0.01,
-    "dpg.critic_warmup_steps": 0, "dpg.instance_weight": 0.0, "dpg.weighting": "gamma", "dpg.reward_weight": 1.0}
-MINI_METHODS: dict[str, dict[str, Any]] = {
-    "dreambooth": {"adapter.kind": "full", "train.learning_rate": 4e-4, "train.steps": 400, "train.batch_size": 1,
-                   "validation.every": 0},
-    # DPG with the reward critic fed mini-DINO features of the decoded look-forward image (won the tuning
-    # round: docs/minibench.md); the released code's reconstruction critic is the variant dpg-recon.
-    "dpg": {"adapter.kind": "full", "adapter.train_text_encoder": False, "train.learning_rate": 2e-4, "train.steps": 400,
-            "train.batch_size": 1, "validation.every": 0, **DPG_FEATURE_CRITIC},
-    "rpo": {"adapter.kind": "full", "train.learning_rate": 2e-4, "train.steps": 400, "train.batch_size": 1,
-            "validation.every": 40, "validation.num_images": 2, "rpo.negative_steps": 10},
-}
-# Named variants: a method with some settings changed, benchmarked like a method (`--methods
-# dreambooth,dpg-direct,...`), so every variant tried is a setting with a name and a record.
-MINI_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    # selection alone: DreamBooth keeping its best validated weights by RPO's reward
-    "dreambooth-select": ("dreambooth", {"validation.every": 40, "validation.num_images": 2, "validation.select": True,
-                                         "validation.prompts": RPO_PROMPTS}),
-    # DPG: a differentiable reward straight through the decoded look-forward image (no critic)
-    "dpg-direct": ("dpg", {**DPG_RELEASED, "dpg.reward": "dino", "dpg.actor": "direct", "dpg.instance_weight": 1.0,
-                           "dpg.weighting": "uniform", "dpg.reward_weight": 0.1}),
-    # DPG as released (the tuning round's "dpg"): the reconstruction critic
-    "dpg-recon": ("dpg", DPG_RELEASED),
-    # DPG: a critic of the reward fed the reward encoder's features, warmed up before the actor uses it (now "dpg")
-    "dpg-feature-critic": ("dpg", DPG_FEATURE_CRITIC),
-    # DPG recon critic weighted toward detail steps, with the instance loss on
-    "dpg-snr": ("dpg", {**DPG_RELEASED, "dpg.weighting": "snr", "dpg.instance_weight": 1.0}),
-    "dpg-low-t": ("dpg", {**DPG_RELEASED, "dpg.weighting": "uniform", "dpg.actor_max_timestep": 300, "dpg.instance_weight": 1.0}),
-    # the paper's ablation: no look-forward
-    "dpg-no-lookforward": ("dpg", {**DPG_RELEASED, "dpg.look_forward": False}),
-    # RPO: the preference term off; labels that carry signal; the official prompt pairing; selection that waits
-    "rpo-beta0": ("rpo", {"rpo.beta": 0.0}),
-    "rpo-soft": ("rpo", {"rpo.labels": "soft", "rpo.label_temperature": 0.05, "rpo.lambda_train": 0.5}),
-    "rpo-official-pairs": ("rpo", {"rpo.reference_prompt": "negative"}),
-    "rpo-late-select": ("rpo", {"validation.select_min_step": 200, "validation.select_lambda": 0.7}),
-}
+# Every method's own MiniBench settings and named variants live with the method (Method.minibench,
+# Method.variants in rewardbooth/methods/): full U-Net, the same 400 steps at batch 1 (+ 1 class
+# image), learning rates chosen on the tuning subjects of set 100 (docs/minibench.md, "Tuning").
 SUITES = {
     # subjects, images per prompt, sampling steps. 10 DPM-Solver steps keep the base model's attribute
     # accuracies of 25 (docs/minibench.md, "Where the time goes"); 2 images per prompt because the
@@ -160,9 +122,9 @@ class MiniBenchRunner(BenchRunner):
         return self.run_root / subject.name if self.run_root else super().run_dir(subject)
 
     def weights_dir(self, run_dir: Path) -> Path | None:
-        from rewardbooth.training.loop import budget_dir
 
-        return budget_dir(run_dir, self.budget) if self.budget and self.budget != self.cfg.train.steps else None
+
+        return RunFolder(run_dir).budget_dir(self.budget) if self.budget and self.budget != self.cfg.train.steps else None
 
     def info(self) -> dict[str, Any]:
         return {"suite": "mini", "method": self.cfg.train.method, "model": self.cfg.model.name, "budget": self.budget,
@@ -185,10 +147,8 @@ class MiniBenchRunner(BenchRunner):
 
 def method_config(method: str, config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
     """A method's (or named variant's) MiniBench settings; `overrides` (--set) on top."""
-    base, changes = MINI_VARIANTS.get(method, (method, {}))
-    if base not in MINI_METHODS:
-        raise ConfigError(f"unknown method {method!r} in --methods; choose from {', '.join([*METHOD_NAMES, *MINI_VARIANTS])}")
-    return load_config(config_file, {"train.method": base, **MINI_COMMON, **MINI_METHODS[base], **changes, **overrides})
+    cls, changes = resolve_variant(method)
+    return load_config(config_file, {"train.method": cls.name, **MINI_COMMON, **cls.minibench, **changes, **overrides})
 
 
 def class_image_dir(root: Path, class_noun: str) -> Path:
@@ -251,13 +211,12 @@ def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBe
 
 PAIRED_METRICS = ("dino", "clip_i", "clip_t", "shape_kept", "colour_kept", "pattern_kept", "identity_kept", "context_ok",
                   "modifier_ok", "prompt_ok")
-BASELINE = "dreambooth"
 
 
 def paired_by_budget(results: dict[str, dict], methods: list[str], budgets: list[int | None]) -> dict[str, Any]:
     """Per budget: each method minus dreambooth (or the first method) at the same budget, subject by subject.
     `results`: bench folder name -> its results.json."""
-    baseline = BASELINE if BASELINE in methods else methods[0]
+    baseline = baseline_method().name if baseline_method().name in methods else methods[0]
     paired = {}
     for budget in budgets:
         per_subject = {m: results[bench_folder_name(m, budget)]["per_subject"] for m in methods}
@@ -343,7 +302,8 @@ def mini_report_sections(out: Path, results: dict[str, dict], paired: dict[str, 
                          budgets: list[int | None]) -> list:
     """The paired table (with intervals and verdicts) per budget, and the budget frontier plot."""
     from rewardbooth.evaluation.paired import paired_rows
-    from rewardbooth.evaluation.report import ReportSection, plot_frontier
+    from rewardbooth.evaluation.report import ReportSection
+    from rewardbooth.evaluation.figures import plot_frontier
 
     sections = []
     for budget, table in paired["budgets"].items():

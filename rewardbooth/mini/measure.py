@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     for a in MEASURED:
         print(f"{a:<10}{result['generated'][a]:>11.3f}{result['rendered'][a]:>9.3f}{result['chance'][a]:>8.3f}")
     if args.out:
-        from rewardbooth.evaluation.report import save_image_grid
+        from rewardbooth.data.images import save_image_grid
 
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "measure.json").write_text(json.dumps({**result, "grid_captions": captions[:64]}, indent=2))

@@ -25,13 +25,14 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from rewardbooth.errors import OutputExistsError
 from rewardbooth.mini import draw
 
 RGB = tuple[int, int, int]
@@ -475,10 +476,28 @@ class MiniSubject:
         return compose_caption(self.class_noun, identifier=identifier)
 
     def save(self, folder: str | Path, *, overwrite: bool = False) -> list[Path]:
-        """Write the references as 00.png, 01.png ... (same layout as procedural subjects)."""
-        from rewardbooth.data.procedural import save_subject
+        """Write the references as 00.png, 01.png ... into `folder` (created) and return their
+        paths; a folder that is not empty is refused unless `overwrite`."""
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise OutputExistsError(f"{folder} exists and is not a folder")
+        if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+            raise OutputExistsError(f"{folder} is not empty; choose another folder or pass overwrite=True")
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, image in enumerate(self.images):
+            path = folder / f"{i:02d}.png"
+            image.save(path, format="PNG")
+            paths.append(path)
+        return paths
 
-        return save_subject(self, Path(folder), overwrite=overwrite)  # type: ignore[arg-type]
+    def resized(self, size: int) -> MiniSubject:
+        """The same subject with its references scaled to size x size px (PIL, bicubic): for
+        callers that need large images, which `make_subject(size=...)` draws slowly (~4 s an
+        image at 1024 px) and no more usefully."""
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        return replace(self, images=[im.resize((size, size), Image.Resampling.BICUBIC) for im in self.images])
 
 
 def _draw_subject_combo(rng: np.random.Generator, split: WorldSplit) -> Combo:

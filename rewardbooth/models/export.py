@@ -114,60 +114,10 @@ def kohya_metadata(cfg, sdxl: bool, rank: int, alpha: float) -> dict[str, str]:
     }
 
 
-def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     if dtype is None:
         return state
     return {k: v.to(dtype) if v.is_floating_point() and v.ndim > 0 else v for k, v in state.items()}
-
-
-def export_lora(run_dir: Path, fmt: str, output: Path | None = None, dtype: str | None = None, weights_dir: Path | None = None) -> Path:
-    """Convert a finished LoRA run's result (or `weights_dir`, e.g. a budget) into `fmt`; returns what was written.
-
-    Never overwrites: an existing output is an error naming it.
-    """
-    from safetensors.torch import load_file, save_file
-
-    from rewardbooth.config import load_config
-    from rewardbooth.models.loading import read_model_config
-    from rewardbooth.models.lora import LORA_WEIGHTS_NAME
-    from rewardbooth.training.run_dir import CONFIG_NAME
-
-    run_dir = Path(run_dir)
-    if fmt not in EXPORT_FORMATS:
-        raise ConfigError(f"export format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    if dtype is not None and dtype not in EXPORT_DTYPES:
-        raise ConfigError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
-    if not (run_dir / CONFIG_NAME).is_file():
-        raise ConfigError(f"{run_dir} is not a rewardbooth run folder (no {CONFIG_NAME})")
-    cfg = load_config(run_dir / CONFIG_NAME)
-    source = Path(weights_dir or run_dir) / LORA_WEIGHTS_NAME
-    if cfg.adapter.kind != "lora":
-        raise ConfigError(f"run {run_dir} fine-tuned the full model (adapter.kind={cfg.adapter.kind}); only LoRA runs export LoRA files")
-    if not source.is_file():
-        raise ConfigError(f"run {run_dir} has no {LORA_WEIGHTS_NAME} yet: did training finish?")
-    rank = cfg.adapter.rank
-    alpha = float(cfg.adapter.alpha if cfg.adapter.alpha is not None else rank)
-    torch_dtype = EXPORT_DTYPES[dtype] if dtype else None
-    suffix = f"_{dtype}" if dtype else ""
-    state = load_file(str(source))
-    index = read_model_config(cfg.model.name, cfg.model.revision, "model_index.json")
-    sdxl = "text_encoder_2" in index
-
-    if fmt == "peft":
-        return _export_peft(cfg, state, Path(output) if output else run_dir / f"peft{suffix}", torch_dtype, rank, alpha)
-    if fmt == "diffusers":
-        target = Path(output) if output else run_dir / f"pytorch_lora_weights{suffix}.safetensors"
-        _refuse_existing(target)
-        from safetensors import safe_open
-
-        with safe_open(str(source), "pt") as f:
-            metadata = f.metadata() or {}
-        save_file(_cast(state, torch_dtype), str(target), metadata=metadata)
-        return target
-    layers_per_block = int(read_model_config(cfg.model.name, cfg.model.revision, "unet/config.json")["layers_per_block"])
-    target = Path(output) if output else run_dir / KOHYA_WEIGHTS_NAME.replace(".safetensors", f"{suffix}.safetensors")
-    _refuse_existing(target)
-    return write_kohya(source, cfg, sdxl, layers_per_block, target, torch_dtype)
 
 
 def write_kohya(lora_file: Path, cfg, sdxl: bool, layers_per_block: int, target: Path, dtype: torch.dtype | None = None) -> Path:
@@ -180,23 +130,23 @@ def write_kohya(lora_file: Path, cfg, sdxl: bool, layers_per_block: int, target:
     alpha = float(cfg.adapter.alpha if cfg.adapter.alpha is not None else rank)
     kohya = to_kohya(load_file(str(lora_file)), alpha, sdxl, layers_per_block)
     staging = target.with_name(target.name + ".tmp")
-    save_file(_cast(kohya, dtype), str(staging), metadata=kohya_metadata(cfg, sdxl, rank, alpha))
+    save_file(cast_state(kohya, dtype), str(staging), metadata=kohya_metadata(cfg, sdxl, rank, alpha))
     os.replace(staging, target)
     return target
 
 
-def _refuse_existing(target: Path) -> None:
+def refuse_existing(target: Path) -> None:
     if target.exists():
         raise ConfigError(f"{target} already exists; choose another --output or move it away")
 
 
-def _export_peft(cfg, state: dict[str, torch.Tensor], folder: Path, dtype, rank: int, alpha: float) -> Path:
+def write_peft(cfg, state: dict[str, torch.Tensor], folder: Path, dtype, rank: int, alpha: float) -> Path:
     """peft adapter folders: unet/ (and text_encoder/, text_encoder_2/), each for `PeftModel.from_pretrained`."""
     from safetensors.torch import save_file
 
     from rewardbooth.models.lora import TEXT_ENCODER_TARGETS, lora_config, split_lora_state
 
-    _refuse_existing(folder)
+    refuse_existing(folder)
     unet_state, encoder_states = split_lora_state(state)
     parts = {"unet": ({k.removeprefix("unet."): v for k, v in unet_state.items()}, cfg.adapter.target_modules)}
     for name, encoder_state in zip(("text_encoder", "text_encoder_2"), encoder_states):
@@ -210,5 +160,5 @@ def _export_peft(cfg, state: dict[str, torch.Tensor], folder: Path, dtype, rank:
         for module, (down, up) in lora_modules(part).items():  # peft's file layout: base_model.model.<module>.lora_A/B
             peft_state[f"base_model.model.{module}.lora_A.weight"] = down.contiguous()
             peft_state[f"base_model.model.{module}.lora_B.weight"] = up.contiguous()
-        save_file(_cast(peft_state, dtype), str(sub / "adapter_model.safetensors"))
+        save_file(cast_state(peft_state, dtype), str(sub / "adapter_model.safetensors"))
     return folder

@@ -14,12 +14,11 @@ from typing import Any
 import torch
 
 from rewardbooth.errors import ConfigError
-from rewardbooth.mini.assets import MINI_NAME, mini_model_path
-from rewardbooth.models.tiny import TINY_PRESETS, tiny_model_path
+from rewardbooth.models.presets import find_preset, preset_names
+from rewardbooth.models.tiny import TINY_PRESETS
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
-TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")  # pipeline folder (and LoRA key prefix) of each encoder
 
 
 @dataclass
@@ -84,11 +83,11 @@ class Components:
 
 def resolve_model_path(name: str) -> str:
     """Map a preset name to its folder; pass hub ids and local folders through unchanged."""
-    if name in TINY_PRESETS:
-        quiet_library_progress()
-        return str(tiny_model_path(name))
-    if name == MINI_NAME:
-        return str(mini_model_path())
+    preset = find_preset(name)
+    if preset is not None:
+        if preset.quiet:
+            quiet_library_progress()
+        return str(preset.path())
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "model_index.json").is_file():
@@ -98,7 +97,7 @@ def resolve_model_path(name: str) -> str:
             raise ConfigError(f"model {name} is a {pipeline_class}; supported: {', '.join(SUPPORTED_PIPELINES)} (SD 1.x / 2.x, SDXL)")
         return str(local)
     if name.count("/") != 1 or name.startswith(("/", ".", "~")):
-        raise ConfigError(f"model {name!r} is neither an existing folder, a hub id (owner/name) nor a preset ({', '.join([*TINY_PRESETS, MINI_NAME])})")
+        raise ConfigError(f"model {name!r} is neither an existing folder, a hub id (owner/name) nor a preset ({', '.join(preset_names())})")
     return name
 
 
@@ -196,40 +195,6 @@ def make_pipeline(components: Components, unet=None, text_encoders: list | None 
     return pipe
 
 
-def load_run_pipeline(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      weights_dir: Path | None = None):
-    """The pipeline a finished run produced: its base model plus the trained weights (from
-    `weights_dir` if given, e.g. a budget folder of the run, else the run's result)."""
-    from rewardbooth.config import load_config
-    from rewardbooth.models.lora import LORA_WEIGHTS_NAME, load_lora_into_pipeline
-    from rewardbooth.training.run_dir import CONFIG_NAME
-
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_NAME).is_file():
-        raise ConfigError(f"{run_dir} is not a rewardbooth run folder (no {CONFIG_NAME})")
-    cfg = load_config(run_dir / CONFIG_NAME)
-    components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant, dtype=dtype, vae=cfg.model.vae)
-    weights = Path(weights_dir) if weights_dir is not None else run_dir
-    if (weights / LORA_WEIGHTS_NAME).is_file():
-        import diffusers
-
-        pipe = make_pipeline(components)
-        level = diffusers.utils.logging.get_verbosity()
-        diffusers.utils.logging.set_verbosity_error()  # "no text-encoder LoRA keys" is expected, not news
-        try:
-            load_lora_into_pipeline(pipe, weights / LORA_WEIGHTS_NAME, cfg.adapter.rank, cfg.adapter.alpha)
-        finally:
-            diffusers.utils.logging.set_verbosity(level)
-    elif (weights / "unet").is_dir():
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-        unet = UNet2DConditionModel.from_pretrained(weights / "unet", torch_dtype=dtype)
-        encoders = list(components.text_encoders)
-        for i, (folder, cls) in enumerate(zip(TEXT_ENCODER_FOLDERS, (CLIPTextModel, CLIPTextModelWithProjection))):
-            if i < len(encoders) and (weights / folder).is_dir():
-                encoders[i] = cls.from_pretrained(weights / folder, torch_dtype=dtype)
-        pipe = make_pipeline(components, unet=unet, text_encoders=encoders)
-    else:
-        raise ConfigError(f"run {weights} has no trained weights yet (no {LORA_WEIGHTS_NAME} or unet/): did training finish?")
-    return cfg, pipe.to(device)
+def default_device(requested: str | None = None) -> str:
+    """The one rule for where work runs unless the user says: the GPU when there is one, else the CPU."""
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")

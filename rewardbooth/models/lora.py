@@ -8,6 +8,7 @@ import torch
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")  # pipeline folder (and LoRA key prefix) of each encoder
 
 
 def lora_config(rank: int, alpha: float | None, dropout: float, target_modules: list[str]):
@@ -55,7 +56,7 @@ def save_lora(folder: Path, unet: torch.nn.Module, text_encoders: list[torch.nn.
 
     layers = {"unet_lora_layers": convert_state_dict_to_diffusers(lora_state_dict(unet)),
               "unet_lora_adapter_metadata": _adapter_metadata(unet)}
-    for encoder, argument in zip(text_encoders or [], ("text_encoder", "text_encoder_2")):
+    for encoder, argument in zip(text_encoders or [], TEXT_ENCODER_FOLDERS):
         layers[f"{argument}_lora_layers"] = convert_state_dict_to_diffusers(lora_state_dict(encoder))
         layers[f"{argument}_lora_adapter_metadata"] = _adapter_metadata(encoder)
     pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
@@ -65,8 +66,6 @@ def save_lora(folder: Path, unet: torch.nn.Module, text_encoders: list[torch.nn.
 
 def split_lora_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """A diffusers-format LoRA state's U-Net keys, and each text encoder's keys without their prefix."""
-    from rewardbooth.models.loading import TEXT_ENCODER_FOLDERS
-
     encoders = [{k[len(f) + 1:]: v for k, v in state.items() if k.startswith(f + ".")} for f in TEXT_ENCODER_FOLDERS]
     unet = {k: v for k, v in state.items() if not k.startswith(tuple(f + "." for f in TEXT_ENCODER_FOLDERS))}
     return unet, encoders
@@ -89,7 +88,7 @@ def load_lora_into_pipeline(pipe, weights: Path, rank: int, alpha: float | None)
     if unet_state:
         pipe.load_lora_into_unet({f"unet.{k}" if not k.startswith("unet.") else k: v for k, v in unet_state.items()},
                                  network_alphas=network_alphas, unet=pipe.unet, metadata=metadata, _pipeline=pipe)
-    for name, encoder, text_state in zip(("text_encoder", "text_encoder_2"), (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)),
+    for name, encoder, text_state in zip(TEXT_ENCODER_FOLDERS, (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)),
                                          encoder_states):
         if not text_state:
             continue

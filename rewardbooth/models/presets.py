@@ -1,46 +1,91 @@
-"""What a built-in preset brings besides its weights: its own judges, reward encoders, prompts and
-sampler settings, the defaults of every command run on it (each still overridable).
+"""Built-in model names (presets) and what each brings besides its weights.
 
-`mini` lives in its own world (32 px scenes, a world-word vocabulary, guidance 4), so the paper's
-prompts ("Van Gogh rendition") and the hub's judges mean nothing to it; the `tiny` presets have
-random weights and must never reach for a hub.
+A preset maps a name (`--model tiny`, `--model mini`) to a diffusers folder that the ordinary
+`from_pretrained` path reads, plus the defaults of every command run on it (its own judges,
+prompts and sampler settings, each still overridable) and, optionally, judges of its own
+(`--dino-model mini`). The tiny presets (random weights, built offline) are registered here;
+other presets register themselves through the `rewardbooth.presets` entry-point group (the
+MiniBench world does), so loading a hub model or folder imports none of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
+from rewardbooth.errors import ConfigError
+from rewardbooth.models.tiny import TINY_PRESETS, tiny_model_path
 
-def mini_defaults() -> dict[str, Any]:
-    from rewardbooth.mini.world import CONTEXT_PHRASES
-
-    return {
-        "data.instance_prompt": "a {identifier} {class_noun}",  # the world's captions carry no "photo of"
-        "data.class_prompt": "a {class_noun}",
-        "evaluation.dino_model": "mini",
-        "evaluation.clip_model": "mini",
-        "evaluation.align_model": "mini",
-        "prior.generation_steps": 20,
-        "prior.generation_guidance": 4.0,
-        "validation.steps": 20,
-        "validation.guidance_scale": 4.0,  # the mini model's samples are cleanest around 3-5
-        # RPO's training prompts: four of the world's seven scene contexts
-        "rpo.prompts": [f"a {{identifier}} {{class_noun}} {CONTEXT_PHRASES[c]}" for c in ("beach", "snow", "city", "night")],
-        "rpo.negative_steps": 20,
-        "rpo.negative_guidance": 4.0,
-    }
-
-
+ENTRY_POINT_GROUP = "rewardbooth.presets"
+# The tiny presets' judges are random-weight encoders too, named "tiny" (rewards/encoders.py builds them).
 TINY_DEFAULTS: dict[str, Any] = {"evaluation.dino_model": "tiny", "evaluation.clip_model": "tiny", "evaluation.align_model": "tiny"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    path: Callable[[], Path]  # the diffusers pipeline folder (built on first use where needed)
+    defaults: Callable[[], dict[str, Any]] = dict  # settings the preset implies
+    judge_path: Callable[[str], Path] | None = None  # kind (dino, clip, align, ...) -> judge folder, for judges named like the preset
+    quiet: bool = False  # built locally: the libraries' load bars say nothing useful
+    summary: str = ""
+
+
+_REGISTRY: dict[str, Preset] = {}
+_entry_points_loaded = False
+
+
+def register_preset(preset: Preset) -> Preset:
+    _REGISTRY[preset.name] = preset
+    return preset
+
+
+for _name in TINY_PRESETS:
+    register_preset(Preset(_name, lambda name=_name: tiny_model_path(name), lambda: dict(TINY_DEFAULTS), quiet=True))
+
+
+def _load_entry_points() -> None:
+    """Import the presets installed packages announce (once, and only when a name is not known yet)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if point.name in _REGISTRY:
+            continue
+        try:
+            preset = point.load()
+        except Exception as exc:
+            raise ConfigError(f"preset {point.name!r}: entry point {point.value!r} failed to load: {exc}".splitlines()[0]) from exc
+        if not isinstance(preset, Preset):
+            raise ConfigError(f"preset {point.name!r}: entry point {point.value!r} is not a rewardbooth Preset")
+        register_preset(preset)
+
+
+def find_preset(name: str | None) -> Preset | None:
+    """The preset called `name`, or None (hub ids, folders and files are never presets)."""
+    if not name or "/" in name or "\\" in name or name.startswith((".", "~")):
+        return None
+    if name not in _REGISTRY:
+        _load_entry_points()
+    return _REGISTRY.get(name)
+
+
+def preset_names() -> list[str]:
+    _load_entry_points()
+    return list(_REGISTRY)
 
 
 def preset_defaults(model_name: str) -> dict[str, Any]:
     """Settings a preset model implies (empty for hub ids and folders)."""
-    from rewardbooth.mini.assets import MINI_NAME
-    from rewardbooth.models.tiny import TINY_PRESETS
+    preset = find_preset(model_name)
+    return preset.defaults() if preset is not None else {}
 
-    if model_name == MINI_NAME:
-        return mini_defaults()
-    if model_name in TINY_PRESETS:
-        return dict(TINY_DEFAULTS)
-    return {}
+
+def preset_judge_path(name: str, kind: str) -> Path | None:
+    """The judge folder a preset ships for `kind` when a judge is named like it (e.g. --dino-model mini)."""
+    preset = find_preset(name)
+    return preset.judge_path(kind) if preset is not None and preset.judge_path is not None else None

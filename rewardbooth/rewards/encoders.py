@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rewardbooth.errors import ConfigError
-from rewardbooth.mini.assets import MINI_NAME, mini_judge_path
+from rewardbooth.models.presets import preset_judge_path
 from rewardbooth.models.tiny import _byte_level_vocab, cache_root
 
 ENCODER_KINDS = ("dino", "clip", "align")
@@ -353,8 +353,8 @@ def resolve_encoder_path(kind: str, model: str) -> str:
     """The folder or hub id from_pretrained reads; builds the tiny preset on first use."""
     if model == TINY_MODEL:
         return str(tiny_encoder_path(kind))
-    if model == MINI_NAME:
-        return str(mini_judge_path(kind))
+    if (judge := preset_judge_path(model, kind)) is not None:  # e.g. mini: the MiniBench judges
+        return str(judge)
     local = Path(model).expanduser()
     return str(local) if local.exists() else model
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from rewardbooth import diffusion
 
 GIB = 1024**3
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
@@ -84,7 +83,10 @@ def resident_modules(roots: Iterable[object], depth: int = 3) -> list[torch.nn.M
             elif hasattr(obj, "__dict__") and not isinstance(obj, type):
                 nxt.extend(vars(obj).values())
         frontier = nxt
-    return list(found.values())
+    # A module inside another found one (a wrapped critic and the critic itself) is held once:
+    # functional_call cannot swap one tensor in through two names and restore it.
+    inner = {id(sub) for m in found.values() for sub in m.modules() if sub is not m}
+    return [m for key, m in found.items() if key not in inner]
 
 
 def _tensors(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
@@ -145,29 +147,6 @@ def saved_activation_bytes(probes: list[Callable[[], object]], modules: Iterable
             torch.func.functional_call(holder, fake, (), strict=False)
     activations = [n for key, n in saved.items() if key not in weights]
     return sum(activations), max(activations, default=0)
-
-
-def dummy_conditioning(unet, batch: int, dtype: torch.dtype, device) -> diffusion.TextConditioning:
-    """Zero text conditioning of the shapes `unet` takes (SDXL: pooled text and size ids too)."""
-    config = unet.config
-    hidden = torch.zeros(batch, 77, config.cross_attention_dim, dtype=dtype, device=device)
-    if config.addition_embed_type != "text_time":
-        return diffusion.TextConditioning(hidden)
-    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    return diffusion.TextConditioning(hidden, torch.zeros(batch, pooled_dim, dtype=dtype, device=device),
-                                      torch.zeros(batch, 6, dtype=dtype, device=device))
-
-
-def unet_probe(unet, batch: int, latent_size: int, dtype: torch.dtype, device) -> Callable[[], torch.Tensor]:
-    """One training forward of the U-Net at `batch` (loss included)."""
-
-    def probe():
-        noisy = torch.zeros(batch, unet.config.in_channels, latent_size, latent_size, dtype=dtype, device=device)
-        timesteps = torch.full((batch,), 500, dtype=torch.long, device=device)
-        prediction = diffusion.unet_output(unet, noisy, timesteps, dummy_conditioning(unet, batch, dtype, device))
-        return diffusion.per_sample_mse(prediction, torch.zeros_like(prediction)).mean()
-
-    return probe
 
 
 def autocast_for(device, mixed_precision: str):

@@ -1,4 +1,6 @@
-"""The run folder: creation rules (never clobber a user's files), checkpoints, metrics."""
+"""The run folder: its layout (RunFolder), result.json (RunResult), creation rules (never clobber a
+user's files), the lock, checkpoints and metrics. Everyone who reads or writes a run folder (the
+loop, the web app, the bench, the report, the demo) goes through here."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +16,17 @@ from rewardbooth.errors import ConfigError, OutputExistsError
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
+RESULT_NAME = "result.json"
+REPORT_NAME = "report.html"
 CHECKPOINT_DIR = "checkpoints"
+SAMPLES_DIR = "samples"  # validation images, samples/step-000100/
+BEST_DIR = "best"  # the best validated weights under model selection
+BEST_RECORD = "best.json"  # beside them: the step and score they were selected with
+BUDGETS_DIR = "budgets"  # the result as it stood at train.save_steps, budgets/step-000200/
+CLASS_IMAGES_DIR = "class_images"
+NEGATIVES_DIR = "negatives"
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_MARKER = "step.json"  # written last: a checkpoint without it was interrupted and is ignored
 RUN_MARKER = ".rewardbooth-run"  # written only by rewardbooth, when it creates a run folder
 LOCK_NAME = ".rewardbooth-lock"
 STAGING_NAME = ".export-tmp"  # weights are written here, then moved into place
@@ -22,9 +34,80 @@ STAGING_NAME = ".export-tmp"  # weights are written here, then moved into place
 WEIGHT_ENTRIES = {f"{stem}{dtype}{ext}" for stem, ext in (("pytorch_lora_weights", ".safetensors"), ("lora_kohya", ".safetensors"), ("peft", ""))
                   for dtype in ("", "_fp32", "_fp16", "_bf16")} | {"unet", "text_encoder", "text_encoder_2"}
 # What a run folder may hold; --overwrite refuses a folder with anything else in it.
-RUN_ENTRIES = {RUN_MARKER, LOCK_NAME, STAGING_NAME, CONFIG_NAME, METRICS_NAME, CHECKPOINT_DIR, "samples", "class_images", "negatives",
-               "best", "budgets", "report.html", "report_assets", "result.json", "generated", "reference", "logs",
+RUN_ENTRIES = {RUN_MARKER, LOCK_NAME, STAGING_NAME, CONFIG_NAME, METRICS_NAME, CHECKPOINT_DIR, SAMPLES_DIR, CLASS_IMAGES_DIR,
+               NEGATIVES_DIR, BEST_DIR, BUDGETS_DIR, REPORT_NAME, "report_assets", RESULT_NAME, "generated", "reference", "logs",
                "class_latents.safetensors", *WEIGHT_ENTRIES}
+
+
+def step_folder(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+@dataclass
+class RunResult:
+    """result.json: what a finished run trained and where its weights are."""
+
+    method: str
+    last_step: int  # the last step trained (earlier than `steps` after early stopping)
+    steps: int  # train.steps the run was asked for
+    selected_step: int  # the step whose weights are the result (the best validated one under selection)
+    weights: str  # relative to the run folder: the LoRA file, or the folder holding the fine-tuned U-Net
+    base_model: str
+    resolution: int
+    num_processes: int = 1
+    cpu_threads: int | None = None
+
+    @classmethod
+    def from_json(cls, text: str) -> RunResult:
+        values = json.loads(text)
+        values.setdefault("steps", values.get("last_step"))  # written by versions before `steps` was recorded
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+class RunFolder:
+    """The layout of one run folder; paths only, plus result.json and metrics.jsonl readers."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / CONFIG_NAME)
+    metrics = property(lambda self: self.root / METRICS_NAME)
+    result = property(lambda self: self.root / RESULT_NAME)
+    report = property(lambda self: self.root / REPORT_NAME)
+    checkpoints = property(lambda self: self.root / CHECKPOINT_DIR)
+    samples = property(lambda self: self.root / SAMPLES_DIR)
+    best = property(lambda self: self.root / BEST_DIR)
+    class_images = property(lambda self: self.root / CLASS_IMAGES_DIR)
+    negatives = property(lambda self: self.root / NEGATIVES_DIR)
+
+    def sample_dir(self, step: int) -> Path:
+        return self.samples / step_folder(step)
+
+    def budget_dir(self, step: int) -> Path:
+        return self.root / BUDGETS_DIR / step_folder(step)
+
+    def sample_grids(self) -> list[Path]:
+        """Validation grids, oldest step first."""
+        return sorted(self.samples.glob("step-*/grid.png")) if self.samples.is_dir() else []
+
+    def is_finished(self) -> bool:
+        return self.result.is_file()
+
+    def read_result(self) -> RunResult | None:
+        return RunResult.from_json(self.result.read_text()) if self.result.is_file() else None
+
+    def write_result(self, result: RunResult) -> None:
+        atomic_write_text(self.result, result.to_json())
+
+    def read_metrics(self) -> list[dict]:
+        return read_metrics(self.metrics) if self.metrics.is_file() else []
+
+    def lock_holder(self) -> str | None:
+        return lock_holder(self.root) if self.root.is_dir() else None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -139,7 +222,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, protected: lis
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return run_dir / CHECKPOINT_DIR / f"{CHECKPOINT_PREFIX}{step:06d}"
+    return Path(run_dir) / CHECKPOINT_DIR / f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -149,7 +232,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for path in folder.iterdir():
-        if path.name.startswith(CHECKPOINT_PREFIX) and (path / "step.json").is_file():
+        if path.name.startswith(CHECKPOINT_PREFIX) and (path / CHECKPOINT_MARKER).is_file():
             found.append((int(path.name[len(CHECKPOINT_PREFIX):]), path))
     return sorted(found)
 
@@ -187,3 +270,21 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Read metrics.jsonl; a corrupt last line (run killed mid-write) is skipped."""
+    path = Path(path)
+    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    records: list[dict] = []
+    for index, (lineno, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:  # JSONDecodeError is a ValueError
+            if index == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{lineno}: not a valid metrics record ({exc})") from exc
+        records.append(record)
+    return records

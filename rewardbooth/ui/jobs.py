@@ -7,7 +7,6 @@ the run folder (lock, metrics.jsonl, result.json) and a log beside it, never fro
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -20,15 +19,17 @@ from pathlib import Path
 
 from rewardbooth.data.images import IMAGE_EXTENSIONS, load_image
 from rewardbooth.errors import ConfigError, ImageFolderError
-from rewardbooth.evaluation.report import read_metrics
-from rewardbooth.training.run_dir import CHECKPOINT_DIR, CONFIG_NAME, METRICS_NAME, lock_holder
+from rewardbooth.methods import get_method, method_names, method_registry
+from rewardbooth.models.lora import LORA_WEIGHTS_NAME
+from rewardbooth.models.export import KOHYA_WEIGHTS_NAME
+from rewardbooth.training.run_dir import CHECKPOINT_DIR, CONFIG_NAME, RunFolder
+from rewardbooth.training.selection import SELECTION_REWARD
 
 UPLOADS = ".uploads"
 LOGS = ".ui-logs"
 REJECTED = "rejected"  # uploads that failed the checks: kept, never trained on
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 MIN_PHOTOS, MAX_PHOTOS = 3, 10
-METHODS = ("dreambooth", "dpg", "rpo")
 
 
 class UIError(ConfigError):
@@ -123,8 +124,8 @@ class Workspace:
                    settings: dict[str, str]) -> list[str]:
         """One run per method (named NAME, or NAME-METHOD for several); every check before any starts."""
         check_name(name)
-        if not methods or any(m not in METHODS for m in methods):
-            raise UIError(f"choose one or more methods of {', '.join(METHODS)}")
+        if not methods or any(m not in method_names() for m in methods):
+            raise UIError(f"choose one or more methods of {', '.join(method_names())}")
         if not re.match(r"^[A-Za-z][A-Za-z -]{0,40}$", class_noun or ""):
             raise UIError("class noun: one or two plain words, e.g. dog or backpack")
         if not isinstance(steps, int) or not 1 <= steps <= 100_000:
@@ -185,21 +186,26 @@ class Workspace:
         return name
 
     # --- what the page shows ------------------------------------------------------------------
+    @staticmethod
+    def methods() -> list[dict]:
+        return [{"name": name, "summary": cls.summary, "baseline": cls.baseline} for name, cls in method_registry().items()]
+
     def _log_tail(self, name: str, lines: int = 40) -> list[str]:
         log = self.log_path(name)
         return log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:] if log.is_file() else []
 
     def status(self, name: str) -> dict:
         run_dir = self.run_dir(name)
+        folder = RunFolder(run_dir)
         job = self.jobs.get(name)
         alive = job is not None and job.process.poll() is None
         tail = self._log_tail(name)
         error = next((line for line in reversed(tail) if line.startswith("rewardbooth: error") or line.startswith("Traceback")), None)
         if error and error.startswith("Traceback"):
             error = next((line for line in reversed(tail) if line.strip() and not line.startswith(" ")), error)
-        if alive or (run_dir.is_dir() and lock_holder(run_dir)):
+        if alive or folder.lock_holder():
             state = "running"
-        elif (run_dir / "result.json").is_file() or (run_dir / "results.csv").is_file():
+        elif folder.is_finished() or (run_dir / "results.csv").is_file():
             state = "finished"
         elif error:
             state = "crashed"
@@ -210,29 +216,37 @@ class Workspace:
         else:
             state = "stopped" if (run_dir / CHECKPOINT_DIR).is_dir() else "unknown"
         info = {"name": name, "status": state, "error": error if state == "crashed" else None}
-        if (run_dir / CONFIG_NAME).is_file():
+        if folder.config.is_file():
             import yaml
 
-            cfg = yaml.safe_load((run_dir / CONFIG_NAME).read_text())
-            records = read_metrics(run_dir / METRICS_NAME) if (run_dir / METRICS_NAME).is_file() else []
+            cfg = yaml.safe_load(folder.config.read_text())
+            records = folder.read_metrics()
             steps = [r for r in records if not r.get("validation")]
             total = int(cfg["train"]["steps"])
             step = steps[-1]["step"] if steps else 0
             seconds = steps[-1].get("seconds_per_step") if steps else None
-            if state == "finished":
-                step = max(step, json.loads((run_dir / "result.json").read_text()).get("final_step", step))
+            if state == "finished" and (result := folder.read_result()) is not None:
+                step = max(step, result.last_step)
             info.update(method=cfg["train"]["method"], model=cfg["model"]["name"], class_noun=cfg["data"]["class_noun"],
                         step=step, total=total, progress=round(100 * min(step, total) / total),
                         eta_seconds=round(seconds * (total - step)) if seconds and state == "running" else None,
                         curves={key: [[r["step"], r[key]] for r in records if key in r]
-                                for key in ("loss", "loss_instance", "loss_prior", "reward_true", "val_reward", "loss_preference")
-                                if any(key in r for r in records)},
-                        samples=[str(p.relative_to(self.root)) for p in sorted((run_dir / "samples").glob("step-*/grid.png"))],
+                                for key in self._curve_keys(cfg["train"]["method"]) if any(key in r for r in records)},
+                        samples=[str(p.relative_to(self.root)) for p in folder.sample_grids()],
                         files={label: str(p.relative_to(self.root)) for label, p in
-                               (("report", run_dir / "report.html"), ("LoRA (diffusers)", run_dir / "pytorch_lora_weights.safetensors"),
-                                ("LoRA (kohya / A1111 / ComfyUI)", run_dir / "lora_kohya.safetensors")) if p.is_file()},
+                               (("report", folder.report), ("LoRA (diffusers)", run_dir / LORA_WEIGHTS_NAME),
+                                ("LoRA (kohya / A1111 / ComfyUI)", run_dir / KOHYA_WEIGHTS_NAME)) if p.is_file()},
                         resumable=state in ("stopped", "crashed") and (run_dir / CHECKPOINT_DIR).is_dir())
         return info
+
+    @staticmethod
+    def _curve_keys(method: str) -> tuple[str, ...]:
+        """The method's own curves (its registry entry) and the selection score any run may log."""
+        try:
+            curves = get_method(method).curves
+        except ConfigError:  # a run of a plug-in method that is no longer installed
+            curves = ("loss",)
+        return (*curves, SELECTION_REWARD)
 
     def bench_status(self, name: str) -> dict:
         info = self.status(name)
@@ -244,7 +258,8 @@ class Workspace:
             with table.open() as f:
                 info["table"] = list(csv.DictReader(f))
         info["plots"] = [str(p.relative_to(self.root)) for p in sorted(out.rglob("*.png")) if p.parent == out or p.parent.name == "report_assets"]
-        info["report"] = str((out / "report.html").relative_to(self.root)) if (out / "report.html").is_file() else None
+        report = RunFolder(out).report
+        info["report"] = str(report.relative_to(self.root)) if report.is_file() else None
         return info
 
     def list_runs(self) -> list[dict]:

@@ -4,6 +4,7 @@ Routes (JSON unless noted):
     GET  /                          the page
     GET  /files/PATH                a file inside the runs folder (images, report.html, LoRA files)
     GET  /api/runs                  every run with its status and progress
+    GET  /api/methods               the methods a run can use (name, one-line summary, baseline)
     GET  /api/runs/NAME             one run: progress, ETA, curves, samples, files, error
     POST /api/uploads               a new upload folder -> {"upload": ID}
     POST /api/uploads/ID?filename=F&model=M   one photo (raw body), checked as training checks it
@@ -26,6 +27,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 from rewardbooth.errors import RewardboothError
+from rewardbooth.training.run_dir import RunFolder
 from rewardbooth.ui.jobs import UIError, Workspace, check_name, inside
 
 PAGE = Path(__file__).with_name("page.html")
@@ -53,12 +55,13 @@ class Generator:
     def _pipeline(self, name: str):
         import torch
 
-        from rewardbooth.models.loading import load_run_pipeline
+        from rewardbooth.models.loading import default_device
+        from rewardbooth.training.finished_run import load_run_pipeline
 
         run_dir = self.workspace.run_dir(name)
-        key = f"{name}:{(run_dir / 'result.json').stat().st_mtime_ns}"
+        key = f"{name}:{RunFolder(run_dir).result.stat().st_mtime_ns}"
         if key not in self.pipelines:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = default_device()
             self.pipelines[key] = load_run_pipeline(run_dir, device=device, dtype=torch.float16 if device == "cuda" else None)
         return self.pipelines[key]
 
@@ -154,6 +157,7 @@ def make_handler(workspace: Workspace, generator: Generator, auth: str | None):
             self._dispatch({
                 (): lambda p, q: self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8"),
                 ("api", "runs"): lambda p, q: self._json(workspace.list_runs()),
+                ("api", "methods"): lambda p, q: self._json(workspace.methods()),
                 ("api", "runs", "*"): lambda p, q: self._json(workspace.status(check_name(p[2]))),
                 ("api", "bench", "*"): lambda p, q: self._json(workspace.bench_status(check_name(p[2]))),
             })

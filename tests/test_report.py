@@ -1,4 +1,4 @@
-"""Procedural subjects and the run report: fast, offline."""
+"""The run report: grids, metric plots, the HTML page; fast, offline."""
 
 from __future__ import annotations
 
@@ -7,92 +7,14 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from rewardbooth.data.procedural import CLASS_NOUNS, make_subject, save_subject
-from rewardbooth.errors import OutputExistsError
-from rewardbooth.evaluation.report import (
-    ReportSection,
-    make_grid,
-    plot_metrics,
-    read_metrics,
-    save_image_grid,
-    write_report,
-)
-
-
-def _bytes(images: list[Image.Image]) -> list[bytes]:
-    return [im.tobytes() for im in images]
-
-
-def _foreground_fraction(image: Image.Image) -> float:
-    """Fraction of pixels clearly different from the (corner-sampled) background."""
-    a = np.asarray(image).astype(np.int16)
-    bg = a[0, 0]
-    return float((np.abs(a - bg).max(axis=-1) > 24).mean())
-
-
-# --- procedural subjects ----------------------------------------------------
-
-
-def test_make_subject_shape_and_class() -> None:
-    subject = make_subject(seed=3, num_images=4, size=48)
-    assert subject.class_noun in CLASS_NOUNS
-    assert subject.class_noun in subject.name
-    assert len(subject.images) == 4
-    for im in subject.images:
-        assert im.mode == "RGB" and im.size == (48, 48)
-
-
-def test_make_subject_is_deterministic_per_seed() -> None:
-    assert _bytes(make_subject(seed=7).images) == _bytes(make_subject(seed=7).images)
-
-
-def test_make_subject_differs_across_seeds() -> None:
-    a, b = make_subject(seed=0), make_subject(seed=1)
-    assert all(x != y for x, y in zip(_bytes(a.images), _bytes(b.images)))
-
-
-@pytest.mark.parametrize("seed", range(8))
-def test_subject_stands_out_from_background(seed: int) -> None:
-    for im in make_subject(seed=seed, size=64).images:
-        assert 0.03 < _foreground_fraction(im) < 0.80
-
-
-def test_poses_differ_within_subject() -> None:
-    images = make_subject(seed=0).images
-    arrays = [np.asarray(im).astype(np.int16) for im in images]
-    for i in range(len(arrays)):
-        for j in range(i + 1, len(arrays)):
-            assert np.abs(arrays[i] - arrays[j]).mean() > 2.0
-
-
-def test_make_subject_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError):
-        make_subject(num_images=0)
-
-
-def test_save_subject_writes_numbered_pngs(tmp_path: Path) -> None:
-    subject = make_subject(seed=1, num_images=3, size=32)
-    folder = tmp_path / "new" / "subject"
-    paths = save_subject(subject, folder)
-    assert [p.name for p in paths] == ["00.png", "01.png", "02.png"]
-    with Image.open(paths[0]) as im:
-        assert im.tobytes() == subject.images[0].tobytes()
-
-
-def test_save_subject_refuses_non_empty_folder(tmp_path: Path) -> None:
-    subject = make_subject(seed=1, num_images=2, size=32)
-    (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(OutputExistsError) as info:
-        save_subject(subject, tmp_path)
-    message = str(info.value)
-    assert "\n" not in message and str(tmp_path) in message
-    assert (tmp_path / "keep.txt").read_text() == "mine"
-    assert len(save_subject(subject, tmp_path, overwrite=True)) == 2
-
+from rewardbooth.evaluation.report import ReportSection, write_report
+from rewardbooth.data.images import make_grid, save_image_grid
+from rewardbooth.evaluation.figures import plot_metrics
+from rewardbooth.training.run_dir import read_metrics
+from rewardbooth.mini.world import make_subject
 
 # --- grids ------------------------------------------------------------------
 
@@ -189,7 +111,7 @@ def test_write_report_rejects_absolute_image_path(tmp_path: Path) -> None:
 def test_report_shows_big_photos_as_thumbnails(tmp_path):
     from PIL import Image
 
-    from rewardbooth.evaluation.report import save_image_grid
+    from rewardbooth.data.images import save_image_grid
 
     photos = [Image.new("RGB", (4000, 3000), (40 * i, 90, 160)) for i in range(5)]
     path = save_image_grid(photos, tmp_path / "references.png", cols=5, max_side=256)

@@ -1,4 +1,4 @@
-"""Shared state a method sees during training, and the image sets it trains on."""
+"""Shared state a method sees during training (built by the loop), and the image sets it trains on."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 
 from rewardbooth import diffusion
 from rewardbooth.config import RunConfig
-from rewardbooth.data.images import preprocess
+from rewardbooth.data.images import load_image_folder, preprocess
 from rewardbooth.models.loading import Components, make_pipeline
 
 
@@ -71,6 +71,26 @@ class TrainContext:
         if gamma is None:
             return errors
         return errors * diffusion.min_snr_weights(self.noise_scheduler, timesteps, gamma).to(errors)
+
+    def instance_images(self) -> list[Image.Image]:
+        """The subject's reference images (data.instance_dir), checked as training checks them."""
+        data = self.cfg.data
+        min_size = data.min_image_size if data.min_image_size is not None else self.resolution // 2
+        return load_image_folder(Path(data.instance_dir), min_size=min_size)
+
+    def owned_backward(self, loss: torch.Tensor, optimizer, parameters, max_grad_norm: float | None = None) -> bool:
+        """Backward of a method-owned loss (e.g. DPG's critic) and its optimizer's step, once per
+        optimizer step: like the main loss, gradients accumulate over the micro-batches and the
+        step comes on the one that syncs. Returns whether the optimizer stepped."""
+        acc = self.accelerator
+        (loss / acc.gradient_accumulation_steps).backward()
+        if not acc.sync_gradients:
+            return False
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return True
 
     def base_pipeline(self):
         """A sampling pipeline over the frozen base weights (used before adapters exist)."""

@@ -1,6 +1,6 @@
 """Pretrain MiniBench's base model on the procedural world, reproducibly, in one command.
 
-    python -m rewardbooth.mini.pretrain --out runs/mini-base --preset s --steps 6000 --batch 32 --seed 0
+    python -m rewardbooth.recipes.mini_pretrain --out runs/mini-base --preset s --steps 6000 --batch 32 --seed 0
 
 1. trains the autoencoder (AutoencoderKL, 32 px -> 4 x 16 x 16) on world images for
    `--vae-steps` steps and sets its `scaling_factor` to 1 / std(latents);
@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import queue
@@ -39,13 +38,15 @@ import numpy as np
 import torch
 
 from rewardbooth.diffusion import add_noise, denoising_error, encode_prompts
-from rewardbooth.mini.model import (
+from rewardbooth.mini.world import pretraining_batch
+from rewardbooth.recipes.mini_model import (
     MINI_PRESETS,
     MiniModelConfig,
     build_mini_pipeline,
     count_params,
 )
-from rewardbooth.mini.world import pretraining_batch
+from rewardbooth.training.options import WeightEMA
+from rewardbooth.training.schedule import warmup_cosine_lr
 
 SAMPLE_PROMPTS = (
     "a red ball on the beach",
@@ -53,6 +54,7 @@ SAMPLE_PROMPTS = (
     "a green star at night",
     "a yellow house in the desert",
 )
+FINAL_LR_FRACTION = 0.05  # the cosine decays to 5% of the peak learning rate, not to 0
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -93,13 +95,6 @@ class Batches:
             pass
 
 
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def log(path: Path | None, record: dict) -> None:
     print(json.dumps(record), flush=True)
     if path is not None:
@@ -119,7 +114,7 @@ def train_vae(vae, steps: int, batch: int, seed: int, lr: float, device, metrics
     try:
         for step in range(steps):
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, lr, warmup=min(50, steps // 10 + 1))
+                group["lr"] = warmup_cosine_lr(step, steps, lr, min(50, steps // 10 + 1), floor=FINAL_LR_FRACTION)
             x, _ = data.next()
             x = x.to(device)
             posterior = vae.encode(x).latent_dist
@@ -201,32 +196,6 @@ def sample_grid(pipe, prompts, path: Path, seeds=(0, 1, 2, 3), steps: int = 25, 
     return grid
 
 
-class EMA:
-    """Exponential moving average of parameters, with the usual warm start (short memory early on)."""
-
-    def __init__(self, params: list[torch.Tensor], decay: float):
-        self.params = params
-        self.decay = decay
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """Temporarily put the averaged weights into the model (to sample or save it)."""
-        with torch.no_grad():
-            raw = [p.detach().clone() for p in self.params]
-            torch._foreach_copy_([p.data for p in self.params], self.shadow)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_([p.data for p in self.params], raw)
-
-
 def save_pipeline(pipe, out: Path, info: dict) -> int:
     pipe.save_pretrained(out, safe_serialization=True)
     (out / "rewardbooth_mini.json").write_text(json.dumps(info, indent=2))
@@ -236,8 +205,8 @@ def save_pipeline(pipe, out: Path, info: dict) -> int:
 TRAIN_STATE = "train_state.pt"
 
 
-def save_train_state(out: Path, params, opt, ema: EMA, step: int, gen: torch.Generator) -> None:
-    state = {"step": step, "params": [p.detach().clone() for p in params], "ema": ema.shadow,
+def save_train_state(out: Path, params, opt, ema: WeightEMA, step: int, gen: torch.Generator) -> None:
+    state = {"step": step, "params": [p.detach().clone() for p in params], "ema": ema.state_tensors(),
              "optimizer": opt.state_dict(), "noise_generator": gen.get_state()}
     tmp = out / (TRAIN_STATE + ".tmp")
     torch.save(state, tmp)
@@ -271,7 +240,7 @@ def benchmark(presets: list[str], batch: int, steps: int, device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rewardbooth.mini.pretrain", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m rewardbooth.recipes.mini_pretrain", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="pipeline folder to write (diffusers layout)")
     ap.add_argument("--preset", default="s", choices=sorted(MINI_PRESETS))
     ap.add_argument("--steps", type=int, default=6000, help="text encoder + U-Net steps")
@@ -349,14 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     pipe.text_encoder.train()
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    ema = EMA(params, args.ema)
+    ema = WeightEMA(params, args.ema)
     gen = torch.Generator("cpu").manual_seed(args.seed)
     start = 0
     if args.resume:
         state = torch.load(args.out / TRAIN_STATE, weights_only=True)  # tensors and numbers only: no pickled code
         with torch.no_grad():
             torch._foreach_copy_([p.data for p in params], state["params"])
-        ema.shadow = state["ema"]
+        ema.load_state_tensors(state["ema"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["noise_generator"])
         start = state["step"]
@@ -372,17 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     def checkpoint(done: int) -> None:
         info["steps_done"] = done
         save_train_state(args.out, params, opt, ema, done, gen)
-        with ema.swapped_in():
+        with ema.applied():
             save_pipeline(pipe, args.out, info)
 
     try:
         for step in range(start, args.steps):
-            lr = lr_at(step, args.steps, args.lr, args.warmup)
+            lr = warmup_cosine_lr(step, args.steps, args.lr, args.warmup, floor=FINAL_LR_FRACTION)
             for group in opt.param_groups:
                 group["lr"] = lr
             x, captions = data.next()
             window.append(train_step(pipe, opt, x, captions, args.cfg_drop, gen, caption_rng, device))
-            ema.update(step)
+            ema.step()
             done = step + 1
             if done % args.log_every == 0 or done == args.steps:
                 elapsed = time.perf_counter() - t0
@@ -390,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                               "s_per_step": round(elapsed / (done - start), 3), "elapsed_s": round(elapsed, 1)})
                 window = []
             if done % args.sample_every == 0 or done == args.steps:
-                with ema.swapped_in():
+                with ema.applied():
                     sample_grid(pipe, SAMPLE_PROMPTS, args.out / "samples" / f"step{done:06d}.png", device=device)
             if done % args.save_every == 0 and done != args.steps:
                 checkpoint(done)

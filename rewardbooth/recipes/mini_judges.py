@@ -1,6 +1,6 @@
 """Train MiniBench's judges on the procedural world, reproducibly, in one command.
 
-    python -m rewardbooth.mini.judges --out DIR [--seed 0] [--threads 1]    # ~25 min on one CPU core
+    python -m rewardbooth.recipes.mini_judges --out DIR [--seed 0] [--threads 1]    # ~25 min on one CPU core
 
 Three small transformers models, each written with `save_pretrained` so the reward and
 metric code loads them exactly like the real checkpoints:
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -45,12 +44,14 @@ from rewardbooth.mini.world import (
     sample_pose,
     sample_scene,
 )
+from rewardbooth.training.schedule import warmup_cosine_lr
 
 JUDGE_KINDS = ("dino", "clip", "attributes")
 DEFAULT_STEPS = {"dino": 1500, "clip": 1500, "attributes": 2500}  # what the shipped judges were trained with
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 JUDGE_INFO = "rewardbooth_judge.json"
 ATTRIBUTE_INPUT_SIZE = 64  # the CNN stem downsamples 4x: read 32 px images upsampled to 64
+WARMUP_STEPS = 100  # linear learning-rate warm-up, then a cosine down to 0
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -176,19 +177,13 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def fit(model, params, loss_fn, steps: int, lr: float, name: str) -> None:
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
+            group["lr"] = warmup_cosine_lr(step, steps, lr, WARMUP_STEPS)
         loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -302,7 +297,7 @@ def train_dino(steps: int, batch: int, seed: int, n_pairs: int, n_test: int = 50
 def train_clip(train: RenderedSet, test: RenderedSet, steps: int, batch: int, seed: int):
     from transformers import CLIPConfig, CLIPModel
 
-    from rewardbooth.mini.model import MiniModelConfig, build_tokenizer
+    from rewardbooth.recipes.mini_model import MiniModelConfig, build_tokenizer
 
     tokenizer = build_tokenizer(MiniModelConfig())
     vocab = tokenizer.get_vocab()
@@ -341,7 +336,7 @@ def save_judge(folder: Path, parts: list, info: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rewardbooth.mini.judges", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m rewardbooth.recipes.mini_judges", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder to write dino/, clip/ and attributes/ into")
     ap.add_argument("--only", default=",".join(JUDGE_KINDS), help="comma-separated judges to train")
     ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps per judge (default {DEFAULT_STEPS})")

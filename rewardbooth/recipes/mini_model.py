@@ -3,7 +3,7 @@
 `build_mini_pipeline(config)` returns an untrained `StableDiffusionPipeline` made of the
 same diffusers/transformers classes as a real SD 1.x checkpoint (AutoencoderKL,
 UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, DDPMScheduler), so once
-`rewardbooth.mini.pretrain` has trained it and written it with `save_pretrained`, every
+`rewardbooth.recipes.mini_pretrain` has trained it and written it with `save_pretrained`, every
 method loads it with `rewardbooth.models.loading.load_components(folder)` unchanged.
 
 Design (measured choices are in docs/minibench-plan.md):

@@ -1,0 +1,72 @@
+"""Writing the trained weights: the result, the best validated ones, budgets; written beside, then
+moved into place, so a full disk mid-export leaves the previous weights whole."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from rewardbooth.config import RunConfig
+from rewardbooth.methods.context import TrainContext
+from rewardbooth.models.export import KOHYA_WEIGHTS_NAME, write_kohya
+from rewardbooth.models.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_FOLDERS, save_lora
+from rewardbooth.training.run_dir import BEST_RECORD, STAGING_NAME, atomic_write_text, replace_into
+
+BUDGET_RECORD = "budget.json"
+
+
+class WeightWriter:
+    def __init__(self, accelerator, cfg: RunConfig, ema_applied: Callable):
+        self.accelerator, self.cfg, self.ema_applied = accelerator, cfg, ema_applied
+
+    def text_encoders(self, ctx: TrainContext) -> list | None:
+        return [self.accelerator.unwrap_model(e) for e in ctx.text_encoders] if ctx.text_encoders else None
+
+    def export(self, ctx: TrainContext, folder: Path) -> Path:
+        """The trained weights (the EMA's under train.ema_decay) in the diffusers format: a LoRA file, or unet/ (+ text_encoder/)."""
+        with self.ema_applied():
+            unet = self.accelerator.unwrap_model(ctx.unet)
+            text_encoders = self.text_encoders(ctx)
+            staging = self._staging(folder)
+            if self.cfg.adapter.kind == "lora":
+                save_lora(staging, unet, text_encoders, sdxl=ctx.components.is_sdxl)
+            else:
+                unet.save_pretrained(staging / "unet", safe_serialization=True)
+                for encoder, name in zip(text_encoders or [], TEXT_ENCODER_FOLDERS):
+                    encoder.save_pretrained(staging / name, safe_serialization=True)
+            return self._place(staging, folder)
+
+    def _staging(self, folder: Path) -> Path:
+        staging = folder / STAGING_NAME
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        return staging
+
+    def _place(self, staging: Path, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        replace_into(staging, folder)
+        return folder / (LORA_WEIGHTS_NAME if self.cfg.adapter.kind == "lora" else "unet")
+
+    def write_result(self, ctx: TrainContext, folder: Path, best_dir: Path | None) -> Path:
+        """The run's result as of now into `folder`: the best validated weights (`best_dir`) under selection, else the current ones."""
+        if best_dir is None:
+            return self.export(ctx, folder)
+        staging = self._staging(folder)
+        shutil.copytree(best_dir, staging, ignore=shutil.ignore_patterns(BEST_RECORD), dirs_exist_ok=True)
+        return self._place(staging, folder)
+
+    def save_budget(self, ctx: TrainContext, folder: Path, step: int, selected_step: int, best_dir: Path | None) -> Path:
+        """budgets/step-N/: the result a run of N steps would have given (same weights, same selection)."""
+        if self.accelerator.is_main_process:
+            self.write_result(ctx, folder, best_dir)
+            atomic_write_text(folder / BUDGET_RECORD, json.dumps({"step": step, "selected_step": selected_step}))
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def write_kohya_copy(self, ctx: TrainContext, weights: Path, run_dir: Path) -> None:
+        """The same LoRA for A1111 / ComfyUI / kohya tools."""
+        if self.cfg.adapter.kind == "lora":
+            write_kohya(Path(weights), self.cfg, ctx.components.is_sdxl, int(ctx.components.unet.config.layers_per_block),
+                        Path(run_dir) / KOHYA_WEIGHTS_NAME)
