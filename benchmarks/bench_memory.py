@@ -54,10 +54,10 @@ def common_settings(method: str) -> dict:
 
 def components_on_meta(preset_name: str):
     """The preset's components with parameters on the meta device: shapes and dtypes, no storage."""
+    from accelerate import init_empty_weights
+
     from rewardbooth.models.loading import Components
     from rewardbooth.models.tiny import TINY_PRESETS, build_tiny_pipeline
-
-    from accelerate import init_empty_weights
 
     with init_empty_weights():  # parameters on meta; buffers and schedulers as usual
         pipe = build_tiny_pipeline(TINY_PRESETS[preset_name])

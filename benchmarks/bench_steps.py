@@ -99,8 +99,7 @@ def run_one(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from rewardbooth.config import parse_override
-    from rewardbooth.methods import load_config
-    from rewardbooth.methods import method_registry
+    from rewardbooth.methods import load_config, method_registry
     from rewardbooth.models.tiny import TINY_PRESETS
     from rewardbooth.training.loop import train
     from rewardbooth.training.run_dir import prepare_run_dir

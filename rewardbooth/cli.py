@@ -14,8 +14,9 @@ from pathlib import Path
 
 from rewardbooth.config import RunConfig
 from rewardbooth.errors import RewardboothError
-from rewardbooth.methods import BUILTIN_METHODS, baseline_method, method_names, methods_help
-from rewardbooth.models.presets import preset_names
+
+# Each command imports the layers it runs (torch, diffusers ...) inside its function, so that
+# `rewardbooth --help` and argument errors answer in well under a second.
 
 # Flags that set a config value: (flag, dotted key, type, help). None type = boolean switch.
 TRAIN_FLAGS = [
@@ -96,8 +97,32 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
+def _method_help() -> str:
+    from rewardbooth.methods import baseline_method, method_names, methods_help
+
+    return (f"{' | '.join(method_names())} (default {baseline_method().name}); {methods_help()}; "
+            "defaults and departures from the papers: docs/methods.md")
+
+
+def _model_help() -> str:
+    from rewardbooth.models.presets import preset_names
+
+    return (f"hub id, local diffusers folder, or a preset: {', '.join(preset_names())}. "
+            "SDXL: e.g. stabilityai/stable-diffusion-xl-base-1.0")
+
+
+# Help drawn from the registries (methods, presets) when --help is printed, not at every start.
+LAZY_HELP = {"--method": _method_help, "--model": _model_help}
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows defaults, except the empty ones (unset flags fall back to the config's default)."""
+    """--help shows defaults, except the empty ones (unset flags fall back to the config's default);
+    a callable help (LAZY_HELP) is asked for its text only when help is printed."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if callable(action.help):
+            action.help = action.help()
+        return super()._format_action(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default in (None, False, [], argparse.SUPPRESS) or "default" in (action.help or ""):
@@ -144,14 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--num-processes", type=int, default=1,
                        help="data-parallel processes (runs `accelerate launch`; GPUs if available, else CPU processes)")
-    generated_help = {"--method": f"{' | '.join(method_names())} (default {baseline_method().name}); {methods_help()}; "
-                                     "defaults and departures from the papers: docs/methods.md",
-                      "--model": f"hub id, local diffusers folder, or a preset: {', '.join(preset_names())}. "
-                                 "SDXL: e.g. stabilityai/stable-diffusion-xl-base-1.0"}
     for flag, key, kind, text in TRAIN_FLAGS:
-        text = text or generated_help[flag]
         default = _config_default(key)
-        shown = text if "default" in text or default is None else f"{text} (default: {default})"
+        shown = LAZY_HELP[flag] if text is None else text if "default" in text or default is None else f"{text} (default: {default})"
         train.add_argument(flag, type=kind, help=shown)
     for flag, _, _, text in TRAIN_SWITCHES:
         train.add_argument(flag, action="store_true", help=text)
@@ -221,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add_parser("demo", help="the built-in CPU demo: a MiniBench subject learned by the shipped mini model; report")
     demo.add_argument("--output", default="rewardbooth-demo", help="run folder (default ./rewardbooth-demo)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the mini bench's setting)")
-    demo.add_argument("--method", default=baseline_method().name, help=" | ".join(method_names()))
+    demo.add_argument("--method", default=None, help=LAZY_HELP["--method"])
     demo.add_argument("--seed", type=int, default=0, help="seed of the MiniBench subject and the run")
     demo.add_argument("--overwrite", action="store_true", help="replace a previous demo run")
     return parser
@@ -274,12 +294,10 @@ def _without_num_processes(argv: list[str]) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rewardbooth.config import require_training_inputs
-    from rewardbooth.methods import load_config
-    from rewardbooth.data.images import list_image_files, load_image_folder
-    from rewardbooth.models.loading import model_native_resolution
     from rewardbooth.evaluation.run_report import write_run_report
+    from rewardbooth.methods import load_config
     from rewardbooth.training.loop import train
+    from rewardbooth.training.preflight import check_training_inputs, input_folders
     from rewardbooth.training.run_dir import CONFIG_NAME, prepare_run_dir
 
     run_dir = Path(args.output)
@@ -287,24 +305,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and config_file is None and (run_dir / CONFIG_NAME).is_file():
         config_file = run_dir / CONFIG_NAME  # resume repeats the saved run unless told otherwise
     cfg = load_config(config_file, train_overrides(args))
-    require_training_inputs(cfg)
-    # Everything checkable is checked before any model loads or anything is written.
-    from rewardbooth.training.options import check_optional_packages
-
-    check_optional_packages(cfg.train)
-    resolution = cfg.data.resolution or model_native_resolution(cfg.model.name, cfg.model.revision)
-    min_size = cfg.data.min_image_size if cfg.data.min_image_size is not None else resolution // 2
-    load_image_folder(cfg.data.instance_dir, min_size=min_size)
-    if cfg.prior.enabled and cfg.prior.class_dir:
-        list_image_files(cfg.prior.class_dir, role="class-image folder")
-    protected = [Path(p) for p in (cfg.data.instance_dir, cfg.prior.class_dir) if p]
+    check_training_inputs(cfg)  # everything checkable, before any model loads or anything is written
     from accelerate import PartialState
-
     from accelerate.utils import parse_flag_from_env
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # only the main process touches the folder
     if state.is_main_process:
-        prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite, protected=protected)
+        prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite, protected=input_folders(cfg))
     state.wait_for_everyone()
     result = train(cfg, run_dir, resume=args.resume, progress=not args.quiet)
     if not state.is_main_process:
@@ -322,10 +329,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from rewardbooth.errors import ConfigError
     from rewardbooth.data.images import save_image_grid
-    from rewardbooth.training.finished_run import load_run_pipeline
+    from rewardbooth.errors import ConfigError
     from rewardbooth.sampling import METADATA_NAME, generate, run_sample_settings, save_generated
+    from rewardbooth.training.finished_run import load_run_pipeline
 
     if args.num_images < 1 or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         raise ConfigError("-n, --steps and --batch-size must be positive")
@@ -379,10 +386,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from rewardbooth.config import parse_override
-    from rewardbooth.methods import load_config
     from rewardbooth.data.dreambench import load_dreambench
     from rewardbooth.errors import ConfigError
     from rewardbooth.evaluation.bench import BenchRunner, merge, parse_shard, shard_subjects
+    from rewardbooth.methods import load_config
 
     if args.merge:
         report = merge([Path(d) for d in args.merge], Path(args.output) if args.output else None)
@@ -394,9 +401,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("give --method or --methods, not both")
     methods = [m.strip() for m in (args.methods or args.method or "").split(",") if m.strip()]
     if args.suite == "mini":
+        from rewardbooth.methods import BUILTIN_METHODS
+
         return _bench_mini(args, methods or list(BUILTIN_METHODS))
     if len(methods) > 1:
         raise ConfigError("the dreambench suite runs one --method per bench folder (shard and --merge them); --methods is for --suite mini")
+    from rewardbooth.methods import baseline_method
+
     args.method = methods[0] if methods else baseline_method().name
     args.images_per_prompt = args.images_per_prompt or 4
     args.sample_steps = args.sample_steps or 50
@@ -426,10 +437,8 @@ def _bench_mini(args: argparse.Namespace, methods: list[str]) -> int:
     from rewardbooth.config import parse_override
     from rewardbooth.errors import ConfigError
     from rewardbooth.evaluation.metrics import format_table
-    from rewardbooth.mini.bench import run_mini_bench
-
     from rewardbooth.evaluation.paired import paired_rows
-    from rewardbooth.mini.bench import parse_budgets
+    from rewardbooth.mini.bench import parse_budgets, run_mini_bench
 
     ignored = [flag for flag, value in (("--dreambench", args.dreambench), ("--subjects", args.subjects), ("--shard", args.shard),
                                         ("--dino-model", args.dino_model), ("--clip-model", args.clip_model)) if value]

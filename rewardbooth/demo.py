@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rewardbooth.evaluation.report import ReportSection
 from rewardbooth.data.images import save_labelled_rows
+from rewardbooth.evaluation.report import ReportSection
 from rewardbooth.evaluation.run_report import write_run_report
+from rewardbooth.methods import baseline_method
 from rewardbooth.mini.bench import GUIDANCE, SAMPLE_BATCH, SUITES, method_config
 from rewardbooth.mini.scoring import ATTRIBUTE_METRICS, AttributeJudge, attribute_checks
 from rewardbooth.mini.world import make_subject, subject_prompts
 from rewardbooth.models.loading import load_components, make_pipeline
-from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.sampling import SampleSettings, generate
-from rewardbooth.methods import baseline_method
+from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.training.loop import train
 from rewardbooth.training.run_dir import RUN_MARKER, RunFolder, prepare_run_dir
 

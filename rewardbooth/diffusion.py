@@ -1,6 +1,6 @@
 """The one set of diffusion primitives every method builds on.
 
-Notation follows specs/METHODS.md: x0 clean latent, eps noise, t timestep,
+Notation follows docs/methods.md: x0 clean latent, eps noise, t timestep,
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, c text embedding.
 """
 
@@ -206,7 +206,6 @@ def dummy_conditioning(unet, batch: int, dtype: torch.dtype, device) -> TextCond
 
 def unet_probe(unet, batch: int, latent_size: int, dtype: torch.dtype, device) -> Callable[[], torch.Tensor]:
     """One training forward of the U-Net at `batch` (loss included)."""
-
     def probe():
         noisy = torch.zeros(batch, unet.config.in_channels, latent_size, latent_size, dtype=dtype, device=device)
         timesteps = torch.full((batch,), 500, dtype=torch.long, device=device)

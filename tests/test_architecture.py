@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import metric_series
 from safetensors.torch import load_file
 
-from conftest import metric_series
 from rewardbooth.methods import ENTRY_POINT_GROUP, get_method, load_config, method_registry
 from rewardbooth.training.loop import Trainer, train
 from rewardbooth.training.run_dir import RunFolder, RunResult, prepare_run_dir
@@ -150,3 +150,18 @@ def test_dpg_critic_steps_once_per_optimizer_step_under_gradient_accumulation(tm
     optimizer = method.actor.optimizer
     adam_steps = {int(state["step"]) for state in optimizer.state.values()}
     assert method.actor.critic_steps == 3 and adam_steps == {3}
+
+
+def test_a_hub_model_imports_nothing_from_the_benchmark_world():
+    import subprocess
+
+    code = ("import sys\n"
+            "from rewardbooth.methods import load_config\n"
+            "from rewardbooth.models.loading import resolve_model_path\n"
+            "cfg = load_config(overrides={'model.name': 'owner/some-model', 'train.method': 'dpg'})\n"
+            "assert resolve_model_path(cfg.model.name) == 'owner/some-model'\n"
+            "print(sorted(m for m in sys.modules if m.startswith('rewardbooth.mini')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+    # and the mini preset still registers itself when asked for by name
+    assert load_config(overrides={"model.name": "mini"}).evaluation.dino_model == "mini"

@@ -7,8 +7,8 @@ import yaml
 
 from rewardbooth.cli import main
 from rewardbooth.config import RunConfig
-from rewardbooth.methods import load_config
 from rewardbooth.errors import ConfigError
+from rewardbooth.methods import load_config
 
 
 def test_yaml_then_overrides_and_roundtrip(tmp_path):
@@ -154,8 +154,8 @@ def test_presets_bring_their_own_world(tmp_path, monkeypatch):
     assert load_config(overrides={"model.name": "mini", "evaluation.dino_model": "facebook/dino-vits16"}).evaluation.dino_model \
         == "facebook/dino-vits16"
     # generate on a mini run samples with the run's guidance, not SD's 7.5
-    import rewardbooth.training.finished_run as loading
     import rewardbooth.sampling as sampling
+    import rewardbooth.training.finished_run as loading
 
     seen = {}
     monkeypatch.setattr(loading, "load_run_pipeline", lambda run, device=None, dtype=None: (mini, object()))

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rewardbooth.methods import load_config
-from rewardbooth.methods import get_method
+from rewardbooth.methods import get_method, load_config
 from rewardbooth.training import memory
 from rewardbooth.training.loop import Trainer
 from rewardbooth.training.run_dir import prepare_run_dir

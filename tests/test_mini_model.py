@@ -8,6 +8,7 @@ import torch
 
 from rewardbooth.diffusion import add_noise, denoising_error, encode_prompts
 from rewardbooth.mini import pretraining_batch
+from rewardbooth.models.loading import load_components, make_pipeline
 from rewardbooth.recipes.mini_model import (
     IDENTIFIER_TOKENS,
     MINI_PRESETS,
@@ -16,7 +17,6 @@ from rewardbooth.recipes.mini_model import (
     world_words,
 )
 from rewardbooth.recipes.mini_pretrain import images_to_tensor
-from rewardbooth.models.loading import load_components, make_pipeline
 
 
 @pytest.fixture(scope="module")

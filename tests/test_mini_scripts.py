@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rewardbooth.mini.scoring import AttributeJudge
 from rewardbooth.recipes import mini_judges as judges
 from rewardbooth.recipes import mini_pretrain as pretrain
-from rewardbooth.mini.scoring import AttributeJudge
 from rewardbooth.rewards.encoders import ClipEncoder, DinoEncoder, clear_encoder_cache, load_encoder
 
 FAST = ["--preset", "xs", "--batch", "4", "--vae-steps", "2", "--vae-batch", "4", "--warmup", "2", "--log-every", "1",

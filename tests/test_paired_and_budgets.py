@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rewardbooth.methods import load_config
 from rewardbooth.errors import ConfigError
 from rewardbooth.evaluation.paired import bootstrap_interval, compare, paired_differences, verdict
+from rewardbooth.methods import load_config
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
 from rewardbooth.training.loop import train
 from rewardbooth.training.run_dir import RunFolder, prepare_run_dir

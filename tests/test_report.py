@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rewardbooth.evaluation.report import ReportSection, write_report
 from rewardbooth.data.images import make_grid, save_image_grid
 from rewardbooth.evaluation.figures import plot_metrics
-from rewardbooth.training.run_dir import read_metrics
+from rewardbooth.evaluation.report import ReportSection, write_report
 from rewardbooth.mini.world import make_subject
+from rewardbooth.training.run_dir import read_metrics
 
 # --- grids ------------------------------------------------------------------
 

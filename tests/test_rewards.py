@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardbooth.errors import ConfigError
+from rewardbooth.mini.world import make_subject
 from rewardbooth.rewards import (
     BUILTIN_REWARDS,
     Subject,
@@ -23,7 +24,6 @@ from rewardbooth.rewards import (
     tiny_encoder_path,
     unregister_reward,
 )
-from rewardbooth.mini.world import make_subject
 
 TINY = {"dino": "tiny", "clip": "tiny", "align": "tiny"}
 PROMPTS = ["a sks toy in the snow", "a sks toy on the beach", "a red sks toy", "sks toy with a city in the background"]

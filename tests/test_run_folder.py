@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from rewardbooth.cli import main
-from rewardbooth.methods import load_config
 from rewardbooth.errors import CheckpointError, OutputExistsError
+from rewardbooth.methods import load_config
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
 from rewardbooth.training.loop import train
 from rewardbooth.training.run_dir import RUN_MARKER, prepare_run_dir

@@ -12,11 +12,10 @@ from PIL import Image
 
 from rewardbooth.methods import load_config
 from rewardbooth.models.export import KOHYA_WEIGHTS_NAME, sgm_module_name
-from rewardbooth.training.finished_run import export_lora
 from rewardbooth.models.loading import load_components, make_pipeline
-from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
 from rewardbooth.sampling import SampleSettings, generate
+from rewardbooth.training.finished_run import export_lora, load_run_pipeline
 from rewardbooth.training.loop import train
 
 STEPS = 3

@@ -6,17 +6,15 @@ import json
 
 import pytest
 import torch
+from conftest import metric_series
 from safetensors.torch import load_file
 
-from conftest import metric_series
-
 from rewardbooth import diffusion
-from rewardbooth.methods import load_config
-from rewardbooth.methods import get_method
+from rewardbooth.methods import get_method, load_config
 from rewardbooth.methods.dreambooth import DreamBooth
 from rewardbooth.models.loading import load_components, make_pipeline
-from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
+from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.training.loop import train
 from rewardbooth.training.run_dir import list_checkpoints, prepare_run_dir
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from rewardbooth import diffusion
-from rewardbooth.methods import load_config
 from rewardbooth.errors import ConfigError
+from rewardbooth.methods import load_config
 from rewardbooth.methods.dreambooth import CLASS_LATENTS_NAME, DreamBooth
 from rewardbooth.models.loading import load_components
 from rewardbooth.training.loop import train
@@ -187,8 +187,8 @@ def test_class_latents_are_cached_on_disk_and_reused(tmp_path, tiny_overrides, m
     assert metric_series(tmp_path / "cached", "loss") == metric_series(tmp_path / "plain", "loss")
 
     # Same class images again: no VAE encoding; one image changed: encoded again.
-    from rewardbooth.training import context as context_module
     from rewardbooth.methods.context import LatentImageSet
+    from rewardbooth.training import context as context_module
 
     encoded = []
     real = diffusion.encode_moments

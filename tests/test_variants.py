@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rewardbooth import diffusion
-from rewardbooth.methods import load_config
 from rewardbooth.errors import ConfigError
+from rewardbooth.methods import load_config
 from rewardbooth.methods.dpg import DPG
 from rewardbooth.methods.rpo import RPO, preference_labels, preference_loss
 from rewardbooth.models.loading import load_components

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, UnidentifiedImageError
 
 from rewardbooth.errors import ConfigError, ImageFolderError
 
@@ -247,7 +247,6 @@ def save_labelled_rows(rows: list[tuple[str, list[Image.Image]]], path: Path, sc
                        header: list[str] | None = None) -> Path:
     """One row of images per label, the label written at the row's left; a wider gap after
     `gap_after` images (e.g. before | after); optional column headers over the two halves."""
-    from PIL import ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     w, h = rows[0][1][0].size

@@ -16,6 +16,7 @@ import copy
 import csv
 import json
 import math
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from statistics import pstdev
@@ -28,9 +29,13 @@ from rewardbooth.config import RunConfig
 from rewardbooth.data.dreambench import DreamBench, DreamBenchSubject, load_dreambench
 from rewardbooth.data.images import load_image, load_image_folder, save_image_grid
 from rewardbooth.errors import ConfigError, OutputExistsError
-from rewardbooth.evaluation.metrics import METRICS, ImageScore, Scorer, summarize
+from rewardbooth.evaluation.figures import plot_bars, plot_tradeoff
+from rewardbooth.evaluation.metrics import METRICS, ImageScore, Scorer, read_generated_folder, summarize
 from rewardbooth.evaluation.report import ReportSection, write_report
 from rewardbooth.rewards import Subject
+from rewardbooth.sampling import SampleSettings, generate, save_generated
+from rewardbooth.training.finished_run import load_run_pipeline
+from rewardbooth.training.loop import train
 from rewardbooth.training.run_dir import RunFolder, prepare_run_dir
 
 BENCH_INFO = "bench.json"
@@ -101,10 +106,6 @@ class BenchRunner:
         return done
 
     def run_subject(self, subject: DreamBenchSubject) -> None:
-        from rewardbooth.training.finished_run import load_run_pipeline
-        from rewardbooth.sampling import SampleSettings, generate, save_generated
-        from rewardbooth.training.loop import train
-
         folder = self.subject_dir(subject)
         run_dir = self.run_dir(subject)
         if not RunFolder(run_dir).is_finished():
@@ -117,7 +118,6 @@ class BenchRunner:
                                   resolution=self.cfg.data.resolution, batch_size=self.sample_batch_size)
         images_dir = folder / "images"
         if images_dir.exists():  # a half-written folder from an interrupted run: regenerate it
-            import shutil
 
             shutil.rmtree(images_dir)
         images = generate(pipe, prompts, self.images_per_prompt, settings, progress=self.progress, description=subject.name)
@@ -186,7 +186,6 @@ def summarize_folders(bench_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
 
 def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]], title: str = "rewardbooth DreamBench results",
                        extra_sections: list[ReportSection] | None = None) -> Path:
-    from rewardbooth.evaluation.figures import plot_bars, plot_tradeoff
 
     assets = report_dir / "report_assets"
     # Each folder is labelled by its method, or by its folder name where methods repeat (variants, budgets).
@@ -237,8 +236,6 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]],
 
 
 def _subject_grid(subject_dir: Path, references: list[Image.Image], images_per_prompt: int, path: Path) -> Path:
-    from rewardbooth.evaluation.metrics import read_generated_folder
-
     files, _ = read_generated_folder(subject_dir / "images")
     generated = [load_image(f) for f in files]
     size = generated[0].size

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+# matplotlib is imported when a figure is drawn: reading results needs no plotting library loaded.
+
 
 def _is_number(value: Any) -> bool:
     # bool is an int subclass but a flag, not a metric; NaN/inf would break the axes.

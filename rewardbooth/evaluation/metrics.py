@@ -1,4 +1,4 @@
-"""DreamBench metrics (specs/METHODS.md section 4): DINO, CLIP-I, CLIP-T.
+"""DreamBench metrics (DreamBooth paper protocol; README "Measure"): DINO, CLIP-I, CLIP-T.
 
 - DINO: cosine of DINO CLS features of each generated image with each reference, averaged.
 - CLIP-I: the same with CLIP image embeddings.
@@ -42,7 +42,6 @@ class ImageScore:
 @dataclass
 class Scorer:
     """Loads the judges once and scores batches of images against a subject."""
-
     models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_EVAL_MODELS))
     device: str = "cpu"
     batch_size: int = 32

@@ -7,7 +7,6 @@ announce themselves through the `rewardbooth.methods` entry-point group (like pl
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from rewardbooth.methods.dpg import DPG
 from rewardbooth.methods.dreambooth import DreamBooth
 from rewardbooth.methods.rpo import RPO
 from rewardbooth.models.presets import preset_defaults
+from rewardbooth.plugins import load_entry_points
 
 ENTRY_POINT_GROUP = "rewardbooth.methods"
 BUILTIN_METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (DreamBooth, DPG, RPO)}
@@ -25,18 +25,9 @@ BUILTIN_METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (DreamBooth
 
 def method_registry() -> dict[str, type[Method]]:
     """Built-in methods, then those installed packages announce (a plug-in cannot shadow a built-in)."""
-    registry = dict(BUILTIN_METHODS)
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        if point.name in registry:
-            continue
-        try:
-            cls = point.load()
-        except Exception as exc:
-            raise ConfigError(f"method {point.name!r}: entry point {point.value!r} failed to load: {exc}".splitlines()[0]) from exc
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise ConfigError(f"method {point.name!r}: entry point {point.value!r} is not a rewardbooth Method subclass")
-        registry[point.name] = cls
-    return registry
+    plugins = load_entry_points(ENTRY_POINT_GROUP, "rewardbooth Method subclass",
+                                lambda cls: isinstance(cls, type) and issubclass(cls, Method), skip=BUILTIN_METHODS)
+    return {**BUILTIN_METHODS, **plugins}
 
 
 def method_names() -> list[str]:

@@ -40,6 +40,7 @@ class Method:
     minibench: dict[str, Any] = {}
     variants: dict[str, dict[str, Any]] = {}
     curves: tuple[str, ...] = ("loss",)  # metrics.jsonl keys the web app plots
+    run_files: tuple[str, ...] = ()  # what the method writes into the run folder (--overwrite may remove them)
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from rewardbooth import diffusion
 from rewardbooth.config import RunConfig
@@ -149,8 +153,6 @@ class LatentImageSet:
 
 def _fingerprint(images: list[Image.Image], resolution: int) -> str:
     """Which images at which size the cached latents belong to (any changed pixel changes it)."""
-    import hashlib
-
     digest = hashlib.sha256(str(resolution).encode())
     for image in images:
         digest.update(f"{image.size}{image.mode}".encode())
@@ -160,8 +162,6 @@ def _fingerprint(images: list[Image.Image], resolution: int) -> str:
 
 def _read_latent_cache(path: Path, images: list[Image.Image], resolution: int) -> dict[str, torch.Tensor] | None:
     """The cached VAE moments of exactly these images, or None (missing, stale or unreadable)."""
-    from safetensors import safe_open
-
     if not path.is_file():
         return None
     try:
@@ -174,10 +174,6 @@ def _read_latent_cache(path: Path, images: list[Image.Image], resolution: int) -
 
 
 def _write_latent_cache(path: Path, images, resolution: int, moments: torch.Tensor, flipped: torch.Tensor | None) -> None:
-    import os
-
-    from safetensors.torch import save_file
-
     tensors = {"moments": moments.detach().cpu().contiguous()}
     if flipped is not None:
         tensors["flipped"] = flipped.detach().cpu().contiguous()

@@ -8,6 +8,9 @@ from torch import nn
 
 from rewardbooth import diffusion
 
+# diffusers / transformers / peft / accelerate are imported inside the functions that use them, so importing this
+# module (registries, --help, the web app) does not pay their start-up cost.
+
 
 def _activation(name: str) -> nn.Module:
     # Leaky units keep a gradient when pre-activations go negative: with plain ReLU and SGD 0.01

@@ -15,8 +15,8 @@ from rewardbooth import diffusion
 from rewardbooth.config import RunConfig
 from rewardbooth.data.images import list_image_files, load_image
 from rewardbooth.methods.base import Method
-from rewardbooth.sampling import SampleSettings, generate
 from rewardbooth.methods.context import LatentImageSet, TrainContext
+from rewardbooth.sampling import SampleSettings, generate
 
 CLASS_IMAGE_FOLDER = "class_images"
 CLASS_LATENTS_NAME = "class_latents.safetensors"  # data.cache_latents: the class images' VAE moments
@@ -64,6 +64,7 @@ class DreamBooth(Method):
     # selection alone: DreamBooth keeping its best validated weights by RPO's reward
     variants = {"dreambooth-select": {"validation.every": 40, "validation.num_images": 2, "validation.select": True}}
     curves = ("loss", "loss_instance", "loss_prior")
+    run_files = (CLASS_IMAGE_FOLDER, CLASS_LATENTS_NAME)
 
     def prepare(self, ctx: TrainContext) -> None:
         self.instance = LatentImageSet(ctx.instance_images(), ctx)

@@ -1,6 +1,6 @@
 """RPO: reward preference optimization with the lambda-Harmonic reward (Miao et al., NeurIPS 2024).
 
-Algorithm (specs/METHODS.md section 3):
+Algorithm (docs/methods.md#rpo):
     once:  negatives  y_j ~ base model(training prompt p_j), a few per prompt
            rewards    r(ref_i), r(y_j) with the lambda-Harmonic reward (lambda_train)
     step:  pair (ref_i with the instance prompt, y_j with p_j), label l ~ Bernoulli(sigmoid((r(ref_i) - r(y_j)) / T))
@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from rewardbooth import diffusion
-from rewardbooth.data.images import load_image
 from rewardbooth.config import RunConfig, ensure
+from rewardbooth.data.images import load_image
 from rewardbooth.methods.base import Method
+from rewardbooth.methods.context import LatentImageSet, TrainContext
 from rewardbooth.rewards import Subject, build_reward, park_encoders
 from rewardbooth.sampling import METADATA_NAME, SampleSettings, generate, save_generated
-from rewardbooth.methods.context import LatentImageSet, TrainContext
 
 # The 8 training prompts of the paper / official code ("[V]" is our {identifier}).
 OBJECT_PROMPTS = [
@@ -92,6 +93,7 @@ class RPO(Method):
                "with model selection (paper defaults: SD 2.1, full U-Net, lr 5e-6, 400 steps)")
     section = "rpo"
     curves = ("loss", "loss_preference")
+    run_files = (NEGATIVES_FOLDER,)
     # MiniBench (docs/minibench.md): full U-Net, 400 steps at batch 1, validation (and selection) every 40 steps.
     minibench = {"adapter.kind": "full", "train.learning_rate": 2e-4, "train.steps": 400, "train.batch_size": 1,
                  "validation.every": 40, "validation.num_images": 2, "rpo.negative_steps": 10}
@@ -175,7 +177,6 @@ class RPO(Method):
         entries = [json.loads(line) for line in metadata.read_text().splitlines()] if metadata.is_file() else []
         if len(entries) != wanted and ctx.accelerator.is_main_process:
             if folder.exists():
-                import shutil
 
                 shutil.rmtree(folder)  # an interrupted or differently-sized set: make it again
             settings = SampleSettings(steps=cfg.rpo.negative_steps, guidance_scale=cfg.rpo.negative_guidance,

@@ -20,22 +20,30 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from rewardbooth.config import RunConfig
-from rewardbooth.methods import baseline_method, load_config, resolve_variant
 from rewardbooth.errors import ConfigError
 from rewardbooth.evaluation.bench import BenchRunner, subject_config, summarize_folders, write_bench_report
+from rewardbooth.evaluation.figures import plot_frontier
 from rewardbooth.evaluation.metrics import ImageScore, Scorer
-from rewardbooth.evaluation.paired import paired_differences
+from rewardbooth.evaluation.paired import paired_differences, paired_rows
+from rewardbooth.evaluation.report import ReportSection
+from rewardbooth.methods import baseline_method, load_config, resolve_variant
+from rewardbooth.methods.dreambooth import class_image_settings
+from rewardbooth.mini.preset import mini_defaults
 from rewardbooth.mini.scoring import AttributeJudge, attribute_checks
 from rewardbooth.mini.world import DEFAULT_SPLIT, MiniSubject, PromptSpec, make_subjects, subject_prompts
-from rewardbooth.mini.preset import mini_defaults
+from rewardbooth.models.loading import load_components, make_pipeline
+from rewardbooth.sampling import generate
 from rewardbooth.training.run_dir import RunFolder
 
 # Settings every method shares in the bench; the mini preset's own world (judges, prompts, guidance:
@@ -74,7 +82,6 @@ GUIDANCE = 4.0  # the mini model's samples are cleanest around 3-5
 @dataclass
 class MiniBenchSubject:
     """A MiniSubject with its references on disk, shaped like a DreamBench subject for BenchRunner."""
-
     subject: MiniSubject
     image_dir: Path
 
@@ -122,8 +129,6 @@ class MiniBenchRunner(BenchRunner):
         return self.run_root / subject.name if self.run_root else super().run_dir(subject)
 
     def weights_dir(self, run_dir: Path) -> Path | None:
-
-
         return RunFolder(run_dir).budget_dir(self.budget) if self.budget and self.budget != self.cfg.train.steps else None
 
     def info(self) -> dict[str, Any]:
@@ -159,9 +164,6 @@ def prepare_class_images(root: Path, cfg: RunConfig, subjects: list[MiniBenchSub
     """The prior's class images depend only on the base model, the class prompt and the seed, so
     every method and subject of one class shares one set (made here, before any worker starts;
     the same images each run would otherwise make for itself)."""
-    from rewardbooth.methods.dreambooth import class_image_settings
-    from rewardbooth.models.loading import load_components, make_pipeline
-    from rewardbooth.sampling import generate
 
     pipe = None
     for subject in {s.class_noun: s for s in subjects}.values():
@@ -199,7 +201,6 @@ def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBe
                  threads: int | None = None) -> None:
     """Every method on `subjects`, one after another (a worker process's whole job)."""
     if threads:
-        import torch
 
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the workers share the cores: no per-run thread search
         torch.set_num_threads(threads)
@@ -272,8 +273,6 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
     if jobs == 1:
         _run_methods(subjects=subjects, progress=progress, **work)
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -301,10 +300,6 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
 def mini_report_sections(out: Path, results: dict[str, dict], paired: dict[str, Any], methods: list[str],
                          budgets: list[int | None]) -> list:
     """The paired table (with intervals and verdicts) per budget, and the budget frontier plot."""
-    from rewardbooth.evaluation.paired import paired_rows
-    from rewardbooth.evaluation.report import ReportSection
-    from rewardbooth.evaluation.figures import plot_frontier
-
     sections = []
     for budget, table in paired["budgets"].items():
         sections.append(ReportSection(

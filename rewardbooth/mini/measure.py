@@ -20,8 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from rewardbooth.data.images import save_image_grid
 from rewardbooth.mini.scoring import AttributeJudge
 from rewardbooth.mini.world import ATTRIBUTES, DEFAULT_SPLIT, Scene, render, sample_scene
+from rewardbooth.models.loading import load_components, make_pipeline
+from rewardbooth.sampling import SampleSettings, generate
+
+# diffusers / transformers / peft / accelerate are imported inside the functions that use them, so importing this
+# module (registries, --help, the web app) does not pay their start-up cost.
 
 MEASURED = ("shape", "colour", "pattern", "context", "size")
 
@@ -35,8 +41,6 @@ def measure_base_model(model: str = "mini", scenes: int = 64, steps: int = 20, g
                        batch_size: int = 32, progress: bool = False, sampler: str = "dpm") -> dict:
     """Per attribute: accuracy of the generated images, of the true renders, and chance.
     `heldout` draws the subjects' held-out combinations (never seen in pretraining)."""
-    from rewardbooth.models.loading import load_components, make_pipeline
-    from rewardbooth.sampling import SampleSettings, generate
 
     rng = np.random.default_rng(seed)
     drawn = [sample_scene(rng, exclude=() if heldout else None, combos=DEFAULT_SPLIT.heldout if heldout else None)
@@ -85,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     for a in MEASURED:
         print(f"{a:<10}{result['generated'][a]:>11.3f}{result['rendered'][a]:>9.3f}{result['chance'][a]:>8.3f}")
     if args.out:
-        from rewardbooth.data.images import save_image_grid
 
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "measure.json").write_text(json.dumps({**result, "grid_captions": captions[:64]}, indent=2))

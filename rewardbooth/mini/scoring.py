@@ -21,7 +21,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from rewardbooth.mini.assets import MINI_NAME, mini_judge_path
 from rewardbooth.mini.world import PromptSpec
+
+# diffusers / transformers / peft / accelerate are imported inside the functions that use them, so importing this
+# module (registries, --help, the web app) does not pay their start-up cost.
 
 ATTRIBUTE_METRICS = ("shape_kept", "colour_kept", "pattern_kept", "identity_kept", "context_ok", "modifier_ok", "prompt_ok")
 NAN = float("nan")
@@ -29,11 +33,9 @@ NAN = float("nan")
 
 class AttributeJudge:
     """An image classifier whose labels are "attribute=value", one softmax per attribute."""
-
     def __init__(self, model: str | Path = "mini", device: str = "cpu", batch_size: int = 128):
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from rewardbooth.mini.assets import MINI_NAME, mini_judge_path
 
         path = mini_judge_path("attributes") if str(model) == MINI_NAME else Path(model)
         self.name = str(model)

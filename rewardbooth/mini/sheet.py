@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from rewardbooth.mini.world import make_subject, pretraining_batch, render, subject_prompts
+
 
 def contact_sheet(
     rows: Sequence[Sequence[Image.Image]],
@@ -31,13 +33,6 @@ def contact_sheet(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from rewardbooth.mini.world import (
-        make_subject,
-        pretraining_batch,
-        render,
-        subject_prompts,
-    )
-
     parser = argparse.ArgumentParser(
         prog="python -m rewardbooth.mini",
         description="Draw a contact sheet of the mini world: 8 rows of pretraining scenes, "

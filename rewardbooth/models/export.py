@@ -14,12 +14,16 @@ alpha is written as trained, so every tool applies the same scale alpha / rank.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from rewardbooth import __version__
 from rewardbooth.errors import ConfigError
+from rewardbooth.models.lora import TEXT_ENCODER_TARGETS, lora_config, split_lora_state
 
 EXPORT_FORMATS = ("kohya", "diffusers", "peft")
 KOHYA_WEIGHTS_NAME = "lora_kohya.safetensors"
@@ -68,8 +72,6 @@ def lora_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor
 def to_kohya(diffusers_state: dict[str, torch.Tensor], alpha: float, sdxl: bool, layers_per_block: int,
              text_alpha: float | None = None) -> dict[str, torch.Tensor]:
     """A diffusers-format LoRA state dict (as our runs write it) in kohya's key layout."""
-    from rewardbooth.models.lora import split_lora_state
-
     unet_state, encoder_states = split_lora_state(diffusers_state)
     out: dict[str, torch.Tensor] = {}
 
@@ -93,8 +95,6 @@ def to_kohya(diffusers_state: dict[str, torch.Tensor], alpha: float, sdxl: bool,
 
 def kohya_metadata(cfg, sdxl: bool, rank: int, alpha: float) -> dict[str, str]:
     """kohya's ss_* header fields (all strings), which UIs show and some use to pick a base model."""
-    from rewardbooth import __version__
-
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
@@ -122,10 +122,6 @@ def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dic
 
 def write_kohya(lora_file: Path, cfg, sdxl: bool, layers_per_block: int, target: Path, dtype: torch.dtype | None = None) -> Path:
     """`lora_file` (diffusers layout) as a kohya file at `target`, written beside and renamed into place."""
-    import os
-
-    from safetensors.torch import load_file, save_file
-
     rank = cfg.adapter.rank
     alpha = float(cfg.adapter.alpha if cfg.adapter.alpha is not None else rank)
     kohya = to_kohya(load_file(str(lora_file)), alpha, sdxl, layers_per_block)
@@ -142,10 +138,6 @@ def refuse_existing(target: Path) -> None:
 
 def write_peft(cfg, state: dict[str, torch.Tensor], folder: Path, dtype, rank: int, alpha: float) -> Path:
     """peft adapter folders: unet/ (and text_encoder/, text_encoder_2/), each for `PeftModel.from_pretrained`."""
-    from safetensors.torch import save_file
-
-    from rewardbooth.models.lora import TEXT_ENCODER_TARGETS, lora_config, split_lora_state
-
     refuse_existing(folder)
     unet_state, encoder_states = split_lora_state(state)
     parts = {"unet": ({k.removeprefix("unet."): v for k, v in unet_state.items()}, cfg.adapter.target_modules)}

@@ -7,15 +7,18 @@ which folder those calls read.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from rewardbooth.errors import ConfigError
 from rewardbooth.models.presets import find_preset, preset_names
-from rewardbooth.models.tiny import TINY_PRESETS
+from rewardbooth.models.tiny import TINY_PRESETS, build_tiny_pipeline
+
+# diffusers / transformers / peft / accelerate are imported inside the functions that use them, so importing this
+# module (registries, --help, the web app) does not pay their start-up cost.
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
@@ -24,7 +27,6 @@ SDXL_PIPELINE = "StableDiffusionXLPipeline"
 @dataclass
 class Components:
     """The parts of a Stable Diffusion pipeline that training and sampling use."""
-
     source: str  # what the user passed (hub id, folder or preset name)
     path: str  # what from_pretrained read
     unet: Any
@@ -46,7 +48,6 @@ class Components:
     def random_on(cls, preset: str, device: str) -> Components:
         """A tiny/random preset built with its seeded random weights directly on `device`, with no
         disk round trip (benchmarks at real sizes: sd15-random, sdxl-random)."""
-        from rewardbooth.models.tiny import build_tiny_pipeline
 
         with torch.device(device):
             pipe = build_tiny_pipeline(TINY_PRESETS[preset])

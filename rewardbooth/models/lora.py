@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+# diffusers / transformers / peft / accelerate are imported inside the functions that use them, so importing this
+# module (registries, --help, the web app) does not pay their start-up cost.
+
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")  # pipeline folder (and LoRA key prefix) of each encoder

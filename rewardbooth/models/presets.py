@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from rewardbooth.errors import ConfigError
+from rewardbooth.plugins import load_entry_points
 from rewardbooth.models.tiny import TINY_PRESETS, tiny_model_path
 
 ENTRY_POINT_GROUP = "rewardbooth.presets"
@@ -53,15 +52,7 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        if point.name in _REGISTRY:
-            continue
-        try:
-            preset = point.load()
-        except Exception as exc:
-            raise ConfigError(f"preset {point.name!r}: entry point {point.value!r} failed to load: {exc}".splitlines()[0]) from exc
-        if not isinstance(preset, Preset):
-            raise ConfigError(f"preset {point.name!r}: entry point {point.value!r} is not a rewardbooth Preset")
+    for preset in load_entry_points(ENTRY_POINT_GROUP, "rewardbooth Preset", lambda obj: isinstance(obj, Preset), skip=_REGISTRY).values():
         register_preset(preset)
 
 

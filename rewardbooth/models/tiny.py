@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+# diffusers / transformers / peft / accelerate are imported inside the functions that use them, so importing this
+# module (registries, --help, the web app) does not pay their start-up cost.
 
 # Bump when the architecture or the seed changes, so stale caches are rebuilt.
 TINY_FORMAT_VERSION = 3
@@ -80,7 +84,6 @@ def _byte_level_vocab() -> dict[str, int]:
 
 def build_tiny_pipeline(preset: TinyPreset):
     """Build a StableDiffusionPipeline with small components and seeded random weights."""
-
     with torch.random.fork_rng(devices=[]):  # seeded weights without disturbing the caller's RNG
         torch.manual_seed(preset.seed)
         return _build_tiny_pipeline(preset)
@@ -227,7 +230,6 @@ def tiny_model_path(name: str) -> Path:
     try:
         tmp.rename(folder)
     except OSError:
-        import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

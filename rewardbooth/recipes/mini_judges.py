@@ -39,12 +39,17 @@ from rewardbooth.mini.world import (
     CONTEXTS,
     DEFAULT_SPLIT,
     Scene,
+    compose_caption,
     pretraining_batch,
     render,
     sample_pose,
     sample_scene,
 )
+from rewardbooth.recipes.mini_model import MiniModelConfig, build_tokenizer
+from rewardbooth.rewards.encoders import _pooled
 from rewardbooth.training.schedule import warmup_cosine_lr
+
+# diffusers / transformers are imported inside the functions that use them, so --help answers at once.
 
 JUDGE_KINDS = ("dino", "clip", "attributes")
 DEFAULT_STEPS = {"dino": 1500, "clip": 1500, "attributes": 2500}  # what the shipped judges were trained with
@@ -214,9 +219,7 @@ def attribute_accuracy(model, data: RenderedSet, augment_gen: torch.Generator | 
 @torch.no_grad()
 def clip_zero_shot(model, tokenizer, data: RenderedSet) -> dict[str, float]:
     """Per attribute: pick the caption (one value of that attribute swapped in) the model ranks first."""
-    from rewardbooth.mini.world import compose_caption
 
-    from rewardbooth.rewards.encoders import _pooled
 
     images = F.normalize(_pooled(model.get_image_features(pixel_values=to_model_input(data.pixels))), dim=-1)
 
@@ -297,7 +300,6 @@ def train_dino(steps: int, batch: int, seed: int, n_pairs: int, n_test: int = 50
 def train_clip(train: RenderedSet, test: RenderedSet, steps: int, batch: int, seed: int):
     from transformers import CLIPConfig, CLIPModel
 
-    from rewardbooth.recipes.mini_model import MiniModelConfig, build_tokenizer
 
     tokenizer = build_tokenizer(MiniModelConfig())
     vocab = tokenizer.get_vocab()

@@ -26,11 +26,17 @@ Design (measured choices are in docs/minibench-plan.md):
 from __future__ import annotations
 
 import itertools
+import json
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from rewardbooth.mini.world import COLOURS, CONTEXT_PHRASES, PATTERNS, SHAPES, SIZES
 from rewardbooth.models.tiny import _byte_level_vocab, assemble_pipeline
+
+# diffusers / transformers are imported inside the functions that use them, so --help answers at once.
 
 # Identifiers DreamBooth-style methods use for a subject; each is one token (untrained in
 # pretraining, like a rare token in a real vocabulary).
@@ -39,7 +45,6 @@ IDENTIFIER_TOKENS: tuple[str, ...] = ("sks", "zwx", "ohwx", "xjy", "qlv", "vkt")
 
 def world_words() -> tuple[str, ...]:
     """Every word a mini-world caption or evaluation prompt can contain."""
-    from rewardbooth.mini.world import COLOURS, CONTEXT_PHRASES, PATTERNS, SHAPES, SIZES
 
     words = set(SHAPES) | set(COLOURS) | set(PATTERNS) | set(SIZES) | {"a", "an", "upside", "down", "photo", "of"}
     for phrase in CONTEXT_PHRASES.values():
@@ -166,9 +171,6 @@ def build_tokenizer(config: MiniModelConfig):
 
 def _clip_tokenizer_from_lists(vocab: dict[str, int], merges: list[str], max_length: int):
     """CLIPTokenizer wants files; write them to a temporary folder."""
-    import json
-    import tempfile
-    from pathlib import Path
 
     from transformers import CLIPTokenizer
 

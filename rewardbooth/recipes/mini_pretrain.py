@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from rewardbooth.diffusion import add_noise, denoising_error, encode_prompts
 from rewardbooth.mini.world import pretraining_batch
@@ -47,6 +48,8 @@ from rewardbooth.recipes.mini_model import (
 )
 from rewardbooth.training.options import WeightEMA
 from rewardbooth.training.schedule import warmup_cosine_lr
+
+# diffusers / transformers are imported inside the functions that use them, so --help answers at once.
 
 SAMPLE_PROMPTS = (
     "a red ball on the beach",
@@ -168,7 +171,6 @@ def train_step(pipe, opt, x, captions, cfg_drop: float, gen: torch.Generator, rn
 def sample_grid(pipe, prompts, path: Path, seeds=(0, 1, 2, 3), steps: int = 25, guidance: float = 4.0, device="cpu"):
     """One row per prompt, one column per seed, 32 px cells scaled 3x; returns the PIL grid."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-    from PIL import Image
 
     sampler = StableDiffusionPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
@@ -305,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
         pipe.vae.eval().requires_grad_(False)
         stats = evaluate_vae(pipe.vae, args.seed, device)
     pipe.vae.register_to_config(scaling_factor=round(1.0 / stats["latent_std"], 5))
-    from PIL import Image
 
     pair = np.concatenate([np.concatenate(list(tensor_to_uint8(stats[k])), axis=1) for k in ("orig", "recon")], axis=0)
     (args.out / "samples").mkdir(exist_ok=True)

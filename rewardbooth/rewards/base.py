@@ -1,6 +1,6 @@
 """Rewards: one score per image for (images, prompts, subject), built from a name or a setting.
 
-Built-ins (specs/METHODS.md sections 3 and 4): `dino`, `clip_i`, `clip_t`, `align_i`, `align_t`
+Built-ins (docs/methods.md#rpo, DreamBench metrics): `dino`, `clip_i`, `clip_t`, `align_i`, `align_t`
 and RPO's `lambda_harmonic`. Users add their own with `register_reward`, the `rewardbooth.rewards`
 entry-point group, or a `"module.path:function"` spec.
 """
@@ -44,7 +44,6 @@ def strip_identifier(prompt: str, identifier: str) -> str:
 @dataclass
 class Subject:
     """What a reward compares generated images against."""
-
     name: str
     references: list[Image.Image]
     identifier: str = "sks"
@@ -90,7 +89,6 @@ def _fingerprint(references: Sequence[Any]) -> str:
 
 class EncoderReward(Reward):
     """Base for the built-ins: one shared encoder, reference features cached per subject."""
-
     differentiable = True
     max_cached_subjects = 64
 
@@ -130,7 +128,6 @@ class EncoderReward(Reward):
 
 class ImageReward(EncoderReward):
     """Mean cosine between each image and the subject's references (DINO, CLIP-I, ALIGN-I)."""
-
     def __init__(self, encoder: ImageTextEncoder, name: str):
         super().__init__(encoder)
         self.name = name
@@ -142,7 +139,6 @@ class ImageReward(EncoderReward):
 
 class TextReward(EncoderReward):
     """Cosine between each image and its prompt with the identifier removed (CLIP-T, ALIGN-T)."""
-
     def __init__(self, encoder: ImageTextEncoder, name: str):
         if not encoder.has_text:
             raise ConfigError(f"reward {name!r} needs an encoder with a text tower; {encoder.kind} has none")
@@ -197,8 +193,7 @@ def harmonic_reward(s_i2i: torch.Tensor, s_t2i: torch.Tensor, lam: float) -> tor
 
 
 class LambdaHarmonicReward(EncoderReward):
-    """RPO's lambda-Harmonic reward (specs/METHODS.md section 3), ALIGN features by default."""
-
+    """RPO's lambda-Harmonic reward (docs/methods.md#rpo), ALIGN features by default."""
     def __init__(self, *, lam: float = 0.5, encoder: str = "align", models: Mapping[str, str] | None = None,
                  device: str = "cpu", dtype: Any = None):
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= float(lam) <= 1.0:

@@ -26,6 +26,9 @@ from rewardbooth.errors import ConfigError
 from rewardbooth.models.presets import preset_judge_path
 from rewardbooth.models.tiny import _byte_level_vocab, cache_root
 
+# diffusers / transformers / peft / accelerate are imported inside the functions that use them, so importing this
+# module (registries, --help, the web app) does not pay their start-up cost.
+
 ENCODER_KINDS = ("dino", "clip", "align")
 DEFAULT_ENCODER_MODELS: dict[str, str] = {
     "dino": "facebook/dino-vits16",

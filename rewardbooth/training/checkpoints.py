@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from rewardbooth.errors import CheckpointError
 from rewardbooth.methods import Method
@@ -28,7 +30,6 @@ EMA_STATE_NAME = "ema_state.safetensors"
 
 class Checkpoints:
     """Saves and restores a run's trainable state through accelerate's save_state / load_state."""
-
     def __init__(self, accelerator, run_dir: Path, method: Method, ema: Callable[[], object | None], keep: int | None):
         self.accelerator, self.run_dir, self.method, self.ema, self.keep = accelerator, Path(run_dir), method, ema, keep
         accelerator.register_save_state_pre_hook(self._save_hook)
@@ -36,8 +37,6 @@ class Checkpoints:
 
     def _save_hook(self, models, weights, output_dir):
         """Checkpoints hold only trainable tensors: with LoRA, megabytes instead of a model copy."""
-        from safetensors.torch import save_file
-
         acc = self.accelerator
         if acc.is_main_process:
             for i, model in enumerate(models):
@@ -51,8 +50,6 @@ class Checkpoints:
         weights.clear()
 
     def _load_hook(self, models, input_dir):
-        from safetensors.torch import load_file
-
         acc = self.accelerator
         for i, model in enumerate(models):
             state = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
@@ -107,8 +104,6 @@ class Checkpoints:
 
 def damaged_file(checkpoint: Path) -> str | None:
     """The first file of a checkpoint that does not read back (safetensors header, torch state)."""
-    from safetensors import safe_open
-
     for file in sorted(checkpoint.iterdir()):
         try:
             if file.suffix == ".safetensors":

@@ -5,14 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from rewardbooth.config import RunConfig
 from rewardbooth.errors import ConfigError
 from rewardbooth.methods import load_config
-from rewardbooth.models.export import EXPORT_DTYPES, EXPORT_FORMATS, KOHYA_WEIGHTS_NAME, cast_state, write_peft, refuse_existing, write_kohya
+from rewardbooth.models.export import (
+    EXPORT_DTYPES,
+    EXPORT_FORMATS,
+    KOHYA_WEIGHTS_NAME,
+    cast_state,
+    refuse_existing,
+    write_kohya,
+    write_peft,
+)
 from rewardbooth.models.loading import load_components, make_pipeline, read_model_config
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_FOLDERS, load_lora_into_pipeline
 from rewardbooth.training.run_dir import CONFIG_NAME
+
+# diffusers / transformers / peft / accelerate are imported inside the functions that use them, so importing this
+# module (registries, --help, the web app) does not pay their start-up cost.
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -60,7 +73,6 @@ def export_lora(run_dir: Path, fmt: str, output: Path | None = None, dtype: str 
 
     Never overwrites: an existing output is an error naming it.
     """
-    from safetensors.torch import load_file, save_file
 
     run_dir = Path(run_dir)
     if fmt not in EXPORT_FORMATS:
@@ -86,7 +98,6 @@ def export_lora(run_dir: Path, fmt: str, output: Path | None = None, dtype: str 
     if fmt == "diffusers":
         target = Path(output) if output else run_dir / f"pytorch_lora_weights{suffix}.safetensors"
         refuse_existing(target)
-        from safetensors import safe_open
 
         with safe_open(str(source), "pt") as f:
             metadata = f.metadata() or {}

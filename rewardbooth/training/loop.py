@@ -33,6 +33,9 @@ from rewardbooth.training.setup import attach_trainable, choose_threads, estimat
 from rewardbooth.training.validation import sample_validation
 from rewardbooth.training.weights import WeightWriter
 
+# diffusers / transformers / peft / accelerate are imported inside the functions that use them, so importing this
+# module (registries, --help, the web app) does not pay their start-up cost.
+
 TRACKER_LOGS = "logs"
 
 

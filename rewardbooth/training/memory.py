@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 GIB = 1024**3
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
@@ -104,7 +104,6 @@ def weight_bytes(modules: Iterable[torch.nn.Module], device: torch.device | None
 
 class _Probes(torch.nn.Module):
     """Holds the modules so functional_call can swap all their weights for fake ones at once."""
-
     def __init__(self, modules: list[torch.nn.Module], probes: list[Callable[[], object]]):
         super().__init__()
         self.held = torch.nn.ModuleList(modules)
@@ -126,7 +125,6 @@ def saved_activation_bytes(probes: list[Callable[[], object]], modules: Iterable
     """(total, largest) bytes autograd saves while the probes run on fake tensors; the modules'
     own weights are not counted (they are resident anyway). Each probe is one forward pass
     whose activations live until the step's backward, so their savings add up."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     holder = _Probes(list(modules), probes)
     saved: dict[int, int] = {}

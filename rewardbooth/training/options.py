@@ -13,6 +13,8 @@ import torch
 
 from rewardbooth.errors import ConfigError
 
+# Optional packages (bitsandbytes, prodigyopt) are imported only when their option is chosen.
+
 # setting -> (module to import, extra that installs it)
 OPTIONAL_PACKAGES = {
     ("optimizer", "adamw8bit"): ("bitsandbytes", "bnb"),

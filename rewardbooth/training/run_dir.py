@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rewardbooth.errors import ConfigError, OutputExistsError
+from rewardbooth.methods import method_registry
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -23,8 +24,6 @@ SAMPLES_DIR = "samples"  # validation images, samples/step-000100/
 BEST_DIR = "best"  # the best validated weights under model selection
 BEST_RECORD = "best.json"  # beside them: the step and score they were selected with
 BUDGETS_DIR = "budgets"  # the result as it stood at train.save_steps, budgets/step-000200/
-CLASS_IMAGES_DIR = "class_images"
-NEGATIVES_DIR = "negatives"
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_MARKER = "step.json"  # written last: a checkpoint without it was interrupted and is ignored
 RUN_MARKER = ".rewardbooth-run"  # written only by rewardbooth, when it creates a run folder
@@ -34,9 +33,14 @@ STAGING_NAME = ".export-tmp"  # weights are written here, then moved into place
 WEIGHT_ENTRIES = {f"{stem}{dtype}{ext}" for stem, ext in (("pytorch_lora_weights", ".safetensors"), ("lora_kohya", ".safetensors"), ("peft", ""))
                   for dtype in ("", "_fp32", "_fp16", "_bf16")} | {"unet", "text_encoder", "text_encoder_2"}
 # What a run folder may hold; --overwrite refuses a folder with anything else in it.
-RUN_ENTRIES = {RUN_MARKER, LOCK_NAME, STAGING_NAME, CONFIG_NAME, METRICS_NAME, CHECKPOINT_DIR, SAMPLES_DIR, CLASS_IMAGES_DIR,
-               NEGATIVES_DIR, BEST_DIR, BUDGETS_DIR, REPORT_NAME, "report_assets", RESULT_NAME, "generated", "reference", "logs",
-               "class_latents.safetensors", *WEIGHT_ENTRIES}
+# (and what methods write into it: Method.run_files, e.g. class images, negatives).
+RUN_ENTRIES = {RUN_MARKER, LOCK_NAME, STAGING_NAME, CONFIG_NAME, METRICS_NAME, CHECKPOINT_DIR, SAMPLES_DIR, BEST_DIR, BUDGETS_DIR,
+               REPORT_NAME, "report_assets", RESULT_NAME, "generated", "reference", "logs", *WEIGHT_ENTRIES}
+
+
+def run_entries() -> set[str]:
+    """Every name a run folder may hold: the loop's and each registered method's."""
+    return RUN_ENTRIES | {name for cls in method_registry().values() for name in cls.run_files}
 
 
 def step_folder(step: int) -> str:
@@ -81,8 +85,6 @@ class RunFolder:
     checkpoints = property(lambda self: self.root / CHECKPOINT_DIR)
     samples = property(lambda self: self.root / SAMPLES_DIR)
     best = property(lambda self: self.root / BEST_DIR)
-    class_images = property(lambda self: self.root / CLASS_IMAGES_DIR)
-    negatives = property(lambda self: self.root / NEGATIVES_DIR)
 
     def sample_dir(self, step: int) -> Path:
         return self.samples / step_folder(step)
@@ -212,7 +214,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, protected: lis
         if not (run_dir / RUN_MARKER).is_file():
             raise OutputExistsError(f"refusing to overwrite {run_dir}: it is not a rewardbooth run folder (no {RUN_MARKER} marker); "
                                     "delete it yourself if it is one")
-        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES)
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in run_entries())
         if foreign:
             raise OutputExistsError(f"refusing to overwrite {run_dir}: it holds {', '.join(foreign[:3])}, which rewardbooth "
                                     "never writes; move them out or choose another --output")

@@ -17,6 +17,9 @@ from rewardbooth.methods.context import TrainContext
 from rewardbooth.rewards import Subject, build_reward
 from rewardbooth.training.run_dir import BEST_DIR, BEST_RECORD, atomic_write_text
 
+# diffusers / transformers / peft / accelerate are imported inside the functions that use them, so importing this
+# module (registries, --help, the web app) does not pay their start-up cost.
+
 SELECTION_REWARD = "val_reward"
 
 

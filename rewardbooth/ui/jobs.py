@@ -7,6 +7,7 @@ the run folder (lock, metrics.jsonl, result.json) and a log beside it, never fro
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import signal
@@ -17,11 +18,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from rewardbooth.data.images import IMAGE_EXTENSIONS, load_image
 from rewardbooth.errors import ConfigError, ImageFolderError
 from rewardbooth.methods import get_method, method_names, method_registry
-from rewardbooth.models.lora import LORA_WEIGHTS_NAME
 from rewardbooth.models.export import KOHYA_WEIGHTS_NAME
+from rewardbooth.models.lora import LORA_WEIGHTS_NAME
 from rewardbooth.training.run_dir import CHECKPOINT_DIR, CONFIG_NAME, RunFolder
 from rewardbooth.training.selection import SELECTION_REWARD
 
@@ -59,7 +62,6 @@ class Job:
 
 class Workspace:
     """The runs folder and the processes this server started in it."""
-
     def __init__(self, runs_dir: Path):
         self.root = Path(runs_dir).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -217,7 +219,6 @@ class Workspace:
             state = "stopped" if (run_dir / CHECKPOINT_DIR).is_dir() else "unknown"
         info = {"name": name, "status": state, "error": error if state == "crashed" else None}
         if folder.config.is_file():
-            import yaml
 
             cfg = yaml.safe_load(folder.config.read_text())
             records = folder.read_metrics()
@@ -253,7 +254,6 @@ class Workspace:
         out = self.run_dir(name)
         table = out / "results.csv"
         if table.is_file():
-            import csv
 
             with table.open() as f:
                 info["table"] = list(csv.DictReader(f))

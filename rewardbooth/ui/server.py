@@ -26,7 +26,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
+import torch
+
+from rewardbooth.data.images import load_image_folder
 from rewardbooth.errors import RewardboothError
+from rewardbooth.evaluation.metrics import Scorer
+from rewardbooth.models.loading import default_device, model_native_resolution
+from rewardbooth.rewards import Subject
+from rewardbooth.sampling import generate, run_sample_settings, save_generated
+from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.training.run_dir import RunFolder
 from rewardbooth.ui.jobs import UIError, Workspace, check_name, inside
 
@@ -45,7 +53,6 @@ def check_bind(host: str, auth: str | None) -> None:
 
 class Generator:
     """Sampling with finished runs' weights in this process; pipelines and judges are kept."""
-
     def __init__(self, workspace: Workspace):
         self.workspace = workspace
         self.pipelines: dict[str, tuple] = {}
@@ -53,11 +60,6 @@ class Generator:
         self.lock = threading.Lock()  # one sampling at a time: torch uses every core anyway
 
     def _pipeline(self, name: str):
-        import torch
-
-        from rewardbooth.models.loading import default_device
-        from rewardbooth.training.finished_run import load_run_pipeline
-
         run_dir = self.workspace.run_dir(name)
         key = f"{name}:{RunFolder(run_dir).result.stat().st_mtime_ns}"
         if key not in self.pipelines:
@@ -66,10 +68,6 @@ class Generator:
         return self.pipelines[key]
 
     def _score(self, cfg, image, prompt: str, file: str) -> dict:
-        from rewardbooth.data.images import load_image_folder
-        from rewardbooth.evaluation.metrics import Scorer
-        from rewardbooth.rewards import Subject
-
         key = (cfg.evaluation.dino_model, cfg.evaluation.clip_model)
         if key not in self.scorers:
             self.scorers[key] = Scorer.from_config(cfg.evaluation)
@@ -78,8 +76,6 @@ class Generator:
         return {"dino": round(score.dino, 3), "clip_i": round(score.clip_i, 3), "clip_t": round(score.clip_t, 3)}
 
     def generate(self, runs: list[str], prompt: str, seed: int) -> list[dict]:
-        from rewardbooth.sampling import generate, run_sample_settings, save_generated
-
         if not runs:
             raise UIError("choose at least one finished run")
         if not prompt or len(prompt) > 300:
@@ -186,8 +182,6 @@ def make_handler(workspace: Workspace, generator: Generator, auth: str | None):
             self._send(200, path.read_bytes(), kind)
 
         def _upload(self, parts, query):
-            from rewardbooth.models.loading import model_native_resolution
-
             model = query.get("model", ["mini"])[0]
             min_size = model_native_resolution(model) // 2  # what `rewardbooth train` demands by default
             self._json(workspace.add_photo(parts[2], query.get("filename", ["photo"])[0], self._body(), min_size))
