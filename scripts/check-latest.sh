@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the newest versions pyproject allows (no constraints.txt) into a fresh venv and run the tests:
 # tells whether constraints.txt can move forward, or which new release breaks us.
-#   scripts/check-latest.sh [pytest args...]      e.g. scripts/check-latest.sh -x -q tests/test_training.py
+#   scripts/check-latest.sh [pytest args...]      e.g. scripts/check-latest.sh -x -q tests/test_training_loop.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -48,6 +48,7 @@ def _finished_run(root: Path, tiny_overrides: dict, result: RunResult) -> RunFol
     return folder
 
 
+@pytest.mark.slow
 def test_result_json_round_trips_from_the_writer_to_every_reader(tmp_path, tiny_overrides):
     from rewardbooth.evaluation.run_report import write_run_report
     from rewardbooth.ui.jobs import Workspace
@@ -165,3 +166,12 @@ def test_a_hub_model_imports_nothing_from_the_benchmark_world():
     assert out == "[]"
     # and the mini preset still registers itself when asked for by name
     assert load_config(overrides={"model.name": "mini"}).evaluation.dino_model == "mini"
+
+
+def test_the_web_app_offers_every_registered_method_with_one_baseline():
+    from rewardbooth.methods import baseline_method
+    from rewardbooth.ui.jobs import Workspace
+
+    offered = Workspace.methods()
+    assert [m["name"] for m in offered] == list(method_registry())
+    assert [m["name"] for m in offered if m["baseline"]] == [baseline_method().name]  # DPG subclasses DreamBooth: not a baseline

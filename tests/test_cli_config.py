@@ -103,6 +103,7 @@ def test_cli_generate_on_non_run_folder(tmp_path, capsys):
     assert code == 2 and str(tmp_path) in one_error_line(err)
 
 
+@pytest.mark.slow
 def test_cli_train_then_generate(tmp_path, capsys, subject_dir):
     run = tmp_path / "run"
     code = main(["train", "--model", "tiny", "--instance-dir", str(subject_dir), "--class-noun", "toy", "--output", str(run),
@@ -120,6 +121,7 @@ def test_cli_train_then_generate(tmp_path, capsys, subject_dir):
     assert len(list((run / "generated").glob("0*.png"))) == 4
 
 
+@pytest.mark.slow
 def test_library_warnings_stay_off_the_terminal_unless_verbose(tmp_path, subject_dir):
     import os
     import subprocess

@@ -24,6 +24,7 @@ def test_assets_stay_small():
     assert total < 30 * 2**20, f"mini assets are {total / 2**20:.1f} MB"
 
 
+@pytest.mark.slow
 def test_base_model_draws_prompted_attributes_well_above_chance(judge):
     from rewardbooth.mini.measure import measure_base_model
 

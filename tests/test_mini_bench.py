@@ -16,6 +16,7 @@ from rewardbooth.mini.world import make_subjects
 pytestmark = pytest.mark.skipif(not (ASSETS_DIR / "base" / "model_index.json").is_file(), reason="mini assets not built")
 
 
+@pytest.mark.slow
 def test_mini_bench_smoke_all_methods(tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["bench", "--suite", "mini", "--quick", "--num-subjects", "1", "--steps", "3", "-k", "1", "--sample-steps", "4",
@@ -57,6 +58,7 @@ def test_mini_bench_refuses_unknown_method(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_demo_learns_a_mini_subject(tmp_path, capsys):
     from PIL import Image
 
@@ -81,6 +83,7 @@ def test_demo_learns_a_mini_subject(tmp_path, capsys):
     assert report.read_text() == html and report.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_an_interrupted_demo_starts_again(tmp_path, monkeypatch):
     import rewardbooth.demo as demo
 
@@ -108,6 +111,7 @@ def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+@pytest.mark.slow
 def test_mini_bench_parallel_jobs_match_one_process(tmp_path):
     """Subjects split over two worker processes give exactly the numbers of one process."""
     from rewardbooth.mini.bench import run_mini_bench
@@ -126,6 +130,7 @@ def test_mini_bench_parallel_jobs_match_one_process(tmp_path):
     assert not list((tmp_path / "two" / "dreambooth").glob("subjects/*/run/class_images/*.png"))
 
 
+@pytest.mark.slow
 def test_mini_bench_budgets_train_once_and_plot_the_frontier(tmp_path):
     from rewardbooth.mini.bench import run_mini_bench
 

@@ -65,6 +65,7 @@ def test_snr_gamma_is_refused_for_rpo(tiny_overrides):
         load_config(overrides={**tiny_overrides, "train.method": "rpo", "train.snr_gamma": 5.0})
 
 
+@pytest.mark.slow
 def test_noise_offset_shifts_each_channel_of_the_training_noise(tmp_path, tiny_overrides, monkeypatch):
     seen = []
     real = diffusion.add_noise
@@ -120,6 +121,7 @@ def test_ema_of_the_trained_weights_is_the_result(tmp_path, tiny_overrides):
     assert (saved[name] - final[name]).abs().max() > 1e-4  # 80x the tolerance: the EMA is not the last weights
 
 
+@pytest.mark.slow
 def test_ema_resumes_to_the_same_result(tmp_path, tiny_overrides, straight_and_resumed):
     from safetensors.torch import load_file
 
@@ -131,6 +133,7 @@ def test_ema_resumes_to_the_same_result(tmp_path, tiny_overrides, straight_and_r
         torch.testing.assert_close(a[key], b[key])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("prodigyopt") is None, reason="prodigyopt not installed")
 def test_prodigy_trains_and_differs_from_adamw(tmp_path, tiny_overrides):
     from safetensors.torch import load_file
@@ -162,6 +165,7 @@ def test_a_missing_optional_package_is_one_line_before_anything_is_written(tmp_p
     assert not (out / "config.yaml").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
 def test_report_to_tensorboard_logs_the_same_numbers_as_metrics_jsonl(tmp_path, tiny_overrides, metric_series):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -178,6 +182,7 @@ def test_report_to_tensorboard_logs_the_same_numbers_as_metrics_jsonl(tmp_path, 
         assert logged[step] == pytest.approx(value, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_class_latents_are_cached_on_disk_and_reused(tmp_path, tiny_overrides, monkeypatch, metric_series):
     extra = {"prior.num_class_images": 4, "train.steps": 3}
     train(_cfg(tiny_overrides, **extra), tmp_path / "plain", progress=False)
@@ -188,7 +193,7 @@ def test_class_latents_are_cached_on_disk_and_reused(tmp_path, tiny_overrides, m
 
     # Same class images again: no VAE encoding; one image changed: encoded again.
     from rewardbooth.methods.context import LatentImageSet
-    from rewardbooth.training import context as context_module
+    from rewardbooth.methods import context as context_module
 
     encoded = []
     real = diffusion.encode_moments

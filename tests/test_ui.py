@@ -87,6 +87,7 @@ def _wait(base: str, run: str, until, timeout: float = 150) -> dict:
 # --- as a person uses it -----------------------------------------------------------------------
 @pytest.mark.skipif(CHROMIUM is None and os.environ.get("REWARDBOOTH_REQUIRE_BROWSER") != "1",
                     reason="Chromium not installed (CI installs Debian's chromium and sets REWARDBOOTH_REQUIRE_BROWSER=1)")
+@pytest.mark.slow
 def test_the_page_trains_watches_and_generates(app, photos, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -130,6 +131,7 @@ def test_the_page_trains_watches_and_generates(app, photos, tmp_path):
 
 
 # --- safe by default ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_other_hosts_need_a_password(tmp_path):
     with pytest.raises(UIError, match="--auth"):
         check_bind("0.0.0.0", None)
@@ -182,6 +184,16 @@ def test_two_runs_cannot_write_the_same_folder(app, photos):
     _wait(base, "same", lambda s: s["status"] != "running", timeout=120)
 
 
+def test_a_run_the_trainer_would_refuse_is_refused_before_any_starts(app, photos):
+    base, workspace = app()
+    upload, _ = _upload(base, photos[:3])
+    form = {"name": "bad", "upload": upload, "class_noun": "vase", "methods": ["dreambooth", "dpg"], "steps": 5,
+            "settings": "dpg.critic_lr=0"}
+    status, reply = _request(base + "/api/train", form)
+    assert status == 400 and reply["error"].startswith("dpg: ") and "dpg.critic_lr" in reply["error"]
+    assert not workspace.run_dir("bad-dreambooth").exists() and workspace.jobs == {}  # the valid one did not start either
+
+
 CRASHING_REWARD = '''
 import os, torch
 calls = 0
@@ -194,6 +206,7 @@ def flaky(images, prompts, subject):
 '''
 
 
+@pytest.mark.slow
 def test_a_crash_shows_its_error_and_the_run_resumes(app, photos, tmp_path, monkeypatch):
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "flaky_reward.py").write_text(CRASHING_REWARD)
@@ -213,6 +226,7 @@ def test_a_crash_shows_its_error_and_the_run_resumes(app, photos, tmp_path, monk
     assert finished["step"] == 12 and finished["error"] is None
 
 
+@pytest.mark.slow
 def test_stop_checkpoints_where_it_stopped_and_resume_finishes(app, photos):
     base, workspace = app()
     upload, _ = _upload(base, photos[:3])
@@ -230,6 +244,7 @@ def test_stop_checkpoints_where_it_stopped_and_resume_finishes(app, photos):
     assert _wait(base, "long", lambda s: s["status"] == "finished")["step"] == 300
 
 
+@pytest.mark.slow
 def test_the_bench_runs_from_the_page_and_shows_its_table(app):
     base, workspace = app()
     status, reply = _request(base + "/api/bench", {"num_subjects": "x"})

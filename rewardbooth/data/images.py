@@ -198,32 +198,50 @@ def preprocess(
 # --- the image tiler: grids for reports, validation samples and generated images ----------
 
 
+def tile_rows(
+    rows: Sequence[Sequence[Image.Image]],
+    cell: tuple[int, int] | None = None,
+    pad: int = 2,
+    background: tuple[int, int, int] | str = (255, 255, 255),
+    resample: Image.Resampling = Image.Resampling.LANCZOS,
+    left: int = 0,
+    top: int = 0,
+    gap_after: int | None = None,
+    gap: int = 12,
+) -> tuple[Image.Image, list[int], list[int]]:
+    """The one image tiler: rows of images as cells of one size (`cell`, default the first image's),
+    `pad` pixels around and between cells, margins `left` and `top` (for labels), and a wider `gap`
+    before column `gap_after`. Returns the canvas and the cells' column x and row y origins.
+
+    Size: width = left + pad + cols * (w + pad) (+ gap), height = top + pad + rows * (h + pad).
+    """
+    rows = [list(row) for row in rows if len(row)]
+    if not rows:
+        raise ValueError("nothing to tile: no images")
+    w, h = cell or rows[0][0].size
+    cols = max(len(row) for row in rows)
+    xs = [left + pad + k * (w + pad) + (gap if gap_after and k >= gap_after else 0) for k in range(cols)]
+    ys = [top + pad + r * (h + pad) for r in range(len(rows))]
+    canvas = Image.new("RGB", (xs[-1] + w + pad, ys[-1] + h + pad), background)
+    for y, row in zip(ys, rows):
+        for x, image in zip(xs, row):
+            if image.size != (w, h):
+                image = image.resize((w, h), resample)
+            canvas.paste(image.convert("RGB"), (x, y))
+    return canvas, xs, ys
+
+
 def make_grid(
     images: list[Image.Image],
     cols: int | None = None,
     pad: int = 2,
     background: tuple[int, int, int] = (255, 255, 255),
 ) -> Image.Image:
-    """Tile images into a grid with `pad` pixels around and between every cell.
-
-    Size: width = cols * w + (cols + 1) * pad, height = rows * h + (rows + 1) * pad,
-    where (w, h) is the first image's size (the others are resized to it).
-    """
+    """Tile images into a grid of `cols` columns (default: about square); the first image sets the cell size."""
     if not images:
         raise ValueError("make_grid needs at least one image")
-    n = len(images)
-    cols = max(1, min(cols or math.ceil(math.sqrt(n)), n))
-    rows = math.ceil(n / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), background)
-    for i, image in enumerate(images):
-        if image.size != (w, h):
-            image = image.resize((w, h), Image.Resampling.LANCZOS)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        row, col = divmod(i, cols)
-        grid.paste(image, (pad + col * (w + pad), pad + row * (h + pad)))
-    return grid
+    cols = max(1, min(cols or math.ceil(math.sqrt(len(images))), len(images)))
+    return tile_rows([images[i : i + cols] for i in range(0, len(images), cols)], pad=pad, background=background)[0]
 
 
 def save_image_grid(images: list[Image.Image], path: Path, cols: int | None = None, max_side: int | None = None) -> Path:
@@ -250,25 +268,20 @@ def save_labelled_rows(rows: list[tuple[str, list[Image.Image]]], path: Path, sc
 
     font = ImageFont.load_default()
     w, h = rows[0][1][0].size
-    w, h = w * scale, h * scale
     label_width = 8 + max(int(font.getlength(label)) for label, _ in rows)
-    cols = max(len(images) for _, images in rows)
-    gap = 12
-    top = 16 if header else 0
-    x0 = [label_width + k * (w + 2) + (gap if gap_after and k >= gap_after else 0) for k in range(cols)]
-    width = x0[-1] + w + 4
+    canvas, xs, ys = tile_rows([images for _, images in rows], cell=(w * scale, h * scale), resample=Image.Resampling.NEAREST,
+                               background="white", left=label_width - 2, top=16 if header else 0, gap_after=gap_after)
     if header:  # room for the last header's text
-        width = max(width, x0[gap_after or 0] + int(font.getlength(header[-1])) + 4)
-    canvas = Image.new("RGB", (width, top + len(rows) * (h + 2) + 2), "white")
+        width = max(canvas.width, xs[gap_after or 0] + int(font.getlength(header[-1])) + 4)
+        if width > canvas.width:
+            wider = Image.new("RGB", (width, canvas.height), "white")
+            wider.paste(canvas, (0, 0))
+            canvas = wider
     draw = ImageDraw.Draw(canvas)
-    if header:
-        for text, column in zip(header, (0, gap_after or 0)):
-            draw.text((x0[column], 2), text, fill="black", font=font)
-    for r, (label, images) in enumerate(rows):
-        y = top + 2 + r * (h + 2)
-        draw.text((4, y + h // 2 - 6), label, fill="black", font=font)
-        for k, image in enumerate(images):
-            canvas.paste(image.convert("RGB").resize((w, h), Image.Resampling.NEAREST), (x0[k], y))
+    for text, column in zip(header or [], (0, gap_after or 0)):
+        draw.text((xs[column], 2), text, fill="black", font=font)
+    for y, (label, _) in zip(ys, rows):
+        draw.text((4, y + h * scale // 2 - 6), label, fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")

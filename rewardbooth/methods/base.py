@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 class Method:
     name: str = ""
     summary: str = ""  # one line for --help and the web app
-    baseline: bool = False  # the method the others are compared with (one built-in)
     section: str | None = None  # its own config section (cfg.<section>), shown only in its runs' reports
     # A key of validation_metrics to maximise: the loop then keeps the best validated weights as
     # the run's result and can stop early (validation.patience). Without one, validation.select

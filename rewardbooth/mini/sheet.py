@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from rewardbooth.data.images import tile_rows
 from rewardbooth.mini.world import make_subject, pretraining_batch, render, subject_prompts
 
 
@@ -23,13 +24,7 @@ def contact_sheet(
     if not rows:
         raise ValueError("contact_sheet needs at least one image")
     side = rows[0][0].width * scale
-    cols = max(len(row) for row in rows)
-    sheet = Image.new("RGB", (pad + cols * (side + pad), pad + len(rows) * (side + pad)), background)
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            tile = image.convert("RGB").resize((side, side), Image.Resampling.NEAREST)
-            sheet.paste(tile, (pad + c * (side + pad), pad + r * (side + pad)))
-    return sheet
+    return tile_rows(rows, cell=(side, side), pad=pad, background=background, resample=Image.Resampling.NEAREST)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -90,9 +90,17 @@ def build_tiny_pipeline(preset: TinyPreset):
 
 
 def _tiny_text_encoder(size: dict, vocab: dict[str, int], with_projection: bool = False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(
+    config = clip_text_config(size, vocab)
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def clip_text_config(size: dict, vocab: dict[str, int]):
+    """A CLIPTextConfig of the given sizes whose special ids are the byte vocabulary's."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
         vocab_size=size.get("vocab_size", len(vocab)),  # real shapes: CLIP's 49408 rows, of which the byte vocabulary uses the first
         hidden_size=size["text_hidden"],
         intermediate_size=size["text_ffn"],
@@ -103,15 +111,20 @@ def _tiny_text_encoder(size: dict, vocab: dict[str, int], with_projection: bool 
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
+        hidden_act=size.get("text_act", "quick_gelu"),  # CLIP ViT-L's; OpenCLIP bigG uses "gelu"
     )
-    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
 def _tiny_vae(size: dict, scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
+    return AutoencoderKL(**vae_config(size, scaling_factor))
+
+
+def vae_config(size: dict, scaling_factor: float) -> dict:
+    """AutoencoderKL keyword arguments for the given sizes (4 latent channels: SD 1.x/2.x/XL)."""
     depth = len(size["vae_channels"])
-    return AutoencoderKL(
+    return dict(
         in_channels=3,
         out_channels=3,
         block_out_channels=size["vae_channels"],
@@ -218,14 +231,20 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer, prediction_type: str):
 
 def tiny_model_path(name: str) -> Path:
     """Return a from_pretrained folder for a tiny preset, building it on first use."""
-    preset = TINY_PRESETS[name]
     folder = cache_root() / "models" / f"{name}-v{TINY_FORMAT_VERSION}"
+    return save_once(folder, lambda: build_tiny_pipeline(TINY_PRESETS[name]), {"preset": name, "version": TINY_FORMAT_VERSION})
+
+
+def save_once(folder: Path, build, stamp: dict) -> Path:
+    """Write `build()`'s pipeline to `folder` with save_pretrained unless a finished copy is there.
+
+    `stamp` is written beside it as the marker of a finished copy."""
     marker = folder / "rewardbooth_tiny.json"
     if marker.exists():
         return folder
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    build_tiny_pipeline(preset).save_pretrained(tmp, safe_serialization=True)
-    (tmp / "rewardbooth_tiny.json").write_text(json.dumps({"preset": name, "version": TINY_FORMAT_VERSION}))
+    build().save_pretrained(tmp, safe_serialization=True)
+    (tmp / "rewardbooth_tiny.json").write_text(json.dumps(stamp))
     # Atomic publish: concurrent test workers may race to build the same preset.
     try:
         tmp.rename(folder)

@@ -21,10 +21,12 @@ from pathlib import Path
 import yaml
 
 from rewardbooth.data.images import IMAGE_EXTENSIONS, load_image
-from rewardbooth.errors import ConfigError, ImageFolderError
-from rewardbooth.methods import get_method, method_names, method_registry
+from rewardbooth.config import parse_override
+from rewardbooth.errors import ConfigError, ImageFolderError, RewardboothError
+from rewardbooth.methods import baseline_method, get_method, load_config, method_names, method_registry
 from rewardbooth.models.export import KOHYA_WEIGHTS_NAME
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
+from rewardbooth.training.preflight import check_training_inputs
 from rewardbooth.training.run_dir import CHECKPOINT_DIR, CONFIG_NAME, RunFolder
 from rewardbooth.training.selection import SELECTION_REWARD
 
@@ -142,11 +144,20 @@ class Workspace:
         for run in names:
             if self.run_dir(run).exists() or run in self.jobs:
                 raise UIError(f"a run named {run!r} exists already; pick another name")
+        folder = self.upload_dir(upload)
+        common = {"train.log_every": "1", "train.checkpoint_every": str(max(1, min(100, steps // 4))), **settings}
+        for method in methods:  # what `train` checks first, for every run before any starts
+            overrides = {"model.name": model, "train.method": method, "data.instance_dir": str(folder),
+                         "data.class_noun": class_noun.strip(), "train.steps": steps}
+            overrides.update(parse_override(f"{key}={value}") for key, value in common.items())
+            try:
+                check_training_inputs(load_config(None, overrides))
+            except RewardboothError as exc:
+                raise UIError(f"{method}: {' '.join(str(exc).split())}") from None
         for run, method in zip(names, methods):
-            args = ["train", "--model", model, "--method", method, "--instance-dir", str(self.upload_dir(upload)),
-                    "--class-noun", class_noun.strip(), "--steps", str(steps), "--output", str(self.run_dir(run)), "--quiet",
-                    "--set", "train.log_every=1", "--set", f"train.checkpoint_every={max(1, min(100, steps // 4))}"]
-            for key, value in settings.items():
+            args = ["train", "--model", model, "--method", method, "--instance-dir", str(folder), "--class-noun", class_noun.strip(),
+                    "--steps", str(steps), "--output", str(self.run_dir(run)), "--quiet"]
+            for key, value in common.items():
                 args += ["--set", f"{key}={value}"]
             self._spawn(run, "train", args)
         return names
@@ -190,7 +201,7 @@ class Workspace:
     # --- what the page shows ------------------------------------------------------------------
     @staticmethod
     def methods() -> list[dict]:
-        return [{"name": name, "summary": cls.summary, "baseline": cls.baseline} for name, cls in method_registry().items()]
+        return [{"name": name, "summary": cls.summary, "baseline": cls is baseline_method()} for name, cls in method_registry().items()]
 
     def _log_tail(self, name: str, lines: int = 40) -> list[str]:
         log = self.log_path(name)

@@ -121,6 +121,7 @@ class PlantedPolicyRPO(RPO):
         return loss, logs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_rpo_reference_errors_come_from_the_frozen_base_model(tmp_path, rpo_overrides, denoising_calls, kind):
     beta = 20.0
@@ -145,6 +146,7 @@ def test_rpo_reference_errors_come_from_the_frozen_base_model(tmp_path, rpo_over
         assert abs(loss - policy_as_reference) > 1e-2, (loss, policy_as_reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", [True, False])
 def test_rpo_shared_noise_pairs_reference_and_negative(tmp_path, rpo_overrides, denoising_calls, shared):
     cfg = load_config(overrides=dict(rpo_overrides, **{"adapter.kind": "lora", "train.steps": 2, "train.batch_size": 3,
@@ -201,6 +203,7 @@ class FirstLossDPG(FirstLoss, DPG):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method_name", ["dreambooth", "dpg"])
 def test_prior_weight_scales_the_prior_loss(tmp_path, tiny_overrides, noised_batches, method_name):
     overrides = dict(tiny_overrides, **{"train.method": method_name, "adapter.kind": "lora", "data.resolution": 32,

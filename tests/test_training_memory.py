@@ -64,6 +64,7 @@ def test_activation_estimate_matches_what_a_real_step_saves(tmp_path, tiny_overr
     assert "estimated peak memory" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_checkpointing_and_half_precision_lower_the_estimate(tmp_path, tiny_overrides):
     plain = _trained(tmp_path / "plain", tiny_overrides, {"adapter.kind": "full"}).memory_estimate
     checkpointed = _trained(tmp_path / "ckpt", tiny_overrides, {"adapter.kind": "full", "train.gradient_checkpointing": True}).memory_estimate
@@ -74,6 +75,7 @@ def test_checkpointing_and_half_precision_lower_the_estimate(tmp_path, tiny_over
     assert plain.optimizer == 2 * plain.gradients
 
 
+@pytest.mark.slow
 def test_resident_weights_include_what_the_method_keeps(tmp_path, tiny_overrides):
     """RPO's full fine-tuning keeps a frozen copy of the U-Net; DPG's feature critic a judge encoder."""
     setups = {"db": {"adapter.kind": "full"}, "rpo": {**SETUPS["rpo-lora"], "adapter.kind": "full"},
@@ -119,6 +121,7 @@ def test_a_set_up_too_large_for_the_device_warns_with_what_to_change(tmp_path, t
         _trained(tmp_path / "big", tiny_overrides, {"adapter.kind": "full"})
 
 
+@pytest.mark.slow
 def test_the_memory_table_gives_the_trainers_estimate(tmp_path, tiny_overrides):
     """benchmarks/bench_memory.py builds models on the meta device; on tiny its estimate must be
     the one the trainer prints for the same set-up on real weights."""

@@ -56,6 +56,7 @@ def _diffusers_pipeline(model: str):
     return pipe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lora", "full"])
 @pytest.mark.parametrize("method", ["dreambooth", "dpg", "rpo"])
 def test_every_method_trains_and_generates_on_tiny_sdxl(subject_dir, tmp_path, method, kind):
@@ -86,6 +87,7 @@ def test_every_method_trains_and_generates_on_tiny_sdxl(subject_dir, tmp_path, m
         assert np.abs(_sample_like_validation(official, cfg) - trained).max() <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [4.0, 8.0])
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_kohya_file_loads_through_diffusers_with_the_trained_strength(subject_dir, tmp_path, model, alpha):
@@ -129,6 +131,7 @@ def test_sgm_names_follow_the_sdxl_block_layout():
     assert sgm_module_name("up_blocks.1.attentions.0.proj_out", 2) == "output_blocks.3.1.proj_out"
 
 
+@pytest.mark.slow
 def test_export_command_converts_and_never_overwrites(subject_dir, tmp_path, capsys):
     from peft import PeftModel
     from safetensors import safe_open

@@ -104,6 +104,7 @@ def margin_after_training(tmp_path, overrides, label):
     return ((e_ref[:n] - e_model[:n]) - (e_ref[n:] - e_model[n:])).mean().item()
 
 
+@pytest.mark.slow
 def test_forced_labels_move_likelihood_toward_the_preferred_image(tmp_path, rpo_overrides):
     overrides = dict(rpo_overrides, **{"train.steps": 30, "train.batch_size": 2, "train.log_every": 5, "rpo.beta": 5.0})
     prefer_reference = margin_after_training(tmp_path, overrides, 1.0)
@@ -114,6 +115,7 @@ def test_forced_labels_move_likelihood_toward_the_preferred_image(tmp_path, rpo_
     assert prefer_reference > prefer_negative
 
 
+@pytest.mark.slow
 def test_rpo_resume_reuses_negatives_and_reproduces_the_run(tmp_path, rpo_overrides, straight_and_resumed, metric_series):
     cfg = load_config(overrides=dict(rpo_overrides, **{"train.steps": 4, "train.checkpoint_every": 2}))
 
@@ -128,6 +130,7 @@ def test_rpo_resume_reuses_negatives_and_reproduces_the_run(tmp_path, rpo_overri
     assert metric_series(broken, "loss") == pytest.approx(metric_series(straight, "loss"), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_rpo_validation_reward_curve_and_selection(tmp_path, rpo_overrides):
     cfg = load_config(overrides=dict(rpo_overrides, **{"train.steps": 4, "validation.every": 2, "validation.num_images": 1,
                                                        "validation.steps": 2}))
@@ -144,6 +147,7 @@ def test_rpo_validation_reward_curve_and_selection(tmp_path, rpo_overrides):
     assert prompts == [cfg.format_prompt(p) for p in OBJECT_PROMPTS]  # validation uses the training prompts
 
 
+@pytest.mark.slow
 def test_rpos_judge_is_parked_off_the_device_during_training_steps(tmp_path, rpo_overrides, monkeypatch):
     """RPO needs its ALIGN judge for the labels and at validations only: every training step runs
     with it parked (on a GPU: in CPU memory), and using it brings it back. On this CPU-only machine

@@ -52,6 +52,7 @@ def test_paired_differences_pair_by_subject():
     assert "dreambooth" not in result["differences"]
 
 
+@pytest.mark.slow
 def test_budgets_keep_the_weights_a_shorter_run_would_give(tmp_path, tiny_overrides):
     long_cfg = load_config(overrides=dict(tiny_overrides, **{"train.steps": 4, "train.save_steps": [2]}))
     short_cfg = load_config(overrides=dict(tiny_overrides, **{"train.steps": 2}))
@@ -75,6 +76,7 @@ def test_save_steps_outside_the_run_are_refused(tiny_overrides):
         load_config(overrides=dict(tiny_overrides, **{"train.steps": 4, "train.save_steps": [8]}))
 
 
+@pytest.mark.slow
 def test_loop_selection_works_for_dreambooth_and_respects_min_step(tmp_path, tiny_overrides):
     overrides = dict(tiny_overrides, **{
         "train.steps": 6, "validation.every": 2, "validation.steps": 1, "validation.num_images": 1,

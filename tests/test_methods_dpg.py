@@ -26,6 +26,7 @@ def dpg_overrides(tiny_overrides):
     })
 
 
+@pytest.mark.slow
 def test_critics_learn_a_fixed_stream():
     g = torch.Generator().manual_seed(0)
     residuals = [torch.rand(2, 4, 16, 16, generator=g) * s for s in torch.linspace(0.1, 3.0, 20).tolist()]
@@ -121,6 +122,7 @@ def lookforward_cost(unet, run_cfg, subject_latents, scheduler, text_embeddings)
     return diffusion.per_sample_mse(diffusion.predict_x0(scheduler, noised.noisy, eps, t), x0).mean().item()
 
 
+@pytest.mark.slow
 def test_recon_reward_of_lookforward_samples_rises(tmp_path, dpg_overrides):
     # No prior loss and no plain instance loss: the critic is the only thing the actor learns from.
     cfg = load_config(overrides=dict(dpg_overrides, **{"train.steps": 60, "prior.enabled": False, "dpg.instance_weight": 0.0,
@@ -186,6 +188,7 @@ def test_defaults_follow_the_released_script():
     assert (cfg.dpg.gamma, cfg.dpg.critic_lr, cfg.dpg.critic_optimizer, cfg.dpg.instance_weight) == (0.9986, 0.01, "sgd", 0.0)
 
 
+@pytest.mark.slow
 def test_dpg_resume_restores_critic_and_replay(tmp_path, dpg_overrides, straight_and_resumed, metric_series):
     cfg = load_config(overrides=dict(dpg_overrides, **{"train.steps": 6, "train.checkpoint_every": 3}))
     straight, broken, _ = straight_and_resumed(cfg, tmp_path, DPG, 5)
@@ -224,6 +227,7 @@ class _Trap:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 def test_resume_never_unpickles_checkpoint_files(tmp_path, dpg_overrides, straight_and_resumed, metric_series):
     import pickle
 

@@ -71,6 +71,7 @@ class PairSpy(RPO):
         return result
 
 
+@pytest.mark.slow
 def test_official_pairing_scores_the_reference_under_the_negatives_prompt(tmp_path, rpo_overrides):
     from rewardbooth.rewards import build_reward
 
@@ -130,6 +131,7 @@ def test_step_back_is_a_ddim_step():
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_direct_actor_raises_the_reward_of_look_forward_images(tmp_path, dpg_overrides):
     # No instance loss, no prior: the reward's own gradient is all the U-Net learns from.
     cfg = load_config(overrides=dict(dpg_overrides, **{
@@ -174,6 +176,7 @@ class CriticProbe(DPG):
         self.actor.predicted_cost, self.actor.term = recorded_cost, probed
 
 
+@pytest.mark.slow
 def test_feature_critic_sees_encoder_features_and_learns_them(tmp_path, dpg_overrides):
     cfg = load_config(overrides=dict(dpg_overrides, **{
         "dpg.reward": "dino", "dpg.critic_input": "features", "dpg.critic_optimizer": "adam", "dpg.critic_lr": 3e-3,

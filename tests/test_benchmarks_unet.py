@@ -3,12 +3,15 @@ distance from fp32 is measured (zero for fp32's own layout change, small but not
 
 from __future__ import annotations
 
+import pytest
+
 import importlib.util
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_unet.py"
 
 
+@pytest.mark.slow
 def test_bench_unet_times_each_variant_and_measures_how_far_it_moves_the_result(capsys):
     spec = importlib.util.spec_from_file_location("bench_unet", SCRIPT)
     bench = importlib.util.module_from_spec(spec)

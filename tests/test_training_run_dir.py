@@ -56,6 +56,7 @@ with run_lock(Path(sys.argv[1])):
 """
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path, tiny_overrides):
     run = tmp_path / "run"
     prepare_run_dir(run, resume=False, overwrite=False)
@@ -76,6 +77,7 @@ def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path, tiny_overr
     train(load_config(overrides=dict(tiny_overrides, **{"train.steps": 1})), run, progress=False)
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_trains_nothing_and_more_steps_continue(tmp_path, tiny_overrides, metric_series):
     common = dict(tiny_overrides, **{"train.checkpoint_every": 2})
     run, straight = tmp_path / "run", tmp_path / "straight"
@@ -118,6 +120,7 @@ def test_cli_resume_of_a_finished_run_says_so(tmp_path, subject_dir, capsys):
     assert "already finished (2 steps" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated trainable_0.safetensors", "garbage optimizer.bin"])
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_overrides, straight_and_resumed, metric_series, damage):
     cfg = load_config(overrides=dict(tiny_overrides, **{"train.steps": 6, "train.checkpoint_every": 2,
@@ -138,6 +141,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_over
     assert metric_series(broken, "loss") == pytest.approx(metric_series(straight, "loss"), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_final_save_is_one_line_and_resumable(tmp_path, subject_dir, capsys, monkeypatch):
     import errno
 

@@ -19,6 +19,7 @@ def load_check():
     return module
 
 
+@pytest.mark.slow
 def test_dry_run_trains_every_method_on_both_shapes_and_samples(tmp_path, capsys):
     check = load_check()
     assert check.main(["--dry-run", "--json", str(tmp_path / "rows.json")]) == 0

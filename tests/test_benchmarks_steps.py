@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import importlib.util
 from pathlib import Path
 
@@ -15,6 +17,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow
 def test_bench_steps_prints_floor_and_method_rows(capsys):
     bench = load_bench()
     assert bench.main(["--methods", "dreambooth", "--steps", "4", "--warmup", "1"]) == 0

@@ -23,6 +23,7 @@ def read_losses(run_dir):
     return metric_series(run_dir, "loss")
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_overrides, straight_and_resumed):
     overrides = dict(tiny_overrides, **{"train.checkpoint_every": 3, "train.lr_scheduler": "cosine",
                                         "train.gradient_accumulation_steps": 2})
@@ -47,6 +48,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_overrides, straight_
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_lora_file_loads_into_fresh_pipeline_and_changes_output(tmp_path, tiny_overrides):
     cfg = load_config(overrides=tiny_overrides)
     run = tmp_path / "run"
@@ -119,6 +121,7 @@ def test_v_prediction_and_full_finetune_train_and_reload(tmp_path, tiny_override
     assert changed
 
 
+@pytest.mark.slow
 def test_training_lowers_instance_loss(tmp_path, tiny_overrides):
     """Sanity of the whole loop: fitting five images drives their denoising loss down."""
     cfg = load_config(overrides=dict(tiny_overrides, **{"train.steps": 60, "prior.enabled": False, "adapter.kind": "full",
@@ -158,6 +161,7 @@ def unet_output(pipe, tokens):
         return pipe.unet(latents, 500, encoder_hidden_states=pipe.text_encoder(tokens)[0]).sample
 
 
+@pytest.mark.slow
 def test_text_encoder_lora_is_saved_and_loaded_without_transformers_peft(tmp_path, tiny_overrides, monkeypatch):
     close_transformers_peft_gate(monkeypatch)
     _, pipe, tokens = train_text_encoder_lora(tmp_path, tiny_overrides)
@@ -166,6 +170,7 @@ def test_text_encoder_lora_is_saved_and_loaded_without_transformers_peft(tmp_pat
         assert (pipe.text_encoder(tokens)[0] - base(tokens)[0]).abs().max() > 1e-6
 
 
+@pytest.mark.slow
 def test_text_encoder_lora_file_matches_diffusers_loader(tmp_path, tiny_overrides):
     run, ours, tokens = train_text_encoder_lora(tmp_path, tiny_overrides)
     theirs = make_pipeline(load_components("tiny"))
@@ -175,6 +180,7 @@ def test_text_encoder_lora_file_matches_diffusers_loader(tmp_path, tiny_override
     torch.testing.assert_close(unet_output(ours, tokens), unet_output(theirs, tokens))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_mixed_precision_and_gradient_checkpointing_run(tmp_path, tiny_overrides, precision):
     cfg = load_config(overrides=dict(tiny_overrides, **{"train.mixed_precision": precision, "train.gradient_checkpointing": True,
@@ -202,6 +208,7 @@ class PlantedSelection(DreamBooth):
         return {"val_reward": self.rewards.pop(0)}
 
 
+@pytest.mark.slow
 def test_model_selection_keeps_best_validated_step_and_stops_early(tmp_path, tiny_overrides):
     cfg = load_config(overrides=dict(tiny_overrides, **{
         "train.steps": 20, "validation.every": 2, "validation.patience": 2, "validation.steps": 1, "validation.num_images": 1}))
@@ -233,6 +240,7 @@ METHOD_OVERRIDES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHOD_OVERRIDES))
 def test_every_method_honours_accumulation_precision_and_checkpointing(tmp_path, tiny_overrides, method):
     """bf16 autocast, gradient checkpointing and accumulation together, for each method."""

@@ -4,6 +4,8 @@ native-size model copy (the research code is not here)."""
 
 from __future__ import annotations
 
+import pytest
+
 import importlib.util
 import json
 import os
@@ -39,6 +41,7 @@ def load():
     return module
 
 
+@pytest.mark.slow
 def test_a_run_is_split_into_setup_training_and_after(tmp_path):
     bench = load()
     (tmp_path / "fake.py").write_text(FAKE)
@@ -51,6 +54,7 @@ def test_a_run_is_split_into_setup_training_and_after(tmp_path):
     assert crashed.returncode == 1 and crashed.nan and "returned nan" in crashed.last_line
 
 
+@pytest.mark.slow
 def test_the_filled_hub_cache_serves_the_tiny_judges_under_the_research_codes_hub_ids(tmp_path):
     cache = load().filled_hub_cache(tmp_path)
     probe = ("import transformers; m = transformers.AlignModel.from_pretrained('kakaobrain/align-base'); "
@@ -71,6 +75,7 @@ def test_the_model_copy_has_the_bench_resolution_as_its_native_size(tmp_path):
     assert json.loads((copy / "unet" / "config.json").read_text())["sample_size"] == 64
 
 
+@pytest.mark.slow
 def test_the_shim_can_switch_off_a_scripts_anomaly_detection_and_leaves_it_alone_otherwise(tmp_path):
     """DPG's script turns anomaly detection on and stops at its first NaN; `--no-anomaly-detection`
     lets it run to the end. The script itself is run unchanged (and sees its own argv)."""

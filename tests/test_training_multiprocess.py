@@ -25,6 +25,7 @@ def tensor_shapes(path):
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_processes_match_one_in_structure_and_log_once(tmp_path, subject_dir, method):
     runs = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from rewardbooth.training.threads import choose_cpu_threads, should_choose_threads
@@ -33,6 +35,7 @@ def test_only_small_models_on_the_cpu_without_an_explicit_setting(monkeypatch):
     assert not should_choose_threads(torch.device("cpu"), 3_000_000)
 
 
+@pytest.mark.slow
 def test_training_a_small_model_records_the_chosen_count(tmp_path, tiny_overrides, monkeypatch):
     import json
 

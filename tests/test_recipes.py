@@ -17,6 +17,7 @@ FAST = ["--preset", "xs", "--batch", "4", "--vae-steps", "2", "--vae-batch", "4"
         "--sample-every", "1000", "--threads", "1"]
 
 
+@pytest.mark.slow
 def test_pretrain_resumes_and_saves_the_ema(tmp_path):
     out = tmp_path / "base"
     assert pretrain.main(["--out", str(out), "--steps", "4", "--save-every", "2", *FAST]) == 0
@@ -43,6 +44,7 @@ def test_pretrain_resume_needs_a_state(tmp_path, capsys):
     assert "train_state.pt does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_judges_train_save_and_load_through_from_pretrained(tmp_path):
     out = tmp_path / "judges"
     assert judges.main(["--out", str(out), "--steps", "3", "--batch", "8", "--images", "64", "--test-images", "40",

@@ -44,6 +44,7 @@ def brightness(images, prompts, subject):
 """
 
 
+@pytest.mark.slow
 def test_bench_shards_merge_and_skip_finished(tmp_path, capsys, dreambench_root, monkeypatch):
     plugin_dir = tmp_path / "plugins"
     plugin_dir.mkdir()

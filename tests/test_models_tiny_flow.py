@@ -1,0 +1,92 @@
+"""The flow-matching presets: built offline, saved, loaded back with from_pretrained, and sampled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rewardbooth.models.tiny_flow import FLOW_PRESETS, build_flow_component, build_flow_pipeline, flow_configs, flow_model_path
+
+PIPELINES = {"tiny-flux": "FluxPipeline", "tiny-sd3": "StableDiffusion3Pipeline", "tiny-flux2": "Flux2Pipeline"}
+# What each family's real checkpoint has: FLUX.1-dev's guidance embedding and resolution-dependent shift,
+# SD3's fixed shift, the VAEs' latent channels and statistics.
+FAMILY_CONFIG = {
+    "tiny-flux": {"transformer.guidance_embeds": True, "scheduler.use_dynamic_shifting": True, "scheduler.max_shift": 1.15,
+                  "vae.latent_channels": 16, "vae.scaling_factor": 0.3611, "vae.shift_factor": 0.1159},
+    "tiny-sd3": {"scheduler.use_dynamic_shifting": False, "scheduler.shift": 3.0, "vae.latent_channels": 16,
+                 "vae.scaling_factor": 1.5305, "vae.shift_factor": 0.0609},
+    "tiny-flux2": {"transformer.guidance_embeds": True, "scheduler.use_dynamic_shifting": True, "vae.latent_channels": 32},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(PIPELINES))
+def loaded(request):
+    from diffusers import DiffusionPipeline
+
+    name = request.param
+    pipe = DiffusionPipeline.from_pretrained(flow_model_path(name))
+    pipe.set_progress_bar_config(disable=True)
+    return name, pipe
+
+
+def _generate(pipe, name: str, seed: int = 0, prompt: str = "a photo of sks dog"):
+    kwargs = {"guidance_scale": 3.5} if name == "tiny-flux" else {}  # FLUX.1-dev's embedded guidance
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt=prompt, num_inference_steps=2, height=64, width=64, generator=generator, **kwargs).images[0]
+
+
+def test_loads_the_pipeline_class_offline(loaded):
+    name, pipe = loaded
+    assert type(pipe).__name__ == PIPELINES[name]
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.vae_scale_factor == 8
+
+
+def test_generation_is_deterministic(loaded):
+    name, pipe = loaded
+    first, again = _generate(pipe, name), _generate(pipe, name)
+    assert first.size == (64, 64)
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+    assert not np.array_equal(np.asarray(first), np.asarray(_generate(pipe, name, seed=1)))
+
+
+def test_building_twice_gives_the_saved_weights(loaded):
+    name, pipe = loaded
+    fresh = build_flow_pipeline(name)
+    for component in ("transformer", "text_encoder", "vae"):
+        saved = getattr(pipe, component).state_dict()
+        for key, value in getattr(fresh, component).state_dict().items():
+            assert torch.equal(value, saved[key]), f"{component}.{key}"
+
+
+def test_family_configs(loaded):
+    name, pipe = loaded
+    for field, value in FAMILY_CONFIG[name].items():
+        component, key = field.split(".")
+        assert getattr(getattr(pipe, component).config, key) == value, field
+
+
+def test_t5_tokenizer_round_trips_through_auto_tokenizer():
+    from transformers import AutoTokenizer
+
+    path = flow_model_path("tiny-flux")
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer_2")
+    ids = tokenizer("A photo of sks dog")["input_ids"]
+    assert ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "A photo of sks dog"
+
+
+def test_real_size_presets_are_configs_only():
+    for name in ("flux-random", "sd35-random"):
+        assert not FLOW_PRESETS[name].tiny
+        with pytest.raises(ValueError):
+            flow_model_path(name)
+    flux = flow_configs("flux-random")
+    assert (flux["transformer"]["num_layers"], flux["transformer"]["num_single_layers"]) == (19, 38)
+    assert flux["text_encoder_2"]["d_model"] == 4096 and flux["vae"]["block_out_channels"] == (128, 256, 512, 512)
+    sd35 = flow_configs("sd35-random")
+    assert sd35["transformer"]["caption_projection_dim"] == 2432 and sd35["text_encoder_2"]["hidden_size"] == 1280
+    with torch.device("meta"):
+        transformer = build_flow_component(sd35["transformer"])
+    assert 8.0e9 < sum(p.numel() for p in transformer.parameters()) < 8.1e9  # SD3.5 Large: 8.1B
