@@ -181,6 +181,26 @@ class DPGConfig:
 
 
 @dataclass
+class FlowConfig:
+    """Flow-matching models (FLUX.1): how training draws sigma and weights the velocity errors."""
+
+    weighting: str = "logit_normal"  # sigma density: uniform | logit_normal | mode (diffusers' training utilities)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    # s' = k s / (1 + (k - 1) s); None: the model's own (FLUX.1: exp(mu) from the image's token count, as it samples)
+    shift: float | None = None
+    loss_weighting: str = "none"  # none | sigma_sqrt | cosmap (diffusers' compute_loss_weighting_for_sd3)
+    # The guidance value a guidance-distilled transformer (FLUX.1-dev) is fed in training: 1.0 as ai-toolkit,
+    # SimpleTuner and OneTrainer (no guidance baked into the LoRA); diffusers' and kohya's scripts use 3.5.
+    guidance: float = 1.0
+
+
+FLOW_WEIGHTINGS = ("uniform", "logit_normal", "mode")
+FLOW_LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -191,6 +211,7 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     rpo: RPOConfig = field(default_factory=RPOConfig)
     dpg: DPGConfig = field(default_factory=DPGConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
 
     # --- derived values -------------------------------------------------------------------
     def format_prompt(self, template: str) -> str:
@@ -377,6 +398,12 @@ def validate(cfg: RunConfig) -> None:
     ensure(v.select_encoder in ("align", "clip"), f"validation.select_encoder must be align or clip, got {v.select_encoder!r}")
     ensure(v.select_min_step >= 0, "validation.select_min_step must be >= 0")
     ensure(all(0 < s <= t.steps for s in t.save_steps), f"train.save_steps must lie in [1, train.steps={t.steps}], got {t.save_steps}")
+    f = cfg.flow
+    ensure(f.weighting in FLOW_WEIGHTINGS, f"flow.weighting must be one of {', '.join(FLOW_WEIGHTINGS)}, got {f.weighting!r}")
+    ensure(f.loss_weighting in FLOW_LOSS_WEIGHTINGS,
+           f"flow.loss_weighting must be one of {', '.join(FLOW_LOSS_WEIGHTINGS)}, got {f.loss_weighting!r}")
+    ensure(f.logit_std > 0 and f.mode_scale >= 0, "flow.logit_std must be positive and flow.mode_scale >= 0")
+    ensure(f.shift is None or f.shift > 0, f"flow.shift must be positive (or unset), got {f.shift}")
     for template in (d.instance_prompt, d.class_prompt, *v.prompts):
         try:
             template.format(identifier="x", class_noun="y")

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from rewardbooth.models.family import initial_latents
+
 METADATA_NAME = "metadata.jsonl"  # one {"file", "prompt", "seed"} per generated image
 
 
@@ -40,16 +42,12 @@ def generate(pipe, prompts: list[str], images_per_prompt: int, settings: SampleS
     """Images for each prompt: result[j][k] is image k of prompt j."""
     jobs = [(j, k) for j in range(len(prompts)) for k in range(images_per_prompt)]
     results: list[list[Image.Image | None]] = [[None] * images_per_prompt for _ in prompts]
-    device = pipe.unet.device
     bar = tqdm(total=len(jobs), desc=description, disable=not progress, unit="img")
     with _sliced_decoding(pipe.vae):
         for start in range(0, len(jobs), settings.batch_size):
             chunk = jobs[start : start + settings.batch_size]
             generators = [torch.Generator(device="cpu").manual_seed(settings.seed + k) for _, k in chunk]
-            # Noise is drawn on the CPU so the same seed gives the same image on any device.
-            side = settings.resolution // pipe.vae_scale_factor if settings.resolution else pipe.unet.config.sample_size
-            shape = (pipe.unet.config.in_channels, side, side)
-            latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device=device, dtype=pipe.unet.dtype)
+            latents, side = initial_latents(pipe, generators, settings.resolution)
             with torch.no_grad():
                 out = pipe(
                     [prompts[j] for j, _ in chunk],
@@ -57,8 +55,8 @@ def generate(pipe, prompts: list[str], images_per_prompt: int, settings: SampleS
                     num_inference_steps=settings.steps,
                     guidance_scale=settings.guidance_scale,
                     latents=latents,
-                    height=shape[1] * pipe.vae_scale_factor,
-                    width=shape[2] * pipe.vae_scale_factor,
+                    height=side * pipe.vae_scale_factor,
+                    width=side * pipe.vae_scale_factor,
                 ).images
             for (j, k), image in zip(chunk, out):
                 results[j][k] = image

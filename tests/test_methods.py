@@ -38,16 +38,18 @@ def run(cfg, tmp_path, method, name="run"):
 
 @pytest.fixture
 def denoising_calls(monkeypatch):
-    """Every diffusion.denoising_error call: (unet, batch, text, per-sample errors)."""
-    calls = []
-    real = diffusion.denoising_error
+    """Every denoising-error call of any model family: (denoiser, batch, text, per-sample errors)."""
+    from rewardbooth.models.family import ModelFamily
 
-    def spy(unet, scheduler, batch, text_embeddings):
-        errors = real(unet, scheduler, batch, text_embeddings)
+    calls = []
+    real = ModelFamily.denoising_error
+
+    def spy(family, unet, batch, text_embeddings):
+        errors = real(family, unet, batch, text_embeddings)
         calls.append((unet, batch, text_embeddings.detach(), errors.detach().clone()))
         return errors
 
-    monkeypatch.setattr(diffusion, "denoising_error", spy)
+    monkeypatch.setattr(ModelFamily, "denoising_error", spy)
     return calls
 
 
@@ -147,18 +149,20 @@ def test_rpo_reference_errors_come_from_the_frozen_base_model(tmp_path, rpo_over
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
 @pytest.mark.parametrize("shared", [True, False])
-def test_rpo_shared_noise_pairs_reference_and_negative(tmp_path, rpo_overrides, denoising_calls, shared):
+def test_rpo_shared_noise_pairs_reference_and_negative(tmp_path, rpo_overrides, denoising_calls, shared, model):
     cfg = load_config(overrides=dict(rpo_overrides, **{"adapter.kind": "lora", "train.steps": 2, "train.batch_size": 3,
-                                                       "rpo.shared_noise": shared}))
+                                                       "rpo.shared_noise": shared, "model.name": model,
+                                                       "data.resolution": 64 if model == "tiny-flux" else 32}))
     run(cfg, tmp_path, RPO())
     b = cfg.train.batch_size
-    scheduler = load_components("tiny").noise_scheduler
+    family = load_components(model).family()
     assert len(denoising_calls) >= 2  # the policy's and the reference's errors, each step
     for _, batch, _, _ in denoising_calls:
         assert batch.x0.shape[0] == 2 * b
-        # x_t is formed from this batch's own x0, eps and t.
-        torch.testing.assert_close(batch.noisy, scheduler.add_noise(batch.x0, batch.noise, batch.timesteps))
+        # x_t is formed from this batch's own x0, eps and t (DDPM, or flow matching's (1 - s) x0 + s eps).
+        torch.testing.assert_close(batch.noisy, family.add_noise(batch.x0, timesteps=batch.timesteps, noise=batch.noise).noisy)
         assert not torch.allclose(batch.x0[:b], batch.x0[b:])  # a reference and a negative, not one image twice
         same_t = torch.equal(batch.timesteps[:b], batch.timesteps[b:])
         same_eps = torch.equal(batch.noise[:b], batch.noise[b:])

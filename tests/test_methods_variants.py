@@ -96,12 +96,13 @@ def dpg_overrides(tiny_overrides):
 
 
 def test_actor_weightings(dpg_overrides):
-    scheduler = load_components("tiny").noise_scheduler
+    components = load_components("tiny")
+    scheduler = components.noise_scheduler
     t = torch.tensor([10, 300, 900])
     method = DPG()
 
     class Ctx:
-        noise_scheduler = scheduler
+        family = components.family()
 
     for settings, expected in [
         ({}, 0.9986 ** t.float()),

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rewardbooth import diffusion
 
 if TYPE_CHECKING:
     from rewardbooth.config import RunConfig
@@ -77,7 +76,7 @@ class Method:
     def memory_probes(self, ctx: TrainContext) -> list:
         """The step's forward passes with gradients, for the memory estimate (run on fake tensors)."""
         n = self.unet_batch(ctx)
-        probes = [diffusion.unet_probe(ctx.unet, n, ctx.latent_size, ctx.weight_dtype, ctx.device)]
+        probes = [ctx.family.probe(ctx.unet, n, ctx.latent_size, ctx.weight_dtype, ctx.device)]
         if ctx.trains_text_encoder:
             probes.append(lambda: ctx.encode_prompts([ctx.cfg.instance_prompt] * n))
         return probes

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from rewardbooth import diffusion
 from rewardbooth.config import RunConfig
 from rewardbooth.data.images import load_image_folder, preprocess
+from rewardbooth.models.family import ModelFamily
 from rewardbooth.models.loading import Components, make_pipeline
 
 
@@ -27,10 +28,15 @@ class TrainContext:
     components: Components
     resolution: int
     weight_dtype: torch.dtype
-    unet: Any = None  # the trained U-Net (wrapped by accelerate once training starts)
+    unet: Any = None  # the trained denoiser, U-Net or transformer (wrapped by accelerate once training starts)
     text_encoders: list | None = None  # the trained text encoder(s), wrapped; None: the frozen ones
     progress: bool = True  # show progress bars for one-off work (class images, negatives)
     _prompt_cache: dict[str, diffusion.TextConditioning] = field(default_factory=dict)
+    family: ModelFamily = None  # how this model noises, predicts, encodes prompts and samples (set from components)
+
+    def __post_init__(self):
+        if self.family is None:
+            self.family = self.components.family(self.cfg.flow)
 
     @property
     def device(self) -> torch.device:
@@ -49,10 +55,7 @@ class TrainContext:
         return self.cfg.adapter.train_text_encoder
 
     def _encode(self, prompts: list[str]) -> diffusion.TextConditioning:
-        encoders = self.text_encoders or self.components.text_encoders
-        if self.components.is_sdxl:
-            return diffusion.encode_sdxl_prompts(self.components.tokenizers, encoders, prompts, self.resolution)
-        return diffusion.TextConditioning(diffusion.encode_prompts(self.components.tokenizer, encoders[0], prompts))
+        return self.family.encode_prompts(self.text_encoders or self.components.text_encoders, prompts, self.resolution)
 
     def encode_prompts(self, prompts: list[str]) -> diffusion.TextConditioning:
         """The U-Net's conditioning; cached per prompt unless the text encoder is being trained."""
@@ -65,16 +68,20 @@ class TrainContext:
             self._prompt_cache.update((p, encoded[i]) for i, p in enumerate(missing))
         return diffusion.TextConditioning.stack([self._prompt_cache[p] for p in prompts])
 
-    def add_noise(self, x0: torch.Tensor, generator: torch.Generator) -> diffusion.NoisedBatch:
-        """x_t for training, with the run's offset noise."""
-        return diffusion.add_noise(self.noise_scheduler, x0, generator, offset=self.cfg.train.noise_offset)
+    def add_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
+                  noise: torch.Tensor | None = None) -> diffusion.NoisedBatch:
+        """x_t for training (t and eps drawn unless given), with the run's offset noise."""
+        return self.family.add_noise(x0, generator, timesteps=timesteps, noise=noise, offset=self.cfg.train.noise_offset)
+
+    def denoising_error(self, denoiser, batch: diffusion.NoisedBatch, text: diffusion.TextConditioning) -> torch.Tensor:
+        """Per-sample ||prediction - target||^2 of `denoiser` (the trained one, or a frozen reference)."""
+        return self.family.denoising_error(denoiser, batch, text)
 
     def weight_errors(self, errors: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Per-sample denoising errors, min-SNR-gamma weighted when train.snr_gamma is set."""
-        gamma = self.cfg.train.snr_gamma
-        if gamma is None:
-            return errors
-        return errors * diffusion.min_snr_weights(self.noise_scheduler, timesteps, gamma).to(errors)
+        """Per-sample denoising errors, weighted as the run asks: min-SNR-gamma (train.snr_gamma, U-Nets) or
+        flow.loss_weighting (flow-matching models)."""
+        weights = self.family.error_weights(timesteps, self.cfg.train.snr_gamma)
+        return errors if weights is None else errors * weights.to(errors)
 
     def instance_images(self) -> list[Image.Image]:
         """The subject's reference images (data.instance_dir), checked as training checks them."""
@@ -147,7 +154,7 @@ class LatentImageSet:
             pixels = preprocess([self.images[i] for i in indices.tolist()], self.ctx.resolution, center_crop=False, generator=generator)
             pixels = torch.where(flips.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
             moments = diffusion.encode_moments(self.ctx.components.vae, pixels)
-        x0 = diffusion.sample_latents(moments.float(), self.ctx.components.latent_scaling, generator)
+        x0 = self.ctx.family.latents_from_moments(moments.float(), generator)
         return x0.to(device=self.ctx.device, dtype=self.ctx.weight_dtype)
 
 

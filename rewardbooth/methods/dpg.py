@@ -43,7 +43,7 @@ FEATURE_CRITIC: dict[str, Any] = {
 def decode_latents(ctx: TrainContext, latents: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] of latents; differentiable (the VAE is frozen, not detached)."""
     vae = ctx.components.vae
-    images = vae.decode((latents / ctx.components.latent_scaling).to(vae.dtype)).sample
+    images = vae.decode(ctx.family.latents_to_vae(latents).to(vae.dtype)).sample
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
@@ -96,10 +96,8 @@ class CriticActor:
         self.decodes = self.kind.needs_image
         if self.decodes and (judge is None or judge.encoder is None):
             raise ConfigError(f"dpg.critic_input=features needs a reward with an image encoder; {cfg.reward!r} has none")
-        unet_cfg = ctx.components.unet.config
         feature_dim = judge.encoder.dim if self.decodes else None
-        # SDXL: cross_attention_dim spans both encoders' widths.
-        self.critic = self.kind.build(unet_cfg.in_channels, ctx.latent_size, unet_cfg.cross_attention_dim, feature_dim, cfg)
+        self.critic = self.kind.build(ctx.family.latent_channels, ctx.latent_size, ctx.family.text_dim, feature_dim, cfg)
         self.critic.to(ctx.device)
         optimizer_cls = torch.optim.SGD if cfg.critic_optimizer == "sgd" else torch.optim.Adam
         self.optimizer = optimizer_cls(self.critic.parameters(), lr=cfg.critic_lr)
@@ -242,7 +240,7 @@ class DPG(DreamBooth):
         if cfg.weighting == "gamma":
             weight = cfg.gamma ** t.float()
         elif cfg.weighting == "snr":
-            weight = diffusion.snr(ctx.noise_scheduler, t).clamp(max=cfg.snr_cap)
+            weight = ctx.family.snr(t).clamp(max=cfg.snr_cap)
         else:
             weight = torch.ones_like(t, dtype=torch.float32)
         if cfg.actor_max_timestep is not None:
@@ -252,13 +250,13 @@ class DPG(DreamBooth):
     def judged_sample(self, ctx: TrainContext, noisy, prediction, t) -> torch.Tensor:
         """Look-forward x0_hat (where this trajectory would end) or, ablated, x_{t-20} one step on."""
         if ctx.cfg.dpg.look_forward:
-            return diffusion.predict_x0(ctx.noise_scheduler, noisy, prediction, t).float()
-        return diffusion.step_back(ctx.noise_scheduler, noisy, prediction, t, STEP_BACK_STRIDE).float()
+            return ctx.family.predict_x0(noisy, prediction, t).float()
+        return ctx.family.step_back(noisy, prediction, t, STEP_BACK_STRIDE).float()
 
     def memory_probes(self, ctx: TrainContext) -> list:
         probes = super().memory_probes(ctx)
         if self.actor.decodes:  # the look-forward image is decoded and judged with gradients
-            b, channels = ctx.cfg.train.batch_size, ctx.components.unet.config.in_channels
+            b, channels = ctx.cfg.train.batch_size, ctx.family.latent_channels
             judge = self.actor.judge
 
             def judged_image():
@@ -274,8 +272,8 @@ class DPG(DreamBooth):
     def loss(self, ctx: TrainContext, generator: torch.Generator):
         cfg = ctx.cfg.dpg
         noised, text, b = self.sample_batch(ctx, generator)
-        prediction = diffusion.unet_output(ctx.unet, noised.noisy, noised.timesteps, text)
-        errors = diffusion.per_sample_mse(prediction, diffusion.training_target(ctx.noise_scheduler, noised))
+        prediction = ctx.family.predict(ctx.unet, noised.noisy, noised.timesteps, text)
+        errors = diffusion.per_sample_mse(prediction, ctx.family.target(noised))
         loss, logs = self.combine(ctx, errors, noised.timesteps, b, instance_weight=cfg.instance_weight)
 
         t = noised.timesteps[:b]  # the actor judges the instance half

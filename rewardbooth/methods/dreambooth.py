@@ -99,4 +99,4 @@ class DreamBooth(Method):
 
     def loss(self, ctx: TrainContext, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         noised, text, b = self.sample_batch(ctx, generator)
-        return self.combine(ctx, diffusion.denoising_error(ctx.unet, ctx.noise_scheduler, noised, text), noised.timesteps, b)
+        return self.combine(ctx, ctx.denoising_error(ctx.unet, noised, text), noised.timesteps, b)

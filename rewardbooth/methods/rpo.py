@@ -23,7 +23,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from rewardbooth import diffusion
 from rewardbooth.config import RunConfig, ensure
 from rewardbooth.data.images import load_image
 from rewardbooth.methods.base import Method
@@ -206,13 +205,13 @@ class RPO(Method):
         prompts = [cfg.instance_prompt] * b + [self.negative_prompts[j] for j in neg_index.tolist()]
         if cfg.rpo.shared_noise:
             one = ctx.add_noise(x0[:b], generator)
-            noised = diffusion.add_noise(ctx.noise_scheduler, x0, timesteps=one.timesteps.repeat(2), noise=one.noise.repeat(2, 1, 1, 1))
+            noised = ctx.add_noise(x0, timesteps=one.timesteps.repeat(2), noise=one.noise.repeat(2, 1, 1, 1))
         else:
             noised = ctx.add_noise(x0, generator)
         text = ctx.encode_prompts(prompts)
-        e_model = diffusion.denoising_error(ctx.unet, ctx.noise_scheduler, noised, text)
+        e_model = ctx.denoising_error(ctx.unet, noised, text)
         with torch.no_grad(), reference_unet(ctx, self.frozen_copy) as reference:
-            e_ref = diffusion.denoising_error(reference, ctx.noise_scheduler, noised, text)
+            e_ref = ctx.denoising_error(reference, noised, text)
         loss, logs = preference_loss(e_model, e_ref, labels, cfg.rpo.beta)
         return loss, {**logs, "label_mean": labels.float().mean()}
 

@@ -14,29 +14,49 @@ from typing import Any
 import torch
 
 from rewardbooth.errors import ConfigError
+from rewardbooth.models.family import FluxFamily, SD3Family, UNetFamily
 from rewardbooth.models.presets import find_preset, preset_names
 from rewardbooth.models.tiny import TINY_PRESETS, build_tiny_pipeline
 
 # diffusers / transformers / peft / accelerate are imported inside the functions that use them, so importing this
 # module (registries, --help, the web app) does not pay their start-up cost.
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-SDXL_PIPELINE = "StableDiffusionXLPipeline"
+SD_PIPELINE, SDXL_PIPELINE = "StableDiffusionPipeline", "StableDiffusionXLPipeline"
+FLUX_PIPELINE, SD3_PIPELINE = "FluxPipeline", "StableDiffusion3Pipeline"
+FLOW_FAMILIES = {FLUX_PIPELINE: FluxFamily, SD3_PIPELINE: SD3Family}  # flow-matching transformers, by pipeline class
+FLOW_PIPELINES = tuple(FLOW_FAMILIES)
+SUPPORTED_PIPELINES = (SD_PIPELINE, SDXL_PIPELINE, *FLOW_PIPELINES)
+FLUX_SAMPLE_SIZE = 128  # FluxPipeline's default latent side: 1024 px with its 8x VAE
 
 
 @dataclass
 class Components:
-    """The parts of a Stable Diffusion pipeline that training and sampling use."""
+    """The parts of a text-to-image pipeline that training and sampling use. `unet` is the
+    denoiser: the U-Net of SD / SDXL, the transformer of FLUX."""
     source: str  # what the user passed (hub id, folder or preset name)
     path: str  # what from_pretrained read
     unet: Any
     vae: Any
     text_encoder: Any
     tokenizer: Any
-    noise_scheduler: Any  # DDPM scheduler used to noise latents in training
-    text_encoder_2: Any = None  # SDXL's second encoder (CLIPTextModelWithProjection)
+    noise_scheduler: Any  # the training noise schedule: DDPM (U-Nets) or flow matching
+    text_encoder_2: Any = None  # SDXL's and SD3's second CLIP encoder; FLUX's T5
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: bool = True  # SDXL: unconditional embeddings are zeros, as the checkpoint says
+    pipeline_class: str = ""  # model_index.json's _class_name ("": SD or SDXL, told by their encoders)
+    text_encoder_3: Any = None  # SD3's T5
+    tokenizer_3: Any = None
+
+    @property
+    def denoiser_folder(self) -> str:
+        """The pipeline folder of the denoiser (also where a full fine-tune is saved)."""
+        return "transformer" if self.pipeline_class in FLOW_FAMILIES else "unet"
+
+    def family(self, flow_settings=None):
+        """How this model is trained and sampled (models/family.py)."""
+        if self.pipeline_class in FLOW_FAMILIES:
+            return FLOW_FAMILIES[self.pipeline_class](self, flow_settings)
+        return UNetFamily(self, sdxl=self.is_sdxl)
 
     @classmethod
     def from_pipeline(cls, source: str, pipe) -> Components:
@@ -55,15 +75,20 @@ class Components:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.text_encoder_2 is not None and self.pipeline_class in ("", SDXL_PIPELINE)
 
     @property
     def text_encoders(self) -> list:
-        return [self.text_encoder] + ([self.text_encoder_2] if self.is_sdxl else [])
+        return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
+
+    @property
+    def trainable_text_encoders(self) -> list:
+        """The encoders adapter.train_text_encoder trains, a prefix of text_encoders: the CLIP ones (T5 stays frozen)."""
+        return self.text_encoders[: {FLUX_PIPELINE: 1, SD3_PIPELINE: 2}.get(self.pipeline_class, 2)]
 
     @property
     def tokenizers(self) -> list:
-        return [self.tokenizer] + ([self.tokenizer_2] if self.is_sdxl else [])
+        return [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -71,7 +96,8 @@ class Components:
 
     @property
     def native_resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        side = FLUX_SAMPLE_SIZE if self.pipeline_class == FLUX_PIPELINE else int(self.unet.config.sample_size)
+        return side * self.vae_scale_factor
 
     @property
     def prediction_type(self) -> str:
@@ -95,7 +121,7 @@ def resolve_model_path(name: str) -> str:
             raise ConfigError(f"model folder {local} has no model_index.json (expected a diffusers pipeline folder)")
         pipeline_class = json.loads((local / "model_index.json").read_text()).get("_class_name", "")
         if pipeline_class not in SUPPORTED_PIPELINES:
-            raise ConfigError(f"model {name} is a {pipeline_class}; supported: {', '.join(SUPPORTED_PIPELINES)} (SD 1.x / 2.x, SDXL)")
+            raise ConfigError(f"model {name} is a {pipeline_class}; supported: {', '.join(SUPPORTED_PIPELINES)} (SD 1.x / 2.x, SDXL, FLUX.1, SD3 / SD3.5)")
         return str(local)
     if name.count("/") != 1 or name.startswith(("/", ".", "~")):
         raise ConfigError(f"model {name!r} is neither an existing folder, a hub id (owner/name) nor a preset ({', '.join(preset_names())})")
@@ -129,6 +155,8 @@ def load_components(name: str, revision: str | None = None, variant: str | None 
 
     path = resolve_model_path(name)
     index = read_model_config(name, revision, "model_index.json")
+    if index.get("_class_name") in FLOW_FAMILIES:
+        return _load_flow(name, path, index["_class_name"], revision, variant, dtype)
     sdxl = index.get("_class_name") == SDXL_PIPELINE or "text_encoder_2" in index
     common: dict[str, Any] = {"revision": revision}
     weights = dict(common, variant=variant, torch_dtype=dtype) if dtype is not None else dict(common, variant=variant)
@@ -154,6 +182,21 @@ def load_components(name: str, revision: str | None = None, variant: str | None 
     return Components(name, path, unet, vae_model, text_encoder, tokenizer, noise_scheduler, **second)
 
 
+def _load_flow(name: str, path: str, pipeline_class: str, revision: str | None, variant: str | None,
+               dtype: torch.dtype | None) -> Components:
+    """FLUX.1, SD3: the pipeline's own from_pretrained (transformer, 16-channel VAE, CLIP + T5, flow-matching scheduler)."""
+    import diffusers
+
+    try:
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(path, revision=revision, variant=variant,
+                                                                  **({"torch_dtype": dtype} if dtype else {}))
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ConfigError(f"could not load model {name!r}: {_one_line(exc)}") from None
+    return Components(name, path, pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                      pipe.text_encoder_2, pipe.tokenizer_2, pipeline_class=pipeline_class,
+                      text_encoder_3=getattr(pipe, "text_encoder_3", None), tokenizer_3=getattr(pipe, "tokenizer_3", None))
+
+
 def read_model_config(name: str, revision: str | None, file: str) -> dict:
     """One small JSON file of a model (folder, preset or hub id) without loading any weights,
     so a bad name or an unreachable hub id fails in a second, before anything is written."""
@@ -172,26 +215,18 @@ def read_model_config(name: str, revision: str | None, file: str) -> dict:
 
 
 def model_native_resolution(name: str, revision: str | None = None) -> int:
-    """The U-Net's sample size times the VAE's downsampling, from the configs alone."""
-    unet = read_model_config(name, revision, "unet/config.json")
+    """The denoiser's sample size times the VAE's downsampling, from the configs alone."""
     vae = read_model_config(name, revision, "vae/config.json")
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    if read_model_config(name, revision, "model_index.json").get("_class_name") == FLUX_PIPELINE:
+        side = FLUX_SAMPLE_SIZE
+    else:
+        side = int(read_model_config(name, revision, "unet/config.json")["sample_size"])
+    return side * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def make_pipeline(components: Components, unet=None, text_encoders: list | None = None, scheduler: str = "dpm"):
-    """A StableDiffusion(XL)Pipeline over (possibly training) components, for sampling."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    scheduler_cls = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}[scheduler]
-    encoders = text_encoders or components.text_encoders
-    parts = dict(vae=components.vae, text_encoder=encoders[0], tokenizer=components.tokenizer,
-                 unet=unet if unet is not None else components.unet,
-                 scheduler=scheduler_cls.from_config(components.noise_scheduler.config))
-    if components.is_sdxl:
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=encoders[1], tokenizer_2=components.tokenizer_2,
-                                         force_zeros_for_empty_prompt=components.force_zeros_for_empty_prompt, add_watermarker=False)
-    else:
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    """The family's sampling pipeline over (possibly training) components: StableDiffusion(XL)Pipeline, FluxPipeline."""
+    pipe = components.family().pipeline(unet, text_encoders, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -51,18 +51,21 @@ def _adapter_metadata(model: torch.nn.Module) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
-def save_lora(folder: Path, unet: torch.nn.Module, text_encoders: list[torch.nn.Module] | None = None, sdxl: bool = False) -> Path:
-    """Write U-Net (and text-encoder) LoRA weights as diffusers-format safetensors
-    (SDXL: `text_encoder.` and `text_encoder_2.` keys, as StableDiffusionXLPipeline writes them)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def save_lora(folder: Path, unet: torch.nn.Module, text_encoders: list[torch.nn.Module] | None = None, sdxl: bool = False,
+              pipeline_class: str = "") -> Path:
+    """Write the denoiser's (and text-encoder) LoRA weights as diffusers-format safetensors, as the
+    pipeline's own save_lora_weights writes them (SDXL: `text_encoder.` and `text_encoder_2.` keys;
+    FLUX: `transformer.` keys, which ComfyUI and Forge read too)."""
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(lora_state_dict(unet)),
-              "unet_lora_adapter_metadata": _adapter_metadata(unet)}
+    denoiser = "unet" if pipeline_class in ("", "StableDiffusionPipeline", "StableDiffusionXLPipeline") else "transformer"
+    layers = {f"{denoiser}_lora_layers": convert_state_dict_to_diffusers(lora_state_dict(unet)),
+              f"{denoiser}_lora_adapter_metadata": _adapter_metadata(unet)}
     for encoder, argument in zip(text_encoders or [], TEXT_ENCODER_FOLDERS):
         layers[f"{argument}_lora_layers"] = convert_state_dict_to_diffusers(lora_state_dict(encoder))
         layers[f"{argument}_lora_adapter_metadata"] = _adapter_metadata(encoder)
-    pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipeline_cls = getattr(diffusers, pipeline_class or ("StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"))
     pipeline_cls.save_lora_weights(save_directory=str(folder), safe_serialization=True, **layers)
     return Path(folder) / LORA_WEIGHTS_NAME
 
@@ -86,6 +89,9 @@ def load_lora_into_pipeline(pipe, weights: Path, rank: int, alpha: float | None)
     from peft import inject_adapter_in_model
     from peft.utils import set_peft_model_state_dict
 
+    if hasattr(pipe, "transformer"):  # FLUX: the transformer's LoRA through diffusers' own loader
+        pipe.load_lora_weights(str(weights))
+        return
     state, network_alphas, metadata = pipe.lora_state_dict(str(weights), return_lora_metadata=True)
     unet_state, encoder_states = split_lora_state(state)
     if unet_state:

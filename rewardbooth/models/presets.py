@@ -17,6 +17,7 @@ from typing import Any
 
 from rewardbooth.plugins import load_entry_points
 from rewardbooth.models.tiny import TINY_PRESETS, tiny_model_path
+from rewardbooth.models.tiny_flow import flow_model_path
 
 ENTRY_POINT_GROUP = "rewardbooth.presets"
 # The tiny presets' judges are random-weight encoders too, named "tiny" (rewards/encoders.py builds them).
@@ -44,6 +45,12 @@ def register_preset(preset: Preset) -> Preset:
 
 for _name in TINY_PRESETS:
     register_preset(Preset(_name, lambda name=_name: tiny_model_path(name), lambda: dict(TINY_DEFAULTS), quiet=True))
+# FLUX.1's classes at toy sizes (guidance embedding on, as FLUX.1-dev): 64 px, sampled at FLUX-dev's usual guidance.
+TINY_FLUX_DEFAULTS: dict[str, Any] = {**TINY_DEFAULTS, "data.resolution": 64, "validation.guidance_scale": 3.5,
+                                      "prior.generation_guidance": 3.5, "rpo.negative_guidance": 3.5}
+register_preset(Preset("tiny-flux", lambda: flow_model_path("tiny-flux"), lambda: dict(TINY_FLUX_DEFAULTS), quiet=True))
+# SD3.5's classes at toy sizes (two CLIP encoders + T5, MMDiT), 64 px native.
+register_preset(Preset("tiny-sd3", lambda: flow_model_path("tiny-sd3"), lambda: dict(TINY_DEFAULTS), quiet=True))
 
 
 def _load_entry_points() -> None:

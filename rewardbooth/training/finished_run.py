@@ -53,18 +53,15 @@ def load_run_pipeline(run_dir: Path, device: str | torch.device = "cpu", dtype: 
             load_lora_into_pipeline(pipe, weights / LORA_WEIGHTS_NAME, cfg.adapter.rank, cfg.adapter.alpha)
         finally:
             diffusers.utils.logging.set_verbosity(level)
-    elif (weights / "unet").is_dir():
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-        unet = UNet2DConditionModel.from_pretrained(weights / "unet", torch_dtype=dtype)
+    elif (weights / components.denoiser_folder).is_dir():
+        unet = type(components.unet).from_pretrained(weights / components.denoiser_folder, torch_dtype=dtype)
         encoders = list(components.text_encoders)
-        for i, (folder, cls) in enumerate(zip(TEXT_ENCODER_FOLDERS, (CLIPTextModel, CLIPTextModelWithProjection))):
+        for i, folder in enumerate(TEXT_ENCODER_FOLDERS):
             if i < len(encoders) and (weights / folder).is_dir():
-                encoders[i] = cls.from_pretrained(weights / folder, torch_dtype=dtype)
+                encoders[i] = type(encoders[i]).from_pretrained(weights / folder, torch_dtype=dtype)
         pipe = make_pipeline(components, unet=unet, text_encoders=encoders)
     else:
-        raise ConfigError(f"run {weights} has no trained weights yet (no {LORA_WEIGHTS_NAME} or unet/): did training finish?")
+        raise ConfigError(f"run {weights} has no trained weights yet (no {LORA_WEIGHTS_NAME} or {components.denoiser_folder}/): did training finish?")
     return cfg, pipe.to(device)
 
 

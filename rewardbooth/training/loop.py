@@ -137,13 +137,13 @@ class Trainer:
         # Schedulers count optimizer steps; accelerate steps them once per process per step.
         lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * acc.num_processes,
                                      num_training_steps=t.steps * acc.num_processes)
-        trained = [components.unet] + (components.text_encoders if cfg.adapter.train_text_encoder else [])
+        trained = [components.unet] + (components.trainable_text_encoders if cfg.adapter.train_text_encoder else [])
         extra, extra_optimizers = self.method.extra_modules(), self.method.extra_optimizers()
         prepared = list(acc.prepare(*trained, *extra, *extra_optimizers, optimizer, lr_scheduler))
         n, k = len(trained), len(extra)
         ctx.unet = prepared[0]
         if cfg.adapter.train_text_encoder:
-            ctx.text_encoders = prepared[1:n]
+            ctx.text_encoders = prepared[1:n] + components.text_encoders[n - 1:]  # the frozen rest (FLUX's T5) as it is
         self.method.use_prepared(prepared[n : n + k], prepared[n + k : n + k + len(extra_optimizers)])
         optimizer, lr_scheduler = prepared[-2], prepared[-1]
         if t.ema_decay is not None:

@@ -31,7 +31,7 @@ LOCK_NAME = ".rewardbooth-lock"
 STAGING_NAME = ".export-tmp"  # weights are written here, then moved into place
 # The weights a run writes, and what `rewardbooth export` writes beside them by default.
 WEIGHT_ENTRIES = {f"{stem}{dtype}{ext}" for stem, ext in (("pytorch_lora_weights", ".safetensors"), ("lora_kohya", ".safetensors"), ("peft", ""))
-                  for dtype in ("", "_fp32", "_fp16", "_bf16")} | {"unet", "text_encoder", "text_encoder_2"}
+                  for dtype in ("", "_fp32", "_fp16", "_bf16")} | {"unet", "transformer", "text_encoder", "text_encoder_2"}
 # What a run folder may hold; --overwrite refuses a folder with anything else in it.
 # (and what methods write into it: Method.run_files, e.g. class images, negatives).
 RUN_ENTRIES = {RUN_MARKER, LOCK_NAME, STAGING_NAME, CONFIG_NAME, METRICS_NAME, CHECKPOINT_DIR, SAMPLES_DIR, BEST_DIR, BUDGETS_DIR,

@@ -7,7 +7,6 @@ import warnings
 
 import torch
 
-from rewardbooth import diffusion
 from rewardbooth.config import RunConfig
 from rewardbooth.methods import Method
 from rewardbooth.methods.context import TrainContext
@@ -47,7 +46,7 @@ def attach_trainable(components, cfg: RunConfig) -> list[dict]:
     for p in _trainable_parameters(components.unet):
         p.data = p.data.float()
     groups.append({"params": _trainable_parameters(components.unet), "lr": cfg.learning_rate})
-    for encoder in components.text_encoders if a.train_text_encoder else []:  # SDXL: both encoders
+    for encoder in components.trainable_text_encoders if a.train_text_encoder else []:  # SDXL: both encoders
         if a.kind == "lora":
             add_lora(encoder, a.rank, a.alpha, a.dropout, TEXT_ENCODER_TARGETS)
         else:
@@ -69,13 +68,13 @@ def choose_threads(ctx: TrainContext) -> int:
     if ctx.accelerator.num_processes > 1 or not should_choose_threads(ctx.device, sum(p.numel() for p in unet.parameters())):
         return torch.get_num_threads()
     side = ctx.latent_size
-    latents = torch.randn(2 * ctx.cfg.train.batch_size, unet.config.in_channels, side, side, device=ctx.device,
+    latents = torch.randn(2 * ctx.cfg.train.batch_size, ctx.family.latent_channels, side, side, device=ctx.device,
                           dtype=ctx.weight_dtype, requires_grad=True)
     text = ctx.encode_prompts([ctx.cfg.instance_prompt] * latents.shape[0])
     timesteps = torch.full((latents.shape[0],), 500, device=ctx.device)
 
     def step():  # forward + backward to the input: a training step's work, no weight touched
-        diffusion.unet_output(unet, latents, timesteps, text).sum().backward()
+        ctx.family.predict(unet, latents, timesteps, text).sum().backward()
 
     return choose_cpu_threads(step)
 

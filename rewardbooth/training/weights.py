@@ -22,21 +22,26 @@ class WeightWriter:
         self.accelerator, self.cfg, self.ema_applied = accelerator, cfg, ema_applied
 
     def text_encoders(self, ctx: TrainContext) -> list | None:
+        """Every text encoder as the pipeline takes them, the trained ones unwrapped (None: none trained)."""
         return [self.accelerator.unwrap_model(e) for e in ctx.text_encoders] if ctx.text_encoders else None
+
+    def trained_text_encoders(self, ctx: TrainContext) -> list | None:
+        encoders = self.text_encoders(ctx)
+        return encoders[: len(ctx.components.trainable_text_encoders)] if encoders else None
 
     def export(self, ctx: TrainContext, folder: Path) -> Path:
         """The trained weights (the EMA's under train.ema_decay) in the diffusers format: a LoRA file, or unet/ (+ text_encoder/)."""
         with self.ema_applied():
             unet = self.accelerator.unwrap_model(ctx.unet)
-            text_encoders = self.text_encoders(ctx)
+            text_encoders = self.trained_text_encoders(ctx)
             staging = self._staging(folder)
             if self.cfg.adapter.kind == "lora":
-                save_lora(staging, unet, text_encoders, sdxl=ctx.components.is_sdxl)
+                save_lora(staging, unet, text_encoders, sdxl=ctx.components.is_sdxl, pipeline_class=ctx.components.pipeline_class)
             else:
-                unet.save_pretrained(staging / "unet", safe_serialization=True)
+                unet.save_pretrained(staging / ctx.components.denoiser_folder, safe_serialization=True)
                 for encoder, name in zip(text_encoders or [], TEXT_ENCODER_FOLDERS):
                     encoder.save_pretrained(staging / name, safe_serialization=True)
-            return self._place(staging, folder)
+            return self._place(staging, folder, ctx)
 
     def _staging(self, folder: Path) -> Path:
         staging = folder / STAGING_NAME
@@ -44,10 +49,10 @@ class WeightWriter:
         staging.mkdir(parents=True)
         return staging
 
-    def _place(self, staging: Path, folder: Path) -> Path:
+    def _place(self, staging: Path, folder: Path, ctx: TrainContext) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         replace_into(staging, folder)
-        return folder / (LORA_WEIGHTS_NAME if self.cfg.adapter.kind == "lora" else "unet")
+        return folder / (LORA_WEIGHTS_NAME if self.cfg.adapter.kind == "lora" else ctx.components.denoiser_folder)
 
     def write_result(self, ctx: TrainContext, folder: Path, best_dir: Path | None) -> Path:
         """The run's result as of now into `folder`: the best validated weights (`best_dir`) under selection, else the current ones."""
@@ -55,7 +60,7 @@ class WeightWriter:
             return self.export(ctx, folder)
         staging = self._staging(folder)
         shutil.copytree(best_dir, staging, ignore=shutil.ignore_patterns(BEST_RECORD), dirs_exist_ok=True)
-        return self._place(staging, folder)
+        return self._place(staging, folder, ctx)
 
     def save_budget(self, ctx: TrainContext, folder: Path, step: int, selected_step: int, best_dir: Path | None) -> Path:
         """budgets/step-N/: the result a run of N steps would have given (same weights, same selection)."""
@@ -67,6 +72,6 @@ class WeightWriter:
 
     def write_kohya_copy(self, ctx: TrainContext, weights: Path, run_dir: Path) -> None:
         """The same LoRA for A1111 / ComfyUI / kohya tools."""
-        if self.cfg.adapter.kind == "lora":
+        if self.cfg.adapter.kind == "lora" and not ctx.family.flow_matching:  # kohya's FLUX layout: not written yet
             write_kohya(Path(weights), self.cfg, ctx.components.is_sdxl, int(ctx.components.unet.config.layers_per_block),
                         Path(run_dir) / KOHYA_WEIGHTS_NAME)

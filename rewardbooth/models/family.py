@@ -1,0 +1,327 @@
+"""Model families behind one interface: what a method asks of the model it trains.
+
+A method never asks which model it trains: it noises latents, calls the denoiser for its
+prediction, compares it with the family's target, looks forward to x0, and encodes prompts, all
+through a `ModelFamily`. The U-Net families (SD 1.x/2.x, SDXL: epsilon or v, DDPM noising) and the
+flow-matching transformers (FLUX.1: velocity, x_t = (1 - s) x0 + s eps) implement it. Latents are
+(B, C, H, W) in both: FLUX's 2x2 token packing happens inside `predict`.
+
+Timesteps: U-Nets take integer t in [0, T); flow families carry t = 1000 s (s = sigma in [0, 1]),
+the scale the transformers and the DPG timestep weightings use.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+
+from rewardbooth import diffusion, flow
+from rewardbooth.config import FlowConfig
+from rewardbooth.diffusion import NoisedBatch, TextConditioning
+
+# diffusers is imported inside the functions that use it, so importing this module stays cheap.
+
+
+class ModelFamily:
+    name = ""
+    flow_matching = False
+
+    def __init__(self, components):
+        self.components = components
+
+    # --- latents ------------------------------------------------------------------------------
+    @property
+    def latent_channels(self) -> int:
+        return int(self.components.vae.config.latent_channels)
+
+    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """x0 from cached VAE posterior moments, in the model's latent space."""
+        return diffusion.sample_latents(moments, self.components.latent_scaling, generator)
+
+    def latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE decoder's input for model-space latents."""
+        return latents / self.components.latent_scaling
+
+    # --- the regression -----------------------------------------------------------------------
+    def add_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
+                  noise: torch.Tensor | None = None, offset: float = 0.0) -> NoisedBatch:
+        raise NotImplementedError
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target(self, batch: NoisedBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_x0(self, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Look-forward: the clean latent one denoiser call implies (DPG's x0_hat)."""
+        raise NotImplementedError
+
+    def step_back(self, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor, stride: int) -> torch.Tensor:
+        """One deterministic sampler step from t to t - stride (DPG's ablation without look-forward)."""
+        raise NotImplementedError
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio per sample (shape B)."""
+        raise NotImplementedError
+
+    def error_weights(self, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor | None:
+        """Per-sample weights of the denoising errors (None: unweighted)."""
+        raise NotImplementedError
+
+    def denoising_error(self, denoiser, batch: NoisedBatch, text: TextConditioning) -> torch.Tensor:
+        """Per-sample ||prediction - target||^2: DreamBooth's loss and RPO's e(.)."""
+        return diffusion.per_sample_mse(self.predict(denoiser, batch.noisy, batch.timesteps, text), self.target(batch))
+
+    # --- text ---------------------------------------------------------------------------------
+    @property
+    def text_dim(self) -> int:
+        """Width of the text conditioning's hidden states."""
+        raise NotImplementedError
+
+    def encode_prompts(self, encoders: list, prompts: list[str], resolution: int) -> TextConditioning:
+        raise NotImplementedError
+
+    def dummy_conditioning(self, batch: int, dtype: torch.dtype, device) -> TextConditioning:
+        raise NotImplementedError
+
+    def probe(self, denoiser, batch: int, latent_size: int, dtype: torch.dtype, device):
+        """One training forward of the denoiser at `batch` (loss included), for the memory estimate."""
+
+        def run():
+            noisy = torch.zeros(batch, self.latent_channels, latent_size, latent_size, dtype=dtype, device=device)
+            timesteps = torch.full((batch,), 500, dtype=torch.long, device=device)
+            prediction = self.predict(denoiser, noisy, timesteps, self.dummy_conditioning(batch, dtype, device))
+            return diffusion.per_sample_mse(prediction, torch.zeros_like(prediction)).mean()
+
+        return run
+
+    # --- sampling -----------------------------------------------------------------------------
+    def pipeline(self, denoiser=None, text_encoders: list | None = None, scheduler: str = "dpm"):
+        raise NotImplementedError
+
+
+class UNetFamily(ModelFamily):
+    """SD 1.x / 2.x and SDXL: DDPM noising, epsilon or v targets (diffusion.py)."""
+
+    def __init__(self, components, sdxl: bool = False):
+        super().__init__(components)
+        self.sdxl = sdxl
+        self.name = "sdxl" if sdxl else "sd"
+
+    @property
+    def scheduler(self):
+        return self.components.noise_scheduler
+
+    def add_noise(self, x0, generator=None, timesteps=None, noise=None, offset=0.0) -> NoisedBatch:
+        return diffusion.add_noise(self.scheduler, x0, generator, timesteps=timesteps, noise=noise, offset=offset)
+
+    def predict(self, denoiser, noisy, timesteps, text) -> torch.Tensor:
+        return diffusion.unet_output(denoiser, noisy, timesteps, text)
+
+    def target(self, batch) -> torch.Tensor:
+        return diffusion.training_target(self.scheduler, batch)
+
+    def predict_x0(self, noisy, prediction, timesteps) -> torch.Tensor:
+        return diffusion.predict_x0(self.scheduler, noisy, prediction, timesteps)
+
+    def step_back(self, noisy, prediction, timesteps, stride) -> torch.Tensor:
+        return diffusion.step_back(self.scheduler, noisy, prediction, timesteps, stride)
+
+    def snr(self, timesteps) -> torch.Tensor:
+        return diffusion.snr(self.scheduler, timesteps)
+
+    def error_weights(self, timesteps, snr_gamma) -> torch.Tensor | None:
+        return None if snr_gamma is None else diffusion.min_snr_weights(self.scheduler, timesteps, snr_gamma)
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.components.unet.config.cross_attention_dim)  # SDXL: both encoders' widths
+
+    def encode_prompts(self, encoders, prompts, resolution) -> TextConditioning:
+        c = self.components
+        if self.sdxl:
+            return diffusion.encode_sdxl_prompts(c.tokenizers, encoders, prompts, resolution)
+        return TextConditioning(diffusion.encode_prompts(c.tokenizer, encoders[0], prompts))
+
+    def dummy_conditioning(self, batch, dtype, device) -> TextConditioning:
+        return diffusion.dummy_conditioning(self.components.unet, batch, dtype, device)
+
+    def probe(self, denoiser, batch, latent_size, dtype, device):
+        return diffusion.unet_probe(denoiser, batch, latent_size, dtype, device)
+
+    def pipeline(self, denoiser=None, text_encoders=None, scheduler="dpm"):
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        c = self.components
+        scheduler_cls = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}[scheduler]
+        encoders = text_encoders or c.text_encoders
+        parts = dict(vae=c.vae, text_encoder=encoders[0], tokenizer=c.tokenizer, unet=denoiser if denoiser is not None else c.unet,
+                     scheduler=scheduler_cls.from_config(c.noise_scheduler.config))
+        if self.sdxl:
+            return StableDiffusionXLPipeline(**parts, text_encoder_2=encoders[1], tokenizer_2=c.tokenizer_2,
+                                             force_zeros_for_empty_prompt=c.force_zeros_for_empty_prompt, add_watermarker=False)
+        return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+class FlowFamily(ModelFamily):
+    """Flow-matching transformers: x_t = (1 - s) x0 + s eps, the velocity v = eps - x0 as target,
+    sigma drawn by flow.weighting and shifted as the model samples, 16-channel latents with a shift."""
+
+    flow_matching = True
+
+    def __init__(self, components, settings: FlowConfig | None = None):
+        super().__init__(components)
+        self.settings = settings or FlowConfig()
+
+    def latents_from_moments(self, moments, generator) -> torch.Tensor:
+        shift = float(self.components.vae.config.shift_factor or 0.0)
+        mean, logvar = moments.chunk(2, dim=1)
+        moments = torch.cat([mean - shift, logvar], dim=1)  # (z - shift) * scale, sampled like SD's latents
+        return diffusion.sample_latents(moments, self.components.latent_scaling, generator)
+
+    def latents_to_vae(self, latents) -> torch.Tensor:
+        return latents / self.components.latent_scaling + float(self.components.vae.config.shift_factor or 0.0)
+
+    def shift_for(self, latents: torch.Tensor) -> float:
+        """The shift k of s' = k s / (1 + (k - 1) s): flow.shift, else the model's own as it samples
+        (FLUX.1: exp(mu), mu from the packed token count; SD3: its scheduler's fixed shift)."""
+        if self.settings.shift is not None:
+            return self.settings.shift
+        config = self.components.noise_scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return float(config.get("shift", 1.0))
+        tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+        mu = flow.flux_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+        return math.exp(mu)
+
+    def add_noise(self, x0, generator=None, timesteps=None, noise=None, offset=0.0) -> NoisedBatch:
+        s = self.settings
+        if noise is None and offset:
+            device = generator.device if generator else x0.device
+            noise = torch.randn(x0.shape, generator=generator, device=device)
+            noise = (noise + offset * torch.randn((*x0.shape[:2], 1, 1), generator=generator, device=device)).to(x0)
+        sigmas = None if timesteps is None else self.sigmas(timesteps)
+        noised = flow.add_flow_noise(x0, generator, weighting=s.weighting, logit_mean=s.logit_mean, logit_std=s.logit_std,
+                                     mode_scale=s.mode_scale, shift=self.shift_for(x0), sigmas=sigmas, noise=noise)
+        return NoisedBatch(x0, noised.noise, noised.timesteps, noised.noisy)
+
+    @staticmethod
+    def sigmas(timesteps: torch.Tensor) -> torch.Tensor:
+        return timesteps.float() / flow.NUM_TRAIN_TIMESTEPS
+
+    def target(self, batch) -> torch.Tensor:
+        return batch.noise - batch.x0  # the velocity
+
+    def predict_x0(self, noisy, prediction, timesteps) -> torch.Tensor:
+        return flow.predict_x0_flow(noisy, prediction, self.sigmas(timesteps))
+
+    def step_back(self, noisy, prediction, timesteps, stride) -> torch.Tensor:
+        to = (timesteps.float() - stride).clamp(min=0)
+        return flow.step_back_flow(noisy, prediction, self.sigmas(timesteps), self.sigmas(to))
+
+    def snr(self, timesteps) -> torch.Tensor:
+        return flow.flow_snr(self.sigmas(timesteps))
+
+    def error_weights(self, timesteps, snr_gamma) -> torch.Tensor | None:
+        if self.settings.loss_weighting == "none":
+            return None
+        return flow.loss_weights(self.sigmas(timesteps), self.settings.loss_weighting)
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.components.unet.config.joint_attention_dim)
+
+    def _pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.components.pipeline_class)
+
+    def _parts(self, denoiser, encoders: list) -> dict:
+        c = self.components
+        parts = dict(vae=c.vae, transformer=denoiser if denoiser is not None else c.unet)
+        for i, (encoder, tokenizer) in enumerate(zip(encoders, c.tokenizers)):
+            suffix = f"_{i + 1}" if i else ""
+            parts[f"text_encoder{suffix}"], parts[f"tokenizer{suffix}"] = encoder, tokenizer
+        return parts
+
+    def pipeline(self, denoiser=None, text_encoders=None, scheduler="dpm"):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        parts = self._parts(denoiser, text_encoders or self.components.text_encoders)
+        return self._pipeline_class()(scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.components.noise_scheduler.config),
+                                      **parts)
+
+    def dummy_conditioning(self, batch, dtype, device) -> TextConditioning:
+        config = self.components.unet.config
+        return TextConditioning(torch.zeros(batch, self.max_sequence_length, config.joint_attention_dim, dtype=dtype, device=device),
+                                torch.zeros(batch, config.pooled_projection_dim, dtype=dtype, device=device))
+
+
+class FluxFamily(FlowFamily):
+    """FLUX.1 (dev, schnell): a velocity-predicting transformer over 2x2-packed 16-channel latents,
+    CLIP pooled + T5 hidden text conditioning, an embedded guidance value on guidance-distilled models."""
+
+    name = "flux"
+    max_sequence_length = 512  # T5 tokens, as FluxPipeline encodes them
+
+    def predict(self, denoiser, noisy, timesteps, text) -> torch.Tensor:
+        b, c, h, w = noisy.shape
+        config = denoiser.config
+        guidance = torch.full((b,), self.settings.guidance, device=noisy.device, dtype=torch.float32) if config.guidance_embeds else None
+        out = denoiser(hidden_states=flow.pack_latents(noisy), timestep=self.sigmas(timesteps).to(noisy.dtype), guidance=guidance,
+                       pooled_projections=text.pooled, encoder_hidden_states=text.hidden,
+                       txt_ids=torch.zeros(text.hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+                       img_ids=flow.latent_image_ids(h, w, noisy.device, noisy.dtype), return_dict=False)[0]
+        return flow.unpack_latents(out, h, w, c)
+
+    def encode_prompts(self, encoders, prompts, resolution) -> TextConditioning:
+        pipe = self._pipeline_class()(scheduler=self.components.noise_scheduler, **self._parts(None, encoders))
+        hidden, pooled, _ = pipe.encode_prompt(prompts, prompt_2=prompts, device=encoders[0].device,
+                                               max_sequence_length=self.max_sequence_length)
+        return TextConditioning(hidden, pooled)
+
+
+class SD3Family(FlowFamily):
+    """SD3 / SD3.5: a velocity-predicting MMDiT over 16-channel latents (patches made inside), two CLIP
+    encoders' pooled outputs and their hidden states joined with T5's; a fixed scheduler shift."""
+
+    name = "sd3"
+    max_sequence_length = 256  # T5 tokens, as StableDiffusion3Pipeline encodes them
+    clip_tokens = 77
+
+    def predict(self, denoiser, noisy, timesteps, text) -> torch.Tensor:
+        return denoiser(hidden_states=noisy, timestep=timesteps.to(noisy.dtype), encoder_hidden_states=text.hidden,
+                        pooled_projections=text.pooled, return_dict=False)[0]
+
+    def encode_prompts(self, encoders, prompts, resolution) -> TextConditioning:
+        pipe = self._pipeline_class()(scheduler=self.components.noise_scheduler, **self._parts(None, encoders))
+        hidden, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=encoders[0].device,
+                                                  do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        return TextConditioning(hidden, pooled)
+
+    def dummy_conditioning(self, batch, dtype, device) -> TextConditioning:
+        config = self.components.unet.config
+        return TextConditioning(torch.zeros(batch, self.clip_tokens + self.max_sequence_length, config.joint_attention_dim,
+                                            dtype=dtype, device=device),
+                                torch.zeros(batch, config.pooled_projection_dim, dtype=dtype, device=device))
+
+
+def pipeline_denoiser(pipe):
+    """The denoiser of a sampling pipeline: its U-Net or its transformer."""
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+def initial_latents(pipe, generators: list[torch.Generator], resolution: int | None) -> tuple[torch.Tensor, int]:
+    """Starting noise for one sampler call, one CPU generator per image (the same image on any device),
+    in the layout the pipeline takes (FLUX: packed tokens); and the latent side."""
+    denoiser = pipeline_denoiser(pipe)
+    if resolution:
+        side = resolution // pipe.vae_scale_factor
+    else:
+        side = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
+    channels = pipe.vae.config.latent_channels
+    latents = torch.stack([torch.randn((channels, side, side), generator=g) for g in generators])
+    if hasattr(pipe, "transformer") and getattr(denoiser.config, "guidance_embeds", None) is not None:
+        latents = flow.pack_latents(latents)  # FluxPipeline takes 2x2-packed tokens
+    return latents.to(device=denoiser.device, dtype=denoiser.dtype), side
