@@ -35,6 +35,7 @@ TRAIN_FLAGS = [
     ("--checkpoint-every", "train.checkpoint_every", int, "save a resumable checkpoint every N steps (0: off)"),
     ("--rank", "adapter.rank", int, "LoRA rank"),
     ("--alpha", "adapter.alpha", float, "LoRA alpha; the update is scaled by alpha / rank (default: rank)"),
+    ("--quantize", "model.quantize", str, "int8 | fp8: keep the frozen base quantized (torchao; LoRA only), e.g. FLUX.1-dev on 24 GB"),
     ("--vae", "model.vae", str, "another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"),
     ("--num-class-images", "prior.num_class_images", int, "class images for prior preservation"),
     ("--prior-weight", "prior.weight", float, "weight of the prior-preservation loss"),

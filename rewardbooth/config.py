@@ -29,6 +29,7 @@ class ModelConfig:
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files on the hub
     vae: str | None = None  # another AutoencoderKL (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
+    quantize: str | None = None  # int8 | fp8: the frozen denoiser's weights quantized by torchao (LoRA only; rewardbooth[quant])
 
 
 @dataclass
@@ -398,6 +399,9 @@ def validate(cfg: RunConfig) -> None:
     ensure(v.select_encoder in ("align", "clip"), f"validation.select_encoder must be align or clip, got {v.select_encoder!r}")
     ensure(v.select_min_step >= 0, "validation.select_min_step must be >= 0")
     ensure(all(0 < s <= t.steps for s in t.save_steps), f"train.save_steps must lie in [1, train.steps={t.steps}], got {t.save_steps}")
+    ensure(cfg.model.quantize in (None, "int8", "fp8"), f"model.quantize must be int8 or fp8 (or unset), got {cfg.model.quantize!r}")
+    ensure(cfg.model.quantize is None or a.kind == "lora",
+           "model.quantize freezes the base in int8/fp8: train it with LoRA (adapter.kind=lora), not a full fine-tune")
     f = cfg.flow
     ensure(f.weighting in FLOW_WEIGHTINGS, f"flow.weighting must be one of {', '.join(FLOW_WEIGHTINGS)}, got {f.weighting!r}")
     ensure(f.loss_weighting in FLOW_LOSS_WEIGHTINGS,

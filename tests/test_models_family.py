@@ -149,3 +149,27 @@ def test_a_setting_of_the_other_family_is_refused_by_name(tmp_path, subject_dir,
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and culprit in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_lora_on_an_int8_base_trains_close_to_the_full_precision_base(tmp_path, tiny_overrides):
+    pytest.importorskip("torchao")
+    losses = {}
+    for quantize in (None, "int8"):
+        cfg = load_config(overrides=_flux_overrides(tiny_overrides, **{"model.quantize": quantize, "train.steps": 3,
+                                                                       "train.checkpoint_every": 0}))
+        run = tmp_path / f"run-{quantize}"
+        prepare_run_dir(run, resume=False, overwrite=False)
+        result = train(cfg, run, progress=False)
+        losses[quantize] = metric_series(run, "loss")
+        assert result.weights.is_file()
+    assert losses["int8"] != losses[None]  # the base really was quantized ...
+    for step, loss in losses[None].items():  # ... and trains within a few percent of the bf16/fp32 base
+        assert losses["int8"][step] == pytest.approx(loss, rel=0.05)
+
+
+def test_a_quantized_base_is_for_lora_only(tiny_overrides):
+    from rewardbooth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.quantize"):
+        load_config(overrides=_flux_overrides(tiny_overrides, **{"model.quantize": "int8", "adapter.kind": "full"}))

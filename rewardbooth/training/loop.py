@@ -22,6 +22,7 @@ from rewardbooth.config import RunConfig
 from rewardbooth.methods import Method, get_method
 from rewardbooth.methods.context import TrainContext
 from rewardbooth.models.loading import load_components
+from rewardbooth.models.quantize import quantize_frozen
 from rewardbooth.rewards.encoders import park_encoders
 from rewardbooth.training import memory
 from rewardbooth.training.checkpoints import Checkpoints
@@ -126,6 +127,8 @@ class Trainer:
         set_seed(t.seed)
         components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant, vae=cfg.model.vae)
         weight_dtype = place_frozen(components, acc.device, t.mixed_precision)
+        if cfg.model.quantize:
+            quantize_frozen(components.unet, cfg.model.quantize)
         ctx = TrainContext(cfg, self.run_dir, acc, components, cfg.data.resolution or components.native_resolution, weight_dtype,
                            unet=components.unet, progress=self.progress and acc.is_main_process)
         self.cpu_threads = choose_threads(ctx)

@@ -121,6 +121,18 @@ def _fake_cpu_like(t: torch.Tensor) -> torch.Tensor:
     return fake.requires_grad_(t.requires_grad) if t.is_floating_point() else fake
 
 
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _fake_like(t: torch.Tensor) -> torch.Tensor:
+    """A fake stand-in for a tensor subclass (a quantized base's int8 weight), made without referring
+    to it: the fake mode's memo would keep a weak reference to the real weight, and module.to() must
+    swap such weights later, which torch refuses while a weak reference lives."""
+    fake = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return fake.requires_grad_(t.requires_grad) if t.is_floating_point() else fake
+
+
 def saved_activation_bytes(probes: list[Callable[[], object]], modules: Iterable[torch.nn.Module]) -> tuple[int, int]:
     """(total, largest) bytes autograd saves while the probes run on fake tensors; the modules'
     own weights are not counted (they are resident anyway). Each probe is one forward pass
@@ -138,7 +150,7 @@ def saved_activation_bytes(probes: list[Callable[[], object]], modules: Iterable
         by_id: dict[int, torch.Tensor] = {}  # a tied weight stays one tensor
         for t in real.values():
             if id(t) not in by_id:
-                by_id[id(t)] = mode.from_tensor(t) if t.device.type != "meta" else _fake_cpu_like(t)
+                by_id[id(t)] = _fake_cpu_like(t) if t.device.type == "meta" else mode.from_tensor(t) if _plain(t) else _fake_like(t)
         fake = {name: by_id[id(t)] for name, t in real.items()}
         weights = {_storage_key(t) for t in fake.values()}
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
