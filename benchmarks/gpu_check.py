@@ -57,13 +57,12 @@ def card_peak(device: str) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def unet_forward_flops(trainer, ctx_unet, batch: int, resolution: int, vae_factor: int, dtype, device: str) -> int:
+def unet_forward_flops(trainer, components, batch: int, resolution: int, vae_factor: int, dtype, device: str) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rewardbooth import diffusion
     from rewardbooth.training import memory
 
-    probe = diffusion.unet_probe(ctx_unet, batch, resolution // vae_factor, dtype, device)
+    probe = components.family().probe(components.unet, batch, resolution // vae_factor, dtype, device)
     with torch.no_grad(), memory.autocast_for(device, trainer.cfg.train.mixed_precision), FlopCounterMode(display=False) as counter:
         probe()
     return counter.get_total_flops()
@@ -114,7 +113,7 @@ def train_method(model_key: str, preset: str, method: str, args, device: str, su
     setup_gib = peaks[0] if on_gpu else None
     peak_gib = max(r["peak_memory_gib"] for r in records if "peak_memory_gib" in r) if on_gpu else peak_bytes(device) / 1024**3
     n = trainer.method.unet_batch(type("Ctx", (), {"cfg": cfg})())
-    forward = unet_forward_flops(trainer, components.unet, n, resolution, components.vae_scale_factor,
+    forward = unet_forward_flops(trainer, components, n, resolution, components.vae_scale_factor,
                                  setup.DTYPES[cfg.train.mixed_precision], device)
     step_flops = forward * (3 if cfg.adapter.kind == "full" else 2) + (forward if method == "rpo" else 0)
     estimate = trainer.memory_estimate.total if trainer.memory_estimate else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ TRAIN_FLAGS = [
     ("--report-to", "train.report_to", str, "tensorboard | wandb: also log to an accelerate tracker (metrics.jsonl stays)"),
 ]
 TRAIN_SWITCHES = [
-    ("--full", "adapter.kind", "full", "fine-tune the whole U-Net instead of LoRA"),
+    ("--full", "adapter.kind", "full", "fine-tune the whole denoiser (U-Net or transformer) instead of LoRA"),
     ("--train-text-encoder", "adapter.train_text_encoder", True, "also train the text encoder"),
     ("--no-prior", "prior.enabled", False, "turn prior preservation off"),
     ("--gradient-checkpointing", "train.gradient_checkpointing", True, "trade compute for memory"),
@@ -149,6 +150,10 @@ def set_library_verbosity(verbose: bool) -> None:
     for name in ("transformers", "diffusers"):
         if name in sys.modules:
             getattr(sys.modules[name].utils.logging, f"set_verbosity_{level}")()
+    # torchao (the quantized base), which diffusers imports whenever it is installed, registers its
+    # enums with torch's pytree on import and torch warns about each: not news to a user.
+    for name in ("torch.utils._pytree", "torchao"):
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -197,6 +197,7 @@ class FlowConfig:
     guidance: float = 1.0
 
 
+QUANTIZATIONS = ("int8", "fp8")  # model.quantize: torchao weight-only configs; fp8 needs a GPU with fp8 support
 FLOW_WEIGHTINGS = ("uniform", "logit_normal", "mode")
 FLOW_LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
@@ -399,7 +400,8 @@ def validate(cfg: RunConfig) -> None:
     ensure(v.select_encoder in ("align", "clip"), f"validation.select_encoder must be align or clip, got {v.select_encoder!r}")
     ensure(v.select_min_step >= 0, "validation.select_min_step must be >= 0")
     ensure(all(0 < s <= t.steps for s in t.save_steps), f"train.save_steps must lie in [1, train.steps={t.steps}], got {t.save_steps}")
-    ensure(cfg.model.quantize in (None, "int8", "fp8"), f"model.quantize must be int8 or fp8 (or unset), got {cfg.model.quantize!r}")
+    ensure(cfg.model.quantize in (None, *QUANTIZATIONS),
+           f"model.quantize must be one of {', '.join(QUANTIZATIONS)} (or unset), got {cfg.model.quantize!r}")
     ensure(cfg.model.quantize is None or a.kind == "lora",
            "model.quantize freezes the base in int8/fp8: train it with LoRA (adapter.kind=lora), not a full fine-tune")
     f = cfg.flow

@@ -6,7 +6,6 @@ x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, c text embedding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -202,14 +201,3 @@ def dummy_conditioning(unet, batch: int, dtype: torch.dtype, device) -> TextCond
     pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     return TextConditioning(hidden, torch.zeros(batch, pooled_dim, dtype=dtype, device=device),
                             torch.zeros(batch, 6, dtype=dtype, device=device))
-
-
-def unet_probe(unet, batch: int, latent_size: int, dtype: torch.dtype, device) -> Callable[[], torch.Tensor]:
-    """One training forward of the U-Net at `batch` (loss included)."""
-    def probe():
-        noisy = torch.zeros(batch, unet.config.in_channels, latent_size, latent_size, dtype=dtype, device=device)
-        timesteps = torch.full((batch,), 500, dtype=torch.long, device=device)
-        prediction = unet_output(unet, noisy, timesteps, dummy_conditioning(unet, batch, dtype, device))
-        return per_sample_mse(prediction, torch.zeros_like(prediction)).mean()
-
-    return probe

@@ -138,6 +138,7 @@ def test_rpo_on_flux_pairs_share_sigma_and_noise(tiny_overrides):
 
 @pytest.mark.parametrize("model, flags, culprit", [
     ("tiny-flux", ["--snr-gamma", "5"], "train.snr_gamma"),
+    ("tiny-sd3", ["--resolution", "72"], "data.resolution"),
     ("tiny", ["--set", "flow.guidance=3.5"], "flow.guidance"),
     ("tiny", ["--set", "flow.loss_weighting=cosmap"], "flow.loss_weighting"),
 ])
@@ -173,3 +174,18 @@ def test_a_quantized_base_is_for_lora_only(tiny_overrides):
 
     with pytest.raises(ConfigError, match="model.quantize"):
         load_config(overrides=_flux_overrides(tiny_overrides, **{"model.quantize": "int8", "adapter.kind": "full"}))
+
+
+@pytest.mark.slow
+def test_cli_trains_sd3_at_its_native_size_and_export_keeps_the_diffusers_layout(tmp_path, subject_dir, capsys):
+    from rewardbooth.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "tiny-sd3", "--instance-dir", str(subject_dir), "--class-noun", "toy", "--output", str(run),
+                 "--steps", "1", "--num-class-images", "1", "--set", "prior.generation_steps=1", "--set", "validation.every=0",
+                 "--quiet"]) == 0
+    assert json.loads((run / "result.json").read_text())["resolution"] == 64  # the preset's native size, read from transformer/
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "kohya"]) == 2
+    assert "diffusers layout" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "diffusers", "--dtype", "fp16"]) == 0

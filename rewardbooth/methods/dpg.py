@@ -27,7 +27,7 @@ from rewardbooth.methods.dreambooth import DreamBooth
 from rewardbooth.rewards import Subject, build_reward
 
 DEAD_CHECK_EVERY = 50  # critic steps between checks for a dead critic
-STEP_BACK_STRIDE = 20  # without look-forward: judge x_{t-20}, one step of a 50-step DDIM sampler
+STEP_BACK_STRIDE = 20  # without look-forward: judge x_{t-20} (one step of a 50-step DDIM sampler; flow: s - 0.02)
 
 # The released code's DPG: the reconstruction critic, gamma^t, no instance loss.
 RELEASED_CRITIC: dict[str, Any] = {

@@ -147,9 +147,6 @@ class UNetFamily(ModelFamily):
     def dummy_conditioning(self, batch, dtype, device) -> TextConditioning:
         return diffusion.dummy_conditioning(self.components.unet, batch, dtype, device)
 
-    def probe(self, denoiser, batch, latent_size, dtype, device):
-        return diffusion.unet_probe(denoiser, batch, latent_size, dtype, device)
-
     def pipeline(self, denoiser=None, text_encoders=None, scheduler="dpm"):
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -211,7 +208,7 @@ class FlowFamily(ModelFamily):
         return timesteps.float() / flow.NUM_TRAIN_TIMESTEPS
 
     def target(self, batch) -> torch.Tensor:
-        return batch.noise - batch.x0  # the velocity
+        return flow.flow_target(batch)  # the velocity eps - x0
 
     def predict_x0(self, noisy, prediction, timesteps) -> torch.Tensor:
         return flow.predict_x0_flow(noisy, prediction, self.sigmas(timesteps))
@@ -267,7 +264,7 @@ class FluxFamily(FlowFamily):
 
     def predict(self, denoiser, noisy, timesteps, text) -> torch.Tensor:
         b, c, h, w = noisy.shape
-        config = denoiser.config
+        config = self.components.unet.config  # the denoiser itself may be wrapped (DDP) and have no config
         guidance = torch.full((b,), self.settings.guidance, device=noisy.device, dtype=torch.float32) if config.guidance_embeds else None
         out = denoiser(hidden_states=flow.pack_latents(noisy), timestep=self.sigmas(timesteps).to(noisy.dtype), guidance=guidance,
                        pooled_projections=text.pooled, encoder_hidden_states=text.hidden,

@@ -49,8 +49,7 @@ class Components:
 
     @property
     def denoiser_folder(self) -> str:
-        """The pipeline folder of the denoiser (also where a full fine-tune is saved)."""
-        return "transformer" if self.pipeline_class in FLOW_FAMILIES else "unet"
+        return denoiser_folder(self.pipeline_class)
 
     def family(self, flow_settings=None):
         """How this model is trained and sampled (models/family.py)."""
@@ -96,8 +95,7 @@ class Components:
 
     @property
     def native_resolution(self) -> int:
-        side = FLUX_SAMPLE_SIZE if self.pipeline_class == FLUX_PIPELINE else int(self.unet.config.sample_size)
-        return side * self.vae_scale_factor
+        return native_side(self.pipeline_class, self.unet.config) * self.vae_scale_factor
 
     @property
     def prediction_type(self) -> str:
@@ -214,14 +212,22 @@ def read_model_config(name: str, revision: str | None, file: str) -> dict:
         raise ConfigError(f"cannot get model {name!r} from the hub (or its cache): {_one_line(exc)}") from None
 
 
+def native_side(pipeline_class: str, denoiser_config) -> int:
+    """The denoiser's native latent side: its sample_size (U-Nets, SD3), FluxPipeline's default for FLUX."""
+    return FLUX_SAMPLE_SIZE if pipeline_class == FLUX_PIPELINE else int(denoiser_config["sample_size"])
+
+
+def denoiser_folder(pipeline_class: str) -> str:
+    """The pipeline folder of the denoiser (also where a full fine-tune is saved)."""
+    return "transformer" if pipeline_class in FLOW_FAMILIES else "unet"
+
+
 def model_native_resolution(name: str, revision: str | None = None) -> int:
     """The denoiser's sample size times the VAE's downsampling, from the configs alone."""
     vae = read_model_config(name, revision, "vae/config.json")
-    if read_model_config(name, revision, "model_index.json").get("_class_name") == FLUX_PIPELINE:
-        side = FLUX_SAMPLE_SIZE
-    else:
-        side = int(read_model_config(name, revision, "unet/config.json")["sample_size"])
-    return side * 2 ** (len(vae["block_out_channels"]) - 1)
+    pipeline_class = read_model_config(name, revision, "model_index.json").get("_class_name", "")
+    denoiser = read_model_config(name, revision, f"{denoiser_folder(pipeline_class)}/config.json")
+    return native_side(pipeline_class, denoiser) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def make_pipeline(components: Components, unet=None, text_encoders: list | None = None, scheduler: str = "dpm"):

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import torch
 
+from rewardbooth.config import QUANTIZATIONS
 from rewardbooth.errors import ConfigError
-
-QUANTIZATIONS = ("int8", "fp8")  # torchao weight-only configs; fp8 needs a GPU with fp8 support
 
 
 def quantize_frozen(module: torch.nn.Module, kind: str) -> torch.nn.Module:
     """Quantize `module`'s linear weights in place (weight-only: activations stay in the compute dtype)."""
+    if kind not in QUANTIZATIONS:
+        raise ConfigError(f"model.quantize must be one of {', '.join(QUANTIZATIONS)}, got {kind!r}")
     try:  # deferred: torchao is an optional dependency (rewardbooth[quant]) and slow to import
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError:
         raise ConfigError(f"model.quantize={kind} needs torchao: pip install 'rewardbooth[quant]'") from None
-    if kind not in QUANTIZATIONS:
-        raise ConfigError(f"model.quantize must be one of {', '.join(QUANTIZATIONS)}, got {kind!r}")
     quantize_(module, Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig())
     return module

@@ -20,7 +20,7 @@ from rewardbooth.models.export import (
     write_kohya,
     write_peft,
 )
-from rewardbooth.models.loading import load_components, make_pipeline, read_model_config
+from rewardbooth.models.loading import FLOW_PIPELINES, load_components, make_pipeline, read_model_config
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_FOLDERS, load_lora_into_pipeline
 from rewardbooth.training.run_dir import CONFIG_NAME
 
@@ -41,6 +41,8 @@ def load_run_pipeline(run_dir: Path, device: str | torch.device = "cpu", dtype: 
     `weights_dir` if given, e.g. a budget folder of the run, else the run's result)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    if dtype == torch.float16 and read_model_config(cfg.model.name, cfg.model.revision, "model_index.json").get("_class_name") in FLOW_PIPELINES:
+        dtype = torch.bfloat16  # FLUX's and SD3's T5 overflow in fp16
     components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant, dtype=dtype, vae=cfg.model.vae)
     weights = Path(weights_dir) if weights_dir is not None else run_dir
     if (weights / LORA_WEIGHTS_NAME).is_file():
@@ -88,6 +90,9 @@ def export_lora(run_dir: Path, fmt: str, output: Path | None = None, dtype: str 
     suffix = f"_{dtype}" if dtype else ""
     state = load_file(str(source))
     index = read_model_config(cfg.model.name, cfg.model.revision, "model_index.json")
+    if index.get("_class_name") in FLOW_PIPELINES and fmt != "diffusers":
+        raise ConfigError(f"run {run_dir} trained a {index['_class_name']}: its LoRA is written in the diffusers layout "
+                          f"({LORA_WEIGHTS_NAME}, which ComfyUI and Forge read); --format {fmt} is for U-Net models")
     sdxl = "text_encoder_2" in index
 
     if fmt == "peft":

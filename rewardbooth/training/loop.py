@@ -44,7 +44,7 @@ TRACKER_LOGS = "logs"
 class TrainResult:
     run_dir: Path
     final_step: int  # the last step trained (earlier than train.steps after early stopping)
-    weights: Path  # LoRA safetensors file, or the folder holding the fine-tuned U-Net
+    weights: Path  # LoRA safetensors file, or the folder holding the fine-tuned denoiser (unet/ or transformer/)
     selected_step: int  # the step whose weights are the result (the best validated one under selection)
     already_finished: bool = False  # resumed a finished run: nothing was trained
 

@@ -32,6 +32,9 @@ def check_family_settings(cfg: RunConfig, pipeline_class: str) -> None:
     if flow_model and cfg.train.snr_gamma is not None:
         raise ConfigError("train.snr_gamma (min-SNR weighting) is for U-Net models; a flow-matching model weights its "
                           "velocity errors with flow.loss_weighting (none, sigma_sqrt, cosmap)")
+    if flow_model and cfg.data.resolution is not None and cfg.data.resolution % 16:
+        raise ConfigError(f"data.resolution must be a multiple of 16 for {pipeline_class} (its transformer takes 2x2 latent "
+                          f"patches), got {cfg.data.resolution}")
     changed = [f"flow.{f.name}" for f in dataclasses.fields(FlowConfig) if getattr(cfg.flow, f.name) != f.default]
     if not flow_model and changed:
         raise ConfigError(f"{', '.join(changed)} only apply to flow-matching models (FLUX.1); {cfg.model.name} is a {pipeline_class or 'U-Net model'}")

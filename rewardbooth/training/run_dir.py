@@ -55,7 +55,7 @@ class RunResult:
     last_step: int  # the last step trained (earlier than `steps` after early stopping)
     steps: int  # train.steps the run was asked for
     selected_step: int  # the step whose weights are the result (the best validated one under selection)
-    weights: str  # relative to the run folder: the LoRA file, or the folder holding the fine-tuned U-Net
+    weights: str  # relative to the run folder: the LoRA file, or the folder holding the fine-tuned denoiser
     base_model: str
     resolution: int
     num_processes: int = 1
