@@ -55,16 +55,24 @@ def denoising_calls(monkeypatch):
 
 @pytest.fixture
 def noised_batches(monkeypatch):
-    """Every NoisedBatch diffusion.add_noise returns, in order."""
+    """Every NoisedBatch a model family's noising returns (DDPM or flow matching), in order."""
+    from rewardbooth.models.family import FlowFamily
+
     batches = []
-    real = diffusion.add_noise
+    real, real_flow = diffusion.add_noise, FlowFamily.add_noise
 
     def spy(scheduler, x0, generator=None, **kw):
         batch = real(scheduler, x0, generator, **kw)
         batches.append(batch)
         return batch
 
+    def flow_spy(family, x0, generator=None, **kw):
+        batch = real_flow(family, x0, generator, **kw)
+        batches.append(batch)
+        return batch
+
     monkeypatch.setattr(diffusion, "add_noise", spy)
+    monkeypatch.setattr(FlowFamily, "add_noise", flow_spy)
     return batches
 
 
@@ -193,8 +201,15 @@ class FirstLoss:
             batch = self.batches[-1]
             assert len(self.batches) > start and batch.x0.shape[0] == 2 * b
             c = ctx.components
-            text = diffusion.encode_prompts(c.tokenizer, c.text_encoder, [cfg.instance_prompt] * b + [cfg.class_prompt] * b)
-            errors = eps_errors(ctx.unet, ctx.noise_scheduler, batch, text.detach())
+            prompts = [cfg.instance_prompt] * b + [cfg.class_prompt] * b
+            if ctx.family.flow_matching:  # the velocity error, its target written out here
+                text = ctx.family.encode_prompts(c.text_encoders, prompts, ctx.resolution).detach()
+                with torch.no_grad():
+                    prediction = ctx.family.predict(ctx.unet, batch.noisy, batch.timesteps, text)
+                errors = (prediction.float() - (batch.noise - batch.x0).float()).pow(2).flatten(1).mean(1)
+            else:
+                text = diffusion.encode_prompts(c.tokenizer, c.text_encoder, prompts)
+                errors = eps_errors(ctx.unet, ctx.noise_scheduler, batch, text.detach())
             self.first = (loss.detach().item(), errors[:b].mean().item(), errors[b:].mean().item())
         return loss, logs
 
@@ -208,10 +223,11 @@ class FirstLossDPG(FirstLoss, DPG):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
 @pytest.mark.parametrize("method_name", ["dreambooth", "dpg"])
-def test_prior_weight_scales_the_prior_loss(tmp_path, tiny_overrides, noised_batches, method_name):
-    overrides = dict(tiny_overrides, **{"train.method": method_name, "adapter.kind": "lora", "data.resolution": 32,
-                                        "train.steps": 1, "train.batch_size": 2, "prior.enabled": True})
+def test_prior_weight_scales_the_prior_loss(tmp_path, tiny_overrides, noised_batches, method_name, model):
+    overrides = dict(tiny_overrides, **{"train.method": method_name, "adapter.kind": "lora", "train.steps": 1, "train.batch_size": 2,
+                                        "prior.enabled": True, "model.name": model, "data.resolution": 64 if model == "tiny-flux" else 32})
     if method_name == "dpg":
         overrides.update({"adapter.train_text_encoder": False, "data.center_crop": True, "dpg.instance_weight": 0.5})
     cls = FirstLossDreamBooth if method_name == "dreambooth" else FirstLossDPG
