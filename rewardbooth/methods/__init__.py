@@ -68,9 +68,8 @@ def methods_help() -> str:
 
 
 def _method_defaults(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
-    if cfg.train.method is None:
-        cfg.train.method = baseline_method().name
-    defaults = dict(get_method(cfg.train.method).defaults)
+    name = cfg.train.method or baseline_method().name  # unset: the baseline, written into the config like any default
+    defaults = {"train.method": name, **get_method(name).defaults}
     if "model.name" in explicit:  # a paper's resolution belongs to the paper's model: yours keeps its native size
         defaults.pop("data.resolution", None)
     return defaults

@@ -319,6 +319,6 @@ def initial_latents(pipe, generators: list[torch.Generator], resolution: int | N
         side = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
     channels = pipe.vae.config.latent_channels
     latents = torch.stack([torch.randn((channels, side, side), generator=g) for g in generators])
-    if hasattr(pipe, "transformer") and getattr(denoiser.config, "guidance_embeds", None) is not None:
+    if type(pipe).__name__.startswith("Flux"):
         latents = flow.pack_latents(latents)  # FluxPipeline takes 2x2-packed tokens
     return latents.to(device=denoiser.device, dtype=denoiser.dtype), side
