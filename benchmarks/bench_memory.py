@@ -1,13 +1,15 @@
 """Training memory: the estimate `rewardbooth train` prints, as a table and against measurement.
 
-    python benchmarks/bench_memory.py table                  # SD 1.5 and SDXL at native size: which set-ups fit 12 / 24 GB
+    python benchmarks/bench_memory.py table                  # SD 1.5 / SDXL at native size against 12 / 24 GB, then
+                                                             # the flow models (FLUX.1, SD3.5, FLUX.2) at 1024 px against 16 / 24 / 48 GB
+    python benchmarks/bench_memory.py table --flow           # the flow models only
     python benchmarks/bench_memory.py measure --model tiny   # estimate vs measured peak of a short real run
 
-`table` builds SD 1.5- and SDXL-shaped models (the real layer sizes, random weights) on fake
-tensors, so it needs no download, no GPU and almost no memory, and runs the estimate the trainer
-runs: frozen parts placed as the trainer places them, adapters attached by the trainer's own
-code, each method's forward passes traced. Figures are allocated tensor memory; the CUDA context
-and the allocator's cache add roughly 0.5-1.5 GB to what nvidia-smi shows.
+`table` builds the models (the real layer sizes, random weights) on the meta device and traces
+them on fake tensors, so it needs no download, no GPU and almost no memory, and runs the estimate
+the trainer runs: frozen parts placed (and quantized) as the trainer does it, adapters attached by
+the trainer's own code, each method's forward passes traced. Figures are allocated tensor memory;
+the CUDA context and the allocator's cache add roughly 0.5-1.5 GB to what nvidia-smi shows.
 
 `measure` trains a few steps in a fresh process and compares the printed estimate with
 torch.cuda.max_memory_allocated (GPU) or the growth of peak RSS over the process before the
@@ -23,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,11 +48,62 @@ METHODS = {  # row label -> (method, overrides)
 }
 MODELS = {"SD 1.5 (512 px)": "sd15-random", "SDXL (1024 px)": "sdxl-random"}
 
+# Flow-matching models: every real-size entry of FLOW_PRESETS, at 1024 px, against these cards (GB).
+FLOW_SETUPS = {
+    "LoRA bf16": {"train.mixed_precision": "bf16"},
+    "LoRA bf16 + ckpt": {"train.mixed_precision": "bf16", "train.gradient_checkpointing": True},
+    "int8 base + LoRA + ckpt": {"train.mixed_precision": "bf16", "train.gradient_checkpointing": True, "model.quantize": "int8"},
+    "full bf16 + ckpt": {"adapter.kind": "full", "train.mixed_precision": "bf16", "train.gradient_checkpointing": True},
+}
+FLOW_METHODS = ("dreambooth", "dpg", "rpo")
+FLOW_RESOLUTION = 1024
+FLOW_CARDS = (16, 24, 48)
+FLOW_LABELS = {"flux-random": "FLUX.1-dev", "sd35-random": "SD3.5 Large", "sd35-medium-random": "SD3.5 Medium",
+               "flux2-klein-random": "FLUX.2 [klein] 4B", "flux2-klein-9b-random": "FLUX.2 [klein] 9B"}
+# SD3.5 Medium: SD3.5 Large's encoders and VAE with a 2.5B MMDiT-X (dual attention in blocks 0-12), until
+# tiny_flow.py has a preset of its own.
+FLOW_VARIANTS = {"sd35-medium-random": ("sd35-random", dict(
+    num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13))))}
+
 
 def common_settings(method: str) -> dict:
     """Every row's base: LoRA, frozen text encoders, prior preservation for DreamBooth and DPG
     (the methods' paper defaults, full fine-tuning and DPG's text encoder, would hide the set-up)."""
     return {"adapter.kind": "lora", "adapter.train_text_encoder": False, "prior.enabled": method != "rpo"}
+
+
+def flow_models() -> list[str]:
+    """The real-size flow presets (and local variants) whose pipeline the trainer knows."""
+    from rewardbooth.models.loading import FLOW_FAMILIES
+    from rewardbooth.models.tiny_flow import FAMILIES, FLOW_PRESETS
+
+    names = [name for name, preset in FLOW_PRESETS.items() if not preset.tiny]
+    names += [name for name in FLOW_VARIANTS if name not in FLOW_PRESETS]
+    pipelines = {name: FAMILIES[FLOW_PRESETS[FLOW_VARIANTS.get(name, (name,))[0]].family]["pipeline"] for name in names}
+    return [name for name in names if pipelines[name] in FLOW_FAMILIES]
+
+
+def flow_components(name: str, device, dtype: torch.dtype | None = None):
+    """A flow preset (or FLOW_VARIANTS entry) built with random weights on `device` (meta: shapes, no
+    storage), in `dtype`, as load_components returns a model. torch.device, not init_empty_weights,
+    which would untie T5's two embedding tables."""
+    from rewardbooth.models.loading import Components
+    from rewardbooth.models.tiny_flow import build_flow_component, build_flow_pipeline, flow_configs
+
+    base, transformer = FLOW_VARIANTS.get(name, (name, None))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or default)  # a 12B transformer is built in bf16, never in float32 first
+    try:
+        with torch.device(device):
+            pipe = build_flow_pipeline(base)
+            if transformer:
+                pipe.transformer = build_flow_component({**flow_configs(base)["transformer"], **transformer})
+    finally:
+        torch.set_default_dtype(default)
+    return Components(name, "", pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                      getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None), pipeline_class=type(pipe).__name__,
+                      text_encoder_3=getattr(pipe, "text_encoder_3", None), tokenizer_3=getattr(pipe, "tokenizer_3", None))
 
 
 def components_on_meta(preset_name: str):
@@ -58,34 +112,41 @@ def components_on_meta(preset_name: str):
 
     from rewardbooth.models.loading import Components
     from rewardbooth.models.tiny import TINY_PRESETS, build_tiny_pipeline
+    from rewardbooth.models.tiny_flow import FLOW_PRESETS
 
+    if preset_name in FLOW_PRESETS or preset_name in FLOW_VARIANTS:
+        return flow_components(preset_name, "meta")
     with init_empty_weights():  # parameters on meta; buffers and schedulers as usual
         pipe = build_tiny_pipeline(TINY_PRESETS[preset_name])
     return Components.from_pipeline(preset_name, pipe)
 
 
-def table_estimate(preset_name: str, method_name: str, overrides: dict):
-    """The trainer's estimate for a set-up, on meta SD-shaped weights placed and adapted by the
-    trainer's own code."""
+def table_estimate(preset_name: str, method_name: str, overrides: dict, resolution: int | None = None):
+    """The trainer's estimate for a set-up, on meta weights placed, quantized and adapted by the
+    trainer's own code (at `resolution`, else the model's native size)."""
     from rewardbooth.methods import get_method, load_config
     from rewardbooth.methods.context import TrainContext
     from rewardbooth.methods.dpg import decode_latents
+    from rewardbooth.models.quantize import quantize_frozen
     from rewardbooth.training import memory
     from rewardbooth.training.setup import attach_trainable, place_frozen
 
     components = components_on_meta(preset_name)
+    resolution = resolution or components.native_resolution
     cfg = load_config(overrides={"train.method": method_name, "data.class_noun": "dog", **common_settings(method_name),
-                                 "data.resolution": components.native_resolution, **overrides})
+                                 "data.resolution": resolution, **overrides})
     weight_dtype = place_frozen(components, "meta", cfg.train.mixed_precision)
-    groups = attach_trainable(components, cfg)
+    if cfg.model.quantize:  # as the trainer does it: after placing, before the adapters
+        quantize_frozen(components.unet, cfg.model.quantize)
     method = get_method(method_name)()
     # What prepare() would have set, without images: prior preservation on, the trained
-    # U-Net's frozen copy for RPO's reference under full fine-tuning, DPG's actor settings.
+    # U-Net's frozen copy for RPO's reference under full fine-tuning (made, as there, before the
+    # trained weights turn float32), DPG's actor settings.
     method.prior = cfg.prior.enabled
     method.frozen_copy = copy.deepcopy(components.unet).requires_grad_(False) if cfg.adapter.kind == "full" and method_name == "rpo" else None
+    groups = attach_trainable(components, cfg)
     # The forward passes are traced on CPU stand-ins of the meta weights.
-    ctx = TrainContext(cfg, Path("."), SimpleNamespace(device=torch.device("cpu")), components,
-                       components.native_resolution, weight_dtype)
+    ctx = TrainContext(cfg, Path("."), SimpleNamespace(device=torch.device("cpu")), components, resolution, weight_dtype)
     ctx.unet = components.unet
     if method_name == "dpg":  # the released critic judges latents; the direct actor decodes (no encoder on fake tensors)
         method.actor = SimpleNamespace(decodes=cfg.dpg.actor == "direct",
@@ -96,21 +157,64 @@ def table_estimate(preset_name: str, method_name: str, overrides: dict):
                            mixed_precision=cfg.train.mixed_precision, device="cpu")
 
 
+def fits(total_gib: float, cards: tuple[int, ...]) -> str:
+    """The smallest card (GB) holding the estimate plus 1 GiB of CUDA context and allocator slack."""
+    card = next((c for c in cards if total_gib + 1 <= c), None)
+    return f"fits {card}" if card else f"over {cards[-1]}"
+
+
+def text_encoder_gib(name: str) -> float:
+    """The frozen text encoders' bf16 weights: resident in every cell, though only needed to encode prompts."""
+    from rewardbooth.training import memory
+    from rewardbooth.training.setup import place_frozen
+
+    components = components_on_meta(name)
+    place_frozen(components, "meta", "bf16")
+    return memory.weight_bytes(components.text_encoders) / GIB
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' per-model notes (dtype casts, peft on torchao weights) out of the table."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def table_row(labels: list[str], totals: list[float], cards: tuple[int, ...], extra: list[str] = ()) -> str:
+    return "| " + " | ".join([*labels, *(f"{total:.1f} ({fits(total, cards)})" for total in totals), *extra]) + " |"
+
+
 def cmd_table(args) -> None:
-    print("Estimated peak training memory, GiB (batch 1, native size, DreamBooth and DPG with prior preservation,")
-    print("rank-4 LoRA on attention, text encoders frozen;")
-    print("'fits' counts the estimate plus 1 GiB of CUDA context and allocator slack).")
-    header = "| model | method | " + " | ".join(SETUPS) + " |"
-    print(header)
-    print("|" + " --- |" * (2 + len(SETUPS)))
-    for model_label, preset in MODELS.items():
-        for method_label, (method, method_overrides) in METHODS.items():
-            cells = []
-            for setup in SETUPS.values():
-                total = table_estimate(preset, method, {**method_overrides, **setup}).total / GIB
-                fits = "12" if total + 1 <= 12 else "24" if total + 1 <= 24 else "-"
-                cells.append(f"{total:.1f} ({'fits ' + fits if fits != '-' else 'over 24'})")
-            print(f"| {model_label} | {method_label} | " + " | ".join(cells) + " |", flush=True)
+    quiet_libraries()
+    started = time.perf_counter()
+    if not args.flow:
+        print("Estimated peak training memory, GiB (batch 1, native size, DreamBooth and DPG with prior preservation,")
+        print("rank-4 LoRA on attention, text encoders frozen;")
+        print("'fits' counts the estimate plus 1 GiB of CUDA context and allocator slack).")
+        print("| model | method | " + " | ".join(SETUPS) + " |")
+        print("|" + " --- |" * (2 + len(SETUPS)))
+        for label, preset in MODELS.items():
+            for method_label, (method, overrides) in METHODS.items():
+                totals = [table_estimate(preset, method, {**overrides, **setup}).total / GIB for setup in SETUPS.values()]
+                print(table_row([label, method_label], totals, (12, 24)), flush=True)
+        print(f"({time.perf_counter() - started:.0f} s)")
+    started = time.perf_counter()
+    print(f"\nFlow-matching models at {FLOW_RESOLUTION} px, GiB (batch 1, DreamBooth and DPG with prior preservation, rank-4 LoRA")
+    print("on attention, text encoders frozen and counted resident (last column: their share of every cell; they only")
+    print(f"encode prompts); 'fits N' = the smallest of {' / '.join(map(str, FLOW_CARDS))} GB holding the estimate + 1 GiB).")
+    print("| model | method | " + " | ".join(FLOW_SETUPS) + " | text encoders (in each cell) |")
+    print("|" + " --- |" * (3 + len(FLOW_SETUPS)))
+    for name in flow_models():
+        encoders = f"{text_encoder_gib(name):.1f}"
+        for method in FLOW_METHODS:
+            totals = [table_estimate(name, method, setup, FLOW_RESOLUTION).total / GIB for setup in FLOW_SETUPS.values()]
+            print(table_row([FLOW_LABELS.get(name, name), method], totals, FLOW_CARDS, [encoders]), flush=True)
+    print(f"({time.strftime('%Y-%m-%d')}, {time.perf_counter() - started:.0f} s)")
 
 
 MEASURE_CHILD = r"""
@@ -171,7 +275,8 @@ def cmd_measure(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("table", help="SD 1.5 / SDXL set-ups against 12 and 24 GB")
+    table = sub.add_parser("table", help="SD 1.5 / SDXL set-ups against 12 and 24 GB, flow models against 16 / 24 / 48 GB")
+    table.add_argument("--flow", action="store_true", help="the flow-matching models only")
     measure = sub.add_parser("measure", help="estimate vs measured peak of short real runs")
     measure.add_argument("--model", default="tiny")
     measure.add_argument("--resolution", type=int, default=64)

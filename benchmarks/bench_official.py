@@ -2,6 +2,7 @@
 
     python benchmarks/bench_official.py --official-dpg DPG_DIR --diffusers-examples DIFFUSERS_DIR --pairs dreambooth-lora,dpg --steps 10 --repeats 2 --plot phases.png
     python benchmarks/bench_official.py --official-rpo RPO_DIR --rpo-python RPO_ENV/bin/python --pairs rpo --resolution 32 --steps 80 --rpo-validation-every 40 --repeats 2
+    python benchmarks/bench_official.py --diffusers-examples DIFFUSERS_DIR --pairs dreambooth-lora-flux --steps 20 --repeats 3
 
 DPG_DIR, RPO_DIR and DIFFUSERS_DIR are checkouts the user fetched (commits in
 docs/research-code-notes.md); nothing of them is vendored. RPO's train.py loads its ALIGN judge by
@@ -11,10 +12,17 @@ SD-shaped model (the `tiny` preset's from_pretrained folder, passed to both as a
 same images, with the same steps, class images and resolution. Runs alternate (official, ours,
 then ours, official, ...) because these machines are shared; medians and ranges are printed.
 
+`dreambooth-lora-flux` runs diffusers' train_dreambooth_lora_flux.py and ours on the `tiny-flux`
+preset's folder at --flux-resolution (64, its native size): LoRA rank 4, lr 1e-4, batch 1, guidance
+1.0 fed to the transformer, no prior preservation, no validation. Ours runs twice: our LoRA layers
+(attention q/k/v/out) and the script's (those plus the context projections and feed-forwards).
+
 Each run's wall time is split by what its own output shows: set-up (loading, class images,
 negatives) until the first training-step update, training until the last one, and after (final
-validation, saving, our report) until the process exits. Peak RSS is the child's own (wait4).
-"NaN" is any nan/inf the run printed, or an anomaly error.
+validation, saving, our report) until the process exits; ms / step is training over the steps
+between those updates. Peak RSS is the child's own (wait4). OMP_NUM_THREADS, when set for the
+bench, holds for every run (unset, ours times 1 and all cores on small models and keeps the faster;
+the scripts use torch's default, all cores). "NaN" is any nan/inf the run printed, or an anomaly error.
 
 The research scripts import torchvision only for a few transforms; `official_shims/run_official.py`
 runs them with a small stand-in so the multi-GB torchvision install is not needed.
@@ -57,6 +65,14 @@ class Run:
     returncode: int = 0
     last_line: str = ""
     steps_seen: int = 0
+    first_seen: int = 0  # the step of the first update timed (tqdm skips some)
+
+    @property
+    def step_time(self) -> float | None:
+        """Seconds per step between the first and the last update."""
+        if self.training is None or self.steps_seen <= self.first_seen:
+            return None
+        return self.training / (self.steps_seen - self.first_seen)
 
 
 def execute(run: Run, env: dict, log: Path | None = None, cwd: Path | None = None) -> Run:
@@ -95,7 +111,7 @@ def execute(run: Run, env: dict, log: Path | None = None, cwd: Path | None = Non
             if match:
                 done = int(match.group(1))
                 if done >= 1 and first_step is None:
-                    first_step = now
+                    first_step, run.first_seen = now, done
                 if done > run.steps_seen:
                     run.steps_seen, last_step = done, now
             if index < len(lines) and NAN.search(line) and ("loss" in line.lower() or "nan values" in line.lower()):
@@ -115,7 +131,7 @@ def execute(run: Run, env: dict, log: Path | None = None, cwd: Path | None = Non
     return run
 
 
-PAIR_NAMES = ("dreambooth-lora", "dreambooth-full", "dpg", "rpo")
+PAIR_NAMES = ("dreambooth-lora", "dreambooth-full", "dreambooth-lora-flux", "dpg", "rpo")
 
 
 @dataclass
@@ -125,13 +141,21 @@ class Pair:
     ours: list[Run]  # first our defaults; further runs do the script's amount of work where our default differs
 
 
-def pairs(args, model: Path, subject: Path, work: Path, repeat: int) -> list[Pair]:
+# diffusers' FLUX script trains LoRA on these; our default is the attention's to_q/k/v/out only.
+FLUX_SCRIPT_LORA_LAYERS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                           "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                           "ff_context.net.2")
+
+
+def pairs(args, model: Path, subject: Path, work: Path, repeat: int, flux: tuple[Path, Path] | None = None) -> list[Pair]:
+    """`flux`: the tiny-flux folder and the subject at --flux-resolution."""
     steps, n, res = str(args.steps), str(args.num_class_images), str(args.resolution)
     python = sys.executable
     ours_step = re.compile(r"train \w+:\s+\d+%\|.*?\|\s*(\d+)/\d+")
     their_step = re.compile(r"Steps:\s+\d+%\|.*?\|\s*(\d+)/\d+")
 
-    def ours(pair: str, label: str, method: str, *extra: str, validation_every: int = 0) -> Run:
+    def ours(pair: str, label: str, method: str, *extra: str, validation_every: int = 0, model=model, subject=subject,
+             res=res) -> Run:
         command = [python, "-m", "rewardbooth", "train", "--model", str(model), "--instance-dir", str(subject),
                    "--class-noun", "toy", "--identifier", "sks", "--steps", steps, "--resolution", res,
                    "--num-class-images", n, "--validation-every", str(validation_every), "--checkpoint-every", "0",
@@ -140,7 +164,7 @@ def pairs(args, model: Path, subject: Path, work: Path, repeat: int) -> list[Pai
                    "--output", str(work / f"{pair}-{re.sub(r'[^a-z0-9]+', '-', label)}-{repeat}"), *extra]
         return Run(label, command, ours_step)
 
-    def official(script: Path, *script_args: str, interpreter: str = python, shim: tuple[str, ...] = ()) -> Run:
+    def official(script: Path, *script_args: str, interpreter: str = python, shim: tuple[str, ...] = (), model=model) -> Run:
         return Run("official", [interpreter, str(RUN_OFFICIAL), *shim, str(script), "--pretrained_model_name_or_path", str(model),
                                 *script_args], their_step)
 
@@ -160,6 +184,25 @@ def pairs(args, model: Path, subject: Path, work: Path, repeat: int) -> list[Pai
             theirs.label = "diffusers"
             out.append(Pair(f"dreambooth {kind} vs diffusers example", theirs,
                             [ours(f"dreambooth-{kind}", "rewardbooth", "dreambooth", *our_extra, "--lr", lr)]))
+    if args.diffusers_examples and flux and "dreambooth-lora-flux" in wanted:
+        flux_model, flux_subject, flux_res = *flux, str(args.flux_resolution)
+        # No prior preservation, no validation; both feed the transformer guidance 1.0 and draw sigma logit-normal
+        # (our default; the script's is uniform); weight decay ours. Its final reload of the pipeline is its "after".
+        theirs = official(dreambooth / "train_dreambooth_lora_flux.py", "--instance_data_dir", str(flux_subject),
+                          "--instance_prompt", "a photo of sks toy", "--output_dir", str(work / f"db-flux-official-{repeat}"),
+                          "--resolution", flux_res, "--train_batch_size", "1", "--learning_rate", "1e-4", "--rank", "4",
+                          "--max_train_steps", steps, "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0",
+                          "--guidance_scale", "1.0", "--weighting_scheme", "logit_normal", "--adam_weight_decay", "1e-2",
+                          "--mixed_precision", "no", "--checkpointing_steps", str(10 * args.steps), model=flux_model)
+        theirs.label = "diffusers"
+
+        def ours_flux(label: str, *extra: str) -> Run:
+            return ours("dreambooth-lora-flux", label, "dreambooth", "--no-prior", "--rank", "4", "--lr", "1e-4",
+                        "--set", "flow.guidance=1.0", *extra, model=flux_model, subject=flux_subject, res=flux_res)
+
+        layers = f"adapter.target_modules=[{','.join(FLUX_SCRIPT_LORA_LAYERS)}]"
+        out.append(Pair("dreambooth lora flux vs diffusers example", theirs,
+                        [ours_flux("rewardbooth"), ours_flux("rewardbooth, the script's LoRA layers", "--set", layers)]))
     if args.official_dpg and "dpg" in wanted:
         theirs = official(Path(args.official_dpg) / "train_dreambooth_dpg.py", "--instance_data_dir", str(subject),
                           "--instance_prompt", "a photo of sks toy", "--with_prior_preservation", "--prior_loss_weight=1.0",
@@ -258,7 +301,7 @@ def table_rows(text: str) -> list[dict]:
     rows = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 9 or cells[0] in ("pair", "---"):
+        if len(cells) not in (9, 11) or cells[0] in ("pair", "---"):
             continue
         median = [float(c.split()[0]) if c not in ("-", "") else 0.0 for c in cells[2:6]]
         rows.append({"pair": cells[0], "side": cells[1], **dict(zip(("total", "setup", "training", "after"), median)),
@@ -309,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--num-class-images", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=128, help="px (128 on tiny: the 64x64 latents DPG's critic is built for)")
+    parser.add_argument("--flux-resolution", type=int, default=64, help="px of the FLUX pair (64: tiny-flux's native size)")
     parser.add_argument("--rpo-validation-every", type=int, default=40, help="both RPO sides validate (and select) every N steps")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--logs", type=Path, help="folder to keep every run's whole output in (default: none kept)")
@@ -333,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rewardbooth.mini.world import make_subject
     from rewardbooth.models.tiny import tiny_model_path
+    from rewardbooth.models.tiny_flow import flow_model_path
 
     with tempfile.TemporaryDirectory(prefix="bench-official-") as tmp:
         work = Path(tmp)
@@ -341,11 +386,15 @@ def main(argv: list[str] | None = None) -> int:
                "TOKENIZERS_PARALLELISM": "false"}
         subject = work / "subject"
         make_subject(seed=3, num_images=4).resized(args.resolution).save(subject)
+        flux = None
+        if "dreambooth-lora-flux" in args.pairs:
+            flux = flow_model_path("tiny-flux"), work / "subject-flux"
+            make_subject(seed=3, num_images=4).resized(args.flux_resolution).save(flux[1])
         results: dict[str, list[Pair]] = {}
         if args.logs:
             args.logs.mkdir(parents=True, exist_ok=True)
         for repeat in range(args.repeats):
-            for pair in pairs(args, model, subject, work, repeat):
+            for pair in pairs(args, model, subject, work, repeat, flux):
                 order = [pair.official, *pair.ours]
                 for run in order if repeat % 2 == 0 else order[::-1]:
                     log = None
@@ -355,23 +404,29 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {pair.name} / {run.label} #{repeat}: {run.total:.1f} s, rc {run.returncode}, steps {run.steps_seen}"
                           + (", NaN" if run.nan else "") + ("" if run.returncode == 0 else f": {run.last_line[:160]}"), flush=True)
                 results.setdefault(pair.name, []).append(pair)
-    heading = (f"{time.strftime('%Y-%m-%d')}, tiny SD-shaped model at {args.resolution} px, {args.steps} steps, "
-               f"{args.num_class_images} class images, {args.repeats} alternating repeats; seconds, median (range)")
-    table = ["| pair | side | total | set-up | training | after | peak RSS MB | finished / NaN | ours / theirs (total) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    flux_note = f" (tiny-flux at {args.flux_resolution} px, no class images)" if "dreambooth-lora-flux" in args.pairs else ""
+    threads = f", OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}" if "OMP_NUM_THREADS" in os.environ else ""
+    heading = (f"{time.strftime('%Y-%m-%d')}, tiny SD-shaped model at {args.resolution} px{flux_note}, {args.steps} steps, "
+               f"{args.num_class_images} class images, {args.repeats} alternating repeats{threads}; seconds, median (range)")
+    table = [("| pair | side | total | set-up | training | after | peak RSS MB | finished / NaN | ours / theirs (total) "
+              "| ms / step | ours / theirs (step) |"), "| --- " * 11 + "|"]
     for name, repeats in results.items():
         theirs = [pair.official for pair in repeats]
         completed = [r.total for r in theirs if r.returncode == 0]
-        sides = [(theirs[0].label, theirs, "")]
+        their_steps = [r.step_time for r in theirs if r.step_time]
+        sides = [(theirs[0].label, theirs, "", "")]
         for index, variant in enumerate(repeats[0].ours):
             runs = [pair.ours[index] for pair in repeats]
             ratio = f"{statistics.median(r.total for r in runs) / statistics.median(completed):.2f}" if completed else "theirs never finished"
-            sides.append((variant.label, runs, ratio))
-        for label, runs, ratio in sides:
+            our_steps = [r.step_time for r in runs if r.step_time]
+            step_ratio = f"{statistics.median(our_steps) / statistics.median(their_steps):.2f}" if our_steps and their_steps else "-"
+            sides.append((variant.label, runs, ratio, step_ratio))
+        for label, runs, ratio, step_ratio in sides:
             finished = sum(r.returncode == 0 for r in runs)
+            per_step = fmt([1000 * r.step_time if r.step_time else None for r in runs])
             table.append(f"| {name} | {label} | {fmt([r.total for r in runs])} | {fmt([r.setup for r in runs])} | "
                          f"{fmt([r.training for r in runs])} | {fmt([r.after for r in runs])} | {fmt([r.peak_mb for r in runs])} | "
-                         f"{finished}/{len(runs)} finished, NaN in {sum(r.nan for r in runs)} | {ratio} |")
+                         f"{finished}/{len(runs)} finished, NaN in {sum(r.nan for r in runs)} | {ratio} | {per_step} | {step_ratio} |")
     print(f"\n{heading}\n" + "\n".join(table))
     if args.plot:
         plot_phases(table_rows("\n".join(table)), args.plot, heading.split(";")[0])

@@ -1,17 +1,22 @@
-"""GPU check: s/step, peak memory and achieved TFLOP/s of every method, and sampling images/s,
-on SD-1.5-shaped and SDXL-shaped random-weight models at native size in bf16.
+"""GPU check: s/step, peak memory beside the estimate, and achieved TFLOP/s of every method, and
+sampling images/s, on random-weight models at real sizes: SD 1.5 and SDXL at native size, FLUX.1-dev
+and SD3.5 Large at 1024 px (on a bf16 and on an int8 base), all in bf16 with LoRA.
 
-    bash benchmarks/gpu_check.sh               # on one GPU: under 8 minutes
-    bash benchmarks/gpu_check.sh --dry-run     # on a CPU: every path once, on tiny and tiny-sdxl
+    bash benchmarks/gpu_check.sh                        # on one GPU (U-Nets under 8 minutes; the flow models not timed yet)
+    bash benchmarks/gpu_check.sh --models flux,flux-int8 --methods dreambooth   # a part of it
+    bash benchmarks/gpu_check.sh --dry-run              # on a CPU: every path once, on tiny, tiny-sdxl, tiny-flux, tiny-sd3
 
 The models are built with random weights directly on the device (the real layer sizes of
-`sd15-random` and `sdxl-random`: nothing to download, nothing written to disk) and handed to the
-real trainer, which trains each method a few steps through the same loop users run. Judges are
-the offline `tiny` encoders (only RPO scores anything, once, before training).
+`sd15-random`, `sdxl-random`, `flux-random` and `sd35-random`: nothing to download, nothing written
+to disk) and handed to the real trainer, which trains each method a few steps through the same loop
+users run (and quantizes the frozen base for `*-int8`). Judges are the offline `tiny` encoders (only
+RPO scores anything, once, before training). The flow models train with gradient checkpointing
+(FLUX.1-dev's bf16 LoRA without it is estimated at 82 GiB at 1024 px) and are not sampled.
 
-TFLOP/s counts the U-Net's own work, measured with torch's FlopCounterMode on one forward at the
+TFLOP/s counts the denoiser's own work, measured with torch's FlopCounterMode on one forward at the
 method's batch: x2 per step for LoRA (forward, backward to the input), x3 for full fine-tuning,
-+1 forward for RPO's frozen reference. The card's peak is its dense bf16 tensor rate.
++1 forward for RPO's frozen reference; checkpointing's recompute is not counted. The card's peak is
+its dense bf16 tensor rate.
 """
 
 from __future__ import annotations
@@ -31,15 +36,19 @@ import torch
 # Dense bf16 tensor-core peaks (TFLOP/s), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0,
                     "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
-FULL = {"sd15": "sd15-random", "sdxl": "sdxl-random"}
-DRY = {"sd15": "tiny", "sdxl": "tiny-sdxl"}
+FULL = {"sd15": "sd15-random", "sdxl": "sdxl-random", "flux": "flux-random", "sd35": "sd35-random"}
+DRY = {"sd15": "tiny", "sdxl": "tiny-sdxl", "flux": "tiny-flux", "sd35": "tiny-sd3"}
+FLOW = {"flux", "sd35"}  # trained at FLOW_PX with gradient checkpointing; "<key>-int8" on an int8 base
+FLOW_PX, DRY_FLOW_PX = 1024, 64
+MODELS = "sd15,sdxl,flux,flux-int8,sd35,sd35-int8"
 METHODS = ("dreambooth", "rpo", "dpg")
+INT8 = "-int8"
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny models, one timed step: checks every path")
-    parser.add_argument("--models", default="sd15,sdxl")
+    parser.add_argument("--models", default=MODELS)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=6, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -68,25 +77,43 @@ def unet_forward_flops(trainer, components, batch: int, resolution: int, vae_fac
     return counter.get_total_flops()
 
 
+def precision_name(device: str) -> str:
+    return "bf16" if device.startswith("cuda") else "fp32"
+
+
 def peak_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: whole-process peak RSS
 
 
+def random_components(preset: str, device: str):
+    """The preset with random weights built on the device; flow models in bf16 from the start on a GPU."""
+    from rewardbooth.models.loading import Components
+    from rewardbooth.models.tiny_flow import FLOW_PRESETS
+
+    if preset not in FLOW_PRESETS:
+        return Components.random_on(preset, device)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's scripts are not a package
+    from bench_memory import flow_components
+
+    return flow_components(preset, device, torch.bfloat16 if device.startswith("cuda") else None)
+
+
 def train_method(model_key: str, preset: str, method: str, args, device: str, subject_dir: Path, work: Path) -> dict:
     from rewardbooth.methods import load_config
-    from rewardbooth.models.loading import Components
     from rewardbooth.training import loop, memory, setup
     from rewardbooth.training.run_dir import prepare_run_dir
 
     take_device_peak = memory.take_device_peak
 
-    components = Components.random_on(preset, device)
-    resolution = components.native_resolution
+    components = random_components(preset, device)
+    flow = model_key.removesuffix(INT8) in FLOW
+    resolution = (DRY_FLOW_PX if args.dry_run else FLOW_PX) if flow else components.native_resolution
     cfg = load_config(overrides={
         "model.name": preset, "train.method": method, "data.instance_dir": str(subject_dir), "data.class_noun": "toy",
         "data.resolution": resolution, "adapter.kind": "lora", "adapter.train_text_encoder": False,
+        "model.quantize": "int8" if model_key.endswith(INT8) else None, "train.gradient_checkpointing": flow,
         "train.mixed_precision": "bf16" if device.startswith("cuda") else "no", "train.steps": args.warmup + args.steps,
         "train.log_every": 1, "train.checkpoint_every": 0, "validation.every": 0, "prior.enabled": method != "rpo",
         "prior.num_class_images": 2, "prior.generation_steps": 4, "rpo.negatives_per_prompt": 1, "rpo.negative_steps": 4,
@@ -120,7 +147,8 @@ def train_method(model_key: str, preset: str, method: str, args, device: str, su
     del trainer, components
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"model": preset, "method": method, "resolution": resolution, "s_per_step": seconds, "peak_gib": peak_gib, "setup_peak_gib": setup_gib,
+    return {"model": preset, "base": cfg.model.quantize or precision_name(device), "method": method, "resolution": resolution,
+            "checkpointing": cfg.train.gradient_checkpointing, "s_per_step": seconds, "peak_gib": peak_gib, "setup_peak_gib": setup_gib,
             "estimate_gib": estimate / 1024**3 if estimate else None, "tflop_per_step": step_flops / 1e12,
             "tflops": step_flops / 1e12 / seconds}
 
@@ -165,23 +193,25 @@ def main(argv: list[str] | None = None) -> int:
         subject_dir = work / "toy"
         make_subject(seed=3, num_images=4).resized(1024 if not args.dry_run else 64).save(subject_dir)
         for model_key in args.models.split(","):
+            preset = presets[model_key.removesuffix(INT8)]
             for method in args.methods.split(","):
-                rows.append(train_method(model_key, presets[model_key], method, args, device, subject_dir, work))
-                print(f"  {rows[-1]['model']} {method}: {rows[-1]['s_per_step']:.3f} s/step", flush=True)
-            samples.append(sampling_rate(presets[model_key], device, args.dry_run))
-    precision = "fp32" if args.dry_run else "bf16"
-    print(f"\n{time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}, {precision}, LoRA rank 4, batch 1 (+ class image / negative), "
-          f"median of {args.steps} steps after {args.warmup}; {time.perf_counter() - started:.0f} s in all")
-    print("| model | px | method | s/step | training peak GiB (estimate) | set-up peak GiB | U-Net TFLOP/step | TFLOP/s | % of card peak |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+                rows.append(train_method(model_key, preset, method, args, device, subject_dir, work))
+                print(f"  {model_key} {method}: {rows[-1]['s_per_step']:.3f} s/step", flush=True)
+            if model_key not in FLOW and not model_key.endswith(INT8):  # flow models: training only (time)
+                samples.append(sampling_rate(preset, device, args.dry_run))
+    print(f"\n{time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}, {precision_name(device)}, LoRA rank 4, batch 1 (+ class image / negative), "
+          f"median of {args.steps} steps after {args.warmup}; flow models with gradient checkpointing; {time.perf_counter() - started:.0f} s in all")
+    print("| model | base | px | method | s/step | training peak GiB (estimate) | set-up peak GiB | denoiser TFLOP/step | TFLOP/s | % of card peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         share = f"{100 * r['tflops'] / peak:.1f}" if peak else "n/a"
         estimate = f" ({r['estimate_gib']:.2f})" if r["estimate_gib"] else ""
         setup = f"{r['setup_peak_gib']:.2f}" if r["setup_peak_gib"] is not None else "n/a (CPU: RSS is whole-process)"
-        print(f"| {r['model']} | {r['resolution']} | {r['method']} | {r['s_per_step']:.3f} | {r['peak_gib']:.2f}{estimate} | {setup} | "
-              f"{r['tflop_per_step']:.4g} | {r['tflops']:.4g} | {share} |")
-    print("\n| model | sampling images/s | images | steps |")
-    print("| --- | --- | --- | --- |")
+        print(f"| {r['model']} | {r['base']} | {r['resolution']} | {r['method']} | {r['s_per_step']:.3f} | {r['peak_gib']:.2f}{estimate} | "
+              f"{setup} | {r['tflop_per_step']:.4g} | {r['tflops']:.4g} | {share} |")
+    if samples:
+        print("\n| model | sampling images/s | images | steps |")
+        print("| --- | --- | --- | --- |")
     for s in samples:
         print(f"| {s['model']} | {s['images_per_s']:.3f} | {s['images']} | {s['steps']} |")
     if args.json:

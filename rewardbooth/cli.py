@@ -109,7 +109,8 @@ def _method_help() -> str:
 def _model_help() -> str:
     from rewardbooth.models.presets import preset_names
 
-    return (f"hub id, local diffusers folder, or a preset: {', '.join(preset_names())}. "
+    return (f"hub id, local diffusers folder, a single file FILE.safetensors[+BASE] (BASE: hub id, folder or preset giving "
+            f"its configs and missing parts), or a preset: {', '.join(preset_names())}. "
             "SDXL: e.g. stabilityai/stable-diffusion-xl-base-1.0")
 
 
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt")
     gen.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's validation steps)")
     gen.add_argument("--guidance", type=float, default=None,
-                     help="classifier-free guidance (default: the run's validation guidance; 4 for mini, 7.5 for SD)")
+                     help="classifier-free guidance (default: the run's validation guidance: 4 for mini, 7.5 for SD, 3.5 for FLUX.1-dev and SD3.5, 4 for FLUX.2 [klein])")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=4)
     gen.add_argument("--output", help="folder for the PNGs (default RUN/generated)")
@@ -229,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mini: worker processes splitting the subjects (default: one per CPU core, 1 on a GPU)")
     bench.add_argument("-k", "--images-per-prompt", type=int, help="images per prompt (dreambench default 4; mini 2)")
     bench.add_argument("--sample-steps", type=int, help="sampler steps (dreambench default 50; mini 10)")
-    bench.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (dreambench; mini uses 4)")
+    bench.add_argument("--guidance", type=float, default=None,
+                       help="classifier-free guidance (dreambench default: the model's, 7.5 for SD, 3.5 for FLUX.1-dev; mini uses 4)")
     bench.add_argument("--model", help="base model for training (hub id, folder, mini, tiny; --suite mini: mini)")
     bench.add_argument("--steps", type=int, help="training steps per subject")
     bench.add_argument("--config", help="YAML run config used for every subject")
@@ -427,7 +429,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     out = Path(args.output or f"bench-{args.method}")
     runner = BenchRunner(bench, out, cfg, _scorer(args, cfg.evaluation), images_per_prompt=args.images_per_prompt,
-                         sample_steps=args.sample_steps, guidance_scale=args.guidance, progress=not args.quiet)
+                         sample_steps=args.sample_steps,
+                         guidance_scale=cfg.validation.guidance_scale if args.guidance is None else args.guidance, progress=not args.quiet)
     mine = shard_subjects(subjects, index, count)
     computed = runner.run(mine)
     skipped = len(mine) - len(computed)

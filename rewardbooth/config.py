@@ -30,6 +30,10 @@ class ModelConfig:
     variant: str | None = None  # e.g. "fp16" weight files on the hub
     vae: str | None = None  # another AutoencoderKL (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
     quantize: str | None = None  # int8 | fp8: the frozen denoiser's weights quantized by torchao (LoRA only; rewardbooth[quant])
+    # The frozen language-model text encoders (T5-XXL: 9.5 GB in bf16; FLUX.2's Qwen3) kept in CPU memory and streamed to
+    # the GPU layer by layer when a prompt is encoded (training caches its prompts' embeddings, so that is rare).
+    # None: on for flow models on a GPU. CLIP encoders and U-Net models are unaffected.
+    offload_text_encoders: bool | None = None
 
 
 @dataclass
@@ -63,7 +67,11 @@ class AdapterConfig:
     rank: int = 4
     alpha: float | None = None  # None: equal to rank (scale 1)
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    # What LoRA adapts in the denoiser: "attention" (the attention projections: SD's to_q/k/v/out, and on flow
+    # transformers both streams' projections, as diffusers' scripts) or "all-linear" (every linear layer of the
+    # transformer / U-Net blocks, as kohya and ai-toolkit). target_modules, when set, names the modules instead.
+    targets: str = "attention"
+    target_modules: list[str] | None = None
     train_text_encoder: bool = False
 
 
@@ -197,6 +205,7 @@ class FlowConfig:
     guidance: float = 1.0
 
 
+LORA_TARGET_PRESETS = ("attention", "all-linear")
 QUANTIZATIONS = ("int8", "fp8")  # model.quantize: torchao weight-only configs; fp8 needs a GPU with fp8 support
 FLOW_WEIGHTINGS = ("uniform", "logit_normal", "mode")
 FLOW_LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
@@ -379,6 +388,7 @@ def validate(cfg: RunConfig) -> None:
     ensure(cfg.learning_rate > 0, f"train.learning_rate must be positive, got {cfg.learning_rate}")
     ensure(t.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
     ensure(t.log_every > 0, "train.log_every must be positive")
+    ensure(a.targets in LORA_TARGET_PRESETS, f"adapter.targets must be one of {', '.join(LORA_TARGET_PRESETS)}, got {a.targets!r}")
     ensure(t.checkpoint_every >= 0, "train.checkpoint_every must be 0 (off) or positive")
     ensure(t.max_grad_norm > 0, "train.max_grad_norm must be positive")
     ensure(t.snr_gamma is None or t.snr_gamma > 0, f"train.snr_gamma must be positive (or unset), got {t.snr_gamma}")

@@ -48,16 +48,10 @@ def generate(pipe, prompts: list[str], images_per_prompt: int, settings: SampleS
             chunk = jobs[start : start + settings.batch_size]
             generators = [torch.Generator(device="cpu").manual_seed(settings.seed + k) for _, k in chunk]
             latents, side = initial_latents(pipe, generators, settings.resolution)
+            negative = {"negative_prompt": [settings.negative_prompt] * len(chunk)} if settings.negative_prompt else {}
             with torch.no_grad():
-                out = pipe(
-                    [prompts[j] for j, _ in chunk],
-                    negative_prompt=[settings.negative_prompt] * len(chunk) if settings.negative_prompt else None,
-                    num_inference_steps=settings.steps,
-                    guidance_scale=settings.guidance_scale,
-                    latents=latents,
-                    height=side * pipe.vae_scale_factor,
-                    width=side * pipe.vae_scale_factor,
-                ).images
+                out = pipe(prompt=[prompts[j] for j, _ in chunk], num_inference_steps=settings.steps,
+                           guidance_scale=settings.guidance_scale, latents=latents, height=side, width=side, **negative).images
             for (j, k), image in zip(chunk, out):
                 results[j][k] = image
             bar.update(len(chunk))

@@ -99,6 +99,7 @@ SAVED_OUTPUT = """  rpo vs official / official #0: 218.4 s, rc 0, steps 4
 | rpo vs official | rewardbooth | 64.4 | 34.0 | 28.1 | 2.2 | 481.8 | 1/1 finished, NaN in 0 | 0.29 |
 | dpg vs official | official | 325.4 | 323.6 | - | 1.9 | 780.0 | 0/2 finished, NaN in 2 |  |
 | dpg vs official | rewardbooth | 185.8 | 165.4 | 18.9 | 1.5 | 704.6 | 2/2 finished, NaN in 0 | theirs never finished |
+| flux vs diffusers | rewardbooth | 10.6 (9.3-14.1) | 7.4 | 0.6 | 2.6 | 456.9 | 3/3 finished, NaN in 0 | 0.61 | 29.3 (23.9-60.5) | 0.19 |
 """
 
 
@@ -106,8 +107,10 @@ def test_a_saved_output_is_read_back_and_drawn_as_phases(tmp_path):
     bench = load()
     rows = bench.table_rows(SAVED_OUTPUT)
     assert [(r["pair"], r["side"]) for r in rows] == [("rpo vs official", "official"), ("rpo vs official", "rewardbooth"),
-                                                      ("dpg vs official", "official"), ("dpg vs official", "rewardbooth")]
+                                                      ("dpg vs official", "official"), ("dpg vs official", "rewardbooth"),
+                                                      ("flux vs diffusers", "rewardbooth")]  # with ms / step columns
     assert rows[0]["total"] == 218.4 and rows[0]["setup"] == 145.2 and rows[1]["ratio"] == "0.29" and rows[2]["training"] == 0.0
+    assert rows[4]["total"] == 10.6 and rows[4]["ratio"] == "0.61"
     (tmp_path / "out.log").write_text(SAVED_OUTPUT)
     assert bench.main(["--replot", str(tmp_path / "out.log"), "--plot", str(tmp_path / "phases.png")]) == 0
     from PIL import Image

@@ -3,6 +3,7 @@ interface as the U-Nets, trained by every method through the same loop."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import metric_series
+from rewardbooth import flow
 from rewardbooth.methods import get_method, load_config
 from rewardbooth.methods.context import TrainContext
 from rewardbooth.models.loading import load_components
@@ -30,12 +32,16 @@ def _family(components, **flow):
     return components.family(FlowConfig(**flow))
 
 
-@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+FLOW_MODELS = ["tiny-flux", "tiny-sd3", "tiny-flux2"]
+
+
+@pytest.mark.parametrize("model", FLOW_MODELS)
 def test_flow_noising_target_and_look_forward_are_flow_matching(model):
     flux = load_components(model)
     family = _family(flux)
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(3, 16, 8, 8, generator=g)
+    side = 64 // family.latent_scale
+    x0 = torch.randn(3, family.latent_channels, side, side, generator=g)
     noised = family.add_noise(x0, torch.Generator().manual_seed(1))
     s = (noised.timesteps / 1000).view(-1, 1, 1, 1)
     torch.testing.assert_close(noised.noisy, (1 - s) * x0 + s * noised.noise)
@@ -46,9 +52,71 @@ def test_flow_noising_target_and_look_forward_are_flow_matching(model):
     # given t and eps (RPO's shared pair), the same x_t is formed again
     again = family.add_noise(x0, timesteps=noised.timesteps, noise=noised.noise)
     torch.testing.assert_close(again.noisy, noised.noisy)
-    # the denoiser sees (B, C, H, W) latents and returns the same shape (2x2 packing inside)
+    # the denoiser sees (B, C, H, W) latents and returns the same shape (FLUX.1's 2x2 packing, FLUX.2's tokens inside)
     text = family.encode_prompts(flux.text_encoders, ["a sks toy"] * 3, 64)
     assert family.predict(flux.unet, noised.noisy, noised.timesteps, text).shape == x0.shape
+
+
+@pytest.mark.parametrize("model", FLOW_MODELS)
+def test_predict_calls_the_transformer_as_the_sampling_pipeline_does(model):
+    """One pipeline step and family.predict on the same x_t, sigma and prompt give the same velocity:
+    latent layout (FLUX.1's 2x2 packing, FLUX.2's patchified tokens), position ids, timestep scale,
+    guidance embedding and text conditioning are the pipeline's."""
+    from rewardbooth.models.family import initial_latents
+    from rewardbooth.models.loading import make_pipeline
+
+    components = load_components(model)
+    family = _family(components, guidance=1.0)
+    pipe = make_pipeline(components)
+    calls = []
+    hook = components.unet.register_forward_hook(lambda m, args, kwargs, out: calls.append(out[0]), with_kwargs=True)
+    latents, side = initial_latents(pipe, [torch.Generator().manual_seed(0)], 64)
+    with torch.no_grad():
+        pipe(prompt=["a sks toy"], num_inference_steps=2, guidance_scale=1.0, latents=latents, height=side, width=side)
+    hook.remove()
+    sigma = pipe.scheduler.sigmas[:1]  # the first step's, as the call left its scheduler
+    x_t = flow.unpack_latents(latents, side // 8, side // 8, 16) if model == "tiny-flux" else latents
+    with torch.no_grad():
+        ours = family.predict(components.unet, x_t, sigma * 1000, family.encode_prompts(components.text_encoders, ["a sks toy"], 64))
+    theirs = calls[0]
+    theirs = flow.unpack_latents(theirs, side // 8, side // 8, 16) if model == "tiny-flux" else theirs
+    theirs = theirs.transpose(1, 2).reshape(ours.shape) if theirs.ndim == 3 else theirs
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model", FLOW_MODELS)
+def test_latents_go_between_the_vae_and_the_model_space_both_ways(model):
+    """Cached VAE moments -> the model's latents (FLUX.1/SD3: shifted and scaled; FLUX.2: patchified and
+    batch-normalised) -> back to what the VAE decodes: the identity, at zero posterior variance."""
+    components = load_components(model)
+    family = _family(components)
+    mean = torch.randn(2, components.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    x0 = family.latents_from_moments(torch.cat([mean, torch.full_like(mean, -60.0)], dim=1), torch.Generator().manual_seed(1))
+    side = 8 * components.vae_scale_factor // family.latent_scale
+    assert x0.shape == (2, family.latent_channels, side, side)
+    torch.testing.assert_close(family.latents_to_vae(x0), mean, atol=1e-4, rtol=1e-4)
+
+
+def test_flux2_model_space_decodes_as_its_pipeline_decodes():
+    """The latents FLUX.2's sampler ends with, mapped by family.latents_to_vae, are what its pipeline hands the VAE."""
+    from rewardbooth.models.family import initial_latents
+    from rewardbooth.models.loading import make_pipeline
+
+    components = load_components("tiny-flux2")
+    family, pipe = _family(components), make_pipeline(components)
+    last = {}
+
+    def keep_latents(pipeline, step, timestep, tensors):
+        last["latents"] = tensors["latents"]
+        return tensors
+
+    latents, side = initial_latents(pipe, [torch.Generator().manual_seed(0)], 64)
+    with torch.no_grad():
+        vae_latents = pipe(prompt="a sks toy", num_inference_steps=2, guidance_scale=1.0, latents=latents, height=side, width=side,
+                           output_type="latent", callback_on_step_end=keep_latents).images
+    tokens = last["latents"]  # (B, tokens, 128) in raster order
+    model_space = tokens.transpose(1, 2).reshape(1, family.latent_channels, side // 16, side // 16)
+    torch.testing.assert_close(family.latents_to_vae(model_space), vae_latents)
 
 
 def test_flux_timesteps_follow_the_resolution_dependent_shift(flux):
@@ -67,10 +135,29 @@ def _flux_overrides(tiny_overrides, model="tiny-flux", **extra):
                                    "validation.steps": 2, "validation.every": 0, **extra})
 
 
+@pytest.mark.parametrize("model", ["tiny", *FLOW_MODELS])
+def test_lora_target_presets_pick_the_blocks_linear_layers(model):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    components = load_components(model)
+    family = components.family()
+    adapted = {}
+    for preset in ("attention", "all-linear"):
+        denoiser = copy.deepcopy(components.unet)
+        inject_adapter_in_model(LoraConfig(r=2, target_modules=family.lora_targets(preset)), denoiser)
+        adapted[preset] = {name.rsplit(".lora_A", 1)[0] for name, _ in denoiser.named_modules() if name.endswith(".lora_A")}
+    linear_in_blocks = {name for name, m in components.unet.named_modules()
+                        if isinstance(m, torch.nn.Linear) and ("blocks." in name or name.startswith("mid_block."))}
+    assert adapted["all-linear"] == linear_in_blocks  # every linear layer of the blocks, nothing outside them
+    assert adapted["attention"] < adapted["all-linear"] and all(".attn" in name for name in adapted["attention"])
+    if model != "tiny":  # flow transformers: both streams' projections (the text stream's add_*_proj too)
+        assert any("add_q_proj" in name for name in adapted["attention"])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
-def test_flow_lora_loads_through_diffusers_and_reproduces_the_trained_model(tmp_path, tiny_overrides, model):
-    cfg = load_config(overrides=_flux_overrides(tiny_overrides, model, **{"train.learning_rate": 5e-2}))
+@pytest.mark.parametrize("model, targets", [*((m, "attention") for m in FLOW_MODELS), ("tiny-flux", "all-linear")])
+def test_flow_lora_loads_through_diffusers_and_reproduces_the_trained_model(tmp_path, tiny_overrides, model, targets):
+    cfg = load_config(overrides=_flux_overrides(tiny_overrides, model, **{"train.learning_rate": 5e-2, "adapter.targets": targets}))
     run = tmp_path / "run"
     prepare_run_dir(run, resume=False, overwrite=False)
     result = train(cfg, run, progress=False)
@@ -85,13 +172,17 @@ def test_flow_lora_loads_through_diffusers_and_reproduces_the_trained_model(tmp_
     before = generate(base, ["a sks toy"], 1, settings)[0][0]
     base.load_lora_weights(str(result.weights))  # diffusers' own loader, as a user would
     after = generate(base, ["a sks toy"], 1, settings)[0][0]
+    in_file = {k.removeprefix("transformer.").split(".lora_")[0] for k in keys}
+    loaded = {name.rsplit(".lora_A", 1)[0] for name, _ in base.transformer.named_modules() if name.endswith(".lora_A")}
+    assert loaded == in_file and len(in_file) >= (20 if targets == "all-linear" else 8)  # every trained module, none skipped
     assert after.tobytes() == trained.tobytes() and after.tobytes() != before.tobytes()
     assert result.weights.name == "pytorch_lora_weights.safetensors"
+    assert (run / "lora_kohya.safetensors").is_file() == (model == "tiny-flux")  # kohya's layout exists for FLUX.1 only
     assert json.loads((run / "result.json").read_text())["base_model"] == model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+@pytest.mark.parametrize("model", FLOW_MODELS)
 @pytest.mark.parametrize("method", ["dreambooth", "dpg", "rpo"])
 def test_every_method_resumes_exactly_on_flow_models(tmp_path, tiny_overrides, straight_and_resumed, method, model):
     extra = {"train.method": method, "adapter.kind": "lora", "adapter.train_text_encoder": False, "data.resolution": 64,
@@ -103,6 +194,20 @@ def test_every_method_resumes_exactly_on_flow_models(tmp_path, tiny_overrides, s
     assert all(torch.isfinite(torch.tensor(v)) for v in metric_series(straight, "loss").values())
     a, b = load_file(straight / "pytorch_lora_weights.safetensors"), load_file(broken / "pytorch_lora_weights.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, method", [("tiny-flux", "dpg"), ("tiny-sd3", "rpo"), ("tiny-flux2", "dreambooth")])
+def test_full_fine_tunes_resume_exactly_on_flow_models(tmp_path, tiny_overrides, straight_and_resumed, model, method):
+    """The whole transformer trained (each family once, each method once): the same losses and weights after a resume."""
+    extra = {"train.method": method, "adapter.kind": "full", "adapter.train_text_encoder": False, "train.learning_rate": 1e-4,
+             "rpo.negatives_per_prompt": 1, "rpo.negative_steps": 2, "dpg.critic_optimizer": "adam", "dpg.critic_lr": 1e-3}
+    cfg = load_config(overrides=_flux_overrides(tiny_overrides, model, **extra))
+    straight, broken, _ = straight_and_resumed(cfg, tmp_path, get_method(method), 3)
+    assert metric_series(broken, "loss") == pytest.approx(metric_series(straight, "loss"), rel=1e-5)
+    a = load_file(straight / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(broken / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 @pytest.mark.slow
@@ -141,6 +246,8 @@ def test_rpo_on_flux_pairs_share_sigma_and_noise(tiny_overrides):
     ("tiny-sd3", ["--resolution", "72"], "data.resolution"),
     ("tiny", ["--set", "flow.guidance=3.5"], "flow.guidance"),
     ("tiny", ["--set", "flow.loss_weighting=cosmap"], "flow.loss_weighting"),
+    ("tiny-sd3", ["--set", "flow.guidance=3.5"], "flow.guidance"),  # SD3 has no embedded guidance
+    ("tiny-flux2", ["--set", "adapter.train_text_encoder=true"], "adapter.train_text_encoder"),  # Qwen3 stays frozen
 ])
 def test_a_setting_of_the_other_family_is_refused_by_name(tmp_path, subject_dir, capsys, model, flags, culprit):
     from rewardbooth.cli import main
@@ -167,6 +274,53 @@ def test_lora_on_an_int8_base_trains_close_to_the_full_precision_base(tmp_path, 
     assert losses["int8"] != losses[None]  # the base really was quantized ...
     for step, loss in losses[None].items():  # ... and trains within a few percent of the bf16/fp32 base
         assert losses["int8"][step] == pytest.approx(loss, rel=0.05)
+
+
+@pytest.mark.slow
+def test_offloaded_t5_trains_the_same_and_leaves_no_weights_resident(tmp_path, tiny_overrides, monkeypatch):
+    """T5 kept in CPU memory and streamed per call (on by default on a GPU; forced here on the CPU): the same
+    losses as a resident T5, and its weights are not among the module's own tensors while training."""
+    from rewardbooth.training import setup
+
+    placed = []
+    real_place = setup.place_frozen
+    monkeypatch.setattr("rewardbooth.training.loop.place_frozen",
+                        lambda components, *a: placed.append(components) or real_place(components, *a))
+    losses = {}
+    for offload in (False, True):
+        cfg = load_config(overrides=_flux_overrides(tiny_overrides, **{"model.offload_text_encoders": offload, "train.steps": 2,
+                                                                       "train.checkpoint_every": 0}))
+        train(cfg, tmp_path / f"run-{offload}", progress=False)
+        losses[offload] = metric_series(tmp_path / f"run-{offload}", "loss")
+    t5_devices = [{p.device.type for p in c.text_encoder_2.parameters()} for c in placed]
+    assert t5_devices == [{"cpu"}, {"meta"}]  # offloaded: the weights live in accelerate's CPU map, not on the module
+    assert {p.device.type for p in placed[1].text_encoder.parameters()} == {"cpu"}  # CLIP stays resident
+    assert losses[True] == losses[False]
+
+
+def test_the_library_refuses_a_setting_of_the_other_family_too(tmp_path, tiny_overrides):
+    from rewardbooth.errors import ConfigError
+
+    cfg = load_config(overrides=_flux_overrides(tiny_overrides, "tiny-sd3", **{"flow.guidance": 3.5}))
+    with pytest.raises(ConfigError, match="flow.guidance"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_flow_models_sample_at_their_familys_guidance_unless_told(tmp_path, tiny_overrides):
+    """FLUX.1-dev and SD3.5 are sampled at guidance 3.5, FLUX.2 [klein] base at 4 (not SD's 7.5), wherever the
+    user leaves it unset; a folder (not only a preset name) gets it."""
+    import shutil
+
+    from rewardbooth.models.presets import find_preset
+
+    expected = {"tiny-flux": 3.5, "tiny-sd3": 3.5, "tiny-flux2": 4.0, "tiny": 7.5}
+    for model, guidance in expected.items():
+        folder = tmp_path / model
+        shutil.copytree(find_preset(model).path(), folder)
+        cfg = load_config(overrides={"model.name": str(folder)})
+        assert (cfg.validation.guidance_scale, cfg.prior.generation_guidance, cfg.rpo.negative_guidance) == (guidance,) * 3, model
+    told = load_config(overrides={"model.name": str(tmp_path / "tiny-flux"), "validation.guidance_scale": 5.0})
+    assert told.validation.guidance_scale == 5.0 and told.prior.generation_guidance == 3.5
 
 
 def test_a_quantized_base_is_for_lora_only(tiny_overrides):

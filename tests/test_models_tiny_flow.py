@@ -8,7 +8,7 @@ import torch
 
 from rewardbooth.models.tiny_flow import FLOW_PRESETS, build_flow_component, build_flow_pipeline, flow_configs, flow_model_path
 
-PIPELINES = {"tiny-flux": "FluxPipeline", "tiny-sd3": "StableDiffusion3Pipeline", "tiny-flux2": "Flux2Pipeline"}
+PIPELINES = {"tiny-flux": "FluxPipeline", "tiny-sd3": "StableDiffusion3Pipeline", "tiny-flux2": "Flux2KleinPipeline"}
 # What each family's real checkpoint has: FLUX.1-dev's guidance embedding and resolution-dependent shift,
 # SD3's fixed shift, the VAEs' latent channels and statistics.
 FAMILY_CONFIG = {
@@ -16,7 +16,9 @@ FAMILY_CONFIG = {
                   "vae.latent_channels": 16, "vae.scaling_factor": 0.3611, "vae.shift_factor": 0.1159},
     "tiny-sd3": {"scheduler.use_dynamic_shifting": False, "scheduler.shift": 3.0, "vae.latent_channels": 16,
                  "vae.scaling_factor": 1.5305, "vae.shift_factor": 0.0609},
-    "tiny-flux2": {"transformer.guidance_embeds": True, "scheduler.use_dynamic_shifting": True, "vae.latent_channels": 32},
+    # FLUX.2 [klein] base: no guidance embedding (real CFG), the 32-channel batch-normalised VAE.
+    "tiny-flux2": {"transformer.guidance_embeds": False, "scheduler.use_dynamic_shifting": True, "vae.latent_channels": 32,
+                   "transformer.in_channels": 128},
 }
 
 
@@ -90,3 +92,14 @@ def test_real_size_presets_are_configs_only():
     with torch.device("meta"):
         transformer = build_flow_component(sd35["transformer"])
     assert 8.0e9 < sum(p.numel() for p in transformer.parameters()) < 8.1e9  # SD3.5 Large: 8.1B
+
+
+@pytest.mark.parametrize("name, transformer_params, encoder_params", [
+    ("flux2-klein-random", (3.8e9, 4.0e9), (3.9e9, 4.1e9)),  # klein base 4B + Qwen3-4B
+    ("flux2-klein-9b-random", (8.9e9, 9.2e9), (7.9e9, 8.3e9)),  # klein base 9B + Qwen3-8B
+])
+def test_flux2_klein_real_sizes(name, transformer_params, encoder_params):
+    configs = flow_configs(name)
+    with torch.device("meta"):
+        sizes = [sum(p.numel() for p in build_flow_component(configs[c]).parameters()) for c in ("transformer", "text_encoder")]
+    assert transformer_params[0] < sizes[0] < transformer_params[1] and encoder_params[0] < sizes[1] < encoder_params[1], sizes

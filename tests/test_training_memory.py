@@ -110,7 +110,7 @@ def state_size(value: torch.Tensor, params) -> int:
 
 def test_a_set_up_too_large_for_the_device_warns_with_what_to_change(tmp_path, tiny_overrides, monkeypatch):
     monkeypatch.setattr(memory, "device_capacity", lambda device: 1024**2)  # a 1 MiB device
-    with pytest.warns(UserWarning, match="exceeds.*gradient_checkpointing"):
+    with pytest.warns(UserWarning, match="exceeds.*gradient_checkpointing.*model.quantize=int8"):
         trainer = _trained(tmp_path, tiny_overrides, {"adapter.kind": "full"})
     assert trainer.memory_estimate.total > 1024**2
     monkeypatch.setattr(memory, "device_capacity", lambda device: 1024**4)
@@ -121,16 +121,21 @@ def test_a_set_up_too_large_for_the_device_warns_with_what_to_change(tmp_path, t
         _trained(tmp_path / "big", tiny_overrides, {"adapter.kind": "full"})
 
 
-@pytest.mark.slow
-def test_the_memory_table_gives_the_trainers_estimate(tmp_path, tiny_overrides):
-    """benchmarks/bench_memory.py builds models on the meta device; on tiny its estimate must be
-    the one the trainer prints for the same set-up on real weights."""
+def load_bench():
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("bench_memory", Path(__file__).parents[1] / "benchmarks" / "bench_memory.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_the_memory_table_gives_the_trainers_estimate(tmp_path, tiny_overrides):
+    """benchmarks/bench_memory.py builds models on the meta device; on tiny its estimate must be
+    the one the trainer prints for the same set-up on real weights."""
+    bench = load_bench()
     setup = {"adapter.kind": "full", "train.mixed_precision": "bf16", "train.gradient_checkpointing": True, "prior.enabled": True}
     from rewardbooth.models.loading import load_components
 
@@ -140,3 +145,48 @@ def test_the_memory_table_gives_the_trainers_estimate(tmp_path, tiny_overrides):
     assert table.weights == real.weights
     assert (table.gradients, table.optimizer) == (real.gradients, real.optimizer)
     assert table.activations == pytest.approx(real.activations, rel=0.02)
+
+
+def test_an_int8_base_is_counted_at_its_int8_size_on_real_and_meta_weights(tmp_path, tiny_overrides, monkeypatch):
+    """torchao's int8 weight reports its dense bf16 size; the estimate counts its int8 data, a float32 scale
+    and an int8 zero point per row. The table (meta weights, quantized there) must agree with the trainer,
+    and a flow model's over-capacity warning must name the int8 base."""
+    pytest.importorskip("torchao")
+    monkeypatch.setattr(memory, "device_capacity", lambda device: 1024**2)
+    setup = {"train.mixed_precision": "bf16", "prior.enabled": False}
+    with pytest.warns(UserWarning, match="model.quantize=int8"):
+        trainer = _trained(tmp_path, tiny_overrides, {**setup, "model.name": "tiny-flux", "data.resolution": 64,
+                                                      "model.quantize": "int8"})
+    real = trainer.memory_estimate
+    bench = load_bench()
+    table = {q: bench.table_estimate("tiny-flux", "dreambooth", {**setup, "model.quantize": q}, 64) for q in (None, "int8")}
+    assert table["int8"] == real
+    from rewardbooth.models.loading import load_components
+
+    linear = [m.weight for m in load_components("tiny-flux").unet.modules() if isinstance(m, torch.nn.Linear)]
+    saved = sum(w.numel() for w in linear) - 5 * sum(w.shape[0] for w in linear)  # 2 -> 1 byte, + 5 bytes per row
+    assert table[None].weights - real.weights == saved > 0
+
+
+def test_rpos_frozen_copy_in_the_table_is_the_base_in_its_frozen_dtype():
+    """RPO copies the U-Net in prepare(), before the trained weights turn float32: a bf16 copy."""
+    bench = load_bench()
+    setup = {"adapter.kind": "full", "train.mixed_precision": "bf16", "prior.enabled": True}
+    rpo, db = (bench.table_estimate("tiny", method, setup).weights for method in ("rpo", "dreambooth"))
+    unet = bench.components_on_meta("tiny").unet
+    assert rpo - db == 2 * sum(p.numel() for p in unet.parameters())
+
+
+def test_the_flow_table_takes_every_real_size_flow_preset_the_trainer_knows(monkeypatch):
+    from rewardbooth.models import tiny_flow
+
+    bench = load_bench()
+    presets = dict(tiny_flow.FLOW_PRESETS, **{"new-random": tiny_flow.FlowPreset("new-random", "sd3", "sd35-large")})
+    monkeypatch.setattr(tiny_flow, "FLOW_PRESETS", presets)
+    names = bench.flow_models()
+    assert {"flux-random", "sd35-random", "new-random", "sd35-medium-random"} <= set(names)
+    assert not {"tiny-flux", "tiny-sd3"} & set(names)
+    monkeypatch.setitem(tiny_flow.FAMILIES, "sd3", {**tiny_flow.FAMILIES["sd3"], "pipeline": "UnknownPipeline"})
+    assert "new-random" not in bench.flow_models()  # a family the trainer cannot train yet is left out
+    assert bench.fits(15.0, (16, 24, 48)) == "fits 16" and bench.fits(15.5, (16, 24, 48)) == "fits 24"
+    assert bench.fits(47.5, (16, 24, 48)) == "over 48"

@@ -173,6 +173,21 @@ def test_paths_typed_in_the_page_cannot_escape_the_runs_folder(app, tmp_path):
     assert status == 400 and "run name" in reply["error"]
 
 
+def test_uploads_are_checked_against_the_size_the_model_trains_at(app, tmp_path):
+    """tiny-flux trains at its preset's 64 px: a 48 px photo is enough (FLUX's native 1024 px would ask for 512), 24 px is not."""
+    from PIL import Image
+
+    base, _ = app()
+    upload = _request(base + "/api/uploads", {})[1]["upload"]
+    answers = {}
+    for side in (48, 24):
+        photo = tmp_path / f"photo-{side}.png"
+        Image.new("RGB", (side, side), (200, 40, 40)).save(photo)
+        answers[side] = _request(f"{base}/api/uploads/{upload}?filename={photo.name}&model=tiny-flux", photo.read_bytes(), raw=True)
+    assert answers[48][0] == 200 and "error" not in answers[48][1], answers[48]
+    assert "error" in json.dumps(answers[24][1]) and "24" in json.dumps(answers[24][1]), answers[24]
+
+
 def test_two_runs_cannot_write_the_same_folder(app, photos):
     base, workspace = app()
     upload, checks = _upload(base, photos[:3])

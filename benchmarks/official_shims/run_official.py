@@ -31,10 +31,12 @@ except ImportError:
     pass
 
 import fake_torchvision  # noqa: E402
+import fake_torchvision.functional  # noqa: E402
 import fake_torchvision.transforms  # noqa: E402
 
 sys.modules["torchvision"] = fake_torchvision
 sys.modules["torchvision.transforms"] = fake_torchvision.transforms
+sys.modules["torchvision.transforms.functional"] = fake_torchvision.functional
 import torch  # noqa: E402
 
 while sys.argv[1].startswith("--"):

@@ -17,6 +17,7 @@ from rewardbooth.methods.dpg import DPG
 from rewardbooth.methods.dreambooth import DreamBooth
 from rewardbooth.methods.rpo import RPO
 from rewardbooth.models.presets import preset_defaults
+from rewardbooth.models.sampling_defaults import family_sampling_defaults
 from rewardbooth.plugins import load_entry_points
 
 ENTRY_POINT_GROUP = "rewardbooth.methods"
@@ -75,6 +76,10 @@ def _method_defaults(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
     return defaults
 
 
+def _family_defaults(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
+    return family_sampling_defaults(cfg.model.name, cfg.model.revision)  # FLUX.1-dev samples at guidance 3.5, not SD's 7.5
+
+
 def _preset_defaults(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
     return preset_defaults(cfg.model.name)  # a preset's own world beats a paper's defaults
 
@@ -86,7 +91,7 @@ def _method_checks(cfg: RunConfig) -> None:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """A run's full configuration: defaults, the method's paper settings and the preset's world on
     the keys the YAML file and the overrides leave unset; validated, with the method's checks."""
-    return build_config(path, overrides, defaults=(_method_defaults, _preset_defaults), checks=(_method_checks,))
+    return build_config(path, overrides, defaults=(_method_defaults, _family_defaults, _preset_defaults), checks=(_method_checks,))
 
 
 __all__ = ["BUILTIN_METHODS", "ENTRY_POINT_GROUP", "Method", "baseline_method", "get_method", "load_config", "method_names",

@@ -44,7 +44,7 @@ class TrainContext:
 
     @property
     def latent_size(self) -> int:
-        return self.resolution // self.components.vae_scale_factor
+        return self.resolution // self.family.latent_scale
 
     @property
     def noise_scheduler(self):
@@ -105,8 +105,7 @@ class TrainContext:
 
     def base_pipeline(self):
         """A sampling pipeline over the frozen base weights (used before adapters exist)."""
-        pipe = make_pipeline(self.components)
-        return pipe.to(self.device)
+        return make_pipeline(self.components)  # already placed (pipe.to would refuse offloaded text encoders)
 
 
 class LatentImageSet:

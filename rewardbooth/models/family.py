@@ -18,6 +18,7 @@ import torch
 from rewardbooth import diffusion, flow
 from rewardbooth.config import FlowConfig
 from rewardbooth.diffusion import NoisedBatch, TextConditioning
+from rewardbooth.models.lora import UNET_ATTENTION_TARGETS, block_linear_targets
 
 # diffusers is imported inside the functions that use it, so importing this module stays cheap.
 
@@ -32,7 +33,13 @@ class ModelFamily:
     # --- latents ------------------------------------------------------------------------------
     @property
     def latent_channels(self) -> int:
+        """Channels of the latents the denoiser takes (the model space this interface works in)."""
         return int(self.components.vae.config.latent_channels)
+
+    @property
+    def latent_scale(self) -> int:
+        """Pixels per latent of the model space: the VAE's downsampling (FLUX.2: twice that, patchified)."""
+        return self.components.vae_scale_factor
 
     def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """x0 from cached VAE posterior moments, in the model's latent space."""
@@ -100,6 +107,11 @@ class ModelFamily:
     def pipeline(self, denoiser=None, text_encoders: list | None = None, scheduler: str = "dpm"):
         raise NotImplementedError
 
+    # --- adapters -----------------------------------------------------------------------------
+    def lora_targets(self, preset: str) -> list[str]:
+        """peft target names of an adapter.targets preset: "attention" or "all-linear" (in the blocks)."""
+        return block_linear_targets(self.components.unet, attention_only=preset == "attention")
+
 
 class UNetFamily(ModelFamily):
     """SD 1.x / 2.x and SDXL: DDPM noising, epsilon or v targets (diffusion.py)."""
@@ -133,6 +145,10 @@ class UNetFamily(ModelFamily):
 
     def error_weights(self, timesteps, snr_gamma) -> torch.Tensor | None:
         return None if snr_gamma is None else diffusion.min_snr_weights(self.scheduler, timesteps, snr_gamma)
+
+    def lora_targets(self, preset) -> list[str]:
+        # SD's attention list as diffusers' scripts name it (the same modules; names kept for existing runs)
+        return list(UNET_ATTENTION_TARGETS) if preset == "attention" else super().lora_targets(preset)
 
     @property
     def text_dim(self) -> int:
@@ -274,9 +290,74 @@ class FluxFamily(FlowFamily):
 
     def encode_prompts(self, encoders, prompts, resolution) -> TextConditioning:
         pipe = self._pipeline_class()(scheduler=self.components.noise_scheduler, **self._parts(None, encoders))
-        hidden, pooled, _ = pipe.encode_prompt(prompts, prompt_2=prompts, device=encoders[0].device,
+        hidden, pooled, _ = pipe.encode_prompt(prompts, prompt_2=prompts, device=self.components.unet.device,
                                                max_sequence_length=self.max_sequence_length)
         return TextConditioning(hidden, pooled)
+
+
+class Flux2Family(FlowFamily):
+    """FLUX.2 [klein]: a velocity-predicting transformer over the 32-channel VAE's latents, patchified
+    2x2 into 128 channels and normalised by the VAE's batch-norm statistics (that is the model space
+    here: x0, noise and velocity all live in it); Qwen3 hidden states as the only text conditioning,
+    no pooled vector; no guidance embedding on the base models (real classifier-free guidance)."""
+
+    name = "flux2"
+    max_sequence_length = 512  # Qwen3 tokens, as Flux2KleinPipeline encodes them
+
+    @property
+    def latent_channels(self) -> int:
+        return 4 * int(self.components.vae.config.latent_channels)
+
+    @property
+    def latent_scale(self) -> int:
+        return 2 * self.components.vae_scale_factor
+
+    def _batch_norm(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.components.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+        return mean.to(like), std.to(like)
+
+    def latents_from_moments(self, moments, generator) -> torch.Tensor:
+        mean, logvar = moments.chunk(2, dim=1)
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device)
+        z = mean + torch.exp(0.5 * logvar) * noise.to(mean)
+        patches = self._pipeline_class()._patchify_latents(z)
+        bn_mean, bn_std = self._batch_norm(patches)
+        return (patches - bn_mean) / bn_std
+
+    def latents_to_vae(self, latents) -> torch.Tensor:
+        bn_mean, bn_std = self._batch_norm(latents)
+        return self._pipeline_class()._unpatchify_latents(latents * bn_std + bn_mean)
+
+    def shift_for(self, latents) -> float:
+        """flow.shift, else the shift FLUX.2's pipeline samples with at this token count and 50 steps
+        (its empirical mu depends on the step count too; 50 is the base models' default)."""
+        if self.settings.shift is not None:
+            return self.settings.shift
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        return math.exp(compute_empirical_mu(latents.shape[-2] * latents.shape[-1], num_steps=50))
+
+    def predict(self, denoiser, noisy, timesteps, text) -> torch.Tensor:
+        b, c, h, w = noisy.shape
+        pipeline = self._pipeline_class()
+        config = self.components.unet.config
+        guidance = torch.full((b,), self.settings.guidance, device=noisy.device, dtype=torch.float32) if config.guidance_embeds else None
+        tokens = noisy.reshape(b, c, h * w).transpose(1, 2)  # raster order, as the pipeline packs them
+        out = denoiser(hidden_states=tokens, timestep=self.sigmas(timesteps).to(noisy.dtype), guidance=guidance,
+                       encoder_hidden_states=text.hidden, txt_ids=pipeline._prepare_text_ids(text.hidden).to(noisy.device),
+                       img_ids=pipeline._prepare_latent_ids(noisy).to(noisy.device), return_dict=False)[0]
+        return out[:, : h * w].transpose(1, 2).reshape(b, c, h, w)
+
+    def encode_prompts(self, encoders, prompts, resolution) -> TextConditioning:
+        pipe = self._pipeline_class()(scheduler=self.components.noise_scheduler, **self._parts(None, encoders))
+        hidden, _ = pipe.encode_prompt(prompts, device=self.components.unet.device, max_sequence_length=self.max_sequence_length)
+        return TextConditioning(hidden)
+
+    def dummy_conditioning(self, batch, dtype, device) -> TextConditioning:
+        width = self.components.unet.config.joint_attention_dim
+        return TextConditioning(torch.zeros(batch, self.max_sequence_length, width, dtype=dtype, device=device))
 
 
 class SD3Family(FlowFamily):
@@ -293,7 +374,7 @@ class SD3Family(FlowFamily):
 
     def encode_prompts(self, encoders, prompts, resolution) -> TextConditioning:
         pipe = self._pipeline_class()(scheduler=self.components.noise_scheduler, **self._parts(None, encoders))
-        hidden, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=encoders[0].device,
+        hidden, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=self.components.unet.device,
                                                   do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
         return TextConditioning(hidden, pooled)
 
@@ -311,14 +392,14 @@ def pipeline_denoiser(pipe):
 
 def initial_latents(pipe, generators: list[torch.Generator], resolution: int | None) -> tuple[torch.Tensor, int]:
     """Starting noise for one sampler call, one CPU generator per image (the same image on any device),
-    in the layout the pipeline takes (FLUX: packed tokens); and the latent side."""
+    in the layout the pipeline takes (FLUX.1: 2x2-packed tokens; FLUX.2: its 2x2-patchified 128-channel
+    latents); and the image side in pixels."""
     denoiser = pipeline_denoiser(pipe)
-    if resolution:
-        side = resolution // pipe.vae_scale_factor
-    else:
-        side = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
-    channels = pipe.vae.config.latent_channels
-    latents = torch.stack([torch.randn((channels, side, side), generator=g) for g in generators])
-    if type(pipe).__name__.startswith("Flux"):
-        latents = flow.pack_latents(latents)  # FluxPipeline takes 2x2-packed tokens
+    side = resolution or (getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size) * pipe.vae_scale_factor
+    patchified = type(pipe).__name__.startswith("Flux2")
+    scale = pipe.vae_scale_factor * (2 if patchified else 1)
+    channels = pipe.vae.config.latent_channels * (4 if patchified else 1)
+    latents = torch.stack([torch.randn((channels, side // scale, side // scale), generator=g) for g in generators])
+    if type(pipe).__name__ == "FluxPipeline":
+        latents = flow.pack_latents(latents)
     return latents.to(device=denoiser.device, dtype=denoiser.dtype), side

@@ -1,20 +1,24 @@
-"""Load a Stable Diffusion model from a hub id, a local diffusers folder or a built-in preset.
+"""Load a Stable Diffusion model from a hub id, a local diffusers folder, a built-in preset or a single file.
 
 Every source goes through the same `from_pretrained` calls; the built-in presets only decide
-which folder those calls read.
+which folder those calls read. A single `.safetensors` file in its original layout goes through
+diffusers' `from_single_file`, with a base model for what the file does not hold.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rewardbooth.errors import ConfigError
-from rewardbooth.models.family import FluxFamily, SD3Family, UNetFamily
+from rewardbooth.models.family import Flux2Family, FluxFamily, SD3Family, UNetFamily
 from rewardbooth.models.presets import find_preset, preset_names
 from rewardbooth.models.tiny import TINY_PRESETS, build_tiny_pipeline
 
@@ -22,11 +26,15 @@ from rewardbooth.models.tiny import TINY_PRESETS, build_tiny_pipeline
 # module (registries, --help, the web app) does not pay their start-up cost.
 
 SD_PIPELINE, SDXL_PIPELINE = "StableDiffusionPipeline", "StableDiffusionXLPipeline"
-FLUX_PIPELINE, SD3_PIPELINE = "FluxPipeline", "StableDiffusion3Pipeline"
-FLOW_FAMILIES = {FLUX_PIPELINE: FluxFamily, SD3_PIPELINE: SD3Family}  # flow-matching transformers, by pipeline class
+FLUX_PIPELINE, SD3_PIPELINE, FLUX2_PIPELINE = "FluxPipeline", "StableDiffusion3Pipeline", "Flux2KleinPipeline"
+# Flow-matching transformers, by pipeline class
+FLOW_FAMILIES = {FLUX_PIPELINE: FluxFamily, SD3_PIPELINE: SD3Family, FLUX2_PIPELINE: Flux2Family}
 FLOW_PIPELINES = tuple(FLOW_FAMILIES)
+# How many of a pipeline's text encoders (a prefix) adapter.train_text_encoder trains: the CLIP ones; T5 and
+# FLUX.2's Qwen3 stay frozen (language models: large, and their cached embeddings serve every step). U-Nets: all (SDXL: 2).
+TRAINABLE_TEXT_ENCODERS = {FLUX_PIPELINE: 1, SD3_PIPELINE: 2, FLUX2_PIPELINE: 0}
 SUPPORTED_PIPELINES = (SD_PIPELINE, SDXL_PIPELINE, *FLOW_PIPELINES)
-FLUX_SAMPLE_SIZE = 128  # FluxPipeline's default latent side: 1024 px with its 8x VAE
+FLUX_SAMPLE_SIZE = 128  # FluxPipeline's and Flux2KleinPipeline's default latent side: 1024 px with their 8x VAE
 
 
 @dataclass
@@ -83,7 +91,7 @@ class Components:
     @property
     def trainable_text_encoders(self) -> list:
         """The encoders adapter.train_text_encoder trains, a prefix of text_encoders: the CLIP ones (T5 stays frozen)."""
-        return self.text_encoders[: {FLUX_PIPELINE: 1, SD3_PIPELINE: 2}.get(self.pipeline_class, 2)]
+        return self.text_encoders[: TRAINABLE_TEXT_ENCODERS.get(self.pipeline_class, 2)]
 
     @property
     def tokenizers(self) -> list:
@@ -107,7 +115,10 @@ class Components:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map a preset name to its folder; pass hub ids and local folders through unchanged."""
+    """Map a preset name to its folder; pass hub ids, local folders and single files through unchanged."""
+    spec = single_file(name)
+    if spec is not None:
+        return str(spec.file)
     preset = find_preset(name)
     if preset is not None:
         if preset.quiet:
@@ -119,7 +130,7 @@ def resolve_model_path(name: str) -> str:
             raise ConfigError(f"model folder {local} has no model_index.json (expected a diffusers pipeline folder)")
         pipeline_class = json.loads((local / "model_index.json").read_text()).get("_class_name", "")
         if pipeline_class not in SUPPORTED_PIPELINES:
-            raise ConfigError(f"model {name} is a {pipeline_class}; supported: {', '.join(SUPPORTED_PIPELINES)} (SD 1.x / 2.x, SDXL, FLUX.1, SD3 / SD3.5)")
+            raise ConfigError(f"model {name} is a {pipeline_class}; supported: {', '.join(SUPPORTED_PIPELINES)} (SD 1.x / 2.x, SDXL, FLUX.1, SD3 / SD3.5, FLUX.2 [klein])")
         return str(local)
     if name.count("/") != 1 or name.startswith(("/", ".", "~")):
         raise ConfigError(f"model {name!r} is neither an existing folder, a hub id (owner/name) nor a preset ({', '.join(preset_names())})")
@@ -146,11 +157,14 @@ def load_components(name: str, revision: str | None = None, variant: str | None 
 
     `vae`: another AutoencoderKL (hub id or folder), e.g. an fp16-safe SDXL VAE.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     quiet_library_progress()
 
+    spec = single_file(name)
+    if spec is not None:
+        return _load_single_file(name, spec, revision, variant, dtype, vae)
     path = resolve_model_path(name)
     index = read_model_config(name, revision, "model_index.json")
     if index.get("_class_name") in FLOW_FAMILIES:
@@ -170,34 +184,180 @@ def load_components(name: str, revision: str | None = None, variant: str | None 
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ConfigError(f"could not load model {name!r}: {_one_line(exc)}") from None
-    try:
-        if vae:
-            vae_model = AutoencoderKL.from_pretrained(vae, **({"torch_dtype": dtype} if dtype is not None else {}))
-        else:
-            vae_model = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise ConfigError(f"could not load VAE {vae or name!r}: {_one_line(exc)}") from None
+    vae_model = _load_vae(vae, dtype) if vae else _load_vae(path, dtype, name, subfolder="vae", **weights)
     return Components(name, path, unet, vae_model, text_encoder, tokenizer, noise_scheduler, **second)
 
 
+def _load_vae(source: str, dtype: torch.dtype | None, label: str | None = None, **kwargs):
+    """An AutoencoderKL: the model's own, or `--vae` (hub id or folder)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(source, **{**({"torch_dtype": dtype} if dtype is not None else {}), **kwargs})
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"could not load VAE {label or source!r}: {_one_line(exc)}") from None
+
+
 def _load_flow(name: str, path: str, pipeline_class: str, revision: str | None, variant: str | None,
-               dtype: torch.dtype | None) -> Components:
-    """FLUX.1, SD3: the pipeline's own from_pretrained (transformer, 16-channel VAE, CLIP + T5, flow-matching scheduler)."""
+               dtype: torch.dtype | None, **parts) -> Components:
+    """FLUX.1, SD3, FLUX.2 [klein]: the pipeline's own from_pretrained (transformer, VAE, text encoders, flow-matching scheduler).
+
+    `parts`: components loaded elsewhere (a single file's transformer), not read from `path`."""
     import diffusers
 
     try:
         pipe = getattr(diffusers, pipeline_class).from_pretrained(path, revision=revision, variant=variant,
-                                                                  **({"torch_dtype": dtype} if dtype else {}))
+                                                                  **({"torch_dtype": dtype} if dtype else {}), **parts)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ConfigError(f"could not load model {name!r}: {_one_line(exc)}") from None
     return Components(name, path, pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                      pipe.text_encoder_2, pipe.tokenizer_2, pipeline_class=pipeline_class,
+                      getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None), pipeline_class=pipeline_class,
                       text_encoder_3=getattr(pipe, "text_encoder_3", None), tokenizer_3=getattr(pipe, "tokenizer_3", None))
+
+
+# `--model FILE.safetensors[+BASE]`: one weights file in its original layout (LDM / SGM for SD and SDXL, BFL's for FLUX.1,
+# Stability's for SD3), as model sites ship them. BASE (diffusers folder, hub id or preset) gives the configs, tokenizers
+# and scheduler, and for the flow models every part but the transformer; it defaults to the official model of the family.
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# diffusers' single-file model types (loaders/single_file_utils.py) that train here, and their pipelines.
+SINGLE_FILE_TYPES = {"v1": SD_PIPELINE, "v2": SD_PIPELINE, "xl_base": SDXL_PIPELINE, "flux-dev": FLUX_PIPELINE,
+                     "flux-schnell": FLUX_PIPELINE, "sd3": SD3_PIPELINE, "sd35_medium": SD3_PIPELINE, "sd35_large": SD3_PIPELINE}
+# diffusers tells real models apart by their layer sizes and calls whatever it does not know "v1"; a file at other
+# sizes (pruned, or the tiny test models) is known by its family's marker key in diffusers' table instead.
+SINGLE_FILE_MARKERS = (("sd3", "sd35_medium"), ("flux", "flux-dev"), ("open_clip_sdxl", "xl_base"), ("open_clip", "v2"),
+                       ("clip", "v1"))
+
+
+@dataclass(frozen=True)
+class SingleFile:
+    file: Path
+    base: str | None  # None: the official model of the file's family
+
+
+def single_file(name: str) -> SingleFile | None:
+    """The single file `name` names (FILE or FILE+BASE), None for presets, folders and hub ids.
+    A missing file or one that is not safetensors is a one-line error naming it."""
+    suffixes = "|".join(re.escape(s) for s in WEIGHT_FILE_SUFFIXES)
+    match = re.fullmatch(rf"(.+?({suffixes}))(?:\+(.+))?", name, flags=re.IGNORECASE)
+    if match is None:
+        return None
+    file, suffix, base = Path(match[1]).expanduser(), match[2].lower(), match[3]
+    if suffix != ".safetensors":  # the others are pickles, which run code when loaded
+        raise ConfigError(f"model file {file}: only .safetensors single files are loaded, not {suffix} (a pickle); convert it first")
+    if not file.is_file():
+        raise ConfigError(f"model file {file} does not exist")
+    if base is not None and single_file(base) is not None:
+        raise ConfigError(f"model file {file}: its base {base} must be a diffusers folder, a hub id or a preset")
+    return SingleFile(file, base)
+
+
+class _LazyTensors(Mapping):
+    """A safetensors file's tensors by name, each read only when asked: the model-type table reads a few shapes."""
+
+    def __init__(self, handle):
+        self.handle, self.names = handle, set(handle.keys())
+
+    def __getitem__(self, key):
+        if key not in self.names:
+            raise KeyError(key)
+        return self.handle.get_tensor(key)
+
+    def __contains__(self, key):
+        return key in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_model_type(file: str, _stamp: tuple) -> str | None:
+    """diffusers' model type of a single file (`_stamp`: its mtime and size, so a changed file is read again)."""
+    from diffusers.loaders.single_file_utils import (
+        CHECKPOINT_KEY_NAMES,
+        infer_diffusers_model_type,
+    )
+    from safetensors import safe_open
+
+    def marked(marker: str) -> bool:
+        keys = CHECKPOINT_KEY_NAMES[marker]
+        return any(key in tensors for key in ([keys] if isinstance(keys, str) else keys))
+
+    try:
+        with safe_open(file, "pt") as handle:
+            tensors = _LazyTensors(handle)
+            try:
+                model_type = infer_diffusers_model_type(tensors)
+            except Exception:  # noqa: BLE001 - its size checks assume real models (unbound names, missing keys)
+                model_type = None
+            if model_type in (None, "v1"):
+                model_type = next((t for marker, t in SINGLE_FILE_MARKERS if marked(marker)), None)
+            return model_type
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type or OSError: not a readable safetensors file
+        raise ConfigError(f"model file {file} is not a readable safetensors file: {_one_line(exc)}") from None
+
+
+def _single_file_base(spec: SingleFile, revision: str | None) -> tuple[str, str]:
+    """(pipeline class, base model) of a single file: the family from its keys, the base checked to be of that family."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS
+
+    stat = spec.file.stat()
+    model_type = _file_model_type(str(spec.file), (stat.st_mtime_ns, stat.st_size))
+    if model_type not in SINGLE_FILE_TYPES:
+        what = f"a {model_type} checkpoint" if model_type else "in no layout diffusers knows"
+        raise ConfigError(f"model file {spec.file} is {what}; single files load for SD 1.x / 2.x, SDXL, FLUX.1 and SD3 / SD3.5")
+    pipeline_class = SINGLE_FILE_TYPES[model_type]
+    base = spec.base or DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
+    try:
+        base_class = read_model_config(base, revision, "model_index.json").get("_class_name")
+    except ConfigError as exc:
+        raise ConfigError(f"model file {spec.file}: its base {base} is not available ({str(exc).rstrip('.')}); name a local "
+                          f"diffusers folder or a reachable hub id as its base: --model {spec.file}+BASE") from None
+    if base_class != pipeline_class:
+        raise ConfigError(f"model file {spec.file} holds a {pipeline_class} model but its base {base} is a {base_class}")
+    return pipeline_class, base
+
+
+def _load_single_file(name: str, spec: SingleFile, revision: str | None, variant: str | None, dtype: torch.dtype | None,
+                      vae: str | None) -> Components:
+    """FLUX.1 / SD3: the transformer from the file (model sites ship it alone), every other part from the base.
+    SD / SDXL: the whole pipeline from the file (U-Net, VAE, text encoders); configs, tokenizers, scheduler from the base."""
+    import diffusers
+    from diffusers import DDPMScheduler
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    pipeline_class, base = _single_file_base(spec, revision)
+    path = resolve_model_path(base)
+    flow = pipeline_class in FLOW_FAMILIES
+    weights = {"torch_dtype": dtype} if dtype is not None else {}
+    other_vae = {"vae": _load_vae(vae, dtype)} if vae and not flow else {}
+    try:
+        if flow:
+            denoiser = getattr(diffusers, read_model_config(base, revision, "model_index.json")["transformer"][1])
+            transformer = denoiser.from_single_file(str(spec.file), config=path, subfolder="transformer",
+                                                    config_revision=revision, **weights)
+        else:
+            pipe = getattr(diffusers, pipeline_class).from_single_file(str(spec.file), config=path, revision=revision,
+                                                                       **weights, **other_vae)
+    # diffusers' converters fail in many ways on a damaged file or one of another size than its base
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, SingleFileComponentError) as exc:
+        raise ConfigError(f"could not load model file {spec.file} on its base {base}: {_one_line(exc)}") from None
+    if flow:
+        return _load_flow(name, path, pipeline_class, revision, variant, dtype, transformer=transformer)
+    return replace(Components.from_pipeline(name, pipe), path=path, pipeline_class=pipeline_class,
+                   noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+                   force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
 
 
 def read_model_config(name: str, revision: str | None, file: str) -> dict:
     """One small JSON file of a model (folder, preset or hub id) without loading any weights,
-    so a bad name or an unreachable hub id fails in a second, before anything is written."""
+    so a bad name or an unreachable hub id fails in a second, before anything is written.
+    A single file's configs are its base model's (checked to be of the file's family)."""
+    spec = single_file(name)
+    if spec is not None:
+        return read_model_config(_single_file_base(spec, revision)[1], revision, file)
     path = resolve_model_path(name)
     local = Path(path) / file
     if local.is_file():
@@ -213,8 +373,8 @@ def read_model_config(name: str, revision: str | None, file: str) -> dict:
 
 
 def native_side(pipeline_class: str, denoiser_config) -> int:
-    """The denoiser's native latent side: its sample_size (U-Nets, SD3), FluxPipeline's default for FLUX."""
-    return FLUX_SAMPLE_SIZE if pipeline_class == FLUX_PIPELINE else int(denoiser_config["sample_size"])
+    """The denoiser's native latent side (VAE latents): its sample_size (U-Nets, SD3), the pipeline's default for FLUX.1 / FLUX.2."""
+    return FLUX_SAMPLE_SIZE if pipeline_class in (FLUX_PIPELINE, FLUX2_PIPELINE) else int(denoiser_config["sample_size"])
 
 
 def denoiser_folder(pipeline_class: str) -> str:

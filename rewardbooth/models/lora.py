@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -11,7 +12,24 @@ import torch
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+UNET_ATTENTION_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' DreamBooth LoRA scripts' list
+_IN_BLOCK = re.compile(r"^(?:.*blocks\.\d+|mid_block)\.(?P<inner>.+)$")  # a repeated block's module path, and its path inside it
+_ATTENTION = re.compile(r"(?:^|\.)attn\d?\.")
 TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")  # pipeline folder (and LoRA key prefix) of each encoder
+
+
+def block_linear_targets(denoiser: torch.nn.Module, attention_only: bool) -> list[str]:
+    """peft target names for the linear layers inside the denoiser's repeated blocks (all of them, or
+    only the attention projections `attn.*`): their paths inside a block when those name exactly the
+    chosen modules (peft matches by suffix), else the full paths."""
+    chosen, inner = set(), set()
+    for name, module in denoiser.named_modules():
+        match = _IN_BLOCK.match(name)
+        if isinstance(module, torch.nn.Linear) and match and (not attention_only or _ATTENTION.search(match["inner"])):
+            chosen.add(name)
+            inner.add(match["inner"])
+    by_suffix = {name for name, _ in denoiser.named_modules() if any(name == s or name.endswith("." + s) for s in inner)}
+    return sorted(inner) if by_suffix == chosen else sorted(chosen)
 
 
 def lora_config(rank: int, alpha: float | None, dropout: float, target_modules: list[str]):
@@ -60,7 +78,11 @@ def save_lora(folder: Path, unet: torch.nn.Module, text_encoders: list[torch.nn.
     from diffusers.utils import convert_state_dict_to_diffusers
 
     denoiser = "unet" if pipeline_class in ("", "StableDiffusionPipeline", "StableDiffusionXLPipeline") else "transformer"
-    layers = {f"{denoiser}_lora_layers": convert_state_dict_to_diffusers(lora_state_dict(unet)),
+    state = lora_state_dict(unet)
+    # U-Nets: diffusers' own layout (lora.down/up). Transformers: peft's lora_A/B as diffusers' FLUX/SD3 scripts save
+    # them; converting would rename only the attention projections, and a mixed file loads half (the loader picks
+    # one layout from the first key).
+    layers = {f"{denoiser}_lora_layers": convert_state_dict_to_diffusers(state) if denoiser == "unet" else state,
               f"{denoiser}_lora_adapter_metadata": _adapter_metadata(unet)}
     for encoder, argument in zip(text_encoders or [], TEXT_ENCODER_FOLDERS):
         layers[f"{argument}_lora_layers"] = convert_state_dict_to_diffusers(lora_state_dict(encoder))

@@ -45,12 +45,12 @@ def register_preset(preset: Preset) -> Preset:
 
 for _name in TINY_PRESETS:
     register_preset(Preset(_name, lambda name=_name: tiny_model_path(name), lambda: dict(TINY_DEFAULTS), quiet=True))
-# FLUX.1's classes at toy sizes (guidance embedding on, as FLUX.1-dev): 64 px, sampled at FLUX-dev's usual guidance.
-TINY_FLUX_DEFAULTS: dict[str, Any] = {**TINY_DEFAULTS, "data.resolution": 64, "validation.guidance_scale": 3.5,
-                                      "prior.generation_guidance": 3.5, "rpo.negative_guidance": 3.5}
-register_preset(Preset("tiny-flux", lambda: flow_model_path("tiny-flux"), lambda: dict(TINY_FLUX_DEFAULTS), quiet=True))
-# SD3.5's classes at toy sizes (two CLIP encoders + T5, MMDiT), 64 px native.
-register_preset(Preset("tiny-sd3", lambda: flow_model_path("tiny-sd3"), lambda: dict(TINY_DEFAULTS), quiet=True))
+# The flow families' classes at toy sizes, 64 px (FLUX's native 1024 px is far too big for a CPU test), sampled at
+# their family's guidance (models/sampling_defaults.py) but with the config's 25 steps (tests stay quick).
+TINY_FLOW_DEFAULTS: dict[str, Any] = {**TINY_DEFAULTS, "data.resolution": 64, "validation.steps": 25, "prior.generation_steps": 25,
+                                      "rpo.negative_steps": 25}
+for _name in ("tiny-flux", "tiny-sd3", "tiny-flux2"):  # FLUX.1-dev-like (guidance embedding), SD3.5-like, FLUX.2 [klein] base-like
+    register_preset(Preset(_name, lambda name=_name: flow_model_path(name), lambda: dict(TINY_FLOW_DEFAULTS), quiet=True))
 
 
 def _load_entry_points() -> None:

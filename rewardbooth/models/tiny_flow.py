@@ -1,9 +1,9 @@
-"""Flow-matching transformer presets (FLUX.1, SD3, FLUX.2) with seeded random weights.
+"""Flow-matching transformer presets (FLUX.1, SD3, FLUX.2 [klein]) with seeded random weights.
 
 Like the U-Net presets in `tiny.py`: the `tiny-*` pipelines are written once to the cache with
 `save_pretrained` and loaded back with `from_pretrained`, so every flow-matching code path runs
-offline on a CPU. `flux-random` and `sd35-random` carry FLUX.1-dev's and SD3.5 Large's real
-component sizes; they are meant to be built on the meta device (`flow_configs` +
+offline on a CPU. `flux-random`, `sd35-random` and `flux2-klein-random` / `flux2-klein-9b-random`
+carry FLUX.1-dev's, SD3.5 Large's and FLUX.2 [klein] base 4B's / 9B's real component sizes; they are meant to be built on the meta device (`flow_configs` +
 `build_flow_component`), never written to disk here.
 """
 
@@ -19,13 +19,13 @@ from rewardbooth.models.tiny import _byte_level_vocab, cache_root, clip_text_con
 # diffusers / transformers / tokenizers are imported inside the functions that use them (start-up cost).
 
 # Bump when an architecture, a tokenizer or the seed changes, so stale caches are rebuilt.
-FLOW_FORMAT_VERSION = 1
+FLOW_FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
 class FlowPreset:
     name: str
-    family: str  # "flux" (FLUX.1), "sd3" (SD3 / SD3.5) or "flux2" (FLUX.2)
+    family: str  # "flux" (FLUX.1), "sd3" (SD3 / SD3.5) or "flux2" (FLUX.2 [klein])
     shape: str  # a key of FLOW_SHAPES
     seed: int = 0
 
@@ -39,30 +39,32 @@ FLOW_PRESETS = {
     "tiny-flux": FlowPreset("tiny-flux", "flux", "tiny-flux"),
     # SD3.5's classes at toy sizes: two CLIP encoders with projections and a T5 encoder.
     "tiny-sd3": FlowPreset("tiny-sd3", "sd3", "tiny-sd3"),
-    # FLUX.2-dev's classes at toy sizes: a Mistral 3 text encoder (read at layers 10, 20, 30, so 30 thin
-    # layers) and a plain chat-template tokenizer in place of its PixtralProcessor (see _mistral_tokenizer).
+    # FLUX.2 [klein] base's classes at toy sizes: a Qwen3 text encoder (read at layers 9, 18, 27, so 27
+    # thin layers), the 32-channel batch-normalised VAE, no guidance embedding (base klein uses real CFG).
     "tiny-flux2": FlowPreset("tiny-flux2", "flux2", "tiny-flux2"),
-    # Real layer sizes, for the meta device only: FLUX.1-dev (12B transformer + T5-XXL) and SD3.5 Large (8B).
+    # Real layer sizes, for the meta device only: FLUX.1-dev (12B transformer + T5-XXL), SD3.5 Large (8B),
+    # FLUX.2 [klein] base 4B (Qwen3-4B) and 9B (Qwen3-8B).
     "flux-random": FlowPreset("flux-random", "flux", "flux1-dev"),
     "sd35-random": FlowPreset("sd35-random", "sd3", "sd35-large"),
+    "flux2-klein-random": FlowPreset("flux2-klein-random", "flux2", "flux2-klein-4b"),
+    "flux2-klein-9b-random": FlowPreset("flux2-klein-9b-random", "flux2", "flux2-klein-9b"),
 }
 
-# Text encoder sizes. CLIP in tiny.py's keys (clip_text_config); T5 and Mistral as their config keyword arguments.
+# Text encoder sizes. CLIP in tiny.py's keys (clip_text_config); T5 as its config keyword arguments.
 _CLIP_TINY = dict(text_hidden=32, text_ffn=64, text_layers=2, text_heads=4)
 _CLIP_L = dict(text_hidden=768, text_ffn=3072, text_layers=12, text_heads=12, vocab_size=49408)
 _CLIP_BIGG = dict(text_hidden=1280, text_ffn=5120, text_layers=32, text_heads=20, vocab_size=49408, text_act="gelu")
+# Qwen3 (FLUX.2 [klein]'s text encoder) as Qwen3Config keyword arguments; the pipeline stacks hidden states 9, 18, 27.
+_QWEN3_TINY = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
+                   head_dim=8, max_position_embeddings=1024)
+_QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                 head_dim=128, max_position_embeddings=40960, vocab_size=151936, tie_word_embeddings=True)
+_QWEN3_8B = dict(_QWEN3_4B, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)
 _T5_TINY = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2)
 _T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, num_decoder_layers=24, vocab_size=32128)
 # VAE sizes in tiny.py's keys (vae_config). Four levels, as the real ones: 8x down-sampling.
 _VAE_TINY = dict(vae_channels=(32, 32, 32, 32), vae_layers=1, vae_size=64)
 _VAE_REAL = dict(vae_channels=(128, 256, 512, 512), vae_layers=2, vae_size=1024)
-# Mistral3ForConditionalGeneration: MistralConfig and PixtralVisionConfig keyword arguments. FLUX.2 stacks the
-# text model's hidden states 10, 20 and 30, so it needs 30 layers; the vision tower is unused for text prompts.
-_MISTRAL3_TINY = dict(
-    text=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1,
-              head_dim=8, max_position_embeddings=1024, sliding_window=None),
-    vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
-                image_size=64, patch_size=16))
 
 # Per shape: transformer keyword arguments, VAE sizes, and one size dict per text encoder (in FAMILIES' order).
 FLOW_SHAPES = {
@@ -87,11 +89,22 @@ FLOW_SHAPES = {
                          num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
                          pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
         vae=_VAE_REAL, encoders=(_CLIP_L, _CLIP_BIGG, _T5_XXL)),
+    # FLUX.2 [klein]: the text embedding is three Qwen3 hidden states side by side (joint_attention_dim = 3 x width).
     "tiny-flux2": dict(
         transformer=dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                         num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=256, mlp_ratio=3.0,
-                         axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True),
-        vae=_VAE_TINY, encoders=(_MISTRAL3_TINY,)),
+                         num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32, mlp_ratio=3.0,
+                         axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False),
+        vae=_VAE_TINY, encoders=(_QWEN3_TINY,)),
+    "flux2-klein-4b": dict(
+        transformer=dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+                         num_attention_heads=24, joint_attention_dim=3 * 2560, timestep_guidance_channels=256, mlp_ratio=3.0,
+                         axes_dims_rope=(32, 32, 32, 32), guidance_embeds=False),
+        vae=_VAE_REAL, encoders=(_QWEN3_4B,)),
+    "flux2-klein-9b": dict(
+        transformer=dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=24, attention_head_dim=128,
+                         num_attention_heads=32, joint_attention_dim=3 * 4096, timestep_guidance_channels=256, mlp_ratio=3.0,
+                         axes_dims_rope=(32, 32, 32, 32), guidance_embeds=False),
+        vae=_VAE_REAL, encoders=(_QWEN3_8B,)),
 }
 
 _FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -112,10 +125,10 @@ FAMILIES = {
                           ("text_encoder_3", "T5EncoderModel")),
                 scheduler=dict(num_train_timesteps=1000, shift=3.0)),
     # FLUX.2's VAE: 32 latent channels, patchified 2x2 and normalised by its own batch-norm statistics.
-    "flux2": dict(pipeline="Flux2Pipeline", transformer="Flux2Transformer2DModel",
+    "flux2": dict(pipeline="Flux2KleinPipeline", transformer="Flux2Transformer2DModel",
                   vae=dict(_class_name="AutoencoderKLFlux2", latent_channels=32, scaling_factor=None, batch_norm_eps=1e-4,
                            batch_norm_momentum=0.1, patch_size=(2, 2)),
-                  encoders=(("text_encoder", "Mistral3ForConditionalGeneration"),),
+                  encoders=(("text_encoder", "Qwen3ForCausalLM"),),
                   scheduler=_FLUX_SCHEDULER),
 }
 
@@ -140,8 +153,10 @@ def flow_configs(name: str) -> dict[str, dict]:
 def _text_config(class_name: str, size: dict) -> dict:
     if class_name.startswith("CLIP"):
         return clip_text_config(size, _byte_level_vocab()).to_dict()
-    if class_name.startswith("Mistral3"):
-        return _mistral3_config(size)
+    if class_name.startswith("Qwen3"):
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**{"vocab_size": len(_qwen_vocab()), **size}).to_dict()
     from transformers import T5Config
 
     return T5Config(
@@ -153,16 +168,6 @@ def _text_config(class_name: str, size: dict) -> dict:
         eos_token_id=1,
         decoder_start_token_id=0,
     ).to_dict()
-
-
-def _mistral3_config(size: dict) -> dict:
-    from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
-
-    vocab = _mistral_vocab()
-    text = MistralConfig(vocab_size=len(vocab), bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
-                         pad_token_id=vocab["<pad>"], tie_word_embeddings=False, **size["text"])
-    return Mistral3Config(text_config=text, vision_config=PixtralVisionConfig(**size["vision"]),
-                          image_token_index=vocab["[IMG]"], tie_word_embeddings=False).to_dict()
 
 
 def build_flow_component(config: dict):
@@ -188,6 +193,10 @@ def build_flow_pipeline(name: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.seed)
         components = {component: build_flow_component(config) for component, config in configs.items()}
+        batch_norm = getattr(components["vae"], "bn", None)
+        if batch_norm is not None:  # FLUX.2's latent statistics: not the identity, so a missing (de)normalisation shows
+            batch_norm.running_mean.normal_(0.0, 0.5)
+            batch_norm.running_var.uniform_(0.5, 2.0)
     for component, config in configs.items():
         if component.startswith("text_encoder"):
             components[component.replace("text_encoder", "tokenizer")] = _tokenizer(config["architectures"][0])
@@ -200,8 +209,8 @@ def _tokenizer(encoder_class: str):
         from transformers import CLIPTokenizer
 
         return CLIPTokenizer(vocab=_byte_level_vocab(), merges=[], model_max_length=77)
-    if encoder_class.startswith("Mistral3"):
-        return _mistral_tokenizer()
+    if encoder_class.startswith("Qwen3"):
+        return _qwen_tokenizer()
     from transformers import T5Tokenizer
 
     return T5Tokenizer(vocab=_t5_vocab(), extra_ids=0, model_max_length=512)
@@ -216,41 +225,33 @@ def _t5_vocab() -> list[tuple[str, float]]:
     return specials + [(c, -3.0) for c in chars] + [("▁" + c, -2.5) for c in chars]
 
 
-# Mistral's control tokens, then the 256 byte-level characters (no merges: one token per byte).
-_MISTRAL_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-                     "[IMG]", "[IMG_BREAK]", "[IMG_END]")
-# Mistral Small 3's prompt layout; message contents may be strings or lists of {"type": "text", "text": ...}.
-_MISTRAL_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['content'] is string %}{% set text = message['content'] %}"
-    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
-    "{% endif %}"
-    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
-    "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]"
-    "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+# Qwen's control tokens after the 256 byte-level characters (no merges: one token per byte).
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+# Qwen3's chat layout, with its `enable_thinking=False` empty thinking block (as Flux2KleinPipeline asks for).
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
 
 
-def _mistral_vocab() -> dict[str, int]:
-    tokens = [*_MISTRAL_SPECIALS, *list(_byte_level_vocab())[:256]]
+def _qwen_vocab() -> dict[str, int]:
+    tokens = [*list(_byte_level_vocab())[:256], *_QWEN_SPECIALS]
     return {token: i for i, token in enumerate(tokens)}
 
 
-def _mistral_tokenizer():
-    """A byte-level BPE tokenizer with Mistral's control tokens and chat template.
-
-    FLUX.2-dev's own tokenizer component is a PixtralProcessor (tokenizer + image processor), which
-    needs torchvision; Flux2Pipeline only calls its `apply_chat_template` for text prompts, which a
-    plain tokenizer with a chat template provides."""
+def _qwen_tokenizer():
+    """A byte-level BPE tokenizer with Qwen's control tokens and chat template, in Qwen2TokenizerFast
+    (the class FLUX.2 [klein]'s pipeline names)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import Qwen2TokenizerFast
 
-    backend = Tokenizer(models.BPE(vocab=_mistral_vocab(), merges=[], unk_token="<unk>"))
+    backend = Tokenizer(models.BPE(vocab=_qwen_vocab(), merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(list(_MISTRAL_SPECIALS))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", model_max_length=512, chat_template=_MISTRAL_CHAT_TEMPLATE)
+    backend.add_special_tokens(list(_QWEN_SPECIALS))
+    return Qwen2TokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+                              model_max_length=512, chat_template=_QWEN_CHAT_TEMPLATE)
 
 
 def flow_model_path(name: str) -> Path:

@@ -20,7 +20,7 @@ from rewardbooth.models.export import (
     write_kohya,
     write_peft,
 )
-from rewardbooth.models.loading import FLOW_PIPELINES, load_components, make_pipeline, read_model_config
+from rewardbooth.models.loading import FLOW_PIPELINES, FLUX_PIPELINE, load_components, make_pipeline, read_model_config
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_FOLDERS, load_lora_into_pipeline
 from rewardbooth.training.run_dir import CONFIG_NAME
 
@@ -90,10 +90,12 @@ def export_lora(run_dir: Path, fmt: str, output: Path | None = None, dtype: str 
     suffix = f"_{dtype}" if dtype else ""
     state = load_file(str(source))
     index = read_model_config(cfg.model.name, cfg.model.revision, "model_index.json")
-    if index.get("_class_name") in FLOW_PIPELINES and fmt != "diffusers":
-        raise ConfigError(f"run {run_dir} trained a {index['_class_name']}: its LoRA is written in the diffusers layout "
-                          f"({LORA_WEIGHTS_NAME}, which ComfyUI and Forge read); --format {fmt} is for U-Net models")
-    sdxl = "text_encoder_2" in index
+    flux = index.get("_class_name") == FLUX_PIPELINE
+    if fmt != "diffusers" and "unet" not in index and not (flux and fmt == "kohya"):  # SD3, FLUX.2, FLUX.1 peft
+        made_for = "U-Net models and FLUX.1 (FluxPipeline)" if fmt == "kohya" else "U-Net models"
+        raise ConfigError(f"run {run_dir} trained a {index.get('_class_name')}: --format {fmt} is for {made_for}; its LoRA "
+                          f"is in the diffusers layout ({LORA_WEIGHTS_NAME}, which ComfyUI and Forge read): use --format diffusers")
+    sdxl = not flux and "text_encoder_2" in index
 
     if fmt == "peft":
         return write_peft(cfg, state, Path(output) if output else run_dir / f"peft{suffix}", torch_dtype, rank, alpha)
@@ -105,7 +107,7 @@ def export_lora(run_dir: Path, fmt: str, output: Path | None = None, dtype: str 
             metadata = f.metadata() or {}
         save_file(cast_state(state, torch_dtype), str(target), metadata=metadata)
         return target
-    layers_per_block = int(read_model_config(cfg.model.name, cfg.model.revision, "unet/config.json")["layers_per_block"])
+    layers_per_block = 0 if flux else int(read_model_config(cfg.model.name, cfg.model.revision, "unet/config.json")["layers_per_block"])
     target = Path(output) if output else run_dir / KOHYA_WEIGHTS_NAME.replace(".safetensors", f"{suffix}.safetensors")
     refuse_existing(target)
-    return write_kohya(source, cfg, sdxl, layers_per_block, target, torch_dtype)
+    return write_kohya(source, cfg, sdxl, layers_per_block, target, torch_dtype, flux=flux)

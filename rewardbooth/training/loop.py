@@ -23,6 +23,7 @@ from rewardbooth.methods import Method, get_method
 from rewardbooth.methods.context import TrainContext
 from rewardbooth.models.loading import load_components
 from rewardbooth.models.quantize import quantize_frozen
+from rewardbooth.training.preflight import check_family_settings
 from rewardbooth.rewards.encoders import park_encoders
 from rewardbooth.training import memory
 from rewardbooth.training.checkpoints import Checkpoints
@@ -126,7 +127,8 @@ class Trainer:
         # Critic and adapter initialisation draw from the global generators: seed before each.
         set_seed(t.seed)
         components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant, vae=cfg.model.vae)
-        weight_dtype = place_frozen(components, acc.device, t.mixed_precision)
+        check_family_settings(cfg, components.pipeline_class)  # the library and the bench reach here without the CLI's pre-flight
+        weight_dtype = place_frozen(components, acc.device, t.mixed_precision, cfg.model.offload_text_encoders)
         if cfg.model.quantize:
             quantize_frozen(components.unet, cfg.model.quantize)
         ctx = TrainContext(cfg, self.run_dir, acc, components, cfg.data.resolution or components.native_resolution, weight_dtype,

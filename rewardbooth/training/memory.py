@@ -1,6 +1,7 @@
 """Peak training memory, estimated before the first step.
 
-    peak = weights      every parameter and buffer the run keeps on the device, in its dtype
+    peak = weights      every parameter and buffer the run keeps on the device, in its dtype (a
+                        quantized base's weight: its int8 data and scales)
          + gradients    one per trained parameter (float32: trained weights stay float32)
          + optimizer    AdamW 8 bytes per trained parameter, 8-bit AdamW 2 (tensors under 4096
                         elements stay 32-bit, as bitsandbytes keeps them), Prodigy 16
@@ -93,12 +94,24 @@ def _tensors(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
     return [t for m in modules for t in (*m.parameters(), *m.buffers())]
 
 
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _storages(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding `t`'s data: a quantized weight (a tensor subclass such as torchao's
+    Int8Tensor) is its int8 data and scales, whose bytes its wrapper's dense-sized storage misstates."""
+    if _plain(t) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    return [inner for name in t.__tensor_flatten__()[0] for inner in _storages(getattr(t, name))]
+
+
 def weight_bytes(modules: Iterable[torch.nn.Module], device: torch.device | None = None) -> int:
     """Bytes of the distinct storages behind the modules' parameters and buffers (on `device`)."""
     sizes = {}
     for t in _tensors(modules):
         if device is None or t.device.type in (torch.device(device).type, "meta"):  # meta: the memory table's models
-            sizes[_storage_key(t)] = t.untyped_storage().nbytes()
+            sizes.update((_storage_key(s), s.untyped_storage().nbytes()) for s in _storages(t))
     return sum(sizes.values())
 
 
@@ -119,10 +132,6 @@ def _fake_cpu_like(t: torch.Tensor) -> torch.Tensor:
     created inside a FakeTensorMode: CPU kernels decide what is saved, nothing is allocated."""
     fake = torch.empty(t.shape, dtype=t.dtype, device="cpu")
     return fake.requires_grad_(t.requires_grad) if t.is_floating_point() else fake
-
-
-def _plain(t: torch.Tensor) -> bool:
-    return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
 def _fake_like(t: torch.Tensor) -> torch.Tensor:
@@ -209,4 +218,5 @@ def take_device_peak(device: torch.device | str) -> float | None:
 
 
 MEMORY_ADVICE = ("train.mixed_precision=bf16 (or fp16), train.gradient_checkpointing=true, adapter.kind=lora, "
+                 "model.quantize=int8 (LoRA on an int8 base: about half a FLUX / SD3.5 transformer's weights), "
                  "train.optimizer=adamw8bit or a smaller train.batch_size")

@@ -9,7 +9,7 @@ from pathlib import Path
 from rewardbooth.config import FlowConfig, RunConfig, require_training_inputs
 from rewardbooth.data.images import list_image_files, load_image_folder
 from rewardbooth.errors import ConfigError
-from rewardbooth.models.loading import FLOW_PIPELINES, model_native_resolution, read_model_config
+from rewardbooth.models.loading import FLOW_PIPELINES, FLUX_PIPELINE, TRAINABLE_TEXT_ENCODERS, model_native_resolution, read_model_config
 from rewardbooth.training.options import check_optional_packages
 
 
@@ -36,6 +36,12 @@ def check_family_settings(cfg: RunConfig, pipeline_class: str) -> None:
         raise ConfigError(f"data.resolution must be a multiple of 16 for {pipeline_class} (its transformer takes 2x2 latent "
                           f"patches), got {cfg.data.resolution}")
     changed = [f"flow.{f.name}" for f in dataclasses.fields(FlowConfig) if getattr(cfg.flow, f.name) != f.default]
+    if flow_model and pipeline_class != FLUX_PIPELINE and "flow.guidance" in changed:
+        raise ConfigError(f"flow.guidance is the embedded guidance of guidance-distilled FLUX.1 (dev); {pipeline_class} has none "
+                          "(set the sampler's guidance with validation.guidance_scale)")
+    if cfg.adapter.train_text_encoder and TRAINABLE_TEXT_ENCODERS.get(pipeline_class, 1) == 0:
+        raise ConfigError(f"adapter.train_text_encoder: {pipeline_class}'s text encoder (a language model) stays frozen here; "
+                          "set adapter.train_text_encoder=false")
     if not flow_model and changed:
         raise ConfigError(f"{', '.join(changed)} only apply to flow-matching models (FLUX.1); {cfg.model.name} is a {pipeline_class or 'U-Net model'}")
 

@@ -22,15 +22,33 @@ def _trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def place_frozen(components, device, mixed_precision: str) -> torch.dtype:
+def place_frozen(components, device, mixed_precision: str, offload_text_encoders: bool | None = None) -> torch.dtype:
     """Freeze the base model on the device: frozen parts run in the low-precision dtype (the VAE
-    stays float32 under fp16, where SD's VAE overflows); trained weights stay float32 (autocast)."""
+    stays float32 under fp16, where SD's VAE overflows); trained weights stay float32 (autocast).
+    The frozen language-model encoders stay in CPU memory, streamed to the device per call, where
+    `offload_text_encoders` says (None: flow models on a GPU)."""
     weight_dtype = DTYPES[mixed_precision]
     components.vae.requires_grad_(False).to(device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
+    language_models = offloadable_text_encoders(components)
+    if offload_text_encoders is None:
+        offload_text_encoders = torch.device(device).type == "cuda"
     for encoder in components.text_encoders:
-        encoder.requires_grad_(False).to(device, dtype=weight_dtype)
+        encoder.requires_grad_(False)
+        if offload_text_encoders and any(encoder is lm for lm in language_models):
+            from accelerate import cpu_offload  # deferred: accelerate's import cost
+
+            cpu_offload(encoder.to("cpu", dtype=weight_dtype), execution_device=torch.device(device))
+        else:
+            encoder.to(device, dtype=weight_dtype)
     components.unet.requires_grad_(False).to(device, dtype=weight_dtype)
     return weight_dtype
+
+
+def offloadable_text_encoders(components) -> list[torch.nn.Module]:
+    """The encoders never trained here and too big to keep resident for a few calls: T5, Qwen3 (flow models)."""
+    if not components.family().flow_matching:
+        return []
+    return components.text_encoders[len(components.trainable_text_encoders):]
 
 
 def attach_trainable(components, cfg: RunConfig) -> list[dict]:
@@ -39,7 +57,8 @@ def attach_trainable(components, cfg: RunConfig) -> list[dict]:
     a = cfg.adapter
     groups = []
     if a.kind == "lora":
-        add_lora(components.unet, a.rank, a.alpha, a.dropout, a.target_modules)
+        targets = a.target_modules or components.family().lora_targets(a.targets)
+        add_lora(components.unet, a.rank, a.alpha, a.dropout, targets)
     else:
         components.unet.requires_grad_(True)
     # Trained weights in float32 even when the frozen base is half precision.

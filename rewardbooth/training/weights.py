@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from rewardbooth.config import RunConfig
+from rewardbooth.errors import ConfigError
 from rewardbooth.methods.context import TrainContext
 from rewardbooth.models.export import KOHYA_WEIGHTS_NAME, write_kohya
+from rewardbooth.models.loading import FLUX_PIPELINE
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_FOLDERS, save_lora
 from rewardbooth.training.run_dir import BEST_RECORD, STAGING_NAME, atomic_write_text, replace_into
 
@@ -71,7 +74,12 @@ class WeightWriter:
         return folder
 
     def write_kohya_copy(self, ctx: TrainContext, weights: Path, run_dir: Path) -> None:
-        """The same LoRA for A1111 / ComfyUI / kohya tools."""
-        if self.cfg.adapter.kind == "lora" and not ctx.family.flow_matching:  # kohya's FLUX layout: not written yet
-            write_kohya(Path(weights), self.cfg, ctx.components.is_sdxl, int(ctx.components.unet.config.layers_per_block),
-                        Path(run_dir) / KOHYA_WEIGHTS_NAME)
+        """The same LoRA for A1111 / ComfyUI / kohya tools (U-Nets and FLUX.1; kohya has no layout here for SD3 / FLUX.2)."""
+        flux = ctx.components.pipeline_class == FLUX_PIPELINE
+        if self.cfg.adapter.kind != "lora" or (ctx.family.flow_matching and not flux):
+            return
+        layers_per_block = 0 if flux else int(ctx.components.unet.config.layers_per_block)
+        try:
+            write_kohya(Path(weights), self.cfg, ctx.components.is_sdxl, layers_per_block, Path(run_dir) / KOHYA_WEIGHTS_NAME, flux=flux)
+        except ConfigError as exc:  # a module kohya has no name for: the diffusers file is the result; say why there is no copy
+            warnings.warn(f"no {KOHYA_WEIGHTS_NAME} written: {exc}", stacklevel=2)

@@ -31,6 +31,7 @@ import torch
 from rewardbooth.data.images import load_image_folder
 from rewardbooth.errors import RewardboothError
 from rewardbooth.evaluation.metrics import Scorer
+from rewardbooth.methods import load_config
 from rewardbooth.models.loading import default_device, model_native_resolution
 from rewardbooth.rewards import Subject
 from rewardbooth.sampling import generate, run_sample_settings, save_generated
@@ -183,7 +184,8 @@ def make_handler(workspace: Workspace, generator: Generator, auth: str | None):
 
         def _upload(self, parts, query):
             model = query.get("model", ["mini"])[0]
-            min_size = model_native_resolution(model) // 2  # what `rewardbooth train` demands by default
+            resolution = load_config(overrides={"model.name": model}).data.resolution  # a preset's own size (tiny-flux: 64)
+            min_size = (resolution or model_native_resolution(model)) // 2  # what `rewardbooth train` demands by default
             self._json(workspace.add_photo(parts[2], query.get("filename", ["photo"])[0], self._body(), min_size))
 
         def _train(self, parts, query):

@@ -58,10 +58,15 @@ class CenterCrop:
 
 
 class RandomCrop(CenterCrop):
-    def __call__(self, image: Image.Image) -> Image.Image:
+    @staticmethod
+    def get_params(image: Image.Image, output_size) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of a random crop, as torchvision's; the FLUX scripts crop with it."""
         w, h = image.size
-        th, tw = self.size
-        left, top = random.randint(0, max(0, w - tw)), random.randint(0, max(0, h - th))
+        th, tw = output_size
+        return random.randint(0, max(0, h - th)), random.randint(0, max(0, w - tw)), th, tw
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        top, left, th, tw = self.get_params(image, self.size)
         return image.crop((left, top, left + tw, top + th))
 
 
