@@ -60,11 +60,6 @@ FLOW_RESOLUTION = 1024
 FLOW_CARDS = (16, 24, 48)
 FLOW_LABELS = {"flux-random": "FLUX.1-dev", "sd35-random": "SD3.5 Large", "sd35-medium-random": "SD3.5 Medium",
                "flux2-klein-random": "FLUX.2 [klein] 4B", "flux2-klein-9b-random": "FLUX.2 [klein] 9B"}
-# SD3.5 Medium: SD3.5 Large's encoders and VAE with a 2.5B MMDiT-X (dual attention in blocks 0-12), until
-# tiny_flow.py has a preset of its own.
-FLOW_VARIANTS = {"sd35-medium-random": ("sd35-random", dict(
-    num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
-    dual_attention_layers=tuple(range(13))))}
 
 
 def common_settings(method: str) -> dict:
@@ -74,36 +69,11 @@ def common_settings(method: str) -> dict:
 
 
 def flow_models() -> list[str]:
-    """The real-size flow presets (and local variants) whose pipeline the trainer knows."""
+    """The real-size flow presets whose pipeline the trainer knows."""
     from rewardbooth.models.loading import FLOW_FAMILIES
     from rewardbooth.models.tiny_flow import FAMILIES, FLOW_PRESETS
 
-    names = [name for name, preset in FLOW_PRESETS.items() if not preset.tiny]
-    names += [name for name in FLOW_VARIANTS if name not in FLOW_PRESETS]
-    pipelines = {name: FAMILIES[FLOW_PRESETS[FLOW_VARIANTS.get(name, (name,))[0]].family]["pipeline"] for name in names}
-    return [name for name in names if pipelines[name] in FLOW_FAMILIES]
-
-
-def flow_components(name: str, device, dtype: torch.dtype | None = None):
-    """A flow preset (or FLOW_VARIANTS entry) built with random weights on `device` (meta: shapes, no
-    storage), in `dtype`, as load_components returns a model. torch.device, not init_empty_weights,
-    which would untie T5's two embedding tables."""
-    from rewardbooth.models.loading import Components
-    from rewardbooth.models.tiny_flow import build_flow_component, build_flow_pipeline, flow_configs
-
-    base, transformer = FLOW_VARIANTS.get(name, (name, None))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype or default)  # a 12B transformer is built in bf16, never in float32 first
-    try:
-        with torch.device(device):
-            pipe = build_flow_pipeline(base)
-            if transformer:
-                pipe.transformer = build_flow_component({**flow_configs(base)["transformer"], **transformer})
-    finally:
-        torch.set_default_dtype(default)
-    return Components(name, "", pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                      getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None), pipeline_class=type(pipe).__name__,
-                      text_encoder_3=getattr(pipe, "text_encoder_3", None), tokenizer_3=getattr(pipe, "tokenizer_3", None))
+    return [name for name, preset in FLOW_PRESETS.items() if not preset.tiny and FAMILIES[preset.family]["pipeline"] in FLOW_FAMILIES]
 
 
 def components_on_meta(preset_name: str):
@@ -114,8 +84,8 @@ def components_on_meta(preset_name: str):
     from rewardbooth.models.tiny import TINY_PRESETS, build_tiny_pipeline
     from rewardbooth.models.tiny_flow import FLOW_PRESETS
 
-    if preset_name in FLOW_PRESETS or preset_name in FLOW_VARIANTS:
-        return flow_components(preset_name, "meta")
+    if preset_name in FLOW_PRESETS:
+        return Components.random_on(preset_name, "meta")
     with init_empty_weights():  # parameters on meta; buffers and schedulers as usual
         pipe = build_tiny_pipeline(TINY_PRESETS[preset_name])
     return Components.from_pipeline(preset_name, pipe)
@@ -129,7 +99,7 @@ def table_estimate(preset_name: str, method_name: str, overrides: dict, resoluti
     from rewardbooth.methods.dpg import decode_latents
     from rewardbooth.models.quantize import quantize_frozen
     from rewardbooth.training import memory
-    from rewardbooth.training.setup import attach_trainable, place_frozen
+    from rewardbooth.training.setup import attach_trainable, offloadable_text_encoders, place_frozen
 
     components = components_on_meta(preset_name)
     resolution = resolution or components.native_resolution
@@ -152,7 +122,11 @@ def table_estimate(preset_name: str, method_name: str, overrides: dict, resoluti
         method.actor = SimpleNamespace(decodes=cfg.dpg.actor == "direct",
                                        judge=SimpleNamespace(decode=lambda latents: decode_latents(ctx, latents), encoder=None))
     trained = [p for group in groups for p in group["params"]]
-    return memory.estimate(resident=memory.resident_modules([components, method]), trained=trained,
+    # On a GPU the trainer keeps T5 / Qwen3 in CPU memory (unless model.offload_text_encoders=false);
+    # cpu_offload cannot take meta weights, so they are left out of the resident modules here.
+    offloaded = offloadable_text_encoders(components) if cfg.model.offload_text_encoders is not False else []
+    resident = [m for m in memory.resident_modules([components, method]) if not any(m is e for e in offloaded)]
+    return memory.estimate(resident=resident, trained=trained,
                            probes=method.memory_probes(ctx), optimizer=cfg.train.optimizer,
                            mixed_precision=cfg.train.mixed_precision, device="cpu")
 
@@ -163,14 +137,14 @@ def fits(total_gib: float, cards: tuple[int, ...]) -> str:
     return f"fits {card}" if card else f"over {cards[-1]}"
 
 
-def text_encoder_gib(name: str) -> float:
-    """The frozen text encoders' bf16 weights: resident in every cell, though only needed to encode prompts."""
+def offloaded_gib(name: str) -> float:
+    """The bf16 weights of the text encoders a GPU run keeps in CPU memory (T5, Qwen3): not in the estimate."""
     from rewardbooth.training import memory
-    from rewardbooth.training.setup import place_frozen
+    from rewardbooth.training.setup import offloadable_text_encoders, place_frozen
 
     components = components_on_meta(name)
     place_frozen(components, "meta", "bf16")
-    return memory.weight_bytes(components.text_encoders) / GIB
+    return memory.weight_bytes(offloadable_text_encoders(components)) / GIB
 
 
 def quiet_libraries() -> None:
@@ -205,12 +179,12 @@ def cmd_table(args) -> None:
         print(f"({time.perf_counter() - started:.0f} s)")
     started = time.perf_counter()
     print(f"\nFlow-matching models at {FLOW_RESOLUTION} px, GiB (batch 1, DreamBooth and DPG with prior preservation, rank-4 LoRA")
-    print("on attention, text encoders frozen and counted resident (last column: their share of every cell; they only")
-    print(f"encode prompts); 'fits N' = the smallest of {' / '.join(map(str, FLOW_CARDS))} GB holding the estimate + 1 GiB).")
-    print("| model | method | " + " | ".join(FLOW_SETUPS) + " | text encoders (in each cell) |")
+    print("on attention, text encoders frozen; T5 / Qwen3 in CPU memory, as the trainer keeps them on a GPU: last column,")
+    print(f"not in the cells); 'fits N' = the smallest of {' / '.join(map(str, FLOW_CARDS))} GB holding the estimate + 1 GiB).")
+    print("| model | method | " + " | ".join(FLOW_SETUPS) + " | in CPU memory |")
     print("|" + " --- |" * (3 + len(FLOW_SETUPS)))
     for name in flow_models():
-        encoders = f"{text_encoder_gib(name):.1f}"
+        encoders = f"{offloaded_gib(name):.1f}"
         for method in FLOW_METHODS:
             totals = [table_estimate(name, method, setup, FLOW_RESOLUTION).total / GIB for setup in FLOW_SETUPS.values()]
             print(table_row([FLOW_LABELS.get(name, name), method], totals, FLOW_CARDS, [encoders]), flush=True)

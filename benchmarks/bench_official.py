@@ -14,8 +14,9 @@ then ours, official, ...) because these machines are shared; medians and ranges 
 
 `dreambooth-lora-flux` runs diffusers' train_dreambooth_lora_flux.py and ours on the `tiny-flux`
 preset's folder at --flux-resolution (64, its native size): LoRA rank 4, lr 1e-4, batch 1, guidance
-1.0 fed to the transformer, no prior preservation, no validation. Ours runs twice: our LoRA layers
-(attention q/k/v/out) and the script's (those plus the context projections and feed-forwards).
+1.0 fed to the transformer, no prior preservation, no validation. Ours runs twice: our default LoRA
+targets (adapter.targets=attention: both streams' attention projections) and the script's list
+(those plus both feed-forwards).
 
 Each run's wall time is split by what its own output shows: set-up (loading, class images,
 negatives) until the first training-step update, training until the last one, and after (final
@@ -141,7 +142,7 @@ class Pair:
     ours: list[Run]  # first our defaults; further runs do the script's amount of work where our default differs
 
 
-# diffusers' FLUX script trains LoRA on these; our default is the attention's to_q/k/v/out only.
+# diffusers' FLUX script's default LoRA targets: the attention projections (our default) and the feed-forwards.
 FLUX_SCRIPT_LORA_LAYERS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                            "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                            "ff_context.net.2")

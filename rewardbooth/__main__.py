@@ -1,5 +1,3 @@
-import sys
+from rewardbooth.cli import entry
 
-from rewardbooth.cli import main
-
-sys.exit(main())
+entry()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -525,5 +526,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The console script: main(), then exit without the interpreter's final garbage collection over
+    the libraries' millions of objects (1-1.8 s of a tiny run's wall time here). Every file a command
+    writes is closed by then; gc.freeze only skips collecting what is left, so tests calling main() keep
+    their normal collector."""
+    code = main()
+    sys.stdout.flush()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

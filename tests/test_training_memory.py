@@ -147,13 +147,14 @@ def test_the_memory_table_gives_the_trainers_estimate(tmp_path, tiny_overrides):
     assert table.activations == pytest.approx(real.activations, rel=0.02)
 
 
-def test_an_int8_base_is_counted_at_its_int8_size_on_real_and_meta_weights(tmp_path, tiny_overrides, monkeypatch):
+def test_an_int8_base_and_an_offloaded_t5_are_counted_as_they_sit_on_real_and_meta_weights(tmp_path, tiny_overrides, monkeypatch):
     """torchao's int8 weight reports its dense bf16 size; the estimate counts its int8 data, a float32 scale
-    and an int8 zero point per row. The table (meta weights, quantized there) must agree with the trainer,
-    and a flow model's over-capacity warning must name the int8 base."""
+    and an int8 zero point per row. T5 kept in CPU memory (as on a GPU) leaves meta placeholders that are
+    not on the device. The table (meta weights) must agree with the trainer, and a flow model's
+    over-capacity warning must name the int8 base."""
     pytest.importorskip("torchao")
     monkeypatch.setattr(memory, "device_capacity", lambda device: 1024**2)
-    setup = {"train.mixed_precision": "bf16", "prior.enabled": False}
+    setup = {"train.mixed_precision": "bf16", "prior.enabled": False, "model.offload_text_encoders": True}
     with pytest.warns(UserWarning, match="model.quantize=int8"):
         trainer = _trained(tmp_path, tiny_overrides, {**setup, "model.name": "tiny-flux", "data.resolution": 64,
                                                       "model.quantize": "int8"})
@@ -163,9 +164,12 @@ def test_an_int8_base_is_counted_at_its_int8_size_on_real_and_meta_weights(tmp_p
     assert table["int8"] == real
     from rewardbooth.models.loading import load_components
 
-    linear = [m.weight for m in load_components("tiny-flux").unet.modules() if isinstance(m, torch.nn.Linear)]
+    components = load_components("tiny-flux")
+    linear = [m.weight for m in components.unet.modules() if isinstance(m, torch.nn.Linear)]
     saved = sum(w.numel() for w in linear) - 5 * sum(w.shape[0] for w in linear)  # 2 -> 1 byte, + 5 bytes per row
     assert table[None].weights - real.weights == saved > 0
+    resident_t5 = bench.table_estimate("tiny-flux", "dreambooth", {**setup, "model.offload_text_encoders": False}, 64)
+    assert resident_t5.weights - table[None].weights == 2 * sum(p.numel() for p in components.text_encoder_2.parameters())
 
 
 def test_rpos_frozen_copy_in_the_table_is_the_base_in_its_frozen_dtype():

@@ -21,6 +21,7 @@ from rewardbooth.errors import ConfigError
 from rewardbooth.models.family import Flux2Family, FluxFamily, SD3Family, UNetFamily
 from rewardbooth.models.presets import find_preset, preset_names
 from rewardbooth.models.tiny import TINY_PRESETS, build_tiny_pipeline
+from rewardbooth.models.tiny_flow import FLOW_PRESETS, build_flow_pipeline
 
 # diffusers / transformers / peft / accelerate are imported inside the functions that use them, so importing this
 # module (registries, --help, the web app) does not pay their start-up cost.
@@ -66,18 +67,25 @@ class Components:
         return UNetFamily(self, sdxl=self.is_sdxl)
 
     @classmethod
-    def from_pipeline(cls, source: str, pipe) -> Components:
-        """The components of a pipeline object built in memory (benchmarks' random-weight models)."""
-        return cls(source, "", pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                   getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))
+    def from_pipeline(cls, source: str, pipe, path: str = "") -> Components:
+        """The components of a pipeline object (built in memory for the benchmarks, or loaded): U-Net or transformer."""
+        return cls(source, path, getattr(pipe, "unet", None) or pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                   pipe.scheduler, getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None),
+                   pipeline_class=type(pipe).__name__, text_encoder_3=getattr(pipe, "text_encoder_3", None),
+                   tokenizer_3=getattr(pipe, "tokenizer_3", None))
 
     @classmethod
-    def random_on(cls, preset: str, device: str) -> Components:
-        """A tiny/random preset built with its seeded random weights directly on `device`, with no
-        disk round trip (benchmarks at real sizes: sd15-random, sdxl-random)."""
-
-        with torch.device(device):
-            pipe = build_tiny_pipeline(TINY_PRESETS[preset])
+    def random_on(cls, preset: str, device: str, dtype: torch.dtype | None = None) -> Components:
+        """A tiny/random preset built with its seeded random weights directly on `device` (meta: shapes
+        only), in `dtype`, with no disk round trip (benchmarks at real sizes: sd15-random, flux-random, ...).
+        torch.device, not accelerate's init_empty_weights, which would untie T5's two embedding tables."""
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype or default)  # a 12B transformer is built in bf16, never in float32 first
+        try:
+            with torch.device(device):
+                pipe = build_flow_pipeline(preset) if preset in FLOW_PRESETS else build_tiny_pipeline(TINY_PRESETS[preset])
+        finally:
+            torch.set_default_dtype(default)
         return cls.from_pipeline(preset, pipe)
 
     @property
@@ -210,9 +218,7 @@ def _load_flow(name: str, path: str, pipeline_class: str, revision: str | None, 
                                                                   **({"torch_dtype": dtype} if dtype else {}), **parts)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ConfigError(f"could not load model {name!r}: {_one_line(exc)}") from None
-    return Components(name, path, pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                      getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None), pipeline_class=pipeline_class,
-                      text_encoder_3=getattr(pipe, "text_encoder_3", None), tokenizer_3=getattr(pipe, "tokenizer_3", None))
+    return Components.from_pipeline(name, pipe, path)
 
 
 # `--model FILE.safetensors[+BASE]`: one weights file in its original layout (LDM / SGM for SD and SDXL, BFL's for FLUX.1,

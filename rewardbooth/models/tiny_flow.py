@@ -42,10 +42,11 @@ FLOW_PRESETS = {
     # FLUX.2 [klein] base's classes at toy sizes: a Qwen3 text encoder (read at layers 9, 18, 27, so 27
     # thin layers), the 32-channel batch-normalised VAE, no guidance embedding (base klein uses real CFG).
     "tiny-flux2": FlowPreset("tiny-flux2", "flux2", "tiny-flux2"),
-    # Real layer sizes, for the meta device only: FLUX.1-dev (12B transformer + T5-XXL), SD3.5 Large (8B),
+    # Real layer sizes, for the meta device only: FLUX.1-dev (12B transformer + T5-XXL), SD3.5 Large (8B) and Medium (2.5B),
     # FLUX.2 [klein] base 4B (Qwen3-4B) and 9B (Qwen3-8B).
     "flux-random": FlowPreset("flux-random", "flux", "flux1-dev"),
     "sd35-random": FlowPreset("sd35-random", "sd3", "sd35-large"),
+    "sd35-medium-random": FlowPreset("sd35-medium-random", "sd3", "sd35-medium"),
     "flux2-klein-random": FlowPreset("flux2-klein-random", "flux2", "flux2-klein-4b"),
     "flux2-klein-9b-random": FlowPreset("flux2-klein-9b-random", "flux2", "flux2-klein-9b"),
 }
@@ -88,6 +89,13 @@ FLOW_SHAPES = {
         transformer=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
                          num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
                          pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
+        vae=_VAE_REAL, encoders=(_CLIP_L, _CLIP_BIGG, _T5_XXL)),
+    # SD3.5 Medium: SD3.5 Large's encoders and VAE with a 2.5B MMDiT-X (dual attention in blocks 0-12).
+    "sd35-medium": dict(
+        transformer=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
+                         dual_attention_layers=tuple(range(13))),
         vae=_VAE_REAL, encoders=(_CLIP_L, _CLIP_BIGG, _T5_XXL)),
     # FLUX.2 [klein]: the text embedding is three Qwen3 hidden states side by side (joint_attention_dim = 3 x width).
     "tiny-flux2": dict(

@@ -1,7 +1,8 @@
 """Peak training memory, estimated before the first step.
 
     peak = weights      every parameter and buffer the run keeps on the device, in its dtype (a
-                        quantized base's weight: its int8 data and scales)
+                        quantized base's weight: its int8 data and scales; not the encoders
+                        kept in CPU memory)
          + gradients    one per trained parameter (float32: trained weights stay float32)
          + optimizer    AdamW 8 bytes per trained parameter, 8-bit AdamW 2 (tensors under 4096
                         elements stay 32-bit, as bitsandbytes keeps them), Prodigy 16
@@ -106,10 +107,22 @@ def _storages(t: torch.Tensor) -> list[torch.Tensor]:
     return [inner for name in t.__tensor_flatten__()[0] for inner in _storages(getattr(t, name))]
 
 
+def _offloaded(module: torch.nn.Module) -> bool:
+    """Whether accelerate's cpu_offload keeps this module's parameters in CPU memory (the flow models'
+    T5 / Qwen3 on a GPU), leaving meta placeholders that are streamed to the device per call."""
+    return bool(getattr(getattr(module, "_hf_hook", None), "offload", False))
+
+
+def _device_tensors(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
+    return [t for m in modules for sub in m.modules()
+            for t in (*([] if _offloaded(sub) else sub.parameters(recurse=False)), *sub.buffers(recurse=False))]
+
+
 def weight_bytes(modules: Iterable[torch.nn.Module], device: torch.device | None = None) -> int:
-    """Bytes of the distinct storages behind the modules' parameters and buffers (on `device`)."""
+    """Bytes of the distinct storages behind the modules' parameters and buffers (on `device`;
+    CPU-offloaded parameters are not)."""
     sizes = {}
-    for t in _tensors(modules):
+    for t in _device_tensors(modules):
         if device is None or t.device.type in (torch.device(device).type, "meta"):  # meta: the memory table's models
             sizes.update((_storage_key(s), s.untyped_storage().nbytes()) for s in _storages(t))
     return sum(sizes.values())
