@@ -76,12 +76,16 @@ def noised_batches(monkeypatch):
     return batches
 
 
-def eps_errors(unet, scheduler, batch, text) -> torch.Tensor:
-    """Per-sample ||unet(x_t, t, c) - eps||^2 computed here, for an epsilon-prediction model."""
-    assert scheduler.config.prediction_type == "epsilon"
+def eps_errors(unet, scheduler, batch, text, family=None) -> torch.Tensor:
+    """Per-sample ||unet(x_t, t, c) - eps||^2 computed here, for an epsilon-prediction model; on a flow
+    model (`family`) ||v(x_t, s, c) - (eps - x0)||^2, the velocity error."""
     with torch.no_grad():
-        prediction = diffusion.unet_output(unet, batch.noisy, batch.timesteps, text)
-    return (prediction.float() - batch.noise.float()).pow(2).flatten(1).mean(1)
+        if family is not None and family.flow_matching:
+            prediction, target = family.predict(unet, batch.noisy, batch.timesteps, text), batch.noise - batch.x0
+        else:
+            assert scheduler.config.prediction_type == "epsilon"
+            prediction, target = diffusion.unet_output(unet, batch.noisy, batch.timesteps, text), batch.noise
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
 # --- RPO ---------------------------------------------------------------------------------------
@@ -125,21 +129,23 @@ class PlantedPolicyRPO(RPO):
         start = len(self.calls)
         loss, logs = super().loss(ctx, generator)
         _, batch, text, _ = self.calls[start]  # what the U-Net was asked to denoise this step
-        e_policy = eps_errors(ctx.unet, ctx.noise_scheduler, batch, text)
-        e_base = eps_errors(self.base_unet, ctx.noise_scheduler, batch, text)
+        e_policy = eps_errors(ctx.unet, ctx.noise_scheduler, batch, text, ctx.family)
+        e_base = eps_errors(self.base_unet, ctx.noise_scheduler, batch, text, ctx.family)
         self.records.append((loss.detach().item(), e_policy, e_base))
         return loss, logs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["lora", "full"])
-def test_rpo_reference_errors_come_from_the_frozen_base_model(tmp_path, rpo_overrides, denoising_calls, kind):
+@pytest.mark.parametrize("kind, model", [("lora", "tiny"), ("full", "tiny"), ("lora", "tiny-flux"), ("full", "tiny-flux")])
+def test_rpo_reference_errors_come_from_the_frozen_base_model(tmp_path, rpo_overrides, denoising_calls, kind, model):
     beta = 20.0
-    overrides = dict(rpo_overrides, **{"adapter.kind": kind, "train.steps": 2, "rpo.beta": beta})
+    overrides = dict(rpo_overrides, **{"adapter.kind": kind, "train.steps": 2, "rpo.beta": beta, "model.name": model})
+    if model != "tiny":
+        overrides["data.resolution"] = 64
     if kind == "full":
         overrides["train.learning_rate"] = 1e-4
     cfg = load_config(overrides=overrides)
-    base_unet = load_components("tiny").unet.eval()
+    base_unet = load_components(model).unet.eval()
     method = PlantedPolicyRPO(base_unet, denoising_calls, scale=0.3 if kind == "lora" else 0.05)
     run(cfg, tmp_path, method)
     assert len(method.records) == 2
