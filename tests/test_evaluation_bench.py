@@ -99,3 +99,15 @@ def test_bench_bad_shard_and_subject(tmp_path, capsys, dreambench_root):
     assert "--shard" in capsys.readouterr().err
     assert main(base + ["--subjects", "dogg"]) == 2
     assert "dogg" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_runs_on_a_flow_model_at_its_familys_guidance(tmp_path, capsys, dreambench_root):
+    """The DreamBench harness on tiny-flux: trains, samples (at FLUX.1-dev's guidance 3.5 unless told), scores."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--dreambench", str(dreambench_root), "--subjects", "dog", "-k", "1", "--sample-steps", "2",
+                 "--model", "tiny-flux", "--steps", "2", "--set", "prior.num_class_images=1", "--set", "prior.generation_steps=2",
+                 "--output", str(out), "--quiet", *TINY_JUDGES]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["subjects"] == 1 and results["overall"]["images"] == 25
+    assert json.loads((out / "bench.json").read_text())["guidance_scale"] == 3.5
