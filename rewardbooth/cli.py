@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from rewardbooth.config import RunConfig
-from rewardbooth.errors import RewardboothError
+from rewardbooth.errors import RewardboothError, Stopped
 
 # Each command imports the layers it runs (torch, diffusers ...) inside its function, so that
 # `rewardbooth --help` and argument errors answer in well under a second.
@@ -55,8 +55,9 @@ TRAIN_SWITCHES = [
     ("--no-prior", "prior.enabled", False, "turn prior preservation off"),
     ("--gradient-checkpointing", "train.gradient_checkpointing", True, "trade compute for memory"),
     ("--random-crop", "data.center_crop", False, "random crops instead of center crops"),
+    ("--center-crop", "data.center_crop", True, "center crops (the default, except under DPG's defaults: random, as its released script)"),
     ("--random-flip", "data.random_flip", True, "random horizontal flips"),
-    ("--cache-latents", "data.cache_latents", True, "keep class-image latents on disk in the run folder (large class sets)"),
+    ("--cache-latents", "data.cache_latents", True, "keep class-image latents on disk in the run folder (large class sets; needs center crops)"),
 ]
 
 
@@ -170,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = add_parser("train", help="personalize a model to a subject")
     train.add_argument("--config", help=f"YAML run config (sections: {', '.join(f.name for f in dataclasses.fields(RunConfig))})")
     train.add_argument("--output", required=True, help="run folder to create")
-    train.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint, with its own settings "
+                       "(flags may change --steps and bookkeeping only; others are refused)")
     train.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
     train.add_argument("--validation-prompt", action="append", help="validation prompt ({identifier}, {class_noun} allowed); repeatable")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. --set adapter.alpha=8")
@@ -198,10 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = add_parser("export", help="write a LoRA run's weights for other tools (kohya: A1111/Forge/ComfyUI; diffusers; peft)")
     export.add_argument("run", help="run folder written by `rewardbooth train` (adapter.kind=lora)")
-    export.add_argument("--format", default="kohya", choices=["kohya", "diffusers", "peft"], help="key layout to write")
+    export.add_argument("--format", default=None, choices=["kohya", "diffusers", "peft"],
+                        help="key layout to write (default: every layout the run's model takes that the run folder lacks; a "
+                             "finished LoRA run already holds the diffusers file, and the kohya file for SD, SDXL and FLUX.1)")
     export.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="cast the weights (default: as trained)")
     export.add_argument("--output", default=None,
-                        help="file (kohya, diffusers) or folder (peft) to write; default beside the run's weights, named by format and dtype")
+                        help="file (kohya, diffusers) or folder (peft) to write, with --format; default beside the run's weights, named by format and dtype")
 
     ev = add_parser("evaluate", help="DreamBench metrics (DINO, CLIP-I, CLIP-T) of a folder of generated images")
     ev.add_argument("--images", required=True, help="generated images (with metadata.jsonl from `generate`, or use --prompt)")
@@ -247,10 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--runs-dir", default="runs", help="folder holding the runs, uploads and logs (default ./runs)")
     ui.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login (needed for any --host but localhost)")
 
-    demo = add_parser("demo", help="the built-in CPU demo: a MiniBench subject learned by the shipped mini model; report")
+    demo = add_parser("demo", help="the built-in CPU demo: one MiniBench subject learned by the shipped mini model with "
+                                   "DreamBooth and with the default reward method, side by side; report")
     demo.add_argument("--output", default="rewardbooth-demo", help="run folder (default ./rewardbooth-demo)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the mini bench's setting)")
-    demo.add_argument("--method", default=None, help=LAZY_HELP["--method"])
+    demo.add_argument("--method", default=None, help="the method shown beside DreamBooth (default: the reward method with the "
+                                                       "larger gain on MiniBench's fresh subjects)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the MiniBench subject and the run")
     demo.add_argument("--overwrite", action="store_true", help="replace a previous demo run")
     return parser
@@ -259,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
 def train_overrides(args: argparse.Namespace) -> dict:
     from rewardbooth.config import parse_override
 
+    if args.center_crop and args.random_crop:
+        from rewardbooth.errors import ConfigError
+
+        raise ConfigError("give --center-crop or --random-crop, not both")
     overrides = {key: getattr(args, _dest(flag)) for flag, key, _, _ in TRAIN_FLAGS}
     for flag, key, value, _ in TRAIN_SWITCHES:
         if getattr(args, _dest(flag)):
@@ -307,6 +317,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rewardbooth.methods import load_config
     from rewardbooth.training.loop import train
     from rewardbooth.training.preflight import check_training_inputs, input_folders
+    from rewardbooth.training.resume import resume_changes
     from rewardbooth.training.run_dir import CONFIG_NAME, prepare_run_dir
 
     run_dir = Path(args.output)
@@ -315,6 +326,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config_file = run_dir / CONFIG_NAME  # resume repeats the saved run unless told otherwise
     cfg = load_config(config_file, train_overrides(args))
     check_training_inputs(cfg)  # everything checkable, before any model loads or anything is written
+    if args.resume:
+        resume_changes(cfg, run_dir)  # another run's settings are refused here, before the folder is touched
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
@@ -360,8 +373,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from rewardbooth.training.finished_run import export_lora
+    from rewardbooth.errors import ConfigError
+    from rewardbooth.training.finished_run import export_lora, export_missing
 
+    if args.format is None:
+        if args.output:
+            raise ConfigError("--output names one file or folder: give --format with it")
+        for fmt, path, written in export_missing(Path(args.run), args.dtype):
+            print(f"{fmt}: {path} ({'written now' if written else 'already there'})")
+        return 0
     written = export_lora(Path(args.run), args.format, Path(args.output) if args.output else None, args.dtype)
     print(f"wrote {written}")
     return 0
@@ -397,7 +417,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rewardbooth.config import parse_override
     from rewardbooth.data.dreambench import load_dreambench
     from rewardbooth.errors import ConfigError
-    from rewardbooth.evaluation.bench import BenchRunner, merge, parse_shard, shard_subjects
+    from rewardbooth.evaluation.bench import FAILED_NAME, BenchRunner, merge, parse_shard, shard_subjects
     from rewardbooth.methods import load_config
 
     if args.merge:
@@ -435,7 +455,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     mine = shard_subjects(subjects, index, count)
     computed = runner.run(mine)
     skipped = len(mine) - len(computed)
-    print(f"shard {index}/{count}: {len(computed)} subject(s) computed, {skipped} already finished (skipped)")
+    failed = [s.name for s in mine if (runner.subject_dir(s) / FAILED_NAME).is_file()]
+    print(f"shard {index}/{count}: {len(computed)} subject(s) computed, {skipped} already finished (skipped)"
+          + (f"; {len(failed)} failed, training diverged: {', '.join(failed)} (subjects/<name>/{FAILED_NAME})" if failed else ""))
     if count == 1:
         print(f"results: {merge([out])}")
     else:
@@ -496,6 +518,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+# After a stop at a checkpointed step (Ctrl-C, SIGTERM): how to carry on.
+STOP_HINTS = {"train": "continue with --resume", "bench": "run the same command again to continue",
+              "demo": "run it again (the stopped training starts over)"}
 COMMANDS = {"ui": cmd_ui, "train": cmd_train, "generate": cmd_generate, "export": cmd_export, "evaluate": cmd_evaluate, "bench": cmd_bench, "demo": cmd_demo}
 
 
@@ -513,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rewardbooth: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        print("rewardbooth: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
+        hint = f"; {STOP_HINTS[args.command]}" if isinstance(exc, Stopped) and args.command in STOP_HINTS else ""
+        print("rewardbooth: interrupted" + (f": {exc}{hint}" if str(exc) else ""), file=sys.stderr)
         return 130
     except OSError as exc:
         import errno

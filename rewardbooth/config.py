@@ -90,6 +90,10 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    # A NaN/inf loss or gradient norm: stop (the last finite checkpoint is kept, no result is written), or
+    # skip that optimizer step, stopping after max_nonfinite_steps skipped in a row.
+    on_nonfinite: str = "stop"  # stop | skip
+    max_nonfinite_steps: int = 10
     mixed_precision: str = "no"  # "no", "fp16" or "bf16"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -169,7 +173,9 @@ class DPGConfig:
     gamma: float = 0.9986
     snr_cap: float = 5.0
     actor_max_timestep: int | None = None  # the actor term only for t below this (None: every t)
-    look_forward: bool = True  # False: the paper's ablation, judging the one-step-denoised x_{t-1} instead of x0_hat
+    # False: the paper's ablation, judging x_{t-20} (one deterministic DDIM step back, methods/dpg.py STEP_BACK_STRIDE:
+    # one step of a 50-step sampler) instead of x0_hat
+    look_forward: bool = True
     # "critic": the paper's DPG, the actor follows a learned critic's gradient; "direct": backpropagate a
     # differentiable reward of the decoded look-forward image (no critic; the reference point for the critic).
     actor: str = "critic"
@@ -244,6 +250,10 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """Every setting under its dotted key, e.g. {"train.steps": 400, ...}."""
+        return {f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -391,9 +401,12 @@ def validate(cfg: RunConfig) -> None:
     ensure(a.targets in LORA_TARGET_PRESETS, f"adapter.targets must be one of {', '.join(LORA_TARGET_PRESETS)}, got {a.targets!r}")
     ensure(t.checkpoint_every >= 0, "train.checkpoint_every must be 0 (off) or positive")
     ensure(t.max_grad_norm > 0, "train.max_grad_norm must be positive")
+    ensure(t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
+    ensure(t.max_nonfinite_steps > 0, f"train.max_nonfinite_steps must be positive, got {t.max_nonfinite_steps}")
     ensure(t.snr_gamma is None or t.snr_gamma > 0, f"train.snr_gamma must be positive (or unset), got {t.snr_gamma}")
     ensure(t.noise_offset >= 0, f"train.noise_offset must be >= 0, got {t.noise_offset}")
-    ensure(not (d.cache_latents and not d.center_crop), "data.cache_latents needs center crops (random crops change the pixels every step)")
+    ensure(not (d.cache_latents and not d.center_crop), "data.cache_latents needs center crops (random crops change the pixels every "
+           "step; DPG's defaults crop at random, as its released script): add --center-crop (data.center_crop=true)")
     ensure(t.ema_decay is None or 0 < t.ema_decay < 1, f"train.ema_decay must be in (0, 1) (or unset), got {t.ema_decay}")
     ensure(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}")
     ensure(t.report_to in (None, *TRACKERS), f"train.report_to must be one of {', '.join(TRACKERS)} (or unset), got {t.report_to!r}")

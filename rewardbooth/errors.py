@@ -21,3 +21,21 @@ class CheckpointError(RewardboothError):
 
 class OutputExistsError(RewardboothError):
     """The output folder already holds something we would overwrite."""
+
+
+class TrainingDiverged(RewardboothError):
+    """A loss or gradient went NaN/inf: the run stopped without a result (its last finite checkpoint is kept)."""
+
+    exit_code = 3
+    opening = "training diverged at step"  # every message starts so: the web app tells it from other errors by it
+
+
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, honoured at a step boundary once the step is checkpointed: a stop, not a crash."""
+
+    def __init__(self, step: int):
+        super().__init__(step)  # the step alone: pickled across bench worker processes and rebuilt from it
+        self.step = step
+
+    def __str__(self) -> str:
+        return f"stopped at step {self.step}"

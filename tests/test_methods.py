@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from rewardbooth import diffusion
 from rewardbooth.methods import load_config
-from rewardbooth.methods.dpg import DPG
+from rewardbooth.methods.dpg import DPG, RELEASED_CRITIC
 from rewardbooth.methods.dreambooth import DreamBooth
 from rewardbooth.methods.rpo import RPO
 from rewardbooth.models.loading import load_components
@@ -312,13 +312,13 @@ def test_dpg_actor_term_is_gamma_to_the_t_weighted_cost(tmp_path, tiny_overrides
         return real_add_noise(scheduler, x0, generator, timesteps=timesteps, noise=noise, **kw)
 
     monkeypatch.setattr(diffusion, "add_noise", planted_add_noise)
-    overrides = dict(tiny_overrides, **{
+    overrides = dict(tiny_overrides, **{**RELEASED_CRITIC, **{  # the released critic, gamma^t weighting, on latents
         "train.method": "dpg", "adapter.kind": "lora", "adapter.train_text_encoder": False, "data.resolution": 32,
         "data.center_crop": True, "train.steps": len(PLANTED_TIMESTEPS), "train.batch_size": 2,
         # Only the actor term is left in the loss.
         "prior.enabled": False, "dpg.instance_weight": 0.0, "dpg.critic_warmup_steps": 0, "dpg.gamma": gamma,
         "evaluation.dino_model": "tiny", "evaluation.clip_model": "tiny", "evaluation.align_model": "tiny",
-    })
+    }})
     if reward == "reward_critic":
         overrides.update({"dpg.reward": "dino", "dpg.critic_optimizer": "adam", "dpg.critic_lr": 1e-3})
     cfg = load_config(overrides=overrides)

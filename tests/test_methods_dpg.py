@@ -10,7 +10,7 @@ import torch
 from rewardbooth import diffusion
 from rewardbooth.methods import load_config
 from rewardbooth.methods.critics import ReconstructionCritic, Replay, RewardCritic, critic_regression_loss, live_fraction
-from rewardbooth.methods.dpg import DPG
+from rewardbooth.methods.dpg import FEATURE_CRITIC, RELEASED_CRITIC, DPG
 from rewardbooth.models.loading import load_components
 from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.training.loop import train
@@ -23,6 +23,7 @@ def dpg_overrides(tiny_overrides):
         "train.method": "dpg", "model.name": "tiny", "adapter.kind": "lora", "adapter.train_text_encoder": False,
         "data.resolution": 32, "data.center_crop": True, "train.learning_rate": 1e-3,
         "evaluation.dino_model": "tiny", "evaluation.clip_model": "tiny", "evaluation.align_model": "tiny",
+        **RELEASED_CRITIC,  # these tests take the released critic apart; the default is the feature critic
     })
 
 
@@ -180,12 +181,38 @@ def test_dino_reward_critic_runs(tmp_path, dpg_overrides):
     assert all(-1.0 <= r["reward_true"] <= 1.0 for r in records)
 
 
-def test_defaults_follow_the_released_script():
+def _dpg_settings(cfg) -> dict:
+    return {key: getattr(cfg.dpg, key.removeprefix("dpg.")) for key in FEATURE_CRITIC}
+
+
+def test_defaults_are_the_released_training_with_the_critic_that_won():
+    """`--method dpg`: the released script's model and training, the feature critic MiniBench chose (DINO reward on
+    the decoded look-forward image's features); `--method dpg-recon`: the released code's critic, one name away."""
     cfg = load_config(overrides={"train.method": "dpg"})
     assert cfg.model.name == "CompVis/stable-diffusion-v1-4"
     assert (cfg.train.learning_rate, cfg.train.steps, cfg.train.batch_size, cfg.data.resolution) == (1e-6, 1000, 1, 512)
     assert cfg.prior.enabled and cfg.adapter.train_text_encoder and cfg.adapter.kind == "full"
-    assert (cfg.dpg.gamma, cfg.dpg.critic_lr, cfg.dpg.critic_optimizer, cfg.dpg.instance_weight) == (0.9986, 0.01, "sgd", 0.0)
+    assert _dpg_settings(cfg) == FEATURE_CRITIC and cfg.dpg.reward == "dino" and cfg.dpg.critic_input == "features"
+    released = load_config(overrides={"train.method": "dpg-recon"})
+    assert released.train.method == "dpg" and _dpg_settings(released) == RELEASED_CRITIC
+    assert (released.dpg.gamma, released.dpg.critic_lr, released.dpg.critic_optimizer, released.dpg.instance_weight) == (0.9986, 0.01, "sgd", 0.0)
+    mine = load_config(overrides={"train.method": "dpg-recon", "dpg.critic_lr": 0.05})  # the user's settings beat the variant's
+    assert mine.dpg.critic_lr == 0.05 and mine.dpg.reward == "recon"
+
+
+def test_cli_train_writes_the_default_dpg_into_its_config(tmp_path, subject_dir):
+    import yaml
+
+    from rewardbooth.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--method", "dpg", "--model", "tiny", "--instance-dir", str(subject_dir), "--class-noun", "toy",
+                 "--output", str(run), "--steps", "1", "--num-class-images", "1", "--set", "prior.generation_steps=1",
+                 "--set", "validation.every=0", "--set", "evaluation.dino_model=tiny", "--set", "evaluation.clip_model=tiny",
+                 "--set", "evaluation.align_model=tiny", "--set", "adapter.kind=lora", "--set", "adapter.train_text_encoder=false",
+                 "--quiet"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert {f"dpg.{k}": v for k, v in saved["dpg"].items() if f"dpg.{k}" in FEATURE_CRITIC} == FEATURE_CRITIC
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 from rewardbooth import diffusion
 from rewardbooth.errors import ConfigError
 from rewardbooth.methods import load_config
-from rewardbooth.methods.dpg import DPG
+from rewardbooth.methods.dpg import DPG, RELEASED_CRITIC
 from rewardbooth.methods.rpo import RPO, preference_labels, preference_loss
 from rewardbooth.models.loading import load_components
 from rewardbooth.training.loop import train
@@ -90,7 +90,7 @@ def test_official_pairing_scores_the_reference_under_the_negatives_prompt(tmp_pa
 # --- DPG ---------------------------------------------------------------------------------------
 @pytest.fixture
 def dpg_overrides(tiny_overrides):
-    return dict(tiny_overrides, **TINY_JUDGES, **{
+    return dict(tiny_overrides, **TINY_JUDGES, **RELEASED_CRITIC, **{  # variants are defined on the released critic
         "train.method": "dpg", "adapter.kind": "lora", "adapter.train_text_encoder": False, "data.resolution": 32,
         "train.learning_rate": 1e-3, "prior.enabled": False})
 

@@ -7,6 +7,7 @@ import csv
 import json
 
 import pytest
+import yaml
 
 from rewardbooth.cli import main
 from rewardbooth.mini.assets import ASSETS_DIR
@@ -59,23 +60,29 @@ def test_mini_bench_refuses_unknown_method(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_learns_a_mini_subject(tmp_path, capsys):
+def test_demo_shows_dreambooth_and_the_reward_method_side_by_side(tmp_path, capsys):
     from PIL import Image
 
     from rewardbooth.demo import run_demo
+    from rewardbooth.methods import baseline_method, showcase_method
 
     report = run_demo(tmp_path / "demo", steps=3, progress=False, images_per_prompt=1)
     html = report.read_text()
+    baseline, shown = baseline_method().name, showcase_method().name
     assert "Did it learn the subject?" in html and "before training" in html
-    # The terminal gets three lines: what is kept, whether prompts are followed, where the report is.
+    assert f"after 3 {baseline} steps" in html and f"after 3 {shown} steps" in html
+    assert "One subject proves nothing" in html and "bench --suite mini" in html
+    # The terminal: the subject, what is kept and whether prompts are followed per column, the caveat, the report.
     printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 3 and "kept in the images" in printed[0] and "still draws what the prompt asks" in printed[1]
-    assert printed[2] == f"report: {report}"
-    # Before and after side by side: one labelled row per prompt, before | after.
-    side = Image.open(tmp_path / "demo" / "report_assets" / "before_after.png")
-    assert side.height >= 13 * 3 * 32 // 1.1 and side.width > 2 * 3 * 32
-    # Only the settings of the method that ran.
-    assert "rpo.beta" not in html and "dpg.gamma" not in html and "train.method" in html
+    assert "kept whole" in printed[1] and printed[1].count("->") == 2 and "still draws" in printed[2]
+    assert printed[-1] == f"report: {report}"
+    # One labelled row per prompt, three groups: before | DreamBooth | the reward method.
+    side = Image.open(tmp_path / "demo" / "report_assets" / "compare.png")
+    assert side.width > 3 * 3 * 32 and side.height >= 13 * 3 * 32 // 1.1
+    for name in (baseline, shown):  # each method an ordinary run folder with its own report
+        run = tmp_path / "demo" / "runs" / name
+        assert (run / "result.json").is_file() and (run / "report.html").is_file()
+        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["method"] == name
     assert len(list((tmp_path / "demo" / "reference").glob("*.png"))) >= 4
     # Running it again says it is done and touches nothing (README's one-liner works twice).
     stamp = report.stat().st_mtime_ns
@@ -84,31 +91,24 @@ def test_demo_learns_a_mini_subject(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_an_interrupted_demo_starts_again(tmp_path, monkeypatch):
+def test_an_interrupted_demo_keeps_finished_runs_and_finishes(tmp_path, monkeypatch):
     import rewardbooth.demo as demo
 
-    real_train = demo.train
+    real_train, calls = demo.train, []
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
+    def second_one_killed(cfg, run_dir, **kwargs):
+        calls.append(cfg.train.method)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(cfg, run_dir, **kwargs)
 
-    monkeypatch.setattr(demo, "train", killed)
+    monkeypatch.setattr(demo, "train", second_one_killed)
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(tmp_path / "demo", steps=2, progress=False, images_per_prompt=1)
     assert not (tmp_path / "demo" / "report.html").exists()
-    monkeypatch.setattr(demo, "train", real_train)
+    monkeypatch.setattr(demo, "train", lambda cfg, run_dir, **kw: calls.append(cfg.train.method) or real_train(cfg, run_dir, **kw))
     report = demo.run_demo(tmp_path / "demo", steps=2, progress=False, images_per_prompt=1)
-    assert report.is_file() and (tmp_path / "demo" / "result.json").is_file()
-
-
-def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path):
-    from rewardbooth.demo import run_demo
-
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep")
-    with pytest.raises(Exception, match="not empty"):
-        run_demo(tmp_path / "mine", steps=2, progress=False)
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert report.is_file() and calls[2:] == calls[1:2]  # only the interrupted method trained again
 
 
 @pytest.mark.slow

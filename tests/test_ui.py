@@ -272,3 +272,45 @@ def test_the_bench_runs_from_the_page_and_shows_its_table(app):
     assert {row["method"] for row in info["table"]} == {"dreambooth", "dpg", "rpo"}
     assert info["report"] and info["plots"]
     assert _request(f"{base}/files/{info['plots'][0]}")[0] == 200
+
+
+# --- a run that ends in a one-line error: a status, not a stack trace ------------------------------------
+@pytest.mark.slow
+def test_a_diverged_run_shows_a_one_line_status(app, photos):
+    base, _ = app()
+    upload, _ = _upload(base, photos[:3])
+    form = {"name": "hot", "upload": upload, "class_noun": "vase", "model": "tiny", "methods": ["dreambooth"], "steps": 20,
+            "settings": "train.learning_rate=1e6\nadapter.kind=full\nprior.num_class_images=2\nprior.generation_steps=2\nvalidation.every=0"}
+    assert _request(base + "/api/train", form)[0] == 200
+    status = _wait(base, "hot", lambda s: s["status"] not in ("running", "unknown"))
+    assert status["status"] == "diverged", status
+    assert status["error"].startswith("training diverged at step ") and "\n" not in status["error"]
+    assert not status["resumable"] and not status["files"]  # the same settings diverge again; no weights to download
+    assert all(value is not None for points in status["curves"].values() for _, value in points)  # NaN steps left out
+
+
+def fake_run(workspace: Workspace, name: str, log: list[str]) -> None:
+    """A run folder with a checkpoint and a NaN metrics line, and the web app's log of the commands run on it."""
+    from rewardbooth.methods import load_config
+
+    run = workspace.run_dir(name)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(load_config(overrides={"model.name": "tiny", "data.class_noun": "vase", "train.steps": 8}).to_yaml())
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": null, "nonfinite": ["loss"]}\n')
+    workspace.log_path(name).parent.mkdir(exist_ok=True)
+    workspace.log_path(name).write_text("\n".join(log) + "\n")
+
+
+def test_status_is_read_from_the_latest_command_in_the_log(tmp_path):
+    workspace = Workspace(tmp_path / "runs")
+    diverged = "rewardbooth: error: training diverged at step 2: loss is nan (grad_norm nan); no checkpoint was saved before it; ..."
+    refused = "rewardbooth: error: --resume: the run was trained with other settings: train.learning_rate 1 -> 0.1 (...)"
+    fake_run(workspace, "a", ["$ rewardbooth train --output a", diverged])
+    fake_run(workspace, "b", ["$ rewardbooth train --output b", diverged, "$ rewardbooth train --resume --output b", refused])
+    fake_run(workspace, "c", ["$ rewardbooth train --output c", diverged, "$ rewardbooth train --resume --output c",
+                              "rewardbooth: interrupted: stopped at step 5; continue with --resume"])
+    a, b, c = (workspace.status(name) for name in "abc")
+    assert (a["status"], a["error"]) == ("diverged", diverged.removeprefix("rewardbooth: error: "))
+    assert (b["status"], b["error"]) == ("failed", refused.removeprefix("rewardbooth: error: ")) and b["resumable"]
+    assert (c["status"], c["error"]) == ("stopped", None)
+    assert a["curves"]["loss"] == [[1, 0.5]]

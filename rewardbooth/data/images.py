@@ -206,21 +206,21 @@ def tile_rows(
     resample: Image.Resampling = Image.Resampling.LANCZOS,
     left: int = 0,
     top: int = 0,
-    gap_after: int | None = None,
+    group: int | None = None,
     gap: int = 12,
 ) -> tuple[Image.Image, list[int], list[int]]:
     """The one image tiler: rows of images as cells of one size (`cell`, default the first image's),
     `pad` pixels around and between cells, margins `left` and `top` (for labels), and a wider `gap`
-    before column `gap_after`. Returns the canvas and the cells' column x and row y origins.
+    after every `group` columns (before | after | ...). Returns the canvas and the cells' column x and row y origins.
 
-    Size: width = left + pad + cols * (w + pad) (+ gap), height = top + pad + rows * (h + pad).
+    Size: width = left + pad + cols * (w + pad) (+ gap per group boundary), height = top + pad + rows * (h + pad).
     """
     rows = [list(row) for row in rows if len(row)]
     if not rows:
         raise ValueError("nothing to tile: no images")
     w, h = cell or rows[0][0].size
     cols = max(len(row) for row in rows)
-    xs = [left + pad + k * (w + pad) + (gap if gap_after and k >= gap_after else 0) for k in range(cols)]
+    xs = [left + pad + k * (w + pad) + (gap * (k // group) if group else 0) for k in range(cols)]
     ys = [top + pad + r * (h + pad) for r in range(len(rows))]
     canvas = Image.new("RGB", (xs[-1] + w + pad, ys[-1] + h + pad), background)
     for y, row in zip(ys, rows):
@@ -261,25 +261,26 @@ def _thumbnail(image: Image.Image, max_side: int) -> Image.Image:
     return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
 
 
-def save_labelled_rows(rows: list[tuple[str, list[Image.Image]]], path: Path, scale: int = 1, gap_after: int | None = None,
+def save_labelled_rows(rows: list[tuple[str, list[Image.Image]]], path: Path, scale: int = 1, group: int | None = None,
                        header: list[str] | None = None) -> Path:
-    """One row of images per label, the label written at the row's left; a wider gap after
-    `gap_after` images (e.g. before | after); optional column headers over the two halves."""
+    """One row of images per label, the label written at the row's left; a wider gap after every
+    `group` images (e.g. before | after), and optional column headers, one over each group."""
 
     font = ImageFont.load_default()
     w, h = rows[0][1][0].size
     label_width = 8 + max(int(font.getlength(label)) for label, _ in rows)
     canvas, xs, ys = tile_rows([images for _, images in rows], cell=(w * scale, h * scale), resample=Image.Resampling.NEAREST,
-                               background="white", left=label_width - 2, top=16 if header else 0, gap_after=gap_after)
+                               background="white", left=label_width - 2, top=16 if header else 0, group=group)
+    starts = [xs[k * (group or 0)] for k in range(len(header or []))]
     if header:  # room for the last header's text
-        width = max(canvas.width, xs[gap_after or 0] + int(font.getlength(header[-1])) + 4)
+        width = max(canvas.width, starts[-1] + int(font.getlength(header[-1])) + 4)
         if width > canvas.width:
             wider = Image.new("RGB", (width, canvas.height), "white")
             wider.paste(canvas, (0, 0))
             canvas = wider
     draw = ImageDraw.Draw(canvas)
-    for text, column in zip(header or [], (0, gap_after or 0)):
-        draw.text((xs[column], 2), text, fill="black", font=font)
+    for text, x in zip(header or [], starts):
+        draw.text((x, 2), text, fill="black", font=font)
     for y, (label, _) in zip(ys, rows):
         draw.text((4, y + h * scale // 2 - 6), label, fill="black", font=font)
     path = Path(path)

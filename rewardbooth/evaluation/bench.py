@@ -5,6 +5,7 @@ Layout of a bench folder (one method):
     subjects/<name>/run/          the training run (resumed if interrupted)
     subjects/<name>/images/       generated PNGs + metadata.jsonl
     subjects/<name>/scores.json   per-image scores; its presence marks the subject finished
+    subjects/<name>/failed.json   instead: its training diverged (the error); counted as failed, never scored
     results.csv, results.json, report.html   written by merge
 Shards (--shard i/N) take every N-th subject, so processes or machines sharing the folder never
 touch the same subject; `merge` combines whatever is finished.
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from rewardbooth.config import RunConfig
 from rewardbooth.data.dreambench import DreamBench, DreamBenchSubject, load_dreambench
 from rewardbooth.data.images import load_image, load_image_folder, save_image_grid
-from rewardbooth.errors import ConfigError, OutputExistsError
+from rewardbooth.errors import ConfigError, OutputExistsError, TrainingDiverged
 from rewardbooth.evaluation.figures import plot_bars, plot_tradeoff
 from rewardbooth.evaluation.metrics import METRICS, ImageScore, Scorer, read_generated_folder, summarize
 from rewardbooth.evaluation.report import ReportSection, write_report
@@ -39,6 +40,7 @@ from rewardbooth.training.loop import train
 from rewardbooth.training.run_dir import RunFolder, prepare_run_dir
 
 BENCH_INFO = "bench.json"
+FAILED_NAME = "failed.json"
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -99,11 +101,15 @@ class BenchRunner:
         self.check_folder()
         done = []
         for subject in tqdm(subjects, desc="subjects", disable=not self.progress):
-            if (self.subject_dir(subject) / "scores.json").is_file():
+            if self.is_done(subject):
                 continue
             self.run_subject(subject)
             done.append(subject.name)
         return done
+
+    def is_done(self, subject: DreamBenchSubject) -> bool:
+        """Scored, or failed: a diverged run would diverge again at the same step (same settings, same seed)."""
+        return any((self.subject_dir(subject) / name).is_file() for name in ("scores.json", FAILED_NAME))
 
     def run_subject(self, subject: DreamBenchSubject) -> None:
         folder = self.subject_dir(subject)
@@ -111,7 +117,12 @@ class BenchRunner:
         if not RunFolder(run_dir).is_finished():
             resume = (run_dir / "config.yaml").is_file()
             prepare_run_dir(run_dir, resume=resume, overwrite=False)
-            train(self.subject_config(subject), run_dir, resume=resume, progress=self.progress)
+            try:
+                train(self.subject_config(subject), run_dir, resume=resume, progress=self.progress)
+            except TrainingDiverged as exc:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / FAILED_NAME).write_text(json.dumps({"subject": subject.name, "error": str(exc)}, indent=1))
+                return
         _, pipe = load_run_pipeline(run_dir, device=self.scorer.device, weights_dir=self.weights_dir(run_dir))
         prompts = subject.prompts(self.cfg.data.identifier)
         settings = SampleSettings(steps=self.sample_steps, guidance_scale=self.guidance_scale, seed=self.cfg.train.seed,
@@ -144,6 +155,10 @@ class BenchRunner:
         """Suites with more judges add their per-image numbers to `scores[i].extra` here."""
 
 
+def load_failures(bench_dir: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted((Path(bench_dir) / "subjects").glob(f"*/{FAILED_NAME}"))]
+
+
 def load_scores(bench_dir: Path) -> list[ImageScore]:
     scores = []
     for path in sorted((Path(bench_dir) / "subjects").glob("*/scores.json")):
@@ -164,22 +179,23 @@ def summarize_folders(bench_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
         if not (bench_dir / BENCH_INFO).is_file():
             raise ConfigError(f"{bench_dir} is not a bench folder (no {BENCH_INFO})")
         info = json.loads((bench_dir / BENCH_INFO).read_text())
-        scores = load_scores(bench_dir)
-        if not scores:
+        scores, failed = load_scores(bench_dir), load_failures(bench_dir)
+        if not scores and not failed:
             raise ConfigError(f"{bench_dir} has no finished subjects yet")
         per_subject = summarize(scores, "subject")
-        overall = summarize(scores)[0]
+        overall = summarize(scores)[0] if scores else {"scope": "overall", "images": 0}
         for metric in [k for k in overall if k not in ("scope", "images")]:  # spread over subjects: subjects are the sample
             values = [row[metric] for row in per_subject if not math.isnan(row[metric])]
             overall[f"{metric}_std_over_subjects"] = pstdev(values) if len(values) > 1 else 0.0
         result = {"method": info["method"], "model": info["model"], "judges": info["judges"], "subjects": len(per_subject),
-                  "overall": overall, "per_subject": per_subject, "per_prompt": summarize(scores, "prompt")}
+                  "failed": failed, "overall": overall, "per_subject": per_subject, "per_prompt": summarize(scores, "prompt")}
         (bench_dir / "results.json").write_text(json.dumps(result, indent=2))
         rows = [{k: v for k, v in asdict(s).items() if k != "extra"} | s.extra for s in scores]
-        with (bench_dir / "results.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        if rows:
+            with (bench_dir / "results.csv").open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
         methods.append((bench_dir, info, result))
     return methods
 
@@ -195,11 +211,15 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]],
     for d, _, r in methods:
         overall = r["overall"]
         metrics = [k for k in overall if k not in ("scope", "images") and not k.endswith("_std_over_subjects")]
-        table.append({"method": labels[d], "folder": str(d), "subjects": r["subjects"], "images": overall["images"],
-                      **{m: f"{overall[m]:.4f} ± {overall[m + '_std_over_subjects']:.4f}" for m in metrics}})
+        table.append({"method": labels[d], "folder": str(d), "subjects": r["subjects"], "failed": len(r.get("failed", [])),
+                      "images": overall["images"], **{m: f"{overall[m]:.4f} ± {overall[m + '_std_over_subjects']:.4f}" for m in metrics}})
     judges = methods[0][2]["judges"]
     text = "mean over all images ± standard deviation over subjects; judges: " + ", ".join(f"{k}={v}" for k, v in judges.items())
     sections = [ReportSection("Overall", text, table=table), *(extra_sections or [])]
+    failures = [{"method": labels[d], "subject": f["subject"], "error": f["error"]} for d, _, r in methods for f in r.get("failed", [])]
+    if failures:
+        sections.insert(1, ReportSection("Failed subjects", "training diverged: no result, not scored (nor in the means above)",
+                                         table=failures))
     names = sorted({row["subject"] for _, _, r in methods for row in r["per_subject"]})
     series = {labels[d]: {row["subject"]: row for row in r["per_subject"]} for d, _, r in methods}
     chart_images = []
@@ -209,7 +229,7 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]],
             points = {m: [(rows[n][x], rows[n][y]) for n in names if n in rows] for m, rows in series.items()}
             path = plot_tradeoff(points, assets / f"tradeoff_{x}_{y}.png", x, y, title="subjects (dots) and mean (star)")
             chart_images.append((str(path.relative_to(report_dir)), f"{x} vs {y}: fidelity vs text alignment"))
-    for metric in [*METRICS, *(m for m in ("identity_kept", "prompt_ok") if m in present)]:
+    for metric in [*METRICS, *(m for m in ("identity_kept", "prompt_ok") if m in present)] if names else []:
         path = plot_bars(names, {m: [rows[n][metric] if n in rows else float("nan") for n in names] for m, rows in series.items()},
                          assets / f"{metric}.png", title=f"{metric} per subject")
         chart_images.append((str(path.relative_to(report_dir)), metric))

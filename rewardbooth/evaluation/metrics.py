@@ -122,8 +122,8 @@ def format_table(rows: list[dict]) -> str:
     """A plain-text table for the terminal."""
     if not rows:
         return "(no rows)"
-    keys = list(rows[0])
-    cells = [[f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # rows may lack a column (a bench method with no scored subject)
+    cells = [[f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys] for r in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
     lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]

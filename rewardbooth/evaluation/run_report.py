@@ -39,12 +39,12 @@ def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: l
     plot = plot_metrics(train_records, panels, run_dir / "report_assets" / "loss.png", title="training")
     if plot is not None:
         last = train_records[-1]
-        text = f"step {last['step']}: " + ", ".join(f"{k} {last[k]:.4f}" for k in keys if k in last)
+        text = f"step {last['step']}: " + _numbers(last, keys)
         sections.append(ReportSection("Training curves", text, images=[("report_assets/loss.png", "per logged step")]))
     validation_records = [r for r in records if r.get("validation")]
     keys = _numeric_keys(validation_records, skip={"step", "validation"})
     if plot_metrics(validation_records, keys, run_dir / "report_assets" / "validation.png", title="validation") is not None:
-        text = "; ".join(f"step {r['step']}: " + ", ".join(f"{k} {r[k]:.4f}" for k in keys if k in r) for r in validation_records)
+        text = "; ".join(f"step {r['step']}: " + _numbers(r, keys) for r in validation_records)
         if result is not None and result.selected_step != result.last_step:
             text += f". Selected weights: step {result.selected_step} (best validation)."
         sections.append(ReportSection("Validation curve", text, images=[("report_assets/validation.png", "per validation")]))
@@ -77,3 +77,8 @@ def _numeric_keys(records: list[dict], skip: set[str]) -> list[str]:
             if key not in skip and isinstance(value, (int, float)) and not isinstance(value, bool):
                 keys[key] = None
     return list(keys)
+
+
+def _numbers(record: dict, keys: list[str]) -> str:
+    # null: a NaN/inf value (metrics.jsonl is strict JSON)
+    return ", ".join(f"{k} {'nan' if record[k] is None else format(record[k], '.4f')}" for k in keys if k in record)

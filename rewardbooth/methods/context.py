@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,13 +93,16 @@ class TrainContext:
     def owned_backward(self, loss: torch.Tensor, optimizer, parameters, max_grad_norm: float | None = None) -> bool:
         """Backward of a method-owned loss (e.g. DPG's critic) and its optimizer's step, once per
         optimizer step: like the main loss, gradients accumulate over the micro-batches and the
-        step comes on the one that syncs. Returns whether the optimizer stepped."""
+        step comes on the one that syncs. Returns whether the optimizer stepped: a NaN/inf gradient is
+        dropped, not stepped, so the module stays finite (the loop reports the NaN loss it logs)."""
         acc = self.accelerator
         (loss / acc.gradient_accumulation_steps).backward()
         if not acc.sync_gradients:
             return False
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm is not None else math.inf)
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            return False
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return True

@@ -285,10 +285,12 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
     folders = [out / bench_folder_name(m, b) for b in budget_list for m in configs]
     summarized = summarize_folders(folders)
     results = {folder.name: result for folder, _, result in summarized}
-    summary = {name: result["overall"] for name, result in results.items()}
+    summary = {name: {**result["overall"], "failed": len(result["failed"])} for name, result in results.items()}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     with (out / "results.csv").open("w", newline="") as f:  # one row per method (and budget): means and spread over subjects
-        writer = csv.DictWriter(f, fieldnames=["method", *[k for k in next(iter(summary.values())) if k != "scope"]])
+        # every row's keys: a method whose every subject diverged has no means
+        columns = dict.fromkeys(k for row in summary.values() for k in row if k != "scope")
+        writer = csv.DictWriter(f, fieldnames=["method", *columns])
         writer.writeheader()
         writer.writerows({"method": name, **{k: v for k, v in row.items() if k != "scope"}} for name, row in summary.items())
     paired = paired_by_budget(results, list(configs), budget_list)

@@ -8,6 +8,7 @@ own modules beside this one; this file is the order of things.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rewardbooth.config import RunConfig
+from rewardbooth.errors import Stopped
 from rewardbooth.methods import Method, get_method
 from rewardbooth.methods.context import TrainContext
 from rewardbooth.models.loading import load_components
@@ -28,7 +30,9 @@ from rewardbooth.rewards.encoders import park_encoders
 from rewardbooth.training import memory
 from rewardbooth.training.checkpoints import Checkpoints
 from rewardbooth.training.memory import MemoryEstimate
+from rewardbooth.training.nonfinite import GRAD_NORM, NonFiniteGuard
 from rewardbooth.training.options import WeightEMA, check_optional_packages, make_optimizer, nothing_applied, tracker_config
+from rewardbooth.training.resume import record_run_start
 from rewardbooth.training.run_dir import MetricsLog, RunFolder, RunResult, atomic_write_text, run_lock
 from rewardbooth.training.selection import Selection, SelectionScorer
 from rewardbooth.training.setup import attach_trainable, choose_threads, estimate_memory, place_frozen
@@ -69,6 +73,7 @@ class Trainer:
         self.ema: WeightEMA | None = None
         self.memory_estimate: MemoryEstimate | None = None
         self.stop_requested = False
+        self.stepping = False  # inside the training steps, where a stop waits for the step's checkpoint
         # accelerate keeps one global state per process; a library that runs several trainings in
         # one process (bench, tests) must clear its precision settings between them.
         AcceleratorState._reset_state()
@@ -83,32 +88,42 @@ class Trainer:
         self.metrics = MetricsLog(self.folder.metrics, enabled=acc.is_main_process)
         self.selection = Selection(cfg, self.method, self.run_dir, scorer)
         self.weights = WeightWriter(acc, cfg, self.ema_applied)
+        self.nonfinite = NonFiniteGuard(cfg.train, acc, self.run_dir)
 
     def ema_applied(self):
         """With train.ema_decay, the EMA weights stand in for the trained ones (validation, selection, export)."""
         return self.ema.applied() if self.ema is not None else nothing_applied()
 
-    def _stop_on_sigterm(self):
-        """SIGTERM (the web UI's Stop) finishes the current step, checkpoints and exits; a
-        library caller in another thread, or several processes, keep the default handling."""
+    def _stop_on_signals(self):
+        """Ctrl-C and SIGTERM (the web UI's Stop) finish the current step, checkpoint it and raise Stopped;
+        outside the steps (set-up, the final writes) nothing is half done, so they interrupt at once, as does
+        a second Ctrl-C. A library caller in another thread, or several processes, keep the default handling."""
         if threading.current_thread() is not threading.main_thread() or self.accelerator.num_processes > 1:
             return nullcontext()
 
+        def request_stop(signum, frame):
+            if not self.stepping or (signum == signal.SIGINT and self.stop_requested):
+                raise KeyboardInterrupt
+            if signum == signal.SIGINT and not self.stop_requested:
+                os.write(2, b"\nrewardbooth: stopping after this step (Ctrl-C again aborts)\n")  # print() is unsafe here
+            self.stop_requested = True
+
         @contextmanager
-        def handler():
-            previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "stop_requested", True))
+        def handlers():
+            previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
             try:
                 yield
             finally:
-                signal.signal(signal.SIGTERM, previous)
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
 
-        return handler()
+        return handlers()
 
     def run(self, resume: bool = False) -> TrainResult:
         """Train (holding the run folder's lock), or on resume of a finished run return its result."""
         if resume and (finished := self.finished_result()) is not None:
             return finished
-        with run_lock(self.run_dir) if self.accelerator.is_main_process else nullcontext(), self._stop_on_sigterm():
+        with run_lock(self.run_dir) if self.accelerator.is_main_process else nullcontext(), self._stop_on_signals():
             return self._run(resume)
 
     def finished_result(self) -> TrainResult | None:
@@ -164,6 +179,7 @@ class Trainer:
         for section, key in ((cfg.data, "instance_dir"), (cfg.prior, "class_dir")):
             if getattr(section, key):
                 setattr(section, key, str(Path(getattr(section, key)).expanduser().resolve()))
+        record_run_start(cfg, self.run_dir, resume, write=acc.is_main_process)  # refuses resuming under other settings
         if acc.is_main_process:
             atomic_write_text(self.folder.config, cfg.to_yaml())
         ctx, trained, optimizer, lr_scheduler = self._setup()
@@ -181,23 +197,31 @@ class Trainer:
         count, done = 0, start_step  # done: steps finished (a resumed, already finished run trains none)
         tick = time.perf_counter()
         memory.take_device_peak(acc.device)  # set-up's peak (class images, labels) is not the steps'
+        self.stepping = True
         for step in bar:
+            terms, bad = [], None  # this step's logged values per micro-batch; the non-finite step's values
             for micro in range(t.gradient_accumulation_steps):
                 with acc.accumulate(*trained):
                     loss, logs = self.method.loss(ctx, step_generator(t.seed, step, micro, acc.process_index))
+                    terms.append({"loss": loss.detach(), **logs})
                     acc.backward(loss)
                     if acc.sync_gradients:
-                        acc.clip_grad_norm_(params_to_clip, t.max_grad_norm)
+                        bad = self.nonfinite.check(terms, acc.clip_grad_norm_(params_to_clip, t.max_grad_norm))
+                        if bad is not None:
+                            optimizer.zero_grad(set_to_none=True)  # no update from it: the weights stay finite
                     optimizer.step()  # accelerate steps (and zeroes) only on the micro-batch that syncs
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     if self.ema is not None and acc.sync_gradients:
                         self.ema.step()
-                # Sums stay on the device: no host sync until a log line is written.
-                for key, value in {"loss": loss.detach(), **logs}.items():
+                for key, value in terms[-1].items():
                     sums[key] = sums.get(key, 0) + torch.as_tensor(value, device=acc.device).float()
                 count += 1
             done = step + 1
+            if bad is not None and self.nonfinite.must_stop():
+                self._log(done, sums, count, tick, lr_scheduler, bad)  # the bad step's line: null and flagged
+                bar.close()
+                raise self.nonfinite.error(done, bad)
             if done % t.log_every == 0 or done == t.steps:
                 self._log(done, sums, count, tick, lr_scheduler)
                 sums, count, tick = {}, 0, time.perf_counter()
@@ -209,22 +233,29 @@ class Trainer:
             if done in t.save_steps and done != t.steps:
                 self.weights.save_budget(ctx, self.folder.budget_dir(done), done, self.selection.selected_step(done), self._best_dir())
             # The last step is checkpointed too, so a finished run can continue with a larger --steps;
-            # SIGTERM stops at this step boundary, resumable from here.
+            # Ctrl-C / SIGTERM stop at this step boundary, resumable from here.
             if (t.checkpoint_every and (done % t.checkpoint_every == 0 or done == t.steps)) or self.stop_requested:
+                self.nonfinite.check_weights(params_to_clip, done)
                 checkpoints.save(done)
             if self.stop_requested:
                 bar.close()
-                raise KeyboardInterrupt(f"stopped at step {done}; continue with --resume")
+                raise Stopped(done)
+        self.stepping = False
         bar.close()
+        self.nonfinite.check_weights(params_to_clip, done)  # before the result is written
         if cfg.validation.every and done % cfg.validation.every != 0:
             self.validate(ctx, done)
         return self._finish(ctx, done)
 
-    def _log(self, step: int, sums: dict, count: int, tick: float, lr_scheduler) -> None:
+    def _log(self, step: int, sums: dict, count: int, tick: float, lr_scheduler, nonfinite: dict | None = None) -> None:
         acc, t = self.accelerator, self.cfg.train
         record = {key: acc.reduce(value / count, reduction="mean").item() for key, value in sums.items()}
         record.update(step=step, lr=lr_scheduler.get_last_lr()[0],
                       seconds_per_step=(time.perf_counter() - tick) * t.gradient_accumulation_steps / count)
+        if self.nonfinite.skipped:
+            record["skipped_nonfinite"], self.nonfinite.skipped = self.nonfinite.skipped, 0
+        if nonfinite and GRAD_NORM in nonfinite:  # the step that stops the run: its gradient norm too
+            record[GRAD_NORM] = nonfinite[GRAD_NORM]
         if (peak := memory.take_device_peak(acc.device)) is not None:
             record["peak_memory_gib"] = round(peak, 3)
         self.metrics.write(record)

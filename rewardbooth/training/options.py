@@ -47,11 +47,7 @@ def make_optimizer(groups: list[dict], t) -> torch.optim.Optimizer:
 
 def tracker_config(cfg) -> dict:
     """The run's settings flattened to the scalars trackers accept (lists and None as text)."""
-    flat = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in cfg.to_flat_dict().items()}
 
 
 class WeightEMA:

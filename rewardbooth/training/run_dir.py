@@ -5,6 +5,7 @@ loop, the web app, the bench, the report, the demo) goes through here."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from rewardbooth.methods import method_registry
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 RESULT_NAME = "result.json"
+HISTORY_NAME = "history.jsonl"  # one line per start and resume of the run (training/resume.py)
 REPORT_NAME = "report.html"
 CHECKPOINT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"  # validation images, samples/step-000100/
@@ -35,7 +37,7 @@ WEIGHT_ENTRIES = {f"{stem}{dtype}{ext}" for stem, ext in (("pytorch_lora_weights
 # What a run folder may hold; --overwrite refuses a folder with anything else in it.
 # (and what methods write into it: Method.run_files, e.g. class images, negatives).
 RUN_ENTRIES = {RUN_MARKER, LOCK_NAME, STAGING_NAME, CONFIG_NAME, METRICS_NAME, CHECKPOINT_DIR, SAMPLES_DIR, BEST_DIR, BUDGETS_DIR,
-               REPORT_NAME, "report_assets", RESULT_NAME, "generated", "reference", "logs", *WEIGHT_ENTRIES}
+               REPORT_NAME, "report_assets", RESULT_NAME, HISTORY_NAME, "generated", "reference", "logs", *WEIGHT_ENTRIES}
 
 
 def run_entries() -> set[str]:
@@ -269,9 +271,14 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        """Strict JSON: a NaN/inf value is written as null and its key listed under "nonfinite"."""
+        if not self.enabled:
+            return
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            record = {**{k: None if k in bad else v for k, v in record.items()}, "nonfinite": bad}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 def read_metrics(path: Path) -> list[dict]:

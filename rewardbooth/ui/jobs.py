@@ -22,7 +22,7 @@ import yaml
 
 from rewardbooth.data.images import IMAGE_EXTENSIONS, load_image
 from rewardbooth.config import parse_override
-from rewardbooth.errors import ConfigError, ImageFolderError, RewardboothError
+from rewardbooth.errors import ConfigError, ImageFolderError, RewardboothError, TrainingDiverged
 from rewardbooth.methods import baseline_method, get_method, load_config, method_names, method_registry
 from rewardbooth.models.export import KOHYA_WEIGHTS_NAME
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
@@ -35,6 +35,7 @@ LOGS = ".ui-logs"
 REJECTED = "rejected"  # uploads that failed the checks: kept, never trained on
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 MIN_PHOTOS, MAX_PHOTOS = 3, 10
+ERROR_OPENING = "rewardbooth: error: "  # how the CLI prints a RewardboothError: one line
 
 
 class UIError(ConfigError):
@@ -204,8 +205,11 @@ class Workspace:
         return [{"name": name, "summary": cls.summary, "baseline": cls is baseline_method()} for name, cls in method_registry().items()]
 
     def _log_tail(self, name: str, lines: int = 40) -> list[str]:
+        """The last lines the latest command wrote (the log keeps every start and resume of the run)."""
         log = self.log_path(name)
-        return log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:] if log.is_file() else []
+        text = log.read_text(encoding="utf-8", errors="replace").splitlines() if log.is_file() else []
+        starts = [i for i, line in enumerate(text) if line.startswith("$ rewardbooth ")]
+        return text[starts[-1] if starts else 0:][-lines:]
 
     def status(self, name: str) -> dict:
         run_dir = self.run_dir(name)
@@ -221,14 +225,17 @@ class Workspace:
         elif folder.is_finished() or (run_dir / "results.csv").is_file():
             state = "finished"
         elif error:
-            state = "crashed"
+            # One line: a refusal (bad input, a resume under other settings) or a diverged run; a traceback: a crash.
+            one_line = error.startswith(ERROR_OPENING)
+            error = error.removeprefix(ERROR_OPENING)
+            state = "crashed" if not one_line else "diverged" if error.startswith(TrainingDiverged.opening) else "failed"
         elif any(line.startswith("rewardbooth: interrupted") for line in tail):
             state = "stopped"
         elif job is not None and job.process.returncode not in (None, 0):
             state, error = "crashed", (tail[-1] if tail else f"exited with code {job.process.returncode}")
         else:
             state = "stopped" if (run_dir / CHECKPOINT_DIR).is_dir() else "unknown"
-        info = {"name": name, "status": state, "error": error if state == "crashed" else None}
+        info = {"name": name, "status": state, "error": error if state in ("crashed", "failed", "diverged") else None}
         if folder.config.is_file():
 
             cfg = yaml.safe_load(folder.config.read_text())
@@ -242,13 +249,14 @@ class Workspace:
             info.update(method=cfg["train"]["method"], model=cfg["model"]["name"], class_noun=cfg["data"]["class_noun"],
                         step=step, total=total, progress=round(100 * min(step, total) / total),
                         eta_seconds=round(seconds * (total - step)) if seconds and state == "running" else None,
-                        curves={key: [[r["step"], r[key]] for r in records if key in r]
+                        curves={key: [[r["step"], r[key]] for r in records if r.get(key) is not None]  # null: NaN
                                 for key in self._curve_keys(cfg["train"]["method"]) if any(key in r for r in records)},
                         samples=[str(p.relative_to(self.root)) for p in folder.sample_grids()],
                         files={label: str(p.relative_to(self.root)) for label, p in
                                (("report", folder.report), ("LoRA (diffusers)", run_dir / LORA_WEIGHTS_NAME),
                                 ("LoRA (kohya / A1111 / ComfyUI)", run_dir / KOHYA_WEIGHTS_NAME)) if p.is_file()},
-                        resumable=state in ("stopped", "crashed") and (run_dir / CHECKPOINT_DIR).is_dir())
+                        # a diverged run resumed as it is diverges again at the same step
+                        resumable=state in ("stopped", "crashed", "failed") and (run_dir / CHECKPOINT_DIR).is_dir())
         return info
 
     @staticmethod
