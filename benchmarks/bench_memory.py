@@ -43,7 +43,7 @@ SETUPS = {  # name -> config overrides
 METHODS = {  # row label -> (method, overrides)
     "dreambooth": ("dreambooth", {}),
     "rpo": ("rpo", {}),
-    "dpg (recon critic)": ("dpg", {}),
+    "dpg (recon critic)": ("dpg", {"dpg.reward": "recon", "dpg.critic_input": "latent"}),  # the released critic (dpg-recon)
     "dpg (direct / feature critic)": ("dpg", {"dpg.actor": "direct", "dpg.reward": "dino"}),
 }
 MODELS = {"SD 1.5 (512 px)": "sd15-random", "SDXL (1024 px)": "sdxl-random"}
@@ -118,8 +118,8 @@ def table_estimate(preset_name: str, method_name: str, overrides: dict, resoluti
     # The forward passes are traced on CPU stand-ins of the meta weights.
     ctx = TrainContext(cfg, Path("."), SimpleNamespace(device=torch.device("cpu")), components, resolution, weight_dtype)
     ctx.unet = components.unet
-    if method_name == "dpg":  # the released critic judges latents; the direct actor decodes (no encoder on fake tensors)
-        method.actor = SimpleNamespace(decodes=cfg.dpg.actor == "direct",
+    if method_name == "dpg":  # the released critic judges latents; the direct actor and the feature critic decode (no encoder on fake tensors)
+        method.actor = SimpleNamespace(decodes=cfg.dpg.actor == "direct" or cfg.dpg.critic_input == "features",
                                        judge=SimpleNamespace(decode=lambda latents: decode_latents(ctx, latents), encoder=None))
     trained = [p for group in groups for p in group["params"]]
     # On a GPU the trainer keeps T5 / Qwen3 in CPU memory (unless model.offload_text_encoders=false);
@@ -246,7 +246,7 @@ def cmd_measure(args) -> None:
                       f"{r['measured'] / r['estimate']:.2f} | {r['how']} |", flush=True)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     table = sub.add_parser("table", help="SD 1.5 / SDXL set-ups against 12 and 24 GB, flow models against 16 / 24 / 48 GB")
@@ -257,6 +257,11 @@ def main() -> None:
     measure.add_argument("--steps", type=int, default=3)
     measure.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     measure.add_argument("--setups", nargs="+", default=["LoRA fp32", "full bf16 + checkpointing"], choices=list(SETUPS))
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     {"table": cmd_table, "measure": cmd_measure}[args.command](args)
 

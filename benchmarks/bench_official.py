@@ -212,7 +212,7 @@ def pairs(args, model: Path, subject: Path, work: Path, repeat: int, flux: tuple
                           f"--max_train_steps={steps}", "--learning_rate=1e-6", f"--num_class_images={n}",
                           "--lr_scheduler=constant", "--train_text_encoder", "--seed", "23",
                           shim=() if args.dpg_anomaly_detection else ("--no-anomaly-detection",))
-        out.append(Pair("dpg vs official", theirs, [ours("dpg", "rewardbooth", "dpg")]))  # DPG's defaults: the released command
+        out.append(Pair("dpg vs official", theirs, [ours("dpg", "rewardbooth", "dpg-recon")]))  # the released command and critic
     if args.official_rpo and "rpo" in wanted:
         every = args.rpo_validation_every
         theirs = official(Path(args.official_rpo) / "train.py", "--reference_data_dir", str(subject),
@@ -338,7 +338,7 @@ def plot_phases(rows: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official-dpg", help="checkout of wfanyue/DPG-T2I-Personalization")
     parser.add_argument("--official-rpo", help="checkout of andrew-miao/RPO (needs torchmetrics, see docs/research-code-notes.md)")
@@ -359,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", type=Path, help="folder to keep every run's whole output in (default: none kept)")
     parser.add_argument("--plot", type=Path, help="also draw the table as stacked bars (set-up / training / after) into this PNG")
     parser.add_argument("--replot", type=Path, help="only draw --plot from a saved output of this script (no runs)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.replot:
         if not args.plot:

@@ -45,7 +45,7 @@ def variance_components(a: dict, b: dict) -> tuple[float, float, int, float]:
     return max(between_of_means - within / n, 0.0), within, len(subjects), n
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bench", type=Path)
     ap.add_argument("--a", required=True, help="method folder, e.g. dpg@400")
@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-seconds", type=float, default=80.0, help="CPU seconds to train one subject (one method)")
     ap.add_argument("--image-seconds", type=float, default=0.3, help="CPU seconds per generated and judged image")
     ap.add_argument("--budget-subjects", type=int, default=24, help="the reference design: this many subjects at K=2")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     sb, sw, s, n = variance_components(read_images(args.bench / args.a, args.metric), read_images(args.bench / args.b, args.metric))
     print(f"{args.a} - {args.b} on {args.metric}: {s} subjects, {n:.0f} images each")

@@ -19,7 +19,7 @@ ENCODER_OF = {"dino": "dino", "clip_i": "clip", "clip_t": "clip", "align_i": "al
               "lambda_harmonic": "align"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=32, help="images to score")
     parser.add_argument("--kind", nargs="+", choices=("dino", "clip", "align"), default=["dino", "clip", "align"],
@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     return parser.parse_args(argv)
 
 

@@ -23,7 +23,7 @@ RESULT_TAG = "BENCH_SAMPLING_RESULT "
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mini", help="preset, hub id or folder (default mini)")
     parser.add_argument("--prompts", type=int, default=4, help="distinct prompts")
@@ -34,6 +34,11 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
     return parser.parse_args(argv)
 
 

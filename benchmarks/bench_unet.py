@@ -27,7 +27,7 @@ import torch.nn.functional as F
 VARIANTS = ("fp32", "bf16-autocast", "channels-last", "channels-last+bf16", "compile", "compile+bf16")
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="SD-shaped preset, hub id or folder (default tiny)")
     parser.add_argument("--resolution", type=int, default=128, help="pixels (default 128)")
@@ -36,6 +36,11 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes per variant first")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(args.variants) - set(VARIANTS))

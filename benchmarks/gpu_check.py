@@ -45,7 +45,7 @@ METHODS = ("dreambooth", "rpo", "dpg")
 INT8 = "-int8"
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny models, one timed step: checks every path")
     parser.add_argument("--models", default=MODELS)
@@ -53,6 +53,11 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=6, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.dry_run:
         args.steps, args.warmup = 1, 1

@@ -500,6 +500,11 @@ def _bench_mini(args: argparse.Namespace, methods: list[str]) -> int:
     for budget, table in paired["budgets"].items():
         print(f"\npaired with {paired['baseline']}" + (f" at {budget} steps" if budget != "final" else "") + f" ({table['interval']}):")
         print(format_table(paired_rows(table)))
+    for budget, tables in paired.get("equal_seconds", {}).get("budgets", {}).items():
+        for method, table in tables.items():
+            print(f"\n{method} at {budget} steps against {paired['baseline']} at the same wall seconds ({table['how']}; "
+                  f"{table['outside']} subject(s) outside its range left out):")
+            print(format_table(paired_rows(table)))
     print(f"report: {report}")
     return 0
 

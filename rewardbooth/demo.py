@@ -92,7 +92,7 @@ def run_demo(run_dir: Path, steps: int | None = None, seed: int = 0, overwrite: 
     sections = [
         ReportSection("Did it learn the subject?", "\n".join(summary) + "\n\nShare of images where the attribute judge sees "
                       "what the prompt needs: the subject's shape, colour and pattern kept (identity_kept: all three at once, "
-                      "the strictest number), the prompted context and modifiers drawn (prompt_ok). " + ONE_SUBJECT, table=table),
+                      "the strictest number), the prompted context and modifiers drawn (prompt_ok).", table=table),
         ReportSection("Reference images", f"the subject: {subject.colour} {subject.pattern} {subject.shape}, drawn by seed {seed}",
                       images=[(str(p.relative_to(run_dir)), p.stem) for p in sorted(reference_dir.glob("*.png"))[:4]]),
         ReportSection("Prompt by prompt", f"each row one prompt; {images_per_prompt} images per column, the same seeds in every "

@@ -216,3 +216,20 @@ def test_bad_input_is_reported_before_anything_loads_or_is_written(tmp_path, sub
     culprit = {"bad model": "no-such-model", "unreachable hub id": "someone/not-in-any-cache", "too small image": "tiny.png",
                "missing class folder": "class-image folder"}[problem]
     assert culprit in err
+
+
+def test_dpg_cache_latents_needs_center_crops_and_center_crop_gives_them():
+    """DPG's defaults crop at random (its released script), which class latents on disk cannot follow: the error
+    names the flag that fixes it, and the flag does."""
+    from rewardbooth.cli import build_parser, train_overrides
+
+    def config(*flags):
+        args = build_parser().parse_args(["train", "--output", "o", "--method", "dpg", "--cache-latents", *flags])
+        return load_config(overrides=train_overrides(args))
+
+    with pytest.raises(ConfigError, match="--center-crop"):
+        config()
+    cfg = config("--center-crop")
+    assert cfg.data.center_crop and cfg.data.cache_latents
+    with pytest.raises(ConfigError, match="not both"):
+        config("--center-crop", "--random-crop")

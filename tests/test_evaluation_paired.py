@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from rewardbooth.errors import ConfigError
-from rewardbooth.evaluation.paired import bootstrap_interval, compare, paired_differences, verdict
+from rewardbooth.evaluation.paired import (bootstrap_interval, compare, interpolate_at, paired_at_equal_seconds,
+                                          paired_differences, verdict)
 from rewardbooth.methods import load_config
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
 from rewardbooth.training.loop import train
@@ -53,6 +54,36 @@ def test_paired_differences_pair_by_subject():
 
 
 @pytest.mark.slow
+def test_equal_seconds_pairs_each_subject_with_the_baseline_interpolated_at_its_seconds():
+    assert interpolate_at([(10.0, 0.2), (30.0, 0.6)], 20.0) == pytest.approx(0.4)
+    assert interpolate_at([(30.0, 0.6), (10.0, 0.2)], 10.0) == pytest.approx(0.2)  # order does not matter; ends included
+    assert interpolate_at([(10.0, 0.2), (30.0, 0.6)], 40.0) != interpolate_at([(10.0, 0.2), (30.0, 0.6)], 40.0)  # NaN: no extrapolation
+    # DreamBooth at two budgets per subject (seconds, identity); the method's one budget took other seconds.
+    baseline = [[{"subject": "a", "seconds": 10.0, "identity_kept": 0.2}, {"subject": "b", "seconds": 12.0, "identity_kept": 0.5},
+                 {"subject": "c", "seconds": 10.0, "identity_kept": 0.1}],
+                [{"subject": "a", "seconds": 30.0, "identity_kept": 0.6}, {"subject": "b", "seconds": 32.0, "identity_kept": 0.9},
+                 {"subject": "c", "seconds": 20.0, "identity_kept": 0.3}]]
+    method = [{"subject": "a", "seconds": 20.0, "identity_kept": 0.5}, {"subject": "b", "seconds": 22.0, "identity_kept": 0.6},
+              {"subject": "c", "seconds": 25.0, "identity_kept": 0.9}]  # c took longer than DreamBooth's longest run
+    table = paired_at_equal_seconds(method, baseline, ("identity_kept",), "dpg", "dreambooth")
+    d = table["differences"]["dpg"]["identity_kept"]
+    assert table["outside"] == 1 and d["subjects"] == 2  # c is left out, not extrapolated
+    assert d["mean"] == pytest.approx(((0.5 - 0.4) + (0.6 - 0.7)) / 2) and (d["won"], d["lost"]) == (1, 1)
+
+
+def test_runs_log_their_wall_seconds_across_a_resume(tmp_path, tiny_overrides):
+    from rewardbooth.training.run_dir import seconds_at
+
+    cfg = load_config(overrides=dict(tiny_overrides, **{"train.steps": 4, "train.checkpoint_every": 2, "train.log_every": 1,
+                                                        "validation.every": 0}))
+    run = tmp_path / "run"
+    prepare_run_dir(run, resume=False, overwrite=False)
+    train(cfg, run, progress=False)
+    seconds = [seconds_at(run, step) for step in (1, 2, 3, 4)]
+    assert all(s > 0 for s in seconds) and seconds == sorted(seconds)  # cumulative, set-up included from the first step
+    assert seconds_at(run, 2) == seconds_at(run, 2) and seconds_at(run, 5) is None
+
+
 def test_budgets_keep_the_weights_a_shorter_run_would_give(tmp_path, tiny_overrides):
     long_cfg = load_config(overrides=dict(tiny_overrides, **{"train.steps": 4, "train.save_steps": [2]}))
     short_cfg = load_config(overrides=dict(tiny_overrides, **{"train.steps": 2}))

@@ -198,6 +198,10 @@ def test_defaults_are_the_released_training_with_the_critic_that_won():
     assert (released.dpg.gamma, released.dpg.critic_lr, released.dpg.critic_optimizer, released.dpg.instance_weight) == (0.9986, 0.01, "sgd", 0.0)
     mine = load_config(overrides={"train.method": "dpg-recon", "dpg.critic_lr": 0.05})  # the user's settings beat the variant's
     assert mine.dpg.critic_lr == 0.05 and mine.dpg.reward == "recon"
+    from rewardbooth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dpg.critic_input=latent"):  # a plain function has no features: refused up front
+        load_config(overrides={"train.method": "dpg", "dpg.reward": "mypkg.rewards:aesthetic"})
 
 
 def test_cli_train_writes_the_default_dpg_into_its_config(tmp_path, subject_dir):

@@ -146,3 +146,11 @@ def test_mini_bench_budgets_train_once_and_plot_the_frontier(tmp_path):
     assert set(paired["budgets"]) == {"2", "3"} and set(paired["budgets"]["2"]["differences"]) == {"dpg-recon"}
     html = report.read_text()
     assert (out / "report_assets" / "frontier.png").is_file() and "Budget frontier" in html and "at 3 steps" in html
+    # equal compute: every subject's seconds recorded, the compute frontier drawn, the pairing at equal seconds
+    results = json.loads((out / "dreambooth@3" / "results.json").read_text())
+    assert all(row["seconds"] > 0 for row in results["per_subject"]) and results["overall"]["seconds"] > 0
+    at2 = json.loads((out / "dreambooth@2" / "results.json").read_text())["overall"]["seconds"]
+    assert at2 < results["overall"]["seconds"]  # a smaller budget of the same run: fewer seconds
+    assert set(paired["equal_seconds"]["budgets"]) == {"2", "3"}
+    assert "outside" in paired["equal_seconds"]["budgets"]["3"]["dpg-recon"]
+    assert (out / "report_assets" / "seconds_identity_kept.png").is_file() and "Compute frontier" in html

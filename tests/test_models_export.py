@@ -150,8 +150,13 @@ def test_export_command_converts_and_never_overwrites(subject_dir, tmp_path, cap
     assert "already exists" in capsys.readouterr().err
     assert half.stat().st_size > 0
 
+    # No --format: the layouts training did not write (peft), and where the others already are.
+    assert main(["export", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"kohya: {run / KOHYA_WEIGHTS_NAME} (already there)" in out and f"diffusers: {run / LORA_WEIGHTS_NAME} (already there)" in out
+    assert f"peft: {run / 'peft'} (written now)" in out
+    assert main(["export", str(run), "--format", "peft"]) == 2  # written by the default: refused now
     # peft: the U-Net adapter folder loads with PeftModel and gives the run's U-Net output.
-    assert main(["export", str(run), "--format", "peft"]) == 0
     _, pipe = load_run_pipeline(run)
     base_unet = load_components("tiny").unet
     peft_unet = PeftModel.from_pretrained(base_unet, str(run / "peft" / "unet"))
@@ -358,25 +363,54 @@ def test_flux_kohya_names_alphas_and_metadata(flux_runs):
     assert metadata["ss_sd_model_name"] == "tiny-flux" and metadata["rewardbooth_method"] == "dreambooth"
 
 
-@pytest.mark.parametrize("pipeline_class", ["StableDiffusion3Pipeline", "Flux2KleinPipeline"])
-def test_kohya_export_is_refused_for_sd3_and_flux2_by_name(subject_dir, tmp_path, capsys, pipeline_class):
+def _model_index_run(root: Path, subject_dir: Path, pipeline_class: str) -> Path:
+    """root/run: a LoRA run folder over root/model, a model that is only what export reads of it (model_index.json)."""
     from safetensors.torch import save_file
 
-    from rewardbooth.cli import main
-
-    model = tmp_path / "model"  # only what export reads of a model: its model_index.json
-    model.mkdir()
+    model = root / "model"
+    model.mkdir(parents=True)
     (model / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class, "transformer": ["diffusers", "X"]}))
-    run = tmp_path / "run"
+    run = root / "run"
     run.mkdir()
     cfg = load_config(None, {"model.name": str(model), "data.instance_dir": str(subject_dir), "adapter.kind": "lora"})
     (run / "config.yaml").write_text(cfg.to_yaml())
     save_file({"transformer.x.lora_A.weight": torch.zeros(4, 8), "transformer.x.lora_B.weight": torch.zeros(8, 4)}, str(run / LORA_WEIGHTS_NAME))
+    return root
+
+
+@pytest.mark.parametrize("pipeline_class", ["StableDiffusion3Pipeline", "Flux2KleinPipeline"])
+def test_kohya_export_is_refused_for_sd3_and_flux2_by_name(subject_dir, tmp_path, capsys, pipeline_class):
+    from rewardbooth.cli import main
+
+    run = _model_index_run(tmp_path, subject_dir, pipeline_class) / "run"
     capsys.readouterr()
     assert main(["export", str(run), "--format", "kohya"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and pipeline_class in err and "--format kohya" in err and "--format diffusers" in err
     assert not (run / KOHYA_WEIGHTS_NAME).exists()
+
+
+def test_export_without_a_format_writes_only_what_the_run_lacks(subject_dir, tmp_path, capsys):
+    """A finished FLUX.1 LoRA run holds the diffusers and kohya files: the default export says where, writes nothing and
+    succeeds; with the kohya file gone it writes it again; an SD3 run has nothing but its diffusers file to give."""
+    from rewardbooth.cli import main
+
+    run = _flux_lora_run(tmp_path / "flux", subject_dir, ["to_q", "to_v"])
+    kohya, before = run / KOHYA_WEIGHTS_NAME, (run / KOHYA_WEIGHTS_NAME).stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["export", str(run)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"kohya: {kohya} (already there)", f"diffusers: {run / LORA_WEIGHTS_NAME} (already there)"]
+    assert kohya.stat().st_mtime_ns == before and not (run / "peft").exists()
+    kohya.unlink()
+    assert main(["export", str(run)]) == 0
+    assert f"kohya: {kohya} (written now)" in capsys.readouterr().out and kohya.is_file()
+    assert main(["export", str(run), "--output", str(tmp_path / "x.safetensors")]) == 2
+    assert "--format" in capsys.readouterr().err
+
+    sd3 = _model_index_run(tmp_path / "sd3", subject_dir, "StableDiffusion3Pipeline") / "run"
+    assert main(["export", str(sd3)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"diffusers: {sd3 / LORA_WEIGHTS_NAME} (already there)"]
+    assert not (sd3 / KOHYA_WEIGHTS_NAME).exists()
 
 
 def test_flux_clip_lora_is_kohya_te1_and_reads_back_through_diffusers():

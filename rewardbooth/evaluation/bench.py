@@ -37,10 +37,11 @@ from rewardbooth.rewards import Subject
 from rewardbooth.sampling import SampleSettings, generate, save_generated
 from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.training.loop import train
-from rewardbooth.training.run_dir import RunFolder, prepare_run_dir
+from rewardbooth.training.run_dir import RunFolder, prepare_run_dir, seconds_at
 
 BENCH_INFO = "bench.json"
 FAILED_NAME = "failed.json"
+SECONDS_NAME = "seconds.json"
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -123,6 +124,8 @@ class BenchRunner:
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / FAILED_NAME).write_text(json.dumps({"subject": subject.name, "error": str(exc)}, indent=1))
                 return
+        folder.mkdir(parents=True, exist_ok=True)  # the compute behind the evaluated weights, for equal-seconds comparisons
+        (folder / SECONDS_NAME).write_text(json.dumps({"seconds": seconds_at(run_dir, self.evaluated_step())}))
         _, pipe = load_run_pipeline(run_dir, device=self.scorer.device, weights_dir=self.weights_dir(run_dir))
         prompts = subject.prompts(self.cfg.data.identifier)
         settings = SampleSettings(steps=self.sample_steps, guidance_scale=self.guidance_scale, seed=self.cfg.train.seed,
@@ -151,8 +154,18 @@ class BenchRunner:
         """Which of the run's weights to evaluate; None: its result."""
         return None
 
+    def evaluated_step(self) -> int:
+        """The training step of the evaluated weights (a budget's, else the run's last)."""
+        return self.cfg.train.steps
+
     def add_scores(self, subject: Any, images: list[Image.Image], scores: list[ImageScore]) -> None:
         """Suites with more judges add their per-image numbers to `scores[i].extra` here."""
+
+
+def subject_seconds(subject_dir: Path) -> float:
+    path = Path(subject_dir) / SECONDS_NAME
+    seconds = json.loads(path.read_text())["seconds"] if path.is_file() else None
+    return float("nan") if seconds is None else float(seconds)
 
 
 def load_failures(bench_dir: Path) -> list[dict]:
@@ -183,7 +196,11 @@ def summarize_folders(bench_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
         if not scores and not failed:
             raise ConfigError(f"{bench_dir} has no finished subjects yet")
         per_subject = summarize(scores, "subject")
+        for row in per_subject:  # wall seconds of set-up and training behind the scored weights (None: not recorded)
+            row["seconds"] = subject_seconds(bench_dir / "subjects" / row["subject"])
         overall = summarize(scores)[0] if scores else {"scope": "overall", "images": 0}
+        timed = [row["seconds"] for row in per_subject if not math.isnan(row["seconds"])]
+        overall["seconds"] = sum(timed) / len(timed) if timed else float("nan")
         for metric in [k for k in overall if k not in ("scope", "images")]:  # spread over subjects: subjects are the sample
             values = [row[metric] for row in per_subject if not math.isnan(row[metric])]
             overall[f"{metric}_std_over_subjects"] = pstdev(values) if len(values) > 1 else 0.0

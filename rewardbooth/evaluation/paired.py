@@ -69,6 +69,37 @@ def paired_differences(per_subject: dict[str, list[dict]], metrics: tuple[str, .
             "differences": differences}
 
 
+def interpolate_at(curve: list[tuple[float, float]], x: float) -> float:
+    """The piecewise-linear curve through (x, y) points at x; NaN outside their range (never extrapolated)."""
+    points = sorted((a, b) for a, b in curve if not (math.isnan(a) or math.isnan(b)))
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if len(points) == 1 and points[0][0] == x else math.nan
+
+
+def paired_at_equal_seconds(method_rows: list[dict], baseline_budgets: list[list[dict]], metrics: tuple[str, ...],
+                            method: str, baseline: str) -> dict[str, Any]:
+    """`method` (rows with "subject", "seconds" and the metrics) minus the baseline at the same wall seconds,
+    subject by subject: the baseline's metric interpolated linearly in seconds between its budgets (each of
+    `baseline_budgets` one budget's rows). A subject whose seconds fall outside the baseline's measured range
+    is left out and counted ("outside"), never extrapolated."""
+    curves = {}
+    for rows in baseline_budgets:
+        for row in rows:
+            curves.setdefault(row["subject"], []).append(row)
+    matched, outside = [], 0
+    for row in method_rows:
+        at = {m: interpolate_at([(r["seconds"], r[m]) for r in curves.get(row["subject"], []) if m in r], row["seconds"])
+              for m in metrics}
+        if all(math.isnan(v) for v in at.values()):
+            outside += 1
+            continue
+        matched.append({"subject": row["subject"], **at})
+    table = paired_differences({baseline: matched, method: method_rows}, metrics, baseline=baseline)
+    return {**table, "outside": outside, "how": f"{baseline} interpolated linearly in wall seconds between its budgets"}
+
+
 def paired_rows(paired: dict[str, Any]) -> list[dict[str, str]]:
     """One table row per (method, metric): the printed and reported form."""
     rows = []

@@ -206,6 +206,10 @@ class DPG(DreamBooth):
         ensure(g.snr_cap > 0 and g.reward_weight >= 0, "dpg.snr_cap must be positive and dpg.reward_weight >= 0")
         ensure(g.actor in ("critic", "direct"), f"dpg.actor must be critic or direct, got {g.actor!r}")
         ensure(g.critic_input in ("latent", "features"), f"dpg.critic_input must be latent or features, got {g.critic_input!r}")
+        # Known before any model loads: the recon critic and a plain function have no image encoder to give features.
+        ensure(not (g.actor == "critic" and g.critic_input == "features" and (g.reward == "recon" or ":" in g.reward)),
+               f"dpg.critic_input=features needs a reward with an image encoder (dino, clip_i, align_i); {g.reward!r} has none: "
+               "add --set dpg.critic_input=latent")
         ensure(not (g.actor == "direct" and g.reward == "recon"),
                "dpg.actor=direct needs a differentiable reward (e.g. dpg.reward=dino), not the recon critic")
         ensure(g.actor_max_timestep is None or g.actor_max_timestep > 0, "dpg.actor_max_timestep must be positive")

@@ -35,7 +35,7 @@ from rewardbooth.errors import ConfigError
 from rewardbooth.evaluation.bench import BenchRunner, subject_config, summarize_folders, write_bench_report
 from rewardbooth.evaluation.figures import plot_frontier
 from rewardbooth.evaluation.metrics import ImageScore, Scorer
-from rewardbooth.evaluation.paired import paired_differences, paired_rows
+from rewardbooth.evaluation.paired import paired_at_equal_seconds, paired_differences, paired_rows
 from rewardbooth.evaluation.report import ReportSection
 from rewardbooth.methods import baseline_method, load_config, resolve_variant
 from rewardbooth.methods.dreambooth import class_image_settings
@@ -130,6 +130,9 @@ class MiniBenchRunner(BenchRunner):
 
     def weights_dir(self, run_dir: Path) -> Path | None:
         return RunFolder(run_dir).budget_dir(self.budget) if self.budget and self.budget != self.cfg.train.steps else None
+
+    def evaluated_step(self) -> int:
+        return self.budget or self.cfg.train.steps
 
     def info(self) -> dict[str, Any]:
         return {"suite": "mini", "method": self.cfg.train.method, "model": self.cfg.model.name, "budget": self.budget,
@@ -226,6 +229,19 @@ def paired_by_budget(results: dict[str, dict], methods: list[str], budgets: list
     return {"baseline": baseline, "budgets": paired}
 
 
+def paired_by_seconds(results: dict[str, dict], methods: list[str], budgets: list[int]) -> dict[str, Any]:
+    """Per budget: each method minus dreambooth at the same wall seconds (dreambooth interpolated on its budget curve)."""
+    baseline = baseline_method().name if baseline_method().name in methods else methods[0]
+    base_rows = [results[bench_folder_name(baseline, b)]["per_subject"] for b in budgets]
+    tables = {}
+    for budget in budgets:
+        present = [k for k in PAIRED_METRICS if k in results[bench_folder_name(baseline, budget)]["overall"]]
+        tables[str(budget)] = {m: paired_at_equal_seconds(results[bench_folder_name(m, budget)]["per_subject"], base_rows,
+                                                          tuple(present), m, baseline)
+                               for m in methods if m != baseline}
+    return {"baseline": baseline, "budgets": tables}
+
+
 def default_jobs(num_subjects: int, device: str) -> int:
     return 1 if device != "cpu" else max(1, min(num_subjects, os.cpu_count() or 1))
 
@@ -294,6 +310,8 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
         writer.writeheader()
         writer.writerows({"method": name, **{k: v for k, v in row.items() if k != "scope"}} for name, row in summary.items())
     paired = paired_by_budget(results, list(configs), budget_list)
+    if budgets and len(budgets) > 1:  # equal compute, not only equal steps
+        paired["equal_seconds"] = paired_by_seconds(results, list(configs), list(budgets))
     (out / "paired.json").write_text(json.dumps(paired, indent=2))
     return write_bench_report(out, summarized, "rewardbooth MiniBench results",
                               extra_sections=mini_report_sections(out, results, paired, list(configs), budget_list))
@@ -316,4 +334,18 @@ def mini_report_sections(out: Path, results: dict[str, dict], paired: dict[str, 
         sections.append(ReportSection("Budget frontier", "mean over subjects at each training budget (steps, labelled): "
                                       "better means up at the same budget and the same prompt_ok",
                                       images=[(str(path.relative_to(out)), "identity_kept vs prompt_ok per method across budgets")]))
+        images = []
+        for metric in ("identity_kept", "prompt_ok"):  # the compute frontier: the same curves against wall seconds
+            curves = {m: [(b, overall[m, b]["seconds"], overall[m, b][metric]) for b in budgets] for m in methods}
+            chart = plot_frontier(curves, out / "report_assets" / f"seconds_{metric}.png", "wall seconds per subject "
+                                  "(set-up + training + validation)", metric)
+            images.append((str(chart.relative_to(out)), f"{metric} vs seconds per method across budgets"))
+        sections.append(ReportSection("Compute frontier", "mean over subjects at each budget (steps, labelled) against the wall "
+                                      "seconds spent to get there: better means up at the same seconds", images=images))
+    for budget, tables in paired.get("equal_seconds", {}).get("budgets", {}).items():
+        for method, table in tables.items():
+            sections.append(ReportSection(
+                f"{method} at {budget} steps against {paired['baseline']} at the same seconds",
+                f"{table['how']}; {table['interval']}; subjects outside {paired['baseline']}'s measured seconds (left out): "
+                f"{table['outside']}", table=paired_rows(table)))
     return sections

@@ -67,6 +67,35 @@ def load_run_pipeline(run_dir: Path, device: str | torch.device = "cpu", dtype: 
     return cfg, pipe.to(device)
 
 
+def _export_suffix(dtype: str | None) -> str:
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    return f"_{dtype}" if dtype else ""
+
+
+def _lora_run(run_dir: Path, weights_dir: Path | None = None) -> tuple[RunConfig, Path, dict]:
+    """A finished LoRA run's config, LoRA file and base model's model_index.json, or a one-line error."""
+    cfg = load_run_config(run_dir)
+    source = Path(weights_dir or run_dir) / LORA_WEIGHTS_NAME
+    if cfg.adapter.kind != "lora":
+        raise ConfigError(f"run {run_dir} fine-tuned the full model (adapter.kind={cfg.adapter.kind}); only LoRA runs export LoRA files")
+    if not source.is_file():
+        raise ConfigError(f"run {run_dir} has no {LORA_WEIGHTS_NAME} yet: did training finish?")
+    return cfg, source, read_model_config(cfg.model.name, cfg.model.revision, "model_index.json")
+
+
+def _export_formats(index: dict) -> tuple[str, ...]:
+    """The layouts a model's LoRA exports to: all for U-Nets, kohya and diffusers for FLUX.1, diffusers for SD3 and FLUX.2."""
+    if "unet" in index:
+        return EXPORT_FORMATS
+    return ("kohya", "diffusers") if index.get("_class_name") == FLUX_PIPELINE else ("diffusers",)
+
+
+def _default_target(run_dir: Path, fmt: str, suffix: str) -> Path:
+    name = {"peft": "peft", "diffusers": LORA_WEIGHTS_NAME, "kohya": KOHYA_WEIGHTS_NAME}[fmt]
+    return run_dir / (name.replace(".safetensors", f"{suffix}.safetensors") if name.endswith(".safetensors") else f"{name}{suffix}")
+
+
 def export_lora(run_dir: Path, fmt: str, output: Path | None = None, dtype: str | None = None, weights_dir: Path | None = None) -> Path:
     """Convert a finished LoRA run's result (or `weights_dir`, e.g. a budget) into `fmt`; returns what was written.
 
@@ -76,38 +105,41 @@ def export_lora(run_dir: Path, fmt: str, output: Path | None = None, dtype: str 
     run_dir = Path(run_dir)
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"export format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    if dtype is not None and dtype not in EXPORT_DTYPES:
-        raise ConfigError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
-    cfg = load_run_config(run_dir)
-    source = Path(weights_dir or run_dir) / LORA_WEIGHTS_NAME
-    if cfg.adapter.kind != "lora":
-        raise ConfigError(f"run {run_dir} fine-tuned the full model (adapter.kind={cfg.adapter.kind}); only LoRA runs export LoRA files")
-    if not source.is_file():
-        raise ConfigError(f"run {run_dir} has no {LORA_WEIGHTS_NAME} yet: did training finish?")
+    suffix = _export_suffix(dtype)
+    cfg, source, index = _lora_run(run_dir, weights_dir)
     rank = cfg.adapter.rank
     alpha = float(cfg.adapter.alpha if cfg.adapter.alpha is not None else rank)
     torch_dtype = EXPORT_DTYPES[dtype] if dtype else None
-    suffix = f"_{dtype}" if dtype else ""
     state = load_file(str(source))
-    index = read_model_config(cfg.model.name, cfg.model.revision, "model_index.json")
     flux = index.get("_class_name") == FLUX_PIPELINE
-    if fmt != "diffusers" and "unet" not in index and not (flux and fmt == "kohya"):  # SD3, FLUX.2, FLUX.1 peft
+    if fmt not in _export_formats(index):  # SD3, FLUX.2, FLUX.1 peft
         made_for = "U-Net models and FLUX.1 (FluxPipeline)" if fmt == "kohya" else "U-Net models"
         raise ConfigError(f"run {run_dir} trained a {index.get('_class_name')}: --format {fmt} is for {made_for}; its LoRA "
                           f"is in the diffusers layout ({LORA_WEIGHTS_NAME}, which ComfyUI and Forge read): use --format diffusers")
     sdxl = not flux and "text_encoder_2" in index
+    target = Path(output) if output else _default_target(run_dir, fmt, suffix)
 
     if fmt == "peft":
-        return write_peft(cfg, state, Path(output) if output else run_dir / f"peft{suffix}", torch_dtype, rank, alpha)
+        return write_peft(cfg, state, target, torch_dtype, rank, alpha)
+    refuse_existing(target)
     if fmt == "diffusers":
-        target = Path(output) if output else run_dir / f"pytorch_lora_weights{suffix}.safetensors"
-        refuse_existing(target)
-
         with safe_open(str(source), "pt") as f:
             metadata = f.metadata() or {}
         save_file(cast_state(state, torch_dtype), str(target), metadata=metadata)
         return target
     layers_per_block = 0 if flux else int(read_model_config(cfg.model.name, cfg.model.revision, "unet/config.json")["layers_per_block"])
-    target = Path(output) if output else run_dir / KOHYA_WEIGHTS_NAME.replace(".safetensors", f"{suffix}.safetensors")
-    refuse_existing(target)
     return write_kohya(source, cfg, sdxl, layers_per_block, target, torch_dtype, flux=flux)
+
+
+def export_missing(run_dir: Path, dtype: str | None = None) -> list[tuple[str, Path, bool]]:
+    """`rewardbooth export RUN` without --format: every layout the run's model takes, written beside the run's weights
+    unless the run folder has it already (a finished LoRA run holds diffusers' file, and kohya's for SD, SDXL and FLUX.1).
+    Returns (format, path, written now) per layout; nothing is overwritten."""
+    run_dir = Path(run_dir)
+    suffix = _export_suffix(dtype)
+    _, _, index = _lora_run(run_dir)
+    done = []
+    for fmt in _export_formats(index):
+        target = _default_target(run_dir, fmt, suffix)
+        done.append((fmt, target, False) if target.exists() else (fmt, export_lora(run_dir, fmt, dtype=dtype), True))
+    return done

@@ -179,6 +179,7 @@ class Trainer:
         for section, key in ((cfg.data, "instance_dir"), (cfg.prior, "class_dir")):
             if getattr(section, key):
                 setattr(section, key, str(Path(getattr(section, key)).expanduser().resolve()))
+        started = time.perf_counter()
         record_run_start(cfg, self.run_dir, resume, write=acc.is_main_process)  # refuses resuming under other settings
         if acc.is_main_process:
             atomic_write_text(self.folder.config, cfg.to_yaml())
@@ -190,6 +191,10 @@ class Trainer:
             start_step = checkpoints.restore_latest(finished=self.folder.is_finished())
             self.selection.restore(start_step)
         self.metrics.truncate_after(start_step)
+        # Wall seconds spent on this run so far (set-up included; earlier processes' share from the log), so a
+        # bench can compare methods at equal compute, not only at equal steps.
+        spent = [r["wall_seconds"] for r in self.folder.read_metrics() if "wall_seconds" in r and r["step"] <= start_step]
+        self.wall_start = started - (max(spent) if spent else 0.0)
 
         bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc=f"train {self.method.name}",
                    disable=not (self.progress and acc.is_main_process), unit="step")
@@ -222,7 +227,7 @@ class Trainer:
                 self._log(done, sums, count, tick, lr_scheduler, bad)  # the bad step's line: null and flagged
                 bar.close()
                 raise self.nonfinite.error(done, bad)
-            if done % t.log_every == 0 or done == t.steps:
+            if done % t.log_every == 0 or done == t.steps or done in t.save_steps:  # budgets get their own line (and seconds)
                 self._log(done, sums, count, tick, lr_scheduler)
                 sums, count, tick = {}, 0, time.perf_counter()
                 bar.set_postfix(loss=f"{self.last_loss:.4f}")
@@ -251,7 +256,8 @@ class Trainer:
         acc, t = self.accelerator, self.cfg.train
         record = {key: acc.reduce(value / count, reduction="mean").item() for key, value in sums.items()}
         record.update(step=step, lr=lr_scheduler.get_last_lr()[0],
-                      seconds_per_step=(time.perf_counter() - tick) * t.gradient_accumulation_steps / count)
+                      seconds_per_step=(time.perf_counter() - tick) * t.gradient_accumulation_steps / count,
+                      wall_seconds=round(time.perf_counter() - self.wall_start, 3))
         if self.nonfinite.skipped:
             record["skipped_nonfinite"], self.nonfinite.skipped = self.nonfinite.skipped, 0
         if nonfinite and GRAD_NORM in nonfinite:  # the step that stops the run: its gradient norm too

@@ -281,6 +281,14 @@ class MetricsLog:
             f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
+def seconds_at(run_dir: Path, step: int) -> float | None:
+    """Wall seconds the run had spent when it reached `step` (set-up, training and validation, summed over
+    resumes; metrics' `wall_seconds`), the first logged step at or after it; None for runs that predate it."""
+    records = [r for r in RunFolder(run_dir).read_metrics() if "wall_seconds" in r and not r.get("validation")]
+    after = [r for r in records if r["step"] >= step]
+    return float(min(after, key=lambda r: r["step"])["wall_seconds"]) if after else None
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Read metrics.jsonl; a corrupt last line (run killed mid-write) is skipped."""
     path = Path(path)
