@@ -131,7 +131,7 @@ def segments(words: list[str]) -> list[list[str]]:
 
 
 def is_placeholder(word: str) -> bool:
-    return (word in PLACEHOLDER_WORDS or "..." in word or word.startswith("<")
+    return (word in PLACEHOLDER_WORDS or "..." in word or word.startswith(("<", "$"))  # $lr: a shell loop's variable
             or bool(re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[a-z]+)?", word)))
 
 
