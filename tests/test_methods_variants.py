@@ -211,3 +211,21 @@ def test_without_look_forward_the_critic_judges_x_t_minus_one(tmp_path, dpg_over
     judged.clear()
     run(load_config(overrides=dict(dpg_overrides, **{"train.steps": 2})), tmp_path, CriticProbe(), name="with")
     assert judged == []  # look-forward on: x0_hat, no step back
+
+
+@pytest.mark.slow
+def test_ceiling_variants_train_as_named(tmp_path, dpg_overrides):
+    """dpg-select keeps its best validated weights; dpg-patch regresses its critic on the patch-matching reward."""
+    from rewardbooth.methods import resolve_variant
+    from rewardbooth.training.run_dir import RunFolder
+
+    for name in ("dpg-select", "dpg-patch"):
+        cls, changes = resolve_variant(name)
+        cfg = load_config(overrides={**dpg_overrides, **changes, "train.method": cls.name, "train.steps": 4,
+                                     "validation.every": 2 if name == "dpg-select" else 0, "dpg.critic_warmup_steps": 1})
+        folder = run(cfg, tmp_path, cls(), name=name)
+        assert cfg.dpg.critic_input == "features" and RunFolder(folder).read_result() is not None
+        if name == "dpg-select":
+            assert cfg.validation.select and (folder / "best").is_dir()
+        else:
+            assert cfg.dpg.reward == "dino_patch" and any("reward_true" in r for r in records(folder))

@@ -409,3 +409,15 @@ def test_scoring_encodes_each_image_once_per_encoder(toy, other, subject, monkey
     # And the numbers are those of the rewards called on their own.
     alone = build_reward("clip_t", models=TINY)(images, ["a photo of a sks toy"] * len(images), subject)
     assert [s.clip_t for s in scores] == pytest.approx(alone.tolist(), abs=1e-6)
+
+
+def test_patch_reward_matches_each_patch_and_passes_gradients(toy, other, subject):
+    """dino_patch: a reference scores 1 against itself (every patch finds itself), another subject lower;
+    the score is differentiable in the image, so DPG's direct actor and critic can use it."""
+    reward = build_reward("dino_patch", models=TINY)
+    own = reward(toy.images[:1], PROMPTS[:1], subject)
+    assert own.item() == pytest.approx(1.0, abs=1e-5)
+    assert reward(other.images[:1], PROMPTS[:1], subject).item() < own.item() - 1e-3
+    pixels = as_tensor(other.images[:2]).requires_grad_(True)
+    reward(pixels, PROMPTS[:2], subject).sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0

@@ -196,6 +196,10 @@ class DPG(DreamBooth):
         "dpg-snr": {**RELEASED_CRITIC, "dpg.weighting": "snr", "dpg.instance_weight": 1.0},
         "dpg-low-t": {**RELEASED_CRITIC, "dpg.weighting": "uniform", "dpg.actor_max_timestep": 300, "dpg.instance_weight": 1.0},
         "dpg-no-lookforward": {**RELEASED_CRITIC, "dpg.look_forward": False},  # the paper's ablation
+        # Beyond the papers (issue #29, raising the ceiling): the feature critic keeping its best validated weights by
+        # RPO's reward (selection kept DreamBooth's text alignment); and a reward that sees fine detail (patch matches).
+        "dpg-select": {**FEATURE_CRITIC, "validation.every": 40, "validation.num_images": 2, "validation.select": True},
+        "dpg-patch": {**FEATURE_CRITIC, "dpg.reward": "dino_patch"},
     }
 
     @classmethod
@@ -208,7 +212,7 @@ class DPG(DreamBooth):
         ensure(g.critic_input in ("latent", "features"), f"dpg.critic_input must be latent or features, got {g.critic_input!r}")
         # Known before any model loads: the recon critic and a plain function have no image encoder to give features.
         ensure(not (g.actor == "critic" and g.critic_input == "features" and (g.reward == "recon" or ":" in g.reward)),
-               f"dpg.critic_input=features needs a reward with an image encoder (dino, clip_i, align_i); {g.reward!r} has none: "
+               f"dpg.critic_input=features needs a reward with an image encoder (dino, dino_patch, clip_i, align_i); {g.reward!r} has none: "
                "add --set dpg.critic_input=latent")
         ensure(not (g.actor == "direct" and g.reward == "recon"),
                "dpg.actor=direct needs a differentiable reward (e.g. dpg.reward=dino), not the recon critic")

@@ -265,6 +265,18 @@ class DinoEncoder(ImageTextEncoder):
     def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
 
+    def encode_patches(self, images: ImageBatch) -> torch.Tensor:
+        """(N, P, D) unit-norm patch tokens of the last hidden state (the CLS token dropped): where in the
+        image each feature is, which one global vector averages away. Differentiable like encode_images."""
+        track = isinstance(images, torch.Tensor) and images.requires_grad and torch.is_grad_enabled()
+        self._unpark()
+        chunks = []
+        with torch.set_grad_enabled(track):
+            for start in range(0, len(images), self.batch_size):
+                tokens = self.model(pixel_values=self.pixel_values(images[start : start + self.batch_size])).last_hidden_state
+                chunks.append(F.normalize(tokens[:, 1:].float(), dim=-1))
+        return torch.cat(chunks)
+
 
 class ClipEncoder(ImageTextEncoder):
     """CLIP's projected image and text embeddings (get_image_features / get_text_features)."""
