@@ -294,10 +294,21 @@ def launch_processes(num_processes: int, argv: list[str]) -> int:
         # accelerate's torchrun launcher is behind --multi_gpu; ACCELERATE_USE_CPU makes the
         # processes pick the CPU (gloo) backend. `accelerate launch --cpu` would start only one.
         env["ACCELERATE_USE_CPU"] = "1"
+    # A free port, not accelerate's fixed 29500, so two runs on one machine (or parallel tests) never collide.
+    port = os.environ.get("MASTER_PORT") or str(_free_port())
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-               "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",  # the run config sets precision
+               "--num_machines", "1", "--main_process_port", port, "--dynamo_backend", "no",
+               "--mixed_precision", "no",  # the run config sets precision
                "-m", "rewardbooth.cli", *argv]
     return subprocess.call(command, env=env)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _without_num_processes(argv: list[str]) -> list[str]:

@@ -230,7 +230,7 @@ def test_a_crash_shows_its_error_and_the_run_resumes(app, photos, tmp_path, monk
     base, workspace = app()
     upload, _ = _upload(base, photos[:3])
     form = {"name": "flaky", "upload": upload, "class_noun": "vase", "methods": ["dpg"], "steps": 12,
-            "settings": "dpg.reward=flaky_reward:flaky\nprior.num_class_images=2\nvalidation.every=0"}
+            "settings": "dpg.reward=flaky_reward:flaky\ndpg.critic_input=latent\nprior.num_class_images=2\nvalidation.every=0"}
     assert _request(base + "/api/train", form)[0] == 200
     crashed = _wait(base, "flaky", lambda s: s["status"] not in ("running", "unknown"))
     assert crashed["status"] == "crashed" and "judge server went away" in crashed["error"]

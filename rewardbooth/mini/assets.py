@@ -12,8 +12,10 @@ from pathlib import Path
 from rewardbooth.errors import ConfigError
 
 MINI_NAME = "mini"
+FLOW_NAME = "mini-flow"
 ASSETS_DIR = Path(__file__).parent / "assets"
 BASE_DIR = ASSETS_DIR / "base"
+FLOW_DIR = ASSETS_DIR / "flow"
 JUDGES_DIR = ASSETS_DIR / "judges"
 # ALIGN's role (RPO's reward) is played by the same image-text model as CLIP's.
 JUDGE_FOLDERS = {"dino": "dino", "clip": "clip", "align": "clip", "attributes": "attributes"}
@@ -28,6 +30,14 @@ def _require(folder: Path, marker: str, how: str) -> Path:
 def mini_model_path() -> Path:
     """The shipped mini base pipeline (a diffusers folder)."""
     return _require(BASE_DIR, "model_index.json", "rebuild them with `python -m rewardbooth.recipes.mini_pretrain --out DIR` and pass --model DIR")
+
+
+def mini_flow_model_path() -> Path:
+    """The shipped mini-flow pipeline (SD3-style flow-matching transformer on the same world)."""
+    if not (FLOW_DIR / "model_index.json").is_file():
+        raise ConfigError("mini-flow is not pretrained yet: python -m rewardbooth.recipes.mini_flow_pretrain --out runs/mini-flow "
+                          "--ship (docs/mini-flow.md), or pass --model FOLDER of a run")
+    return FLOW_DIR
 
 
 def mini_judge_path(kind: str) -> Path:

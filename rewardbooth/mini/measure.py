@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from rewardbooth.data.images import save_image_grid
+from rewardbooth.errors import ConfigError
 from rewardbooth.mini.scoring import AttributeJudge
 from rewardbooth.mini.world import ATTRIBUTES, DEFAULT_SPLIT, Scene, render, sample_scene
 from rewardbooth.models.loading import load_components, make_pipeline
@@ -82,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout", action="store_true", help="draw the held-out (subject) combinations")
     ap.add_argument("--out", type=Path, default=None, help="folder for a sample grid and measure.json")
     args = ap.parse_args(argv)
-    result = measure_base_model(args.model, args.scenes, args.steps, args.guidance, args.seed, args.heldout, progress=True,
-                                sampler=args.sampler)
+    try:
+        result = measure_base_model(args.model, args.scenes, args.steps, args.guidance, args.seed, args.heldout, progress=True,
+                                    sampler=args.sampler)
+    except ConfigError as exc:  # a model not there (mini-flow before it ships): one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     images, captions = result.pop("images"), result.pop("captions")
     print(f"{'attribute':<10}{'generated':>11}{'renders':>9}{'chance':>8}")
     for a in MEASURED:

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from rewardbooth.mini.assets import MINI_NAME, mini_judge_path, mini_model_path
+from rewardbooth.mini.assets import FLOW_NAME, MINI_NAME, mini_flow_model_path, mini_judge_path, mini_model_path
 from rewardbooth.mini.world import CONTEXT_PHRASES
 from rewardbooth.models.presets import Preset
+from rewardbooth.models.sampling_defaults import SAMPLER_KEYS
+
+# mini-flow's sampler (flow-matching Euler steps, classifier-free guidance): provisional, mini's values until
+# `python -m rewardbooth.mini.measure --model mini-flow --steps N` on the pretrained model chooses them.
+FLOW_SAMPLER_STEPS, FLOW_SAMPLER_GUIDANCE = 20, 4.0
 
 
 def mini_defaults() -> dict[str, Any]:
@@ -32,5 +37,13 @@ def mini_defaults() -> dict[str, Any]:
     }
 
 
+def mini_flow_defaults() -> dict[str, Any]:
+    """mini's world, prompts and judges; its own sampler (the SD3 family's 28 steps at 3.5 are for 1024 px)."""
+    return {**mini_defaults(), **dict.fromkeys(SAMPLER_KEYS["steps"], FLOW_SAMPLER_STEPS),
+            **dict.fromkeys(SAMPLER_KEYS["guidance"], FLOW_SAMPLER_GUIDANCE)}
+
+
 PRESET = Preset(MINI_NAME, mini_model_path, mini_defaults, judge_path=mini_judge_path,
                 summary="pretrained on the MiniBench world (32 px), with its judges")
+FLOW_PRESET = Preset(FLOW_NAME, mini_flow_model_path, mini_flow_defaults, judge_path=mini_judge_path,
+                     summary="an SD3-style flow-matching transformer pretrained on the MiniBench world, with mini's judges")
