@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rewardbooth.models.family import initial_latents
+from rewardbooth.models.family import initial_latents, pipeline_call_options
 
 METADATA_NAME = "metadata.jsonl"  # one {"file", "prompt", "seed"} per generated image
 
@@ -51,7 +51,8 @@ def generate(pipe, prompts: list[str], images_per_prompt: int, settings: SampleS
             negative = {"negative_prompt": [settings.negative_prompt] * len(chunk)} if settings.negative_prompt else {}
             with torch.no_grad():
                 out = pipe(prompt=[prompts[j] for j, _ in chunk], num_inference_steps=settings.steps,
-                           guidance_scale=settings.guidance_scale, latents=latents, height=side, width=side, **negative).images
+                           guidance_scale=settings.guidance_scale, latents=latents, height=side, width=side, **negative,
+                           **pipeline_call_options(pipe)).images
             for (j, k), image in zip(chunk, out):
                 results[j][k] = image
             bar.update(len(chunk))

@@ -365,8 +365,14 @@ class SD3Family(FlowFamily):
     encoders' pooled outputs and their hidden states joined with T5's; a fixed scheduler shift."""
 
     name = "sd3"
-    max_sequence_length = 256  # T5 tokens, as StableDiffusion3Pipeline encodes them
     clip_tokens = 77
+
+    @property
+    def max_sequence_length(self) -> int:
+        return sd3_t5_tokens(self.components.text_encoder_3)
+
+    def _parts(self, denoiser, encoders) -> dict:
+        return {"text_encoder_3": None, "tokenizer_3": None, **super()._parts(denoiser, encoders)}  # SD3 samples without T5 too
 
     def predict(self, denoiser, noisy, timesteps, text) -> torch.Tensor:
         return denoiser(hidden_states=noisy, timestep=timesteps.to(noisy.dtype), encoder_hidden_states=text.hidden,
@@ -383,6 +389,19 @@ class SD3Family(FlowFamily):
         return TextConditioning(torch.zeros(batch, self.clip_tokens + self.max_sequence_length, config.joint_attention_dim,
                                             dtype=dtype, device=device),
                                 torch.zeros(batch, config.pooled_projection_dim, dtype=dtype, device=device))
+
+
+def sd3_t5_tokens(t5) -> int:
+    """T5 tokens SD3 is conditioned on: 256, as StableDiffusion3Pipeline encodes them; none for a model without T5
+    (mini-flow, trained without one: the pipeline would feed 256 zero tokens, 4.7x the cost of its train step)."""
+    return 256 if t5 is not None else 0
+
+
+def pipeline_call_options(pipe) -> dict:
+    """What a sampling call must add to the prompt so the pipeline conditions as the family trains (SD3 without T5)."""
+    if type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None:
+        return {"max_sequence_length": sd3_t5_tokens(None)}
+    return {}
 
 
 def pipeline_denoiser(pipe):

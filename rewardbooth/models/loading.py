@@ -176,7 +176,8 @@ def load_components(name: str, revision: str | None = None, variant: str | None 
     path = resolve_model_path(name)
     index = read_model_config(name, revision, "model_index.json")
     if index.get("_class_name") in FLOW_FAMILIES:
-        return _load_flow(name, path, index["_class_name"], revision, variant, dtype)
+        absent = {part: None for part, kind in index.items() if kind == [None, None]}  # e.g. SD3 without T5 (mini-flow)
+        return _load_flow(name, path, index["_class_name"], revision, variant, dtype, **absent)
     sdxl = index.get("_class_name") == SDXL_PIPELINE or "text_encoder_2" in index
     common: dict[str, Any] = {"revision": revision}
     weights = dict(common, variant=variant, torch_dtype=dtype) if dtype is not None else dict(common, variant=variant)
