@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -41,19 +40,19 @@ from rewardbooth.models.loading import Components, quiet_library_progress
 from rewardbooth.recipes import mini_pretrain
 from rewardbooth.recipes.mini_model import count_params
 from rewardbooth.recipes.mini_pretrain import (
-    FINAL_LR_FRACTION,
     SAMPLE_PROMPTS,
     TRAIN_STATE,
     Batches,
     evaluate_vae,
     images_to_tensor,
     log,
+    run_steps,
+    start_command,
     save_pipeline,
     save_train_state,
 )
 from rewardbooth.sampling import SampleSettings, generate
 from rewardbooth.training.options import WeightEMA
-from rewardbooth.training.schedule import warmup_cosine_lr
 
 # diffusers / transformers are imported inside the functions that use them, so --help answers at once.
 
@@ -216,25 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bench-steps", type=int, default=6)
     args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     quiet_library_progress()
-    if args.bench:
-        benchmark(args.bench.split(","), args.batch, args.bench_steps, device)
-        return 0
-    if args.out is None:
-        ap.error("--out is required")
-    if args.resume and not (args.out / TRAIN_STATE).is_file():
-        print(f"error: --resume: {args.out / TRAIN_STATE} does not exist", file=sys.stderr)
-        return 2
-    if not args.resume and args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        print(f"error: {args.out} is not empty (pass --overwrite or --resume)", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    metrics = args.out / "metrics.jsonl"
-    if not args.resume:
-        metrics.write_text("")
+    started = start_command(ap, args, benchmark)
+    if isinstance(started, int):
+        return started
+    device, metrics = started
 
     pipe = build_flow_pipeline(args.size, args.seed, device=device)
     trainer = FlowTrainer(pipe, args.lr, args.ema, args.seed)
@@ -254,24 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             save_pipeline(pipe, args.out, info)
 
     data = StepBatches(args.seed, args.batch, pipe.vae.config.sample_size, start, args.cfg_drop)
-    t0, window = time.perf_counter(), []
-    try:
-        for step in range(start, args.steps):
-            lr = warmup_cosine_lr(step, args.steps, args.lr, args.warmup, floor=FINAL_LR_FRACTION)
-            x, captions = data.next()
-            window.append(trainer.step(x.to(device), captions, lr))
-            done = step + 1
-            if done % args.log_every == 0 or done == args.steps:
-                elapsed = time.perf_counter() - t0
-                log(metrics, {"phase": "flow", "step": done, "loss": round(float(np.mean(window)), 5), "lr": round(lr, 6),
-                              "s_per_step": round(elapsed / (done - start), 3), "elapsed_s": round(elapsed, 1)})
-                window = []
-            if done % args.sample_every == 0 or done == args.steps:
-                trainer.sample_grid(args.out / "samples" / f"step{done:06d}.png")
-            if done % args.save_every == 0 and done != args.steps:
-                checkpoint(done)
-    finally:
-        data.close()
+    t0 = time.perf_counter()
+    run_steps(args, start, data, metrics, "flow", lambda x, captions, lr: trainer.step(x.to(device), captions, lr),
+              trainer.sample_grid, checkpoint)
     checkpoint(args.steps)
     size = sum(p.stat().st_size for p in args.out.rglob("*.safetensors"))
     log(metrics, {"phase": "saved", "out": str(args.out), "safetensors_MB": round(size / 1e6, 2)})

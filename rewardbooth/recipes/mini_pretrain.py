@@ -241,6 +241,60 @@ def benchmark(presets: list[str], batch: int, steps: int, device) -> None:
                           "threads": torch.get_num_threads(), "s_per_step": round(float(np.median(times)), 3)}), flush=True)
 
 
+def run_steps(args, start: int, data, metrics: Path, phase: str, step_fn, sample_fn, checkpoint) -> None:
+    """The pretraining loop both recipes share: warm-up + cosine learning rate, one `step_fn(x, captions, lr)` per step
+    (its loss), a metrics line every --log-every steps, a sample grid every --sample-every, a save every --save-every."""
+    t0, window = time.perf_counter(), []
+    try:
+        for step in range(start, args.steps):
+            lr = warmup_cosine_lr(step, args.steps, args.lr, args.warmup, floor=FINAL_LR_FRACTION)
+            x, captions = data.next()
+            window.append(step_fn(x, captions, lr))
+            done = step + 1
+            if done % args.log_every == 0 or done == args.steps:
+                elapsed = time.perf_counter() - t0
+                log(metrics, {"phase": phase, "step": done, "loss": round(float(np.mean(window)), 5), "lr": round(lr, 6),
+                              "s_per_step": round(elapsed / (done - start), 3), "elapsed_s": round(elapsed, 1)})
+                window = []
+            if done % args.sample_every == 0 or done == args.steps:
+                sample_fn(args.out / "samples" / f"step{done:06d}.png")
+            if done % args.save_every == 0 and done != args.steps:
+                checkpoint(done)
+    finally:
+        data.close()
+
+
+def start_command(ap, args, benchmark) -> tuple[torch.device, Path] | int:
+    """A pretraining command's common start: threads and device, `--bench` (time steps, exit 0), then the checked
+    run folder and its metrics file; an exit code where the command stops here."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.bench:
+        benchmark(args.bench.split(","), args.batch, args.bench_steps, device)
+        return 0
+    if args.out is None:
+        ap.error("--out is required")
+    metrics = prepare_out(args.out, args.resume, args.overwrite)
+    return 2 if metrics is None else (device, metrics)
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """The run folder of a pretraining (checked: --resume needs its state, a non-empty folder needs --overwrite);
+    its metrics.jsonl, emptied unless resuming. None after printing the one-line reason it cannot be used."""
+    if resume and not (out / TRAIN_STATE).is_file():
+        print(f"error: --resume: {out / TRAIN_STATE} does not exist", file=sys.stderr)
+        return None
+    if not resume and out.exists() and any(out.iterdir()) and not overwrite:
+        print(f"error: {out} is not empty (pass --overwrite or --resume)", file=sys.stderr)
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    if not resume:
+        metrics.write_text("")
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rewardbooth.recipes.mini_pretrain", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="pipeline folder to write (diffusers layout)")
@@ -267,24 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if args.bench:
-        benchmark(args.bench.split(","), args.batch, args.bench_steps, device)
-        return 0
-    if args.out is None:
-        ap.error("--out is required")
-    if args.resume and not (args.out / TRAIN_STATE).is_file():
-        print(f"error: --resume: {args.out / TRAIN_STATE} does not exist", file=sys.stderr)
-        return 2
-    if not args.resume and args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        print(f"error: {args.out} is not empty (pass --overwrite or --resume)", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    metrics = args.out / "metrics.jsonl"
-    if not args.resume:
-        metrics.write_text("")
+    started = start_command(ap, args, benchmark)
+    if isinstance(started, int):
+        return started
+    device, metrics = started
 
     torch.manual_seed(args.seed)
     config: MiniModelConfig = replace(MINI_PRESETS[args.preset], seed=args.seed)
@@ -335,7 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     data = Batches(args.seed + 7919 * start, args.batch, config.image_size)
     caption_rng = np.random.default_rng(args.seed + 2 + 7919 * start)
     t0 = time.perf_counter()
-    window: list[float] = []
     info = {"preset": args.preset, "config": config.to_dict(), "seed": args.seed, "batch": args.batch,
             "vae_psnr": round(stats["psnr"], 2), "ema": args.ema, "steps_done": start}
 
@@ -345,27 +384,18 @@ def main(argv: list[str] | None = None) -> int:
         with ema.applied():
             save_pipeline(pipe, args.out, info)
 
-    try:
-        for step in range(start, args.steps):
-            lr = warmup_cosine_lr(step, args.steps, args.lr, args.warmup, floor=FINAL_LR_FRACTION)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x, captions = data.next()
-            window.append(train_step(pipe, opt, x, captions, args.cfg_drop, gen, caption_rng, device))
-            ema.step()
-            done = step + 1
-            if done % args.log_every == 0 or done == args.steps:
-                elapsed = time.perf_counter() - t0
-                log(metrics, {"phase": "diffusion", "step": done, "loss": round(float(np.mean(window)), 5), "lr": round(lr, 6),
-                              "s_per_step": round(elapsed / (done - start), 3), "elapsed_s": round(elapsed, 1)})
-                window = []
-            if done % args.sample_every == 0 or done == args.steps:
-                with ema.applied():
-                    sample_grid(pipe, SAMPLE_PROMPTS, args.out / "samples" / f"step{done:06d}.png", device=device)
-            if done % args.save_every == 0 and done != args.steps:
-                checkpoint(done)
-    finally:
-        data.close()
+    def step_fn(x, captions, lr: float) -> float:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = train_step(pipe, opt, x, captions, args.cfg_drop, gen, caption_rng, device)
+        ema.step()
+        return loss
+
+    def sample_fn(path: Path) -> None:
+        with ema.applied():
+            sample_grid(pipe, SAMPLE_PROMPTS, path, device=device)
+
+    run_steps(args, start, data, metrics, "diffusion", step_fn, sample_fn, checkpoint)
     info["train_s"] = round(time.perf_counter() - t0, 1)
     checkpoint(args.steps)
     size = sum(p.stat().st_size for p in args.out.rglob("*.safetensors"))
