@@ -55,9 +55,9 @@ FLOW_SETUPS = {
     "int8 base + LoRA + ckpt": {"train.mixed_precision": "bf16", "train.gradient_checkpointing": True, "model.quantize": "int8"},
     "full bf16 + ckpt": {"adapter.kind": "full", "train.mixed_precision": "bf16", "train.gradient_checkpointing": True},
 }
-# DPG as released (its critic judges latents); the default feature critic decodes at 1024 px and is not in this table.
-FLOW_METHODS = {"dreambooth": ("dreambooth", {}), "dpg-recon": ("dpg", {"dpg.reward": "recon", "dpg.critic_input": "latent"}),
-                "rpo": ("rpo", {})}
+# DPG's default (the feature critic: the look-forward image decoded at full size with gradients) and DPG as released.
+FLOW_METHODS = {"dreambooth": ("dreambooth", {}), "dpg": ("dpg", {}),
+                "dpg-recon": ("dpg", {"dpg.reward": "recon", "dpg.critic_input": "latent"}), "rpo": ("rpo", {})}
 FLOW_RESOLUTION = 1024
 FLOW_CARDS = (16, 24, 48)
 FLOW_LABELS = {"flux-random": "FLUX.1-dev", "sd35-random": "SD3.5 Large", "sd35-medium-random": "SD3.5 Medium",

@@ -289,3 +289,29 @@ def test_resume_never_unpickles_checkpoint_files(tmp_path, dpg_overrides, straig
     with pytest.raises(CheckpointError, match="custom_checkpoint_0.pkl"):
         train(more, broken, resume=True, progress=False, method=DPG())
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_checkpointing_recomputes_the_vae_decode_and_changes_no_number(tmp_path, dpg_overrides, metric_series):
+    """The default critic backpropagates through the decoded look-forward image: with gradient checkpointing the VAE
+    decoder is recomputed too (the big activations at 1024 px), and the run's numbers stay the same."""
+    from rewardbooth.methods.dpg import DPG
+
+    seen = []
+
+    class Probe(DPG):
+        def loss(self, ctx, generator):
+            seen.append(ctx.components.vae.is_gradient_checkpointing)
+            return super().loss(ctx, generator)
+
+    runs = {}
+    for checkpointing in (False, True):
+        cfg = load_config(overrides={**dpg_overrides, **FEATURE_CRITIC, "dpg.critic_warmup_steps": 0, "train.steps": 3,
+                                     "train.gradient_checkpointing": checkpointing, "train.checkpoint_every": 0,
+                                     "validation.every": 0})
+        runs[checkpointing] = tmp_path / f"run-{checkpointing}"
+        prepare_run_dir(runs[checkpointing], resume=False, overwrite=False)
+        train(cfg, runs[checkpointing], progress=False, method=Probe())
+    assert seen == [False] * 3 + [True] * 3
+    for key in ("loss", "actor_q_term"):
+        assert metric_series(runs[True], key) == pytest.approx(metric_series(runs[False], key), rel=1e-4, abs=1e-6)
