@@ -258,6 +258,17 @@ class FlowFamily(ModelFamily):
             parts[f"text_encoder{suffix}"], parts[f"tokenizer{suffix}"] = encoder, tokenizer
         return parts
 
+    def _prompt_pipeline(self, encoders: list):
+        """The family's pipeline over `encoders`, for its own `encode_prompt` (how it conditions, kept in one place)."""
+        return self._pipeline_class()(scheduler=self.components.noise_scheduler, **self._parts(None, encoders))
+
+    def embedded_guidance(self, batch: int, device) -> torch.Tensor | None:
+        """flow.guidance for each sample where the transformer embeds a guidance value (FLUX.1-dev), else None. Read
+        from the unwrapped transformer's config: the denoiser passed to predict may be a DDP wrapper without one."""
+        if not self.components.unet.config.get("guidance_embeds", False):
+            return None
+        return torch.full((batch,), self.settings.guidance, device=device, dtype=torch.float32)
+
     def pipeline(self, denoiser=None, text_encoders=None, scheduler="dpm"):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -280,8 +291,7 @@ class FluxFamily(FlowFamily):
 
     def predict(self, denoiser, noisy, timesteps, text) -> torch.Tensor:
         b, c, h, w = noisy.shape
-        config = self.components.unet.config  # the denoiser itself may be wrapped (DDP) and have no config
-        guidance = torch.full((b,), self.settings.guidance, device=noisy.device, dtype=torch.float32) if config.guidance_embeds else None
+        guidance = self.embedded_guidance(b, noisy.device)
         out = denoiser(hidden_states=flow.pack_latents(noisy), timestep=self.sigmas(timesteps).to(noisy.dtype), guidance=guidance,
                        pooled_projections=text.pooled, encoder_hidden_states=text.hidden,
                        txt_ids=torch.zeros(text.hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
@@ -289,7 +299,7 @@ class FluxFamily(FlowFamily):
         return flow.unpack_latents(out, h, w, c)
 
     def encode_prompts(self, encoders, prompts, resolution) -> TextConditioning:
-        pipe = self._pipeline_class()(scheduler=self.components.noise_scheduler, **self._parts(None, encoders))
+        pipe = self._prompt_pipeline(encoders)
         hidden, pooled, _ = pipe.encode_prompt(prompts, prompt_2=prompts, device=self.components.unet.device,
                                                max_sequence_length=self.max_sequence_length)
         return TextConditioning(hidden, pooled)
@@ -319,10 +329,7 @@ class Flux2Family(FlowFamily):
         return mean.to(like), std.to(like)
 
     def latents_from_moments(self, moments, generator) -> torch.Tensor:
-        mean, logvar = moments.chunk(2, dim=1)
-        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device)
-        z = mean + torch.exp(0.5 * logvar) * noise.to(mean)
-        patches = self._pipeline_class()._patchify_latents(z)
+        patches = self._pipeline_class()._patchify_latents(diffusion.sample_latents(moments, 1.0, generator))
         bn_mean, bn_std = self._batch_norm(patches)
         return (patches - bn_mean) / bn_std
 
@@ -342,8 +349,7 @@ class Flux2Family(FlowFamily):
     def predict(self, denoiser, noisy, timesteps, text) -> torch.Tensor:
         b, c, h, w = noisy.shape
         pipeline = self._pipeline_class()
-        config = self.components.unet.config
-        guidance = torch.full((b,), self.settings.guidance, device=noisy.device, dtype=torch.float32) if config.guidance_embeds else None
+        guidance = self.embedded_guidance(b, noisy.device)
         tokens = noisy.reshape(b, c, h * w).transpose(1, 2)  # raster order, as the pipeline packs them
         out = denoiser(hidden_states=tokens, timestep=self.sigmas(timesteps).to(noisy.dtype), guidance=guidance,
                        encoder_hidden_states=text.hidden, txt_ids=pipeline._prepare_text_ids(text.hidden).to(noisy.device),
@@ -351,7 +357,7 @@ class Flux2Family(FlowFamily):
         return out[:, : h * w].transpose(1, 2).reshape(b, c, h, w)
 
     def encode_prompts(self, encoders, prompts, resolution) -> TextConditioning:
-        pipe = self._pipeline_class()(scheduler=self.components.noise_scheduler, **self._parts(None, encoders))
+        pipe = self._prompt_pipeline(encoders)
         hidden, _ = pipe.encode_prompt(prompts, device=self.components.unet.device, max_sequence_length=self.max_sequence_length)
         return TextConditioning(hidden)
 
@@ -379,7 +385,7 @@ class SD3Family(FlowFamily):
                         pooled_projections=text.pooled, return_dict=False)[0]
 
     def encode_prompts(self, encoders, prompts, resolution) -> TextConditioning:
-        pipe = self._pipeline_class()(scheduler=self.components.noise_scheduler, **self._parts(None, encoders))
+        pipe = self._prompt_pipeline(encoders)
         hidden, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=self.components.unet.device,
                                                   do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
         return TextConditioning(hidden, pooled)

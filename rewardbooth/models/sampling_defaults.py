@@ -22,14 +22,15 @@ SAMPLER_KEYS = {  # (steps, guidance) -> every setting that samples from the bas
 
 def family_sampler(model: str, revision: str | None = None) -> tuple[int, float] | None:
     """(steps, guidance) a model family samples with by default; None: the config's own (U-Nets)."""
-    pipeline_class = read_model_config(model, revision, "model_index.json").get("_class_name", "")
+    index = read_model_config(model, revision, "model_index.json")
+    pipeline_class = index.get("_class_name", "")
     if pipeline_class == FLUX_PIPELINE:
         distilled_guidance = read_model_config(model, revision, "transformer/config.json").get("guidance_embeds", False)
         return (28, 3.5) if distilled_guidance else (4, 0.0)  # dev / schnell
     if pipeline_class == SD3_PIPELINE:
         return 28, 3.5
     if pipeline_class == FLUX2_PIPELINE:
-        step_distilled = read_model_config(model, revision, "model_index.json").get("is_distilled", False)
+        step_distilled = index.get("is_distilled", False)
         return (4, 1.0) if step_distilled else (50, 4.0)
     return None
 
