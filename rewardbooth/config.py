@@ -383,6 +383,9 @@ def build_config(path: str | Path | None = None, overrides: dict[str, Any] | Non
     return cfg
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def ensure(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -395,7 +398,9 @@ def validate(cfg: RunConfig) -> None:
     ensure(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     ensure(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
     ensure(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps must be positive")
-    ensure(cfg.learning_rate > 0, f"train.learning_rate must be positive, got {cfg.learning_rate}")
+    for key, lr in (("learning_rate", cfg.learning_rate), ("text_encoder_learning_rate", t.text_encoder_learning_rate)):
+        # The optimizers' float32 arithmetic overflows past FLOAT32_MAX: a traceback mid-step, not a message.
+        ensure(lr is None or 0 < lr <= FLOAT32_MAX, f"train.{key} must be positive and finite in float32, got {lr}")
     ensure(t.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
     ensure(t.log_every > 0, "train.log_every must be positive")
     ensure(a.targets in LORA_TARGET_PRESETS, f"adapter.targets must be one of {', '.join(LORA_TARGET_PRESETS)}, got {a.targets!r}")

@@ -23,6 +23,14 @@ def test_yaml_then_overrides_and_roundtrip(tmp_path):
     assert load_config(saved) == cfg
 
 
+@pytest.mark.parametrize("key,value", [("train.learning_rate", "1e39"), ("train.learning_rate", "nan"),
+                                       ("train.text_encoder_learning_rate", "inf"), ("train.learning_rate", "0")])
+def test_learning_rates_beyond_float32_are_refused_by_name(key, value):
+    # 1e39 used to reach Adam and overflow mid-step with a traceback.
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides={key: value})
+
+
 def test_default_learning_rate_depends_on_adapter():
     assert RunConfig().learning_rate == 1e-4
     assert load_config(overrides={"adapter.kind": "full"}).learning_rate == 5e-6
