@@ -3,6 +3,7 @@
     python benchmarks/bench_memory.py table                  # SD 1.5 / SDXL at native size against 12 / 24 GB, then
                                                              # the flow models (FLUX.1, SD3.5, FLUX.2) at 1024 px against 16 / 24 / 48 GB
     python benchmarks/bench_memory.py table --flow           # the flow models only
+    python benchmarks/bench_memory.py table --sharded        # full fine-tuning sharded over 2, 4, 8 GPUs (--fsdp), per GPU
     python benchmarks/bench_memory.py measure --model tiny   # estimate vs measured peak of a short real run
 
 `table` builds the models (the real layer sizes, random weights) on the meta device and traces
@@ -60,6 +61,12 @@ FLOW_METHODS = {"dreambooth": ("dreambooth", {}), "dpg": ("dpg", {}),
                 "dpg-recon": ("dpg", {"dpg.reward": "recon", "dpg.critic_input": "latent"}), "rpo": ("rpo", {})}
 FLOW_RESOLUTION = 1024
 FLOW_CARDS = (16, 24, 48)
+# Full fine-tuning sharded over N GPUs (train.fsdp): the estimate per GPU, against these cards (GB).
+SHARDED_MODELS = {"SDXL": ("sdxl-random", 1024), "FLUX.1-dev": ("flux-random", 1024), "SD3.5 Large": ("sd35-random", 1024)}
+SHARDED_METHODS = {"dreambooth": ("dreambooth", {}), "dpg": ("dpg", {}), "rpo": ("rpo", {})}
+SHARDED_SETUP = {"adapter.kind": "full", "train.mixed_precision": "bf16", "train.gradient_checkpointing": True}
+SHARDED_PROCESSES = (1, 2, 4, 8)  # 1: one card, unsharded, for comparison
+SHARDED_CARDS = (24, 48, 80)
 FLOW_LABELS = {"flux-random": "FLUX.1-dev", "sd35-random": "SD3.5 Large", "sd35-medium-random": "SD3.5 Medium",
                "flux2-klein-random": "FLUX.2 [klein] 4B", "flux2-klein-9b-random": "FLUX.2 [klein] 9B"}
 
@@ -93,14 +100,15 @@ def components_on_meta(preset_name: str):
     return Components.from_pipeline(preset_name, pipe)
 
 
-def table_estimate(preset_name: str, method_name: str, overrides: dict, resolution: int | None = None):
+def table_estimate(preset_name: str, method_name: str, overrides: dict, resolution: int | None = None, processes: int = 1):
     """The trainer's estimate for a set-up, on meta weights placed, quantized and adapted by the
-    trainer's own code (at `resolution`, else the model's native size)."""
+    trainer's own code (at `resolution`, else the model's native size); per process of `processes`
+    (train.fsdp: what the trainer shards, split over them)."""
     from rewardbooth.methods import get_method, load_config
     from rewardbooth.methods.context import TrainContext
     from rewardbooth.methods.dpg import decode_latents
     from rewardbooth.models.quantize import quantize_frozen
-    from rewardbooth.training import memory
+    from rewardbooth.training import memory, sharding
     from rewardbooth.training.setup import attach_trainable, offloadable_text_encoders, place_frozen
 
     components = components_on_meta(preset_name)
@@ -128,9 +136,10 @@ def table_estimate(preset_name: str, method_name: str, overrides: dict, resoluti
     # cpu_offload cannot take meta weights, so they are left out of the resident modules here.
     offloaded = offloadable_text_encoders(components) if cfg.model.offload_text_encoders is not False else []
     resident = [m for m in memory.resident_modules([components, method]) if not any(m is e for e in offloaded)]
+    sharded = sharding.sharded_modules(components, method, cfg.adapter.train_text_encoder) if cfg.train.fsdp else []
     return memory.estimate(resident=resident, trained=trained,
                            probes=method.memory_probes(ctx), optimizer=cfg.train.optimizer,
-                           mixed_precision=cfg.train.mixed_precision, device="cpu")
+                           mixed_precision=cfg.train.mixed_precision, device="cpu", processes=processes, sharded=sharded)
 
 
 def fits(total_gib: float, cards: tuple[int, ...]) -> str:
@@ -165,8 +174,26 @@ def table_row(labels: list[str], totals: list[float], cards: tuple[int, ...], ex
     return "| " + " | ".join([*labels, *(f"{total:.1f} ({fits(total, cards)})" for total in totals), *extra]) + " |"
 
 
+def cmd_sharded_table() -> None:
+    started = time.perf_counter()
+    print("Full fine-tuning (bf16, gradient checkpointing, AdamW) sharded over N GPUs with --fsdp, GiB per GPU, at 1024 px")
+    print("(batch 1 per GPU, DreamBooth and DPG with prior preservation, text encoders frozen; T5 in CPU memory on a GPU;")
+    print(f"N = 1: one card, unsharded); 'fits N' = the smallest of {' / '.join(map(str, SHARDED_CARDS))} GB holding the estimate + 1 GiB).")
+    print("| model | method | " + " | ".join("1 GPU" if n == 1 else f"{n} GPUs" for n in SHARDED_PROCESSES) + " |")
+    print("|" + " --- |" * (2 + len(SHARDED_PROCESSES)))
+    for label, (preset, resolution) in SHARDED_MODELS.items():
+        for method_label, (method, overrides) in SHARDED_METHODS.items():
+            totals = [table_estimate(preset, method, {**overrides, **SHARDED_SETUP, "train.fsdp": n > 1}, resolution, processes=n).total / GIB
+                      for n in SHARDED_PROCESSES]
+            print(table_row([label, method_label], totals, SHARDED_CARDS), flush=True)
+    print(f"({time.strftime('%Y-%m-%d')}, {time.perf_counter() - started:.0f} s)")
+
+
 def cmd_table(args) -> None:
     quiet_libraries()
+    if args.sharded:
+        cmd_sharded_table()
+        return
     started = time.perf_counter()
     if not args.flow:
         print("Estimated peak training memory, GiB (batch 1, native size, DreamBooth and DPG with prior preservation,")
@@ -222,7 +249,7 @@ def cmd_measure(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subject = Path(tmp) / "toy"
         make_subject(seed=3, num_images=4).resized(max(64, args.resolution)).save(subject)
-        print(f"| model | method | set-up | estimate GiB | measured GiB | measured / estimate | measured as |")
+        print("| model | method | set-up | estimate GiB | measured GiB | measured / estimate | measured as |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for method_label, (method, method_overrides) in METHODS.items():
             if method_label not in args.methods:
@@ -253,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     table = sub.add_parser("table", help="SD 1.5 / SDXL set-ups against 12 and 24 GB, flow models against 16 / 24 / 48 GB")
     table.add_argument("--flow", action="store_true", help="the flow-matching models only")
+    table.add_argument("--sharded", action="store_true", help="full fine-tuning sharded over 2, 4, 8 GPUs (--fsdp), per GPU")
     measure = sub.add_parser("measure", help="estimate vs measured peak of short real runs")
     measure.add_argument("--model", default="tiny")
     measure.add_argument("--resolution", type=int, default=64)

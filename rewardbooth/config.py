@@ -109,6 +109,9 @@ class TrainConfig:
     ema_decay: float | None = None  # e.g. 0.999: an EMA of the trained weights is validated, selected and saved
     optimizer: str = "adamw"  # adamw | adamw8bit (rewardbooth[bnb]) | prodigy (rewardbooth[prodigy]; use learning_rate 1.0)
     report_to: str | None = None  # tensorboard | wandb (accelerate trackers); metrics.jsonl is written either way
+    # Full fine-tuning past one card: shard the trained weights, their gradients and optimizer state (and RPO's frozen
+    # reference) over the processes of --num-processes / accelerate launch, per block (PyTorch FSDP2; training/sharding.py).
+    fsdp: bool = False
 
 
 @dataclass
@@ -432,6 +435,15 @@ def validate(cfg: RunConfig) -> None:
            f"model.quantize must be one of {', '.join(QUANTIZATIONS)} (or unset), got {cfg.model.quantize!r}")
     ensure(cfg.model.quantize is None or a.kind == "lora",
            "model.quantize freezes the base in int8/fp8: train it with LoRA (adapter.kind=lora), not a full fine-tune")
+    ensure(not t.fsdp or a.kind == "full",
+           "train.fsdp shards full fine-tuning (adapter.kind=full); a LoRA's trained weights are megabytes and its frozen base "
+           "is not sharded, so sharding buys nothing: drop --fsdp (a base too big for one card: model.quantize=int8)")
+    ensure(not t.fsdp or t.mixed_precision != "fp16",
+           "train.fsdp trains in fp32 or bf16 (fp16's gradient scaler is not wired to sharded gradients): use --mixed-precision bf16")
+    ensure(not t.fsdp or t.optimizer == "adamw",
+           f"train.fsdp shards AdamW's state; train.optimizer={t.optimizer} is not supported with it: use adamw")
+    ensure(not t.fsdp or t.ema_decay is None,
+           "train.ema_decay is not supported with train.fsdp yet (its float32 copy would not be sharded): drop one of them")
     f = cfg.flow
     ensure(f.weighting in FLOW_WEIGHTINGS, f"flow.weighting must be one of {', '.join(FLOW_WEIGHTINGS)}, got {f.weighting!r}")
     ensure(f.loss_weighting in FLOW_LOSS_WEIGHTINGS,

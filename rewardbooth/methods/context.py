@@ -41,7 +41,8 @@ class TrainContext:
 
     @property
     def device(self) -> torch.device:
-        return self.accelerator.device
+        device = self.accelerator.device  # "cpu:0" in accelerate's CPU processes, which fake tensors tell from "cpu"
+        return torch.device("cpu") if device.type == "cpu" else device
 
     @property
     def latent_size(self) -> int:

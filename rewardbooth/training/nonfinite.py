@@ -28,6 +28,8 @@ class NonFiniteGuard:
         """This step's mean of every logged term (over micro-batches and processes) when one of them, or the
         gradient norm, is NaN/inf; None when all are finite. The step's one host sync."""
         device = self.accelerator.device
+        if hasattr(grad_norm, "full_tensor"):  # train.fsdp: the norm over every process's shards, as a DTensor
+            grad_norm = grad_norm.full_tensor()
         names = list(dict.fromkeys(n for micro in terms for n in micro))
         values = torch.stack([torch.stack([torch.as_tensor(m[n], device=device).float().mean() for m in terms if n in m]).mean()
                               for n in names])
@@ -59,7 +61,12 @@ class NonFiniteGuard:
 
     def check_weights(self, parameters: list[torch.Tensor], step: int) -> None:
         """Before a checkpoint or the result: finite losses can still overflow a weight (fp16)."""
-        if not torch.stack([torch.isfinite(p.detach()).all() for p in parameters]).all().item():
+        sharded = [p for p in parameters if hasattr(p, "to_local")]  # train.fsdp: each process checks its shards
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in parameters]
+        bad = torch.stack([~torch.isfinite(t.detach()).all() for t in local]).any().float().reshape(1)
+        if sharded:
+            bad = self.accelerator.reduce(bad.to(self.accelerator.device), reduction="sum")
+        if bad.item():
             raise self._error(step, "the trained weights are NaN/inf")
 
     def _error(self, step: int, what: str) -> TrainingDiverged:

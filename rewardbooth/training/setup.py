@@ -11,7 +11,7 @@ from rewardbooth.config import RunConfig
 from rewardbooth.methods import Method
 from rewardbooth.methods.context import TrainContext
 from rewardbooth.models.lora import TEXT_ENCODER_TARGETS, add_lora
-from rewardbooth.training import memory
+from rewardbooth.training import memory, sharding
 from rewardbooth.training.memory import MemoryEstimate
 from rewardbooth.training.threads import choose_cpu_threads, should_choose_threads
 
@@ -61,8 +61,10 @@ def attach_trainable(components, cfg: RunConfig) -> list[dict]:
         add_lora(components.unet, a.rank, a.alpha, a.dropout, targets)
     else:
         components.unet.requires_grad_(True)
-    # Trained weights in float32 even when the frozen base is half precision.
-    for p in _trainable_parameters(components.unet):
+    # Trained weights in float32 even when the frozen base is half precision (train.fsdp: block by block as they are
+    # sharded, so the whole model is never held in float32 on one device: training/sharding.py).
+    upcast = not cfg.train.fsdp
+    for p in _trainable_parameters(components.unet) if upcast else []:
         p.data = p.data.float()
     groups.append({"params": _trainable_parameters(components.unet), "lr": cfg.learning_rate})
     for encoder in components.trainable_text_encoders if a.train_text_encoder else []:  # SDXL: both encoders
@@ -70,7 +72,7 @@ def attach_trainable(components, cfg: RunConfig) -> list[dict]:
             add_lora(encoder, a.rank, a.alpha, a.dropout, TEXT_ENCODER_TARGETS)
         else:
             encoder.requires_grad_(True)
-        for p in _trainable_parameters(encoder):
+        for p in _trainable_parameters(encoder) if upcast else []:
             p.data = p.data.float()
         lr = cfg.train.text_encoder_learning_rate or cfg.learning_rate
         groups.append({"params": _trainable_parameters(encoder), "lr": lr})
@@ -106,10 +108,12 @@ def estimate_memory(ctx: TrainContext, method: Method, groups: list[dict], show:
     """Print the estimated peak memory before the first step (`show`); warn when the device is smaller."""
     acc, t = ctx.accelerator, ctx.cfg.train
     trained = [p for group in groups for p in group["params"]] + [p for m in method.extra_modules() for p in m.parameters()]
+    sharded = sharding.sharded_modules(ctx.components, method, ctx.cfg.adapter.train_text_encoder) if t.fsdp else []
     try:
         result = memory.estimate(resident=memory.resident_modules([ctx.components, method]), trained=trained,
                                  probes=method.memory_probes(ctx), optimizer=t.optimizer, ema=t.ema_decay is not None,
-                                 mixed_precision=t.mixed_precision, device=ctx.device, processes=acc.num_processes)
+                                 mixed_precision=t.mixed_precision, device=ctx.device, processes=acc.num_processes,
+                                 sharded=sharded)
     except Exception as exc:  # an estimate must never stop a run
         if acc.is_main_process and show:
             print(f"estimated peak memory: unavailable ({first_line(exc)})")

@@ -27,6 +27,8 @@ def sample_validation(ctx: TrainContext, method: Method, text_encoders: list | N
     with acc.autocast():
         images = generate(make_pipeline(ctx.components, unet=unet, text_encoders=text_encoders), prompts, v.num_images, settings)
     unet.train(was_training)
+    if not acc.is_main_process:  # train.fsdp: every process ran the sampler's forward passes; the main one writes
+        return prompts, images
     folder.mkdir(parents=True, exist_ok=True)
     for j, row in enumerate(images):
         for k, image in enumerate(row):

@@ -15,14 +15,18 @@ from rewardbooth.methods.context import TrainContext
 from rewardbooth.models.export import KOHYA_WEIGHTS_NAME, write_kohya
 from rewardbooth.models.loading import FLUX_PIPELINE
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_FOLDERS, save_lora
+from rewardbooth.training import sharding
 from rewardbooth.training.run_dir import BEST_RECORD, STAGING_NAME, atomic_write_text, replace_into
 
 BUDGET_RECORD = "budget.json"
 
 
 class WeightWriter:
+    """Writes on the main process. Under train.fsdp every process must call export / write_result / save_budget: the
+    sharded weights are gathered (one tensor at a time, into the main process's CPU memory) and written there."""
     def __init__(self, accelerator, cfg: RunConfig, ema_applied: Callable):
         self.accelerator, self.cfg, self.ema_applied = accelerator, cfg, ema_applied
+        self.collective = cfg.train.fsdp
 
     def text_encoders(self, ctx: TrainContext) -> list | None:
         """Every text encoder as the pipeline takes them, the trained ones unwrapped (None: none trained)."""
@@ -37,6 +41,12 @@ class WeightWriter:
         with self.ema_applied():
             unet = self.accelerator.unwrap_model(ctx.unet)
             text_encoders = self.trained_text_encoders(ctx)
+            if self.collective:  # whole copies on the main process, built from every process's shards
+                main = self.accelerator.is_main_process
+                unet = sharding.gathered(unet, main)
+                text_encoders = [sharding.gathered(e, main) for e in text_encoders or []] or None
+                if not main:
+                    return self._result_path(folder, ctx)
             staging = self._staging(folder)
             if self.cfg.adapter.kind == "lora":
                 save_lora(staging, unet, text_encoders, sdxl=ctx.components.is_sdxl, pipeline_class=ctx.components.pipeline_class)
@@ -55,20 +65,26 @@ class WeightWriter:
     def _place(self, staging: Path, folder: Path, ctx: TrainContext) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         replace_into(staging, folder)
+        return self._result_path(folder, ctx)
+
+    def _result_path(self, folder: Path, ctx: TrainContext) -> Path:
         return folder / (LORA_WEIGHTS_NAME if self.cfg.adapter.kind == "lora" else ctx.components.denoiser_folder)
 
     def write_result(self, ctx: TrainContext, folder: Path, best_dir: Path | None) -> Path:
         """The run's result as of now into `folder`: the best validated weights (`best_dir`) under selection, else the current ones."""
         if best_dir is None:
             return self.export(ctx, folder)
+        if not self.accelerator.is_main_process:  # train.fsdp: nothing to gather, the best weights are a copy
+            return self._result_path(folder, ctx)
         staging = self._staging(folder)
         shutil.copytree(best_dir, staging, ignore=shutil.ignore_patterns(BEST_RECORD), dirs_exist_ok=True)
         return self._place(staging, folder, ctx)
 
     def save_budget(self, ctx: TrainContext, folder: Path, step: int, selected_step: int, best_dir: Path | None) -> Path:
         """budgets/step-N/: the result a run of N steps would have given (same weights, same selection)."""
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process or self.collective:
             self.write_result(ctx, folder, best_dir)
+        if self.accelerator.is_main_process:
             atomic_write_text(folder / BUDGET_RECORD, json.dumps({"step": step, "selected_step": selected_step}))
         self.accelerator.wait_for_everyone()
         return folder
