@@ -54,6 +54,8 @@ TRAIN_SWITCHES = [
     ("--train-text-encoder", "adapter.train_text_encoder", True, "also train the text encoder"),
     ("--no-prior", "prior.enabled", False, "turn prior preservation off"),
     ("--gradient-checkpointing", "train.gradient_checkpointing", True, "trade compute for memory"),
+    ("--fsdp", "train.fsdp", True, "full fine-tuning past one card: shard weights, gradients and AdamW state over the "
+     "--num-processes processes, per block (PyTorch FSDP2)"),
     ("--random-crop", "data.center_crop", False, "random crops instead of center crops"),
     ("--center-crop", "data.center_crop", True, "center crops (the default, except under DPG's defaults: random, as its released script)"),
     ("--random-flip", "data.random_flip", True, "random horizontal flips"),
@@ -186,6 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, _, _, text in TRAIN_SWITCHES:
         train.add_argument(flag, action="store_true", help=text)
 
+    many = add_parser("train-many", help="train many subjects at once: one batched denoiser call and one backward per step "
+                                         "for all of them (each its own adapter, data, seeds and run folder)")
+    many.add_argument("subjects", help="SUBJECTS.yaml (entries: name, instance_dir, class_noun, run_dir, settings), or a folder "
+                                       "of subject folders (a DreamBench folder gives their class nouns)")
+    many.add_argument("--output", help="folder holding the subjects' run folders (default: the file's `output:`, else runs-many "
+                                       "beside it)")
+    many.add_argument("--config", help="YAML run config every subject starts from")
+    many.add_argument("--subjects-per-batch", default=None, metavar="K|auto",
+                      help="subjects trained together (default: all of them; auto: as many as the memory estimate fits)")
+    many.add_argument("--resume", action="store_true", help="continue every subject's run from its latest checkpoint")
+    many.add_argument("--overwrite", action="store_true", help="replace previous runs in the subjects' run folders")
+    many.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, for every subject")
+    many.add_argument("--quiet", action="store_true", help="no progress bar")
+    many.add_argument("--num-processes", type=int, default=1,
+                      help="processes sharing the subjects (runs `accelerate launch`; one GPU each if available, else CPU)")
+    for flag, key, kind, text in TRAIN_FLAGS:
+        if flag != "--instance-dir":
+            many.add_argument(flag, type=kind, help=LAZY_HELP[flag] if text is None else text)
+    for flag, _, _, text in TRAIN_SWITCHES:
+        many.add_argument(flag, action="store_true", help=text)
+    many.set_defaults(instance_dir=None, validation_prompt=None)
+
     gen = add_parser("generate", help="sample images from a trained run")
     gen.add_argument("--run", required=True, help="run folder written by `rewardbooth train`")
     gen.add_argument("--prompt", action="append", required=True, help="prompt; repeatable")
@@ -233,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shard", help="i/N: this process takes every N-th subject starting at i")
     bench.add_argument("--jobs", type=int, default=None,
                        help="mini: worker processes splitting the subjects (default: one per CPU core, 1 on a GPU)")
+    bench.add_argument("--subjects-per-batch", default=None, metavar="K|auto",
+                       help="train the subjects K at a time in one process, as train-many does (auto: as many as the memory "
+                            "estimate fits), then evaluate them as usual; each is charged its batch's wall seconds / K")
     bench.add_argument("-k", "--images-per-prompt", type=int, help="images per prompt (dreambench default 4; mini 2)")
     bench.add_argument("--sample-steps", type=int, help="sampler steps (dreambench default 50; mini 10)")
     bench.add_argument("--guidance", type=float, default=None,
@@ -279,8 +306,8 @@ def train_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def launch_processes(num_processes: int, argv: list[str]) -> int:
-    """Re-run this command under `accelerate launch` with N processes (DDP)."""
+def launch_processes(num_processes: int, argv: list[str], program: tuple[str, ...] = ("-m", "rewardbooth.cli")) -> int:
+    """Re-run this command (or another `program`: the tests' scripts) under `accelerate launch` with N processes."""
     import subprocess
 
     import torch
@@ -299,7 +326,7 @@ def launch_processes(num_processes: int, argv: list[str]) -> int:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
                "--num_machines", "1", "--main_process_port", port, "--dynamo_backend", "no",
                "--mixed_precision", "no",  # the run config sets precision
-               "-m", "rewardbooth.cli", *argv]
+               *program, *argv]
     return subprocess.call(command, env=env)
 
 
@@ -337,6 +364,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         config_file = run_dir / CONFIG_NAME  # resume repeats the saved run unless told otherwise
     cfg = load_config(config_file, train_overrides(args))
     check_training_inputs(cfg)  # everything checkable, before any model loads or anything is written
+    from rewardbooth.training.sharding import check_processes
+
+    check_processes(cfg.train.fsdp, int(os.environ.get("WORLD_SIZE", "1")))  # e.g. --fsdp without --num-processes
     if args.resume:
         resume_changes(cfg, run_dir)  # another run's settings are refused here, before the folder is touched
     from accelerate import PartialState
@@ -357,6 +387,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     selected = f" (best validated step {result.selected_step})" if result.selected_step != result.final_step else ""
     print(f"trained {cfg.train.method} for {result.final_step} steps{selected}: weights {result.weights}, report {report}")
     return 0
+
+
+def cmd_train_many(args: argparse.Namespace) -> int:
+    from rewardbooth.evaluation.run_report import write_run_report
+    from rewardbooth.training.many import Share, prepare_subjects, read_subjects, subjects_per_batch, train_many
+
+    share = Share().take()  # under accelerate launch: every count-th subject, trained by this process alone
+    index, count = share.index, share.count
+    overrides = {k: v for k, v in train_overrides(args).items() if k not in ("data.instance_dir", "data.class_noun")}
+    entries = read_subjects(args.subjects, args.output, class_noun=args.class_noun)[index::count]
+    runs, failed = prepare_subjects(entries, args.config, overrides, resume=args.resume, overwrite=args.overwrite,
+                                    class_noun=args.class_noun)
+    for outcome in failed:  # before anything trains; the others train on
+        print(f"rewardbooth: subject {outcome.name}: {outcome.error}", file=sys.stderr)
+    outcomes = train_many(runs, resume=args.resume, progress=not args.quiet, check_inputs=False,
+                          subjects_per_batch=subjects_per_batch(args.subjects_per_batch))
+    for outcome in outcomes:
+        if outcome.ok and not outcome.result.already_finished:
+            write_run_report(outcome.run_dir)
+        state = ("already finished" if outcome.ok and outcome.result.already_finished else
+                 f"trained {outcome.result.final_step} steps: weights {outcome.result.weights}" if outcome.ok else f"failed: {outcome.error}")
+        print(f"{outcome.name}: {state}")
+    bad = [o.name for o in [*failed, *outcomes] if not o.ok]
+    where = f" (process {index + 1} of {count})" if count > 1 else ""
+    print(f"train-many{where}: {sum(o.ok for o in outcomes)} of {len(outcomes) + len(failed)} subjects trained"
+          + (f"; failed: {', '.join(bad)}" if bad else ""), flush=True)
+    return 0 if share.all_ok(not bad) else 1
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -440,6 +497,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.method and args.methods:
         raise ConfigError("give --method or --methods, not both")
     methods = [m.strip() for m in (args.methods or args.method or "").split(",") if m.strip()]
+    from rewardbooth.training.many import check_many_settings, subjects_per_batch
+
+    args.subjects_per_batch = subjects_per_batch(args.subjects_per_batch)
     if args.suite == "mini":
         from rewardbooth.methods import BUILTIN_METHODS
 
@@ -459,10 +519,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     overrides = {"train.method": args.method, "model.name": args.model, "train.steps": args.steps, "validation.every": 0}
     overrides.update(parse_override(text) for text in args.set)
     cfg = load_config(args.config, overrides)
+    if args.subjects_per_batch not in (None, 1):
+        check_many_settings(cfg)
     out = Path(args.output or f"bench-{args.method}")
     runner = BenchRunner(bench, out, cfg, _scorer(args, cfg.evaluation), images_per_prompt=args.images_per_prompt,
                          sample_steps=args.sample_steps,
-                         guidance_scale=cfg.validation.guidance_scale if args.guidance is None else args.guidance, progress=not args.quiet)
+                         guidance_scale=cfg.validation.guidance_scale if args.guidance is None else args.guidance, progress=not args.quiet,
+                         subjects_per_batch=args.subjects_per_batch)
     mine = shard_subjects(subjects, index, count)
     computed = runner.run(mine)
     skipped = len(mine) - len(computed)
@@ -495,7 +558,7 @@ def _bench_mini(args: argparse.Namespace, methods: list[str]) -> int:
     report = run_mini_bench(out, methods, quick=args.quick, subjects_seed=args.subjects_seed, num_subjects=args.num_subjects,
                             images_per_prompt=args.images_per_prompt, sample_steps=args.sample_steps, config_file=args.config,
                             overrides=overrides, device=_device(args), progress=not args.quiet, jobs=args.jobs,
-                            budgets=parse_budgets(args.budgets))
+                            budgets=parse_budgets(args.budgets), subjects_per_batch=args.subjects_per_batch)
     import json
 
     summary = json.loads((out / "results.json").read_text())
@@ -535,9 +598,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 # After a stop at a checkpointed step (Ctrl-C, SIGTERM): how to carry on.
-STOP_HINTS = {"train": "continue with --resume", "bench": "run the same command again to continue",
+STOP_HINTS = {"train": "continue with --resume", "train-many": "continue with --resume", "bench": "run the same command again to continue",
               "demo": "run it again (the stopped training starts over)"}
-COMMANDS = {"ui": cmd_ui, "train": cmd_train, "generate": cmd_generate, "export": cmd_export, "evaluate": cmd_evaluate, "bench": cmd_bench, "demo": cmd_demo}
+COMMANDS = {"ui": cmd_ui, "train": cmd_train, "train-many": cmd_train_many, "generate": cmd_generate, "export": cmd_export, "evaluate": cmd_evaluate, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -546,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_library_verbosity(args.verbose)
     try:
-        if args.command == "train" and args.num_processes != 1 and "WORLD_SIZE" not in os.environ:
+        if args.command in ("train", "train-many") and args.num_processes != 1 and "WORLD_SIZE" not in os.environ:
             return launch_processes(args.num_processes, _without_num_processes(argv))
         return COMMANDS[args.command](args)
     except RewardboothError as exc:

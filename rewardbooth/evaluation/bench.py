@@ -6,9 +6,17 @@ Layout of a bench folder (one method):
     subjects/<name>/images/       generated PNGs + metadata.jsonl
     subjects/<name>/scores.json   per-image scores; its presence marks the subject finished
     subjects/<name>/failed.json   instead: its training diverged (the error); counted as failed, never scored
+    subjects/<name>/seconds.json  wall seconds of set-up and training behind the scored weights (and, for subjects
+                                  trained K at a time, how they were measured)
+    subjects/<name>/run.batch.json  with --subjects-per-batch: the batch the run trained in and its clock
     results.csv, results.json, report.html   written by merge
 Shards (--shard i/N) take every N-th subject, so processes or machines sharing the folder never
 touch the same subject; `merge` combines whatever is finished.
+
+With --subjects-per-batch K the subjects still to train are trained K at a time in one process
+(training/many.py: their denoiser calls stacked, each subject's run its solo run within float32 rounding), then
+evaluated one by one exactly as without it. A subject of a batch is charged the batch's wall seconds divided by
+its subjects (seconds.json says so); a subject that fails to train is named and the others are evaluated.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import csv
 import json
 import math
 import shutil
+import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from statistics import pstdev
@@ -29,7 +39,7 @@ from tqdm.auto import tqdm
 from rewardbooth.config import RunConfig
 from rewardbooth.data.dreambench import DreamBench, DreamBenchSubject, load_dreambench
 from rewardbooth.data.images import load_image, load_image_folder, save_image_grid
-from rewardbooth.errors import ConfigError, OutputExistsError, TrainingDiverged
+from rewardbooth.errors import ConfigError, OutputExistsError, RewardboothError, Stopped, TrainingDiverged
 from rewardbooth.evaluation.figures import plot_bars, plot_tradeoff
 from rewardbooth.evaluation.metrics import METRICS, ImageScore, Scorer, read_generated_folder, summarize
 from rewardbooth.evaluation.report import ReportSection, write_report
@@ -37,11 +47,94 @@ from rewardbooth.rewards import Subject
 from rewardbooth.sampling import SampleSettings, generate, save_generated
 from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.training.loop import train
-from rewardbooth.training.run_dir import RunFolder, prepare_run_dir, seconds_at
+from rewardbooth.training.many import ManyEngine, SubjectOutcome, SubjectRun, check_subjects, train_many
+from rewardbooth.training.run_dir import CONFIG_NAME, RunFolder, prepare_run_dir, seconds_at
 
 BENCH_INFO = "bench.json"
 FAILED_NAME = "failed.json"
 SECONDS_NAME = "seconds.json"
+BATCH_SUFFIX = ".batch.json"  # beside a run trained K at a time: its batch and the batch's clock
+BATCH_HOW = ("the wall seconds of the batch this subject trained in (its subjects' set-ups one after another, then their "
+             "steps in lockstep, one stacked denoiser call per step), to this step, divided by its subjects_per_batch")
+
+
+class SubjectsFailed(RewardboothError):
+    """Subjects trained K at a time whose training failed (not diverged): named, while the others were evaluated."""
+
+    exit_code = 1
+
+    def __init__(self, failures: dict[str, str]):
+        super().__init__(failures)  # the mapping alone: pickled across bench worker processes and rebuilt from it
+        self.failures = dict(failures)
+
+    def __str__(self) -> str:
+        named = "; ".join(f"{name}: {error}" for name, error in self.failures.items())
+        return (f"{len(self.failures)} subject(s) failed to train ({named}); the others are finished: run the same command "
+                "again to retry these, or `rewardbooth bench --merge` the folders for a report without them")
+
+
+def batch_record_path(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    return run_dir.with_name(run_dir.name + BATCH_SUFFIX)
+
+
+def _own_clock(run_dir: Path) -> float | None:
+    """The run's own wall seconds at its last logged step (tells a batch record from a run trained again since)."""
+    records = [r for r in RunFolder(run_dir).read_metrics() if "wall_seconds" in r and not r.get("validation")]
+    return float(max(records, key=lambda r: r["step"])["wall_seconds"]) if records else None
+
+
+def write_batch_records(runs: list[SubjectRun], outcomes: list[SubjectOutcome], wall: float, requested: int | str | None) -> None:
+    """After a batch trained together: beside each finished run, the batch (names), its size, and per logged step the
+    batch's wall seconds to that step divided by its size. The batch's clock at a step is the largest of its runs'
+    own clocks there: the first subject's clock starts with the batch and runs through every set-up and the lockstep
+    steps (the others start at their own set-ups)."""
+    members = [(run, outcome) for run, outcome in zip(runs, outcomes) if not outcome.deferred]
+    size = len(members)
+    steps = sorted({r["step"] for run, _ in members for r in RunFolder(run.run_dir).read_metrics()
+                    if "wall_seconds" in r and not r.get("validation")})
+    clock = {}
+    for step in steps:
+        times = [t for run, _ in members if (t := seconds_at(run.run_dir, step)) is not None]
+        if times:
+            clock[str(step)] = round(max(times) / size, 3)
+    for run, outcome in members:
+        if outcome.ok:
+            record = {"subjects_per_batch": size, "requested": requested, "batch": [r.name for r, _ in members], "how": BATCH_HOW,
+                      "batch_wall_seconds": round(wall, 3), "own_clock": _own_clock(run.run_dir), "seconds": clock}
+            batch_record_path(run.run_dir).write_text(json.dumps(record, indent=1))
+
+
+def batch_seconds(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """seconds.json's content for a run trained in a batch (None: it trained alone, or has trained again since)."""
+    path = batch_record_path(run_dir)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("own_clock") != _own_clock(run_dir):
+        return None
+    after = sorted(int(s) for s in record["seconds"] if int(s) >= step)
+    seconds = record["seconds"][str(after[0])] if after else None
+    return {"seconds": seconds, "subjects_per_batch": record["subjects_per_batch"], "how": record["how"]}
+
+
+class _RecordingEngine(ManyEngine):
+    """train_many's engine, writing each batch's record as soon as the batch is done (an interrupted bench keeps them)."""
+
+    def __init__(self, progress: bool, requested: int | str | None):
+        super().__init__(progress)
+        self.requested = requested
+
+    def run_group(self, runs, resume):
+        started = time.perf_counter()
+        outcomes = super().run_group(runs, resume)
+        write_batch_records(list(runs), outcomes, time.perf_counter() - started, self.requested)
+        return outcomes
+
+
+def is_batched(subjects_per_batch: int | str | None) -> bool:
+    """K > 1 or auto: subjects train K at a time (None and 1: one by one, as they always did)."""
+    return subjects_per_batch == "auto" or (isinstance(subjects_per_batch, int) and subjects_per_batch > 1)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -69,10 +162,12 @@ def subject_config(base: RunConfig, subject: DreamBenchSubject) -> RunConfig:
 
 class BenchRunner:
     def __init__(self, bench: DreamBench, out_dir: Path, cfg: RunConfig, scorer: Scorer, images_per_prompt: int = 4,
-                 sample_steps: int = 50, guidance_scale: float = 7.5, progress: bool = True, sample_batch_size: int = 4):
+                 sample_steps: int = 50, guidance_scale: float = 7.5, progress: bool = True, sample_batch_size: int = 4,
+                 subjects_per_batch: int | str | None = None):
         self.bench, self.out_dir, self.cfg, self.scorer = bench, Path(out_dir), cfg, scorer
         self.images_per_prompt, self.sample_steps, self.guidance_scale = images_per_prompt, sample_steps, guidance_scale
         self.progress, self.sample_batch_size = progress, sample_batch_size
+        self.subjects_per_batch = subjects_per_batch  # K > 1 or "auto": train K at a time (train_many), then evaluate
 
     def info(self) -> dict[str, Any]:
         return {"method": self.cfg.train.method, "model": self.cfg.model.name, "dreambench": str(self.bench.root),
@@ -100,6 +195,8 @@ class BenchRunner:
     def run(self, subjects: list[DreamBenchSubject]) -> list[str]:
         """Process subjects; returns the names actually (re)computed."""
         self.check_folder()
+        if is_batched(self.subjects_per_batch):
+            return self._run_batched(subjects)
         done = []
         for subject in tqdm(subjects, desc="subjects", disable=not self.progress):
             if self.is_done(subject):
@@ -107,6 +204,53 @@ class BenchRunner:
             self.run_subject(subject)
             done.append(subject.name)
         return done
+
+    def _run_batched(self, subjects: list[DreamBenchSubject]) -> list[str]:
+        """Train the unfinished runs K at a time, then evaluate every subject as `run` does; a subject whose training
+        failed is named at the end (SubjectsFailed) and the others are evaluated."""
+        todo = [s for s in subjects if not self.is_done(s)]
+        failures = self.train_batches(todo)
+        done = []
+        for subject in tqdm(todo, desc="subjects", disable=not self.progress):
+            if subject.name in failures or self.is_done(subject):  # failed, or diverged (failed.json)
+                continue
+            self.run_subject(subject)
+            done.append(subject.name)
+        if failures:
+            raise SubjectsFailed(failures)
+        return done
+
+    def train_batches(self, subjects: list[DreamBenchSubject]) -> dict[str, str]:
+        """Train the subjects whose runs are not finished through train_many, subjects_per_batch at a time (runs to
+        resume in batches of their own, before fresh ones). A diverged run gets its failed.json, as alone; returns
+        why each other failed subject has no run."""
+        pending = [s for s in subjects if not RunFolder(self.run_dir(s)).is_finished()]
+        failures: dict[str, str] = {}
+        for resume in (True, False):
+            group = [s for s in pending if (self.run_dir(s) / CONFIG_NAME).is_file() == resume]
+            if not group:
+                continue
+            for subject in group:
+                prepare_run_dir(self.run_dir(subject), resume=resume, overwrite=False)
+            runs = [SubjectRun(s.name, self.subject_config(s), self.run_dir(s)) for s in group]
+            ready, refused = check_subjects(runs)  # bad input: named, the others train
+            engine = _RecordingEngine(self.progress, self.subjects_per_batch)
+            outcomes = refused + train_many(ready, resume=resume, progress=self.progress, subjects_per_batch=self.subjects_per_batch,
+                                            check_inputs=False, engine=engine)
+            stopped = next((o.exception for o in outcomes if isinstance(o.exception, Stopped)), None)
+            for outcome, subject in ((o, next(s for s in group if s.name == o.name)) for o in outcomes):
+                if isinstance(outcome.exception, TrainingDiverged):
+                    self._write_failed(subject, outcome.exception)
+                elif not outcome.ok and not isinstance(outcome.exception, Stopped) and outcome.error != "not started (stopped)":
+                    failures[subject.name] = outcome.error
+            if stopped is not None or engine.stop_requested:
+                raise stopped if stopped is not None else Stopped(0)
+        return failures
+
+    def _write_failed(self, subject: DreamBenchSubject, exc: BaseException) -> None:
+        folder = self.subject_dir(subject)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / FAILED_NAME).write_text(json.dumps({"subject": subject.name, "error": str(exc)}, indent=1))
 
     def is_done(self, subject: DreamBenchSubject) -> bool:
         """Scored, or failed: a diverged run would diverge again at the same step (same settings, same seed)."""
@@ -121,11 +265,12 @@ class BenchRunner:
             try:
                 train(self.subject_config(subject), run_dir, resume=resume, progress=self.progress)
             except TrainingDiverged as exc:
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / FAILED_NAME).write_text(json.dumps({"subject": subject.name, "error": str(exc)}, indent=1))
+                self._write_failed(subject, exc)
                 return
         folder.mkdir(parents=True, exist_ok=True)  # the compute behind the evaluated weights, for equal-seconds comparisons
-        (folder / SECONDS_NAME).write_text(json.dumps({"seconds": seconds_at(run_dir, self.evaluated_step())}))
+        # (a run trained in a batch: the batch's seconds divided by its subjects, and how they were measured)
+        seconds = batch_seconds(run_dir, self.evaluated_step()) or {"seconds": seconds_at(run_dir, self.evaluated_step())}
+        (folder / SECONDS_NAME).write_text(json.dumps(seconds))
         _, pipe = load_run_pipeline(run_dir, device=self.scorer.device, weights_dir=self.weights_dir(run_dir))
         prompts = subject.prompts(self.cfg.data.identifier)
         settings = SampleSettings(steps=self.sample_steps, guidance_scale=self.guidance_scale, seed=self.cfg.train.seed,
@@ -162,6 +307,23 @@ class BenchRunner:
         """Suites with more judges add their per-image numbers to `scores[i].extra` here."""
 
 
+def subjects_per_batch_of(subject_dir: Path) -> int:
+    """How many subjects trained together behind a subject's seconds (1: alone, or not recorded)."""
+    path = Path(subject_dir) / SECONDS_NAME
+    return int(json.loads(path.read_text()).get("subjects_per_batch", 1)) if path.is_file() else 1
+
+
+def warn_mixed_clocks(bench_dirs: list[Path]) -> None:
+    """Subjects trained alone and K at a time in the folders compared: their seconds are measured differently."""
+    sizes = sorted({subjects_per_batch_of(d) for bench_dir in bench_dirs for d in (Path(bench_dir) / "subjects").glob("*/")
+                    if (d / SECONDS_NAME).is_file()})
+    if len(sizes) > 1:
+        warnings.warn(f"these bench folders mix subjects trained {' and '.join(map(str, sizes))} at a time (seconds.json's "
+                      "subjects_per_batch): a batch's seconds are its wall time divided by its subjects, so comparisons at "
+                      "equal seconds also compare how the subjects were batched; bench every method with the same "
+                      "--subjects-per-batch", stacklevel=2)
+
+
 def subject_seconds(subject_dir: Path) -> float:
     path = Path(subject_dir) / SECONDS_NAME
     seconds = json.loads(path.read_text())["seconds"] if path.is_file() else None
@@ -187,6 +349,7 @@ def merge(bench_dirs: list[Path], report_dir: Path | None = None) -> Path:
 
 def summarize_folders(bench_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
     """results.csv / results.json for each bench folder; returns (folder, bench.json, results) per folder."""
+    warn_mixed_clocks(bench_dirs)
     methods = []
     for bench_dir in bench_dirs:
         if not (bench_dir / BENCH_INFO).is_file():

@@ -10,7 +10,9 @@ Layout of a mini bench folder:
     paired.json                       each method minus dreambooth, subject by subject, with bootstrap intervals
 
 Subjects are split over `jobs` worker processes (one CPU thread each by default): the small
-model's batches do not keep two threads busy, two processes do.
+model's batches do not keep two threads busy, two processes do. With `subjects_per_batch` K the
+subjects of a method train K at a time (training/many.py), each worker taking its share of the
+batches, and are evaluated as without it (evaluation/bench.py: how their seconds are counted).
 
 Per image it reports the DreamBench trio with the mini judges (mini-DINO, mini-CLIP-I,
 mini-CLIP-T) and the attribute judge's checks (see `rewardbooth.mini.scoring`).
@@ -32,7 +34,8 @@ from PIL import Image
 
 from rewardbooth.config import RunConfig
 from rewardbooth.errors import ConfigError
-from rewardbooth.evaluation.bench import BenchRunner, subject_config, summarize_folders, write_bench_report
+from rewardbooth.evaluation.bench import (BenchRunner, SubjectsFailed, is_batched, subject_config, summarize_folders,
+                                          write_bench_report)
 from rewardbooth.evaluation.figures import plot_frontier
 from rewardbooth.evaluation.metrics import ImageScore, Scorer
 from rewardbooth.evaluation.paired import paired_at_equal_seconds, paired_differences, paired_rows
@@ -44,6 +47,7 @@ from rewardbooth.mini.scoring import AttributeJudge, attribute_checks
 from rewardbooth.mini.world import DEFAULT_SPLIT, MiniSubject, PromptSpec, make_subjects, subject_prompts
 from rewardbooth.models.loading import load_components, make_pipeline
 from rewardbooth.sampling import generate
+from rewardbooth.training.many import check_many_settings
 from rewardbooth.training.run_dir import RunFolder
 
 # Settings every method shares in the bench; the mini preset's own world (judges, prompts, guidance:
@@ -188,11 +192,12 @@ def bench_folder_name(method: str, budget: int | None) -> str:
 
 
 def _runners(out: Path, subjects_seed: int, judge: AttributeJudge, method: str, cfg: RunConfig, images_per_prompt: int,
-             sample_steps: int, device: str, budgets: list[int] | None, progress: bool = False) -> list[MiniBenchRunner]:
+             sample_steps: int, device: str, budgets: list[int] | None, progress: bool = False,
+             subjects_per_batch: int | str | None = None) -> list[MiniBenchRunner]:
     """The method's runners: one, or one per budget (the largest first: it trains the shared runs)."""
     scorer = Scorer.from_config(cfg.evaluation, device=device)
     common = dict(images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance_scale=GUIDANCE,
-                  progress=progress, sample_batch_size=SAMPLE_BATCH)
+                  progress=progress, sample_batch_size=SAMPLE_BATCH, subjects_per_batch=subjects_per_batch)
     if not budgets:
         return [MiniBenchRunner(out, subjects_seed, judge, out / method, cfg, scorer, **common)]
     return [MiniBenchRunner(out, subjects_seed, judge, out / bench_folder_name(method, budget), cfg, scorer,
@@ -201,16 +206,26 @@ def _runners(out: Path, subjects_seed: int, judge: AttributeJudge, method: str, 
 
 def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBenchSubject], subjects_seed: int,
                  images_per_prompt: int, sample_steps: int, device: str, progress: bool, budgets: list[int] | None,
-                 threads: int | None = None) -> None:
-    """Every method on `subjects`, one after another (a worker process's whole job)."""
+                 threads: int | None = None, subjects_per_batch: int | str | None = None) -> None:
+    """Every method on `subjects`, one after another (a worker process's whole job). Subjects trained K at a time
+    whose training failed are named at the end (SubjectsFailed), every other subject and method done."""
     if threads:
 
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the workers share the cores: no per-run thread search
         torch.set_num_threads(threads)
     judge = AttributeJudge("mini", device=device)
+    failures: dict[str, str] = {}
     for method, cfg in configs.items():
-        for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, device, budgets, progress):
-            runner.run(subjects)
+        left = subjects  # a subject that failed to train is not trained again for the method's smaller budgets
+        for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, device, budgets, progress,
+                               subjects_per_batch):
+            try:
+                runner.run(left)
+            except SubjectsFailed as exc:
+                failures.update((f"{runner.out_dir.name}/{name}", error) for name, error in exc.failures.items())
+                left = [s for s in left if s.name not in exc.failures]
+    if failures:
+        raise SubjectsFailed(failures)
 
 
 PAIRED_METRICS = ("dino", "clip_i", "clip_t", "shape_kept", "colour_kept", "pattern_kept", "identity_kept", "context_ok",
@@ -246,6 +261,14 @@ def default_jobs(num_subjects: int, device: str) -> int:
     return 1 if device != "cpu" else max(1, min(num_subjects, os.cpu_count() or 1))
 
 
+def subject_shares(subjects: list[MiniBenchSubject], jobs: int, subjects_per_batch: int | str | None) -> list[list[MiniBenchSubject]]:
+    """Each worker's subjects: every jobs-th subject, or with K subjects per batch every jobs-th batch of K (auto: by
+    subject; the memory estimate sizes the batches inside each worker)."""
+    k = subjects_per_batch if isinstance(subjects_per_batch, int) and subjects_per_batch > 1 else 1
+    batches = [subjects[i:i + k] for i in range(0, len(subjects), k)]
+    return [[s for batch in batches[i::jobs] for s in batch] for i in range(min(jobs, len(batches)))]
+
+
 def parse_budgets(text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -261,9 +284,11 @@ def parse_budgets(text: str | None) -> list[int] | None:
 def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjects_seed: int = 0,
                    num_subjects: int | None = None, images_per_prompt: int | None = None, sample_steps: int | None = None,
                    config_file: str | None = None, overrides: dict[str, Any] | None = None, device: str = "cpu",
-                   progress: bool = True, jobs: int | None = None, budgets: list[int] | None = None) -> Path:
+                   progress: bool = True, jobs: int | None = None, budgets: list[int] | None = None,
+                   subjects_per_batch: int | str | None = None) -> Path:
     """Run (or finish) every method on the same subjects, then merge them into out/report.html.
-    `budgets`: train each subject once to the largest, evaluate the weights kept at each."""
+    `budgets`: train each subject once to the largest, evaluate the weights kept at each.
+    `subjects_per_batch`: K (or "auto"): train each method's subjects K at a time (train_many); None or 1: one by one."""
     suite = SUITES["quick" if quick else "full"]
     overrides = dict(overrides or {})
     if budgets:
@@ -271,12 +296,16 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
     configs = {m: method_config(m, config_file, overrides) for m in methods}  # bad settings fail first
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if is_batched(subjects_per_batch):
+        for cfg in configs.values():  # settings train_many refuses, named before any work
+            check_many_settings(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     subjects = prepare_subjects(out, num_subjects or suite["subjects"], subjects_seed)
     images_per_prompt = images_per_prompt or suite["images_per_prompt"]
     sample_steps = sample_steps or suite["sample_steps"]
-    jobs = min(jobs or default_jobs(len(subjects), device), len(subjects))
+    shares = subject_shares(subjects, jobs or default_jobs(len(subjects), device), subjects_per_batch)
+    jobs = len(shares)
     judge = AttributeJudge("mini", device=device)
     for method, cfg in configs.items():  # refuse a folder made with other settings before any work
         for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, device, budgets):
@@ -285,7 +314,7 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
     if first.prior.enabled and not first.prior.class_dir:
         prepare_class_images(out, first, subjects, device, progress)
     work = dict(out=out, configs=configs, subjects_seed=subjects_seed, images_per_prompt=images_per_prompt,
-                sample_steps=sample_steps, device=device, budgets=budgets)
+                sample_steps=sample_steps, device=device, budgets=budgets, subjects_per_batch=subjects_per_batch)
     if jobs == 1:
         _run_methods(subjects=subjects, progress=progress, **work)
     else:
@@ -293,10 +322,16 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             # Worker 0 shows its progress bars; the others would only interleave with them.
-            futures = [pool.submit(_run_methods, subjects=subjects[i::jobs], progress=progress and i == 0, threads=threads, **work)
-                       for i in range(jobs)]
+            futures = [pool.submit(_run_methods, subjects=share, progress=progress and i == 0, threads=threads, **work)
+                       for i, share in enumerate(shares)]
+            failures: dict[str, str] = {}
             for future in futures:
-                future.result()
+                try:
+                    future.result()
+                except SubjectsFailed as exc:  # every worker finishes its share first
+                    failures.update(exc.failures)
+            if failures:
+                raise SubjectsFailed(failures)
     budget_list: list[int | None] = list(budgets) if budgets else [None]
     folders = [out / bench_folder_name(m, b) for b in budget_list for m in configs]
     summarized = summarize_folders(folders)

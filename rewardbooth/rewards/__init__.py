@@ -21,6 +21,7 @@ from rewardbooth.rewards.encoders import (
     clear_encoder_cache,
     load_encoder,
     park_encoders,
+    parking_held,
     tiny_encoder_path,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "harmonic_reward",
     "load_encoder",
     "park_encoders",
+    "parking_held",
     "register_reward",
     "strip_identifier",
     "tiny_encoder_path",

@@ -12,8 +12,10 @@ import functools
 import json
 import os
 import shutil
+import threading
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,7 +337,10 @@ def clear_encoder_cache() -> None:
 
 
 def park_encoders() -> None:
-    """Park every loaded judge (see ImageTextEncoder.park); each returns to its device when next used."""
+    """Park every loaded judge (see ImageTextEncoder.park); each returns to its device when next used. A no-op while
+    parking is held (parking_held)."""
+    if _PARKING_HELD:
+        return
     for encoder in _LOADED:
         encoder.park()
     if torch.cuda.is_available():
@@ -343,6 +348,23 @@ def park_encoders() -> None:
 
 
 _LOADED: list[ImageTextEncoder] = []  # what _load_encoder_cached holds, for park_encoders
+_PARKING_HELD = 0  # > 0: park_encoders does nothing (parking_held)
+_PARKING_LOCK = threading.Lock()
+
+
+@contextmanager
+def parking_held():
+    """Keep the loaded judges where they are: park_encoders is a no-op inside. Training threads that share the judges
+    (train-many: one subject validates while another's DPG critic encodes) must not move them off the device under
+    each other; the holder parks once when none of them needs the judges."""
+    global _PARKING_HELD
+    with _PARKING_LOCK:
+        _PARKING_HELD += 1
+    try:
+        yield
+    finally:
+        with _PARKING_LOCK:
+            _PARKING_HELD -= 1
 
 
 @functools.cache

@@ -23,11 +23,11 @@ from rewardbooth.config import RunConfig
 from rewardbooth.errors import Stopped
 from rewardbooth.methods import Method, get_method
 from rewardbooth.methods.context import TrainContext
-from rewardbooth.models.loading import load_components
+from rewardbooth.models.loading import Components, load_components
 from rewardbooth.models.quantize import quantize_frozen
 from rewardbooth.training.preflight import check_family_settings
 from rewardbooth.rewards.encoders import park_encoders
-from rewardbooth.training import memory
+from rewardbooth.training import memory, sharding
 from rewardbooth.training.checkpoints import Checkpoints
 from rewardbooth.training.memory import MemoryEstimate
 from rewardbooth.training.nonfinite import GRAD_NORM, NonFiniteGuard
@@ -85,6 +85,8 @@ class Trainer:
                                                 automatic_checkpoint_naming=False),
             log_with=cfg.train.report_to,
         )
+        sharding.check_processes(cfg.train.fsdp, acc.num_processes)
+        self.sharding = sharding.Sharding(acc) if cfg.train.fsdp else None  # train.fsdp: full fine-tuning sharded per block
         self.metrics = MetricsLog(self.folder.metrics, enabled=acc.is_main_process)
         self.selection = Selection(cfg, self.method, self.run_dir, scorer)
         self.weights = WeightWriter(acc, cfg, self.ema_applied)
@@ -133,6 +135,17 @@ class Trainer:
             return None  # not finished, or asked for more steps: continue from the last checkpoint
         return TrainResult(self.run_dir, done.last_step, self.run_dir / done.weights, done.selected_step, already_finished=True)
 
+    def frozen_base(self) -> tuple[Components, torch.dtype]:
+        """The base model, loaded, frozen and placed on the device, and the frozen weights' dtype (train-many hands each
+        subject a view of one base shared by all: training/many.py)."""
+        cfg, t = self.cfg, self.cfg.train
+        components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant, vae=cfg.model.vae)
+        check_family_settings(cfg, components.pipeline_class)  # the library and the bench reach here without the CLI's pre-flight
+        weight_dtype = place_frozen(components, self.accelerator.device, t.mixed_precision, cfg.model.offload_text_encoders)
+        if cfg.model.quantize:
+            quantize_frozen(components.unet, cfg.model.quantize)
+        return components, weight_dtype
+
     def _setup(self) -> tuple[TrainContext, list, torch.optim.Optimizer, object]:
         """Load and place the model, let the method prepare its data, attach the trained weights; prepared by accelerate."""
         from accelerate.utils import set_seed
@@ -141,11 +154,7 @@ class Trainer:
         cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
         # Critic and adapter initialisation draw from the global generators: seed before each.
         set_seed(t.seed)
-        components = load_components(cfg.model.name, cfg.model.revision, cfg.model.variant, vae=cfg.model.vae)
-        check_family_settings(cfg, components.pipeline_class)  # the library and the bench reach here without the CLI's pre-flight
-        weight_dtype = place_frozen(components, acc.device, t.mixed_precision, cfg.model.offload_text_encoders)
-        if cfg.model.quantize:
-            quantize_frozen(components.unet, cfg.model.quantize)
+        components, weight_dtype = self.frozen_base()
         ctx = TrainContext(cfg, self.run_dir, acc, components, cfg.data.resolution or components.native_resolution, weight_dtype,
                            unet=components.unet, progress=self.progress and acc.is_main_process)
         self.cpu_threads = choose_threads(ctx)
@@ -153,13 +162,18 @@ class Trainer:
         set_seed(t.seed)
         groups = attach_trainable(components, cfg)
         self.memory_estimate = estimate_memory(ctx, self.method, groups, show=self.progress)
+        if self.sharding:  # in place, per block, with RPO's frozen reference; the optimizer is built on the shards
+            groups = self.sharding.shard(components, self.method, cfg.adapter.train_text_encoder, groups)
         optimizer = make_optimizer(groups, t)
         # Schedulers count optimizer steps; accelerate steps them once per process per step.
         lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * acc.num_processes,
                                      num_training_steps=t.steps * acc.num_processes)
         trained = [components.unet] + (components.trainable_text_encoders if cfg.adapter.train_text_encoder else [])
         extra, extra_optimizers = self.method.extra_modules(), self.method.extra_optimizers()
-        prepared = list(acc.prepare(*trained, *extra, *extra_optimizers, optimizer, lr_scheduler))
+        if self.sharding:  # the same list, the shards kept out of DDP
+            prepared = self.sharding.prepare(trained, [*extra, *extra_optimizers], optimizer, lr_scheduler)
+        else:
+            prepared = list(acc.prepare(*trained, *extra, *extra_optimizers, optimizer, lr_scheduler))
         n, k = len(trained), len(extra)
         ctx.unet = prepared[0]
         if cfg.adapter.train_text_encoder:
@@ -185,7 +199,8 @@ class Trainer:
             atomic_write_text(self.folder.config, cfg.to_yaml())
         ctx, trained, optimizer, lr_scheduler = self._setup()
         params_to_clip = [p for group in optimizer.param_groups for p in group["params"]]
-        checkpoints = Checkpoints(acc, self.run_dir, self.method, lambda: self.ema, t.checkpoints_total_limit)
+        checkpoints = Checkpoints(acc, self.run_dir, self.method, lambda: self.ema, t.checkpoints_total_limit,
+                                  sharded_optimizer=self.sharding.optimizer if self.sharding else None)
         start_step = 0
         if resume:
             start_step = checkpoints.restore_latest(finished=self.folder.is_finished())
@@ -274,16 +289,26 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, ctx: TrainContext, step: int) -> None:
-        """Sample, score (the method's numbers, the selection score), keep the best weights under selection."""
-        if not self.accelerator.is_main_process:
+        """Sample, score (the method's numbers, the selection score), keep the best weights under selection.
+        train.fsdp: every process runs the sampler (the sharded forward passes are collective) and learns the main
+        process's numbers, so all keep the same best and gather its weights together."""
+        main, everyone = self.accelerator.is_main_process, self.weights.collective
+        if not (main or everyone):
             return
         with self.ema_applied():
             prompts, images = sample_validation(ctx, self.method, self.weights.text_encoders(ctx), self.folder.sample_dir(step))
-            numbers = self.selection.score(ctx, prompts, images, self.method.validation_metrics(ctx, step, prompts, images))
-            self.metrics.write({"step": step, "validation": True, **numbers})
+            numbers = None
+            if main:
+                numbers = self.selection.score(ctx, prompts, images, self.method.validation_metrics(ctx, step, prompts, images))
+                self.metrics.write({"step": step, "validation": True, **numbers})
+            if everyone:
+                from accelerate.utils import broadcast_object_list
+
+                numbers = broadcast_object_list([numbers])[0]
             if self.selection.offer(step, numbers):
                 self.weights.export(ctx, self.selection.best_dir)
-                self.selection.write_record()
+                if main:
+                    self.selection.write_record()
         park_encoders()  # judges scored this validation; training steps do not need them on the device
 
     def _finish(self, ctx: TrainContext, last_step: int) -> TrainResult:
@@ -291,8 +316,9 @@ class Trainer:
         acc.wait_for_everyone()
         weights = self.run_dir
         selected = self.selection.selected_step(last_step)
-        if acc.is_main_process:
+        if acc.is_main_process or self.weights.collective:  # train.fsdp: all gather, the main process writes
             weights = self.weights.write_result(ctx, self.run_dir, self._best_dir())
+        if acc.is_main_process:
             self.weights.write_kohya_copy(ctx, weights, self.run_dir)
             self.folder.write_result(RunResult(
                 method=self.method.name, last_step=last_step, steps=self.cfg.train.steps, selected_step=selected,

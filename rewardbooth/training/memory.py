@@ -7,6 +7,7 @@
          + optimizer    AdamW 8 bytes per trained parameter, 8-bit AdamW 2 (tensors under 4096
                         elements stay 32-bit, as bitsandbytes keeps them), Prodigy 16
          + EMA          a float32 copy of the trained parameters (train.ema_decay)
+         + gathered     train.fsdp: whole weights held while a sharded block computes (training/sharding.py)
          + activations  what autograd saves for the backward of one micro-batch
          + workspace    twice the largest saved tensor (its gradient and a temporary in the backward)
 
@@ -15,16 +16,23 @@ method's batch, and DPG's decode and reward encoder where it backpropagates thro
 once on fake tensors, which carry shapes and dtypes but no storage, while a saved-tensor hook
 adds up what autograd keeps. Precision, gradient checkpointing, LoRA and the attention kernel
 are thereby counted as they will run, in well under a second and with no memory.
+
+With N processes each holds its own copy of everything, except under train.fsdp: there the sharded modules'
+weights, their gradients and the optimizer state are 1/N per process (the largest dim-0 shard, as FSDP2 pads
+them), and the whole weights of the blocks being computed are added (`gathered`). The figures are per process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+from rewardbooth.training import sharding
+from rewardbooth.training.reachable import resident_modules
 
 GIB = 1024**3
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
@@ -39,14 +47,15 @@ class MemoryEstimate:
     ema: int
     activations: int
     workspace: int
+    gathered: int = 0  # train.fsdp: whole weights of the blocks being computed
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.ema + self.activations + self.workspace
+        return self.weights + self.gradients + self.optimizer + self.ema + self.gathered + self.activations + self.workspace
 
     def line(self, device: torch.device | str | None = None, capacity: int | None = None) -> str:
         parts = ", ".join(f"{name} {getattr(self, name) / GIB:.2f}" for name in
-                          ("weights", "gradients", "optimizer", "ema", "activations", "workspace") if getattr(self, name))
+                          ("weights", "gradients", "optimizer", "ema", "gathered", "activations", "workspace") if getattr(self, name))
         where = f" of {capacity / GIB:.1f} GiB on {device}" if capacity else ""
         return f"estimated peak memory {self.total / GIB:.2f} GiB ({parts}){where}"
 
@@ -62,33 +71,6 @@ def optimizer_bytes(parameters: Iterable[torch.Tensor], optimizer: str) -> int:
 
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
-
-
-def resident_modules(roots: Iterable[object], depth: int = 3) -> list[torch.nn.Module]:
-    """The nn.Modules reachable from `roots` through attributes, lists and dicts (a method's
-    critic, reward encoders, frozen copies), without looking inside the modules themselves."""
-    found: dict[int, torch.nn.Module] = {}
-    seen: set[int] = set()
-    frontier = list(roots)
-    for _ in range(depth + 1):
-        nxt = []
-        for obj in frontier:
-            if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, torch.Tensor)):
-                continue
-            seen.add(id(obj))
-            if isinstance(obj, torch.nn.Module):
-                found.setdefault(id(obj), obj)
-            elif isinstance(obj, (list, tuple, set)):
-                nxt.extend(obj)
-            elif isinstance(obj, dict):
-                nxt.extend(obj.values())
-            elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-                nxt.extend(vars(obj).values())
-        frontier = nxt
-    # A module inside another found one (a wrapped critic and the critic itself) is held once:
-    # functional_call cannot swap one tensor in through two names and restore it.
-    inner = {id(sub) for m in found.values() for sub in m.modules() if sub is not m}
-    return [m for key, m in found.items() if key not in inner]
 
 
 def _tensors(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
@@ -147,12 +129,17 @@ def _fake_cpu_like(t: torch.Tensor) -> torch.Tensor:
     return fake.requires_grad_(t.requires_grad) if t.is_floating_point() else fake
 
 
-def _fake_like(t: torch.Tensor) -> torch.Tensor:
+def _fake_like(t: torch.Tensor, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
     """A fake stand-in for a tensor subclass (a quantized base's int8 weight), made without referring
     to it: the fake mode's memo would keep a weak reference to the real weight, and module.to() must
     swap such weights later, which torch refuses while a weak reference lives."""
-    fake = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    return fake.requires_grad_(t.requires_grad) if t.is_floating_point() else fake
+    fake = torch.empty(t.shape, dtype=dtype or t.dtype, device=device or t.device)
+    return fake.requires_grad_(t.requires_grad) if fake.is_floating_point() else fake
+
+
+def _trained_below_float32(t: torch.Tensor) -> bool:
+    """A trained weight still in half precision: the step runs it in float32 (autocast then saves its cast)."""
+    return t.requires_grad and t.is_floating_point() and t.dtype != torch.float32
 
 
 def saved_activation_bytes(probes: list[Callable[[], object]], modules: Iterable[torch.nn.Module]) -> tuple[int, int]:
@@ -172,7 +159,10 @@ def saved_activation_bytes(probes: list[Callable[[], object]], modules: Iterable
         by_id: dict[int, torch.Tensor] = {}  # a tied weight stays one tensor
         for t in real.values():
             if id(t) not in by_id:
-                by_id[id(t)] = _fake_cpu_like(t) if t.device.type == "meta" else mode.from_tensor(t) if _plain(t) else _fake_like(t)
+                if _trained_below_float32(t):  # train.fsdp makes it float32 as it shards it, before the step
+                    by_id[id(t)] = _fake_like(t, torch.float32, "cpu" if t.device.type == "meta" else t.device)
+                else:
+                    by_id[id(t)] = _fake_cpu_like(t) if t.device.type == "meta" else mode.from_tensor(t) if _plain(t) else _fake_like(t)
         fake = {name: by_id[id(t)] for name, t in real.items()}
         weights = {_storage_key(t) for t in fake.values()}
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -187,23 +177,37 @@ def autocast_for(device, mixed_precision: str):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
 
 
+def sharded_weight_bytes(module: torch.nn.Module, processes: int) -> int:
+    """One process's share of a module sharded by train.fsdp: its shard of each weight (trained ones in float32,
+    which the trainer makes them block by block as it shards), and its buffers whole."""
+    shards = sum(sharding.shard_elements(p, processes) * (4 if p.requires_grad else p.element_size()) for p in module.parameters())
+    return shards + sum(b.numel() * b.element_size() for b in module.buffers())
+
+
 def estimate(*, resident: list[torch.nn.Module], trained: list[torch.Tensor], probes: list[Callable[[], object]],
              optimizer: str = "adamw", ema: bool = False, mixed_precision: str = "no", device=None,
-             processes: int = 1) -> MemoryEstimate:
-    """The formula above for a set-up given as modules, trained tensors and forward probes."""
-    trained_elements = sum(p.numel() for p in trained)
-    gradients = trained_elements * 4
+             processes: int = 1, sharded: Iterable[torch.nn.Module] = ()) -> MemoryEstimate:
+    """The formula above for a set-up given as modules, trained tensors and forward probes; per process of
+    `processes`, with the `sharded` modules (train.fsdp) split over them."""
+    sharded = list(sharded)
+    in_shards = {id(p) for m in sharded for p in m.parameters()}
+    replicated = [p for p in trained if id(p) not in in_shards]
+    shard_elements = sum(sharding.shard_elements(p, processes) for p in trained if id(p) in in_shards)
+    gradients = sum(p.numel() for p in replicated) * 4
     if processes > 1:  # DDP keeps its gradient buckets beside the gradients
         gradients *= 2
+    gradients += shard_elements * 4
     with autocast_for(device or "cpu", mixed_precision):
         activations, largest = saved_activation_bytes(probes, resident)
+    whole = [m for m in resident if not any(m is s for s in sharded)]
     return MemoryEstimate(
-        weights=weight_bytes(resident, device),
+        weights=weight_bytes(whole, device) + sum(sharded_weight_bytes(m, processes) for m in resident if any(m is s for s in sharded)),
         gradients=gradients,
-        optimizer=optimizer_bytes(trained, optimizer),
-        ema=trained_elements * 4 if ema else 0,
+        optimizer=optimizer_bytes(replicated, optimizer) + shard_elements * OPTIMIZER_BYTES.get(optimizer, 8),
+        ema=sum(p.numel() for p in trained) * 4 if ema else 0,
         activations=activations,
         workspace=2 * largest,
+        gathered=sharding.gathered_bytes(sharded),
     )
 
 
@@ -233,3 +237,14 @@ def take_device_peak(device: torch.device | str) -> float | None:
 MEMORY_ADVICE = ("train.mixed_precision=bf16 (or fp16), train.gradient_checkpointing=true, adapter.kind=lora, "
                  "model.quantize=int8 (LoRA on an int8 base: about half a FLUX / SD3.5 transformer's weights), "
                  "train.optimizer=adamw8bit or a smaller train.batch_size")
+
+
+def for_subjects(single: MemoryEstimate, subjects: int, own_weights: int, stacked: int = 0) -> MemoryEstimate:
+    """train-many: `subjects` subjects like `single` over one shared base. The weights once, plus each further
+    subject's own (`own_weights`: its adapter or its own copy, its critic); gradients, optimizer state, EMA and
+    activations once per subject; the workspace of the stacked call (its largest saved tensor is `subjects` times
+    one subject's); `stacked`: the trained tensors the stacked call copies per subject and keeps for the backward."""
+    k = subjects
+    return replace(single, weights=single.weights + (k - 1) * own_weights, gradients=k * single.gradients,
+                               optimizer=k * single.optimizer, ema=k * single.ema, activations=k * (single.activations + stacked),
+                               workspace=k * single.workspace)
