@@ -161,6 +161,22 @@ def set_library_verbosity(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
+
+def add_run_settings(parser: argparse.ArgumentParser, set_help: str, processes_help: str, show_defaults: bool,
+                     skip: tuple[str, ...] = ()) -> None:
+    """The flags `train` and `train-many` share: --set, --quiet, --num-processes and the settings' own flags."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"any setting, {set_help}")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--num-processes", type=int, default=1, help=processes_help)
+    for flag, key, kind, text in TRAIN_FLAGS:
+        if flag in skip:
+            continue
+        default = _config_default(key) if show_defaults else None
+        shown = LAZY_HELP[flag] if text is None else text if "default" in text or default is None else f"{text} (default: {default})"
+        parser.add_argument(flag, type=kind, help=shown)
+    for flag, _, _, text in TRAIN_SWITCHES:
+        parser.add_argument(flag, action="store_true", help=text)
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardbooth", description="Reward-driven subject personalization for text-to-image diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,16 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(flags may change --steps and bookkeeping only; others are refused)")
     train.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
     train.add_argument("--validation-prompt", action="append", help="validation prompt ({identifier}, {class_noun} allowed); repeatable")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. --set adapter.alpha=8")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
-    train.add_argument("--num-processes", type=int, default=1,
-                       help="data-parallel processes (runs `accelerate launch`; GPUs if available, else CPU processes)")
-    for flag, key, kind, text in TRAIN_FLAGS:
-        default = _config_default(key)
-        shown = LAZY_HELP[flag] if text is None else text if "default" in text or default is None else f"{text} (default: {default})"
-        train.add_argument(flag, type=kind, help=shown)
-    for flag, _, _, text in TRAIN_SWITCHES:
-        train.add_argument(flag, action="store_true", help=text)
+    add_run_settings(train, "e.g. --set adapter.alpha=8", "data-parallel processes (runs `accelerate launch`; GPUs if available, else "
+                     "CPU processes)", show_defaults=True)
 
     many = add_parser("train-many", help="train many subjects at once: one batched denoiser call and one backward per step "
                                          "for all of them (each its own adapter, data, seeds and run folder)")
@@ -199,15 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="subjects trained together (default: all of them; auto: as many as the memory estimate fits)")
     many.add_argument("--resume", action="store_true", help="continue every subject's run from its latest checkpoint")
     many.add_argument("--overwrite", action="store_true", help="replace previous runs in the subjects' run folders")
-    many.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, for every subject")
-    many.add_argument("--quiet", action="store_true", help="no progress bar")
-    many.add_argument("--num-processes", type=int, default=1,
-                      help="processes sharing the subjects (runs `accelerate launch`; one GPU each if available, else CPU)")
-    for flag, key, kind, text in TRAIN_FLAGS:
-        if flag != "--instance-dir":
-            many.add_argument(flag, type=kind, help=LAZY_HELP[flag] if text is None else text)
-    for flag, _, _, text in TRAIN_SWITCHES:
-        many.add_argument(flag, action="store_true", help=text)
+    add_run_settings(many, "for every subject", "processes sharing the subjects (runs `accelerate launch`; one GPU each if available, "
+                     "else CPU)", show_defaults=False, skip=("--instance-dir",))
     many.set_defaults(instance_dir=None, validation_prompt=None)
 
     gen = add_parser("generate", help="sample images from a trained run")

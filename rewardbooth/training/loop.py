@@ -59,6 +59,17 @@ def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Gene
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 7_919 + micro * 104_729 + process * 15_485_863)
 
 
+@contextmanager
+def stop_signals(handler):
+    """SIGTERM and SIGINT go to `handler` inside the block, to what they went to before outside it."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, before in previous.items():
+            signal.signal(s, before)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, method: Method | None = None, progress: bool = True,
                  scorer: SelectionScorer | None = None):
@@ -110,16 +121,7 @@ class Trainer:
                 os.write(2, b"\nrewardbooth: stopping after this step (Ctrl-C again aborts)\n")  # print() is unsafe here
             self.stop_requested = True
 
-        @contextmanager
-        def handlers():
-            previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-
-        return handlers()
+        return stop_signals(request_stop)
 
     def run(self, resume: bool = False) -> TrainResult:
         """Train (holding the run folder's lock), or on resume of a finished run return its result."""

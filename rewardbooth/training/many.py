@@ -44,7 +44,7 @@ from rewardbooth.methods import Method
 from rewardbooth.models.batched import call_key, run_stacked
 from rewardbooth.models.loading import Components
 from rewardbooth.rewards.encoders import park_encoders, parking_held
-from rewardbooth.training.loop import Trainer, TrainResult
+from rewardbooth.training.loop import Trainer, TrainResult, stop_signals
 from rewardbooth.training.preflight import check_training_inputs
 from rewardbooth.training.setup import first_line
 
@@ -419,12 +419,8 @@ class ManyEngine:
                 if slot.trainer is not None:
                     slot.trainer.stop_requested = True
 
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
+        with stop_signals(request_stop):
             yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
     def run_group(self, runs: Sequence[SubjectRun], resume: bool) -> list[SubjectOutcome]:
         """Train these subjects together (they share a base_key); one outcome per subject."""
