@@ -1,0 +1,52 @@
+"""benchmarks/bracket_table.py: every cell of a learning-rate x budget bracket, and the rule's choice."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bracket_table.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bracket_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_cell(root: Path, lr: str, cell: str, subjects: dict[str, list[tuple[float, float]]]) -> None:
+    """subjects: name -> per image (identity_kept, prompt_ok)."""
+    for name, images in subjects.items():
+        folder = root / f"lr-{lr}" / cell / "subjects" / name
+        folder.mkdir(parents=True)
+        rows = [{"subject": name, "prompt": f"p{i}", "file": f"{i}.png", "dino": 0.5, "clip_i": 0.5, "clip_t": 0.5,
+                 "extra": {"identity_kept": ik, "prompt_ok": ok}} for i, (ik, ok) in enumerate(images)]
+        (folder / "scores.json").write_text(json.dumps(rows))
+
+
+def test_rule_takes_the_best_mean_harmonic_and_the_smaller_rate_on_a_tie(tmp_path, capsys):
+    bracket = load_script()
+    # H per subject, averaged: a = mean of H(1, 1) = 1 and H(0, 1) = 0 -> 0.5; the mean-of-means H would be 0.667.
+    write_cell(tmp_path, "1e-4", "dpg@400", {"a": [(1, 1)], "b": [(0, 1)]})
+    write_cell(tmp_path, "2e-4", "dpg@400", {"a": [(1, 1)], "b": [(0.5, 1)]})  # H 0.833: better
+    write_cell(tmp_path, "1e-4", "dreambooth@400", {"a": [(1, 1)], "b": [(0.5, 1)]})
+    write_cell(tmp_path, "2e-4", "dreambooth@400", {"a": [(1, 1)], "b": [(0.5, 0.999)]})  # within the tie: the smaller wins
+    write_cell(tmp_path, "1e-4", "rpo@400", {"a": [(1, 1)], "b": [(1, 1)]})  # 2e-4 unfinished: 1 of 2 subjects
+    write_cell(tmp_path, "2e-4", "rpo@400", {"a": [(1, 1)]})
+    write_cell(tmp_path, "2e-4", "dpg@800", {"a": [(1, 1)], "b": [(1, 1)]})  # another budget: shown, not compared
+    out_json = tmp_path / "bracket.json"
+    assert bracket.main([str(tmp_path), "--subjects", "2", "--lrs", "1e-4,2e-4", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    chosen = json.loads(out_json.read_text())["chosen"]
+    assert chosen == {"dpg": 2e-4, "dreambooth": 1e-4}
+    assert "rpo: undecided, waiting for learning rate 0.0002" in out
+    cells = {(c["method"], c["lr"], c["budget"]): c for c in json.loads(out_json.read_text())["cells"]}
+    assert abs(cells[("dpg", 1e-4, 400)]["harmonic"] - 0.5) < 1e-9
+    assert "| dpg | 0.0002 | 800 | 2/2 |" in out
+
+
+def test_a_missing_folder_is_one_line(tmp_path, capsys):
+    assert load_script().main([str(tmp_path / "nowhere")]) == 2
+    assert "nowhere is not a folder" in capsys.readouterr().err
