@@ -168,14 +168,17 @@ class ImageTextEncoder:
     def park(self) -> None:
         """Move the weights to CPU memory until the next encode: a judge used only for labels and
         validations (RPO's ALIGN, selection) then takes no accelerator memory during training steps."""
-        if self.device.type != "cpu" and not self.parked:
-            self.model.to("cpu")
-            self.parked = True
+        with _PARKING_LOCK:  # threads sharing a judge (train-many) never move it at the same time
+            if self.device.type != "cpu" and not self.parked:
+                self.model.to("cpu")
+                self.parked = True
 
     def _unpark(self) -> None:
         if self.parked:
-            self.model.to(self.device)
-            self.parked = False
+            with _PARKING_LOCK:
+                if self.parked:  # another thread may have brought it back while this one waited
+                    self.model.to(self.device)
+                    self.parked = False
 
     @property
     def dim(self) -> int:
@@ -349,7 +352,7 @@ def park_encoders() -> None:
 
 _LOADED: list[ImageTextEncoder] = []  # what _load_encoder_cached holds, for park_encoders
 _PARKING_HELD = 0  # > 0: park_encoders does nothing (parking_held)
-_PARKING_LOCK = threading.Lock()
+_PARKING_LOCK = threading.Lock()  # guards parking_held's count and every park / unpark move
 
 
 @contextmanager
