@@ -10,12 +10,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str, module_name: str | None = None) -> ModuleType:
+    """A script outside the package (e.g. benchmarks/bench_memory.py) loaded fresh as a module; registered in
+    sys.modules first because dataclasses in it look their module up."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(module_name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session", autouse=True)

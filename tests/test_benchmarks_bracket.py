@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bracket_table.py"
+from conftest import load_script
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bracket_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_bracket():
+    return load_script("benchmarks/bracket_table.py")
 
 
 def write_cell(root: Path, lr: str, cell: str, subjects: dict[str, list[tuple[float, float]]]) -> None:
@@ -27,7 +23,7 @@ def write_cell(root: Path, lr: str, cell: str, subjects: dict[str, list[tuple[fl
 
 
 def test_rule_takes_the_best_mean_harmonic_and_the_smaller_rate_on_a_tie(tmp_path, capsys):
-    bracket = load_script()
+    bracket = load_bracket()
     # H per subject, averaged: a = mean of H(1, 1) = 1 and H(0, 1) = 0 -> 0.5; the mean-of-means H would be 0.667.
     write_cell(tmp_path, "1e-4", "dpg@400", {"a": [(1, 1)], "b": [(0, 1)]})
     write_cell(tmp_path, "2e-4", "dpg@400", {"a": [(1, 1)], "b": [(0.5, 1)]})  # H 0.833: better
@@ -48,5 +44,5 @@ def test_rule_takes_the_best_mean_harmonic_and_the_smaller_rate_on_a_tie(tmp_pat
 
 
 def test_a_missing_folder_is_one_line(tmp_path, capsys):
-    assert load_script().main([str(tmp_path / "nowhere")]) == 2
+    assert load_bracket().main([str(tmp_path / "nowhere")]) == 2
     assert "nowhere is not a folder" in capsys.readouterr().err

@@ -4,15 +4,15 @@ native-size model copy (the research code is not here)."""
 
 from __future__ import annotations
 
-import pytest
-
-import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_official.py"
 
@@ -34,11 +34,7 @@ if "--crash" in sys.argv:
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_official", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_official"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_official.py")
 
 
 @pytest.mark.slow

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sampling.py"
+from conftest import load_script
 
 
 def test_bench_sampling_prints_both_rates_and_their_ratio(capsys):
-    spec = importlib.util.spec_from_file_location("bench_sampling", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_sampling.py")
     assert bench.main(["--model", "tiny", "--prompts", "2", "--images-per-prompt", "1", "--batch-size", "2", "--steps", "2",
                        "--repeats", "1"]) == 0
     out = capsys.readouterr().out
@@ -26,9 +22,7 @@ def test_the_diffusers_side_draws_what_a_user_gets(capsys):
     """The reference side is a plain pipeline call: same images as calling the pipeline directly."""
     import torch
 
-    spec = importlib.util.spec_from_file_location("bench_sampling", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_sampling.py")
     from rewardbooth.models.loading import load_components, make_pipeline
 
     pipe = make_pipeline(load_components("tiny"))

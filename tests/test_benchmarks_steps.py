@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_steps.py"
+from conftest import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_steps", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_steps.py")
 
 
 @pytest.mark.slow

@@ -4,18 +4,12 @@ distance from fp32 is measured (zero for fp32's own layout change, small but not
 from __future__ import annotations
 
 import pytest
-
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_unet.py"
+from conftest import load_script
 
 
 @pytest.mark.slow
 def test_bench_unet_times_each_variant_and_measures_how_far_it_moves_the_result(capsys):
-    spec = importlib.util.spec_from_file_location("bench_unet", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_unet.py")
     assert bench.main(["--resolution", "32", "--repeats", "1", "--warmup", "1", "--variants", "fp32,bf16-autocast,channels-last"]) == 0
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line}

@@ -24,11 +24,11 @@ import importlib
 import importlib.util
 import re
 import shlex
-import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
+from conftest import load_script
 
 from rewardbooth.cli import TRAIN_FLAGS, TRAIN_SWITCHES, build_parser
 from rewardbooth.config import RunConfig, parse_override
@@ -171,11 +171,7 @@ def module_parser(module) -> argparse.ArgumentParser:
 
 @functools.cache
 def script_parser(path: str) -> argparse.ArgumentParser:
-    spec = importlib.util.spec_from_file_location(f"_doc_checked_{Path(path).stem}", ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses in the script look their module up
-    spec.loader.exec_module(module)
-    return module_parser(module)
+    return module_parser(load_script(path, f"_doc_checked_{Path(path).stem}"))
 
 
 @functools.cache

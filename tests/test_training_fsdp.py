@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -204,11 +205,7 @@ def test_per_process_memory_estimate_matches_a_real_sharded_step(subject_dir, tm
         {t: rank0["estimate"][t] for t in ("weights", "gradients", "optimizer")}
 
     # The memory table (benchmarks/bench_memory.py table --sharded, meta weights, no process) gives the same estimate.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_memory", Path(__file__).parents[1] / "benchmarks" / "bench_memory.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_memory.py")
     setup = {k: v for k, v in overrides.items() if k.startswith(("adapter.", "train.", "rpo."))}
     table = bench.table_estimate("tiny", "rpo", setup, 32, processes=2)
     assert {t: getattr(table, t) for t in rank0["estimate"]} == rank0["estimate"]

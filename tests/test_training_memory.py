@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import load_script
 
 from rewardbooth.methods import get_method, load_config
 from rewardbooth.training import memory
@@ -122,13 +123,7 @@ def test_a_set_up_too_large_for_the_device_warns_with_what_to_change(tmp_path, t
 
 
 def load_bench():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_memory", Path(__file__).parents[1] / "benchmarks" / "bench_memory.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script("benchmarks/bench_memory.py")
 
 
 @pytest.mark.slow
