@@ -177,6 +177,10 @@ def add_run_settings(parser: argparse.ArgumentParser, set_help: str, processes_h
     for flag, _, _, text in TRAIN_SWITCHES:
         parser.add_argument(flag, action="store_true", help=text)
 
+# MiniBench suites -> what each method trains (rewardbooth.mini.bench.ADAPTERS)
+MINI_SUITES = {"mini": "full", "mini-lora": "lora"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardbooth", description="Reward-driven subject personalization for text-to-image diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,13 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_judge_flags(ev)
 
     bench = add_parser("bench", help="DreamBench or MiniBench: train, generate, score, report; resumable, shardable")
-    bench.add_argument("--suite", choices=("dreambench", "mini"), default="dreambench",
+    bench.add_argument("--suite", choices=("dreambench", *MINI_SUITES), default="dreambench",
                        help="dreambench: the 30 DreamBench subjects (needs --dreambench); mini: fresh MiniBench subjects, "
-                            "the shipped mini model and judges, every method of --methods compared (CPU)")
+                            "the shipped mini model and judges, every method of --methods compared, full fine-tuning (CPU); "
+                            "mini-lora: the same with each method's LoRA")
     bench.add_argument("--dreambench", help="DreamBench dataset folder (subject folders + prompts_and_classes.txt)")
     bench.add_argument("--method", default=None, help="one method (dreambench default: dreambooth)")
     bench.add_argument("--methods", help="comma-separated methods, e.g. dreambooth,dpg,rpo (mini default: all three)")
-    bench.add_argument("--output", help="bench folder (default bench-METHOD, or bench-mini); with --merge, where the report goes")
+    bench.add_argument("--output", help="bench folder (default bench-METHOD, or bench-SUITE for MiniBench); with --merge, where the report goes")
     bench.add_argument("--subjects", help="comma-separated DreamBench subject names (default: all 30)")
     bench.add_argument("--quick", action="store_true", help="mini: 2 subjects, 2 images per prompt (under 10 minutes on 2 cores)")
     bench.add_argument("--subjects-seed", type=int, default=0, help="mini: subject set N (subjects made from seeds 1000N, 1000N+1, ...; "
@@ -501,10 +506,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rewardbooth.training.many import check_many_settings, subjects_per_batch
 
     args.subjects_per_batch = subjects_per_batch(args.subjects_per_batch)
-    if args.suite == "mini":
+    if args.suite in MINI_SUITES:
         from rewardbooth.methods import BUILTIN_METHODS
 
-        return _bench_mini(args, methods or list(BUILTIN_METHODS))
+        return _bench_mini(args, methods or list(BUILTIN_METHODS), MINI_SUITES[args.suite])
     if len(methods) > 1:
         raise ConfigError("the dreambench suite runs one --method per bench folder (shard and --merge them); --methods is for --suite mini")
     from rewardbooth.methods import baseline_method
@@ -540,7 +545,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_mini(args: argparse.Namespace, methods: list[str]) -> int:
+def _bench_mini(args: argparse.Namespace, methods: list[str], adapter: str) -> int:
     from rewardbooth.config import parse_override
     from rewardbooth.errors import ConfigError
     from rewardbooth.evaluation.metrics import format_table
@@ -555,11 +560,12 @@ def _bench_mini(args: argparse.Namespace, methods: list[str]) -> int:
         raise ConfigError("give --steps or --budgets, not both (the largest budget is the training length)")
     overrides = {k: v for k, v in (("model.name", args.model), ("train.steps", args.steps)) if v is not None}
     overrides.update(parse_override(text) for text in args.set)
-    out = Path(args.output or "bench-mini")
+    out = Path(args.output or f"bench-{args.suite}")
     report = run_mini_bench(out, methods, quick=args.quick, subjects_seed=args.subjects_seed, num_subjects=args.num_subjects,
                             images_per_prompt=args.images_per_prompt, sample_steps=args.sample_steps, config_file=args.config,
                             overrides=overrides, device=_device(args), progress=not args.quiet, jobs=args.jobs,
-                            budgets=parse_budgets(args.budgets), subjects_per_batch=args.subjects_per_batch)
+                            budgets=parse_budgets(args.budgets), subjects_per_batch=args.subjects_per_batch,
+                            adapter=adapter)
     import json
 
     summary = json.loads((out / "results.json").read_text())

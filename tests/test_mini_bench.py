@@ -157,3 +157,40 @@ def test_mini_bench_budgets_train_once_and_plot_the_frontier(tmp_path):
     assert set(paired["equal_seconds"]["budgets"]) == {"2", "3"}
     assert "outside" in paired["equal_seconds"]["budgets"]["3"]["dpg-recon"]
     assert (out / "report_assets" / "seconds_identity_kept.png").is_file() and "Compute frontier" in html
+
+
+def test_the_lora_suite_keeps_each_methods_settings_with_its_lora():
+    from rewardbooth.errors import ConfigError
+    from rewardbooth.methods import resolve_variant
+    from rewardbooth.mini.bench import MINI_LORA, method_config
+
+    for method in ("dreambooth", "dpg", "rpo", "dreambooth-select", "dpg-select"):
+        full, lora = method_config(method, None, {}), method_config(method, None, {}, "lora")
+        cls, _ = resolve_variant(method)
+        assert full.adapter.kind == "full" and lora.adapter.kind == "lora", method
+        assert (lora.adapter.rank, lora.adapter.targets) == (MINI_LORA["adapter.rank"], MINI_LORA["adapter.targets"])
+        rate = {**MINI_LORA, **cls.minibench_lora}["train.learning_rate"]
+        assert lora.train.learning_rate == rate and full.train.learning_rate == cls.minibench["train.learning_rate"], method
+        # everything but the adapter and its rate stays the method's (and the variant's) MiniBench setting
+        differ = {k for k, v in lora.to_flat_dict().items() if full.to_flat_dict()[k] != v}
+        assert differ <= {"adapter.kind", "adapter.rank", "adapter.targets", "train.learning_rate"}, (method, differ)
+    assert method_config("rpo", None, {}, "lora").validation.every == 40
+    assert method_config("dpg", None, {}, "lora").dpg.critic_input == "features"
+    assert method_config("dpg", None, {"train.learning_rate": 5e-4}, "lora").train.learning_rate == 5e-4  # --set wins
+    with pytest.raises(ConfigError, match="adapter"):
+        method_config("dpg", None, {}, "loha")
+
+
+@pytest.mark.slow
+def test_bench_suite_mini_lora_trains_loras(tmp_path, capsys):
+    from rewardbooth.models.lora import LORA_WEIGHTS_NAME
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--suite", "mini-lora", "--quick", "--num-subjects", "1", "--steps", "2", "-k", "1", "--sample-steps", "2",
+                 "--methods", "dreambooth,rpo", "--output", str(out), "--quiet", "--set", "prior.num_class_images=2",
+                 "--set", "rpo.negatives_per_prompt=1"]) == 0
+    for method in ("dreambooth", "rpo"):
+        run = next((out / method / "subjects").glob("*/run"))
+        assert (run / LORA_WEIGHTS_NAME).is_file() and not (run / "unet").exists(), method
+        assert yaml.safe_load((run / "config.yaml").read_text())["adapter"]["kind"] == "lora"
+    assert set(json.loads((out / "results.json").read_text())) == {"dreambooth", "rpo"}

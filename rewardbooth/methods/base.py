@@ -36,6 +36,9 @@ class Method:
     # MiniBench: the settings this method trains with in `bench --suite mini` (tuned on sets 100+),
     # and named variants (name -> settings changed), benchmarked like methods.
     minibench: dict[str, Any] = {}
+    # `bench --suite mini-lora`: on top of minibench and the suite's LoRA (mini/bench.py MINI_LORA), this method's
+    # own LoRA settings (its learning rate, once tuned on sets 100+).
+    minibench_lora: dict[str, Any] = {}
     variants: dict[str, dict[str, Any]] = {}
     curves: tuple[str, ...] = ("loss",)  # metrics.jsonl keys the web app plots
     run_files: tuple[str, ...] = ()  # what the method writes into the run folder (--overwrite may remove them)

@@ -65,6 +65,11 @@ MINI_COMMON: dict[str, Any] = {
     # contexts the bench asks for (RPO's own default, its training prompts, are the same list).
     "validation.prompts": mini_defaults()["rpo.prompts"],
 }
+# The LoRA suite (--suite mini-lora): what most users train. The library's LoRA (rank 4 on the attention
+# projections, as diffusers' DreamBooth LoRA script; 4 / 64-128 channels is about SD 1.5's rank-16 share),
+# the rest of each method's MiniBench settings kept; learning rates: docs/minibench.md, "LoRA suite".
+MINI_LORA: dict[str, Any] = {"adapter.kind": "lora", "adapter.rank": 4, "adapter.targets": "attention", "train.learning_rate": 1e-3}
+ADAPTERS = ("full", "lora")
 # Every method's own MiniBench settings and named variants live with the method (Method.minibench,
 # Method.variants in rewardbooth/methods/): full U-Net, the same 400 steps at batch 1 (+ 1 class
 # image), learning rates chosen on the tuning subjects of set 100 (docs/minibench.md, "Tuning").
@@ -157,10 +162,14 @@ class MiniBenchRunner(BenchRunner):
             score.extra.update(attribute_checks(predicted, spec))
 
 
-def method_config(method: str, config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """A method's (or named variant's) MiniBench settings; `overrides` (--set) on top."""
+def method_config(method: str, config_file: str | None, overrides: dict[str, Any], adapter: str = "full") -> RunConfig:
+    """A method's (or named variant's) MiniBench settings, with `adapter` "lora" its LoRA suite's; `overrides`
+    (--set) on top."""
+    if adapter not in ADAPTERS:
+        raise ConfigError(f"MiniBench adapter must be one of {', '.join(ADAPTERS)}, got {adapter!r}")
     cls, changes = resolve_variant(method)
-    return load_config(config_file, {"train.method": cls.name, **MINI_COMMON, **cls.minibench, **changes, **overrides})
+    lora = {**MINI_LORA, **cls.minibench_lora} if adapter == "lora" else {}
+    return load_config(config_file, {"train.method": cls.name, **MINI_COMMON, **cls.minibench, **lora, **changes, **overrides})
 
 
 def class_image_dir(root: Path, class_noun: str) -> Path:
@@ -285,15 +294,16 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
                    num_subjects: int | None = None, images_per_prompt: int | None = None, sample_steps: int | None = None,
                    config_file: str | None = None, overrides: dict[str, Any] | None = None, device: str = "cpu",
                    progress: bool = True, jobs: int | None = None, budgets: list[int] | None = None,
-                   subjects_per_batch: int | str | None = None) -> Path:
+                   subjects_per_batch: int | str | None = None, adapter: str = "full") -> Path:
     """Run (or finish) every method on the same subjects, then merge them into out/report.html.
     `budgets`: train each subject once to the largest, evaluate the weights kept at each.
-    `subjects_per_batch`: K (or "auto"): train each method's subjects K at a time (train_many); None or 1: one by one."""
+    `subjects_per_batch`: K (or "auto"): train each method's subjects K at a time (train_many); None or 1: one by one.
+    `adapter`: "full" (the U-Net) or "lora" (the LoRA suite, each method's minibench_lora)."""
     suite = SUITES["quick" if quick else "full"]
     overrides = dict(overrides or {})
     if budgets:
         overrides.update({"train.steps": max(budgets), "train.save_steps": [b for b in budgets if b != max(budgets)]})
-    configs = {m: method_config(m, config_file, overrides) for m in methods}  # bad settings fail first
+    configs = {m: method_config(m, config_file, overrides, adapter) for m in methods}  # bad settings fail first
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if is_batched(subjects_per_batch):
