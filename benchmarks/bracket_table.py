@@ -2,11 +2,14 @@
 
     python benchmarks/bracket_table.py runs/bracket2                 # lr-*/ folders of `bench --suite mini --budgets ...`
     python benchmarks/bracket_table.py runs/bracket2 --budget 400 --json bracket.json
+    python benchmarks/bracket_table.py runs/bracket2 runs/bracket2-short   # one bracket run in phases: cells merged
 
 Every cell (method x learning rate x budget): subjects scored, mean identity_kept (I), prompt_ok (P) and
 H = 2 I P / (I + P) per subject, averaged over subjects. The rule (fixed before bracket round 2 ran): a method's
 learning rate is the one with the highest mean H at --budget; within --tie of the best, the smaller learning rate;
-a method is decided only once its cell at every bracketed learning rate (--lrs) has every subject scored.
+a method is decided only once its cell at every bracketed learning rate (--lrs) has every subject scored. A choice
+at either end of the bracket is said to be one (the LoRA suite's rule then extends the bracket on that side).
+Several folders: a cell found in more than one is taken from the first where it is finished.
 Reads the subjects' scores (it writes nothing into the bracket's folders, which a running bench may own).
 """
 
@@ -51,6 +54,22 @@ def read_cells(bracket: Path) -> list[dict]:
     return cells
 
 
+def merged_cells(brackets: list[Path], subjects: int) -> list[dict]:
+    """Every folder's cells; a (method, lr, budget) cell in several folders from the first that has it finished
+    (else the first that has it)."""
+    kept: dict[tuple, dict] = {}
+    for cell in (c for bracket in brackets for c in read_cells(bracket)):
+        key = (cell["method"], cell["lr"], cell["budget"])
+        if key not in kept or (kept[key]["subjects"] < subjects <= cell["subjects"]):
+            kept[key] = cell
+    return list(kept.values())
+
+
+def edge(lr: float, lrs: list[float]) -> str | None:
+    """'smallest' or 'largest' where `lr` is at an end of the bracket."""
+    return "smallest" if math.isclose(lr, min(lrs)) else "largest" if math.isclose(lr, max(lrs)) else None
+
+
 def choose(cells: list[dict], budget: int, subjects: int, tie: float, lrs: list[float]) -> tuple[dict[str, dict], dict[str, list]]:
     """Per method: the rule's learning rate at `budget` once every one of `lrs` has all `subjects` scored there;
     else the learning rates it still waits for."""
@@ -78,28 +97,34 @@ def table(cells: list[dict], chosen: dict[str, dict], subjects: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bracket", type=Path, help="folder holding lr-<value>/ bench folders")
+    parser.add_argument("brackets", type=Path, nargs="+", help="folder(s) holding lr-<value>/ bench folders")
     parser.add_argument("--budget", type=int, default=400, help="the budget the rule compares at (default 400)")
     parser.add_argument("--subjects", type=int, default=8, help="subjects a finished cell has (default 8)")
     parser.add_argument("--lrs", default="1e-4,2e-4,4e-4,8e-4", help="the bracketed learning rates (default: round 2's)")
     parser.add_argument("--tie", type=float, default=0.005, help="within this of the best H, the smaller learning rate wins")
     parser.add_argument("--json", type=Path, help="also write the cells and the choices here")
     args = parser.parse_args(argv)
-    if not args.bracket.is_dir():
-        print(f"bracket_table: {args.bracket} is not a folder", file=sys.stderr)
+    missing = [str(b) for b in args.brackets if not b.is_dir()]
+    if missing:
+        print(f"bracket_table: {', '.join(missing)} is not a folder", file=sys.stderr)
         return 2
-    cells = read_cells(args.bracket)
+    cells = merged_cells(args.brackets, args.subjects)
     if not cells:
-        print(f"bracket_table: no lr-*/METHOD@BUDGET folders under {args.bracket}", file=sys.stderr)
+        print(f"bracket_table: no lr-*/METHOD@BUDGET folders under {', '.join(map(str, args.brackets))}", file=sys.stderr)
         return 2
-    chosen, waiting = choose(cells, args.budget, args.subjects, args.tie, [float(v) for v in args.lrs.split(",")])
+    lrs = [float(v) for v in args.lrs.split(",")]
+    chosen, waiting = choose(cells, args.budget, args.subjects, args.tie, lrs)
     print(table(cells, chosen, args.subjects))
     for method, cell in chosen.items():
-        print(f"{method}: learning rate {cell['lr']:g} (H {cell['harmonic']:.3f} at {args.budget} steps)")
+        at_edge = edge(cell["lr"], lrs)
+        print(f"{method}: learning rate {cell['lr']:g} (H {cell['harmonic']:.3f} at {args.budget} steps)"
+              + (f"; the bracket's {at_edge} rate: its edge" if at_edge else ""))
     for method, missing in waiting.items():
         print(f"{method}: undecided, waiting for learning rate {', '.join(f'{lr:g}' for lr in missing)} at {args.budget} steps")
     if args.json:
-        args.json.write_text(json.dumps({"cells": cells, "chosen": {m: c["lr"] for m, c in chosen.items()}, "waiting": waiting}, indent=2))
+        args.json.write_text(json.dumps({"cells": cells, "chosen": {m: c["lr"] for m, c in chosen.items()},
+                                           "at_edge": {m: edge(c["lr"], lrs) for m, c in chosen.items() if edge(c["lr"], lrs)},
+                                           "waiting": waiting}, indent=2))
     return 0
 
 

@@ -46,3 +46,20 @@ def test_rule_takes_the_best_mean_harmonic_and_the_smaller_rate_on_a_tie(tmp_pat
 def test_a_missing_folder_is_one_line(tmp_path, capsys):
     assert load_bracket().main([str(tmp_path / "nowhere")]) == 2
     assert "nowhere is not a folder" in capsys.readouterr().err
+
+
+def test_a_bracket_run_in_phases_is_read_as_one_and_an_edge_is_named(tmp_path, capsys):
+    long, short = tmp_path / "long", tmp_path / "short"
+    write_cell(long, "1e-4", "dpg@400", {"a": [(0.2, 1)], "b": [(0.2, 1)]})
+    write_cell(long, "1e-4", "dpg@1600", {"a": [(0.9, 1)], "b": [(0.9, 1)]})
+    write_cell(long, "2e-4", "dpg@400", {"a": [(1, 1)]})  # unfinished here (a killed phase) ...
+    write_cell(short, "2e-4", "dpg@400", {"a": [(0.5, 1)], "b": [(0.5, 1)]})  # ... finished in the other folder
+    write_cell(short, "1e-4", "dpg@400", {"a": [(0, 1)], "b": [(0, 1)]})  # also finished in the first: the first's kept
+    out_json = tmp_path / "bracket.json"
+    assert load_bracket().main([str(long), str(short), "--subjects", "2", "--lrs", "1e-4,2e-4", "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    cells = {(c["method"], c["lr"], c["budget"]): c for c in result["cells"]}
+    assert cells[("dpg", 2e-4, 400)]["subjects"] == 2 and abs(cells[("dpg", 2e-4, 400)]["identity_kept"] - 0.5) < 1e-9
+    assert abs(cells[("dpg", 1e-4, 400)]["identity_kept"] - 0.2) < 1e-9 and ("dpg", 1e-4, 1600) in cells
+    assert result["chosen"] == {"dpg": 2e-4} and result["at_edge"] == {"dpg": "largest"}
+    assert "the bracket's largest rate: its edge" in capsys.readouterr().out
