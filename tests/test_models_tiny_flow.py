@@ -103,3 +103,28 @@ def test_flux2_klein_real_sizes(name, transformer_params, encoder_params):
     with torch.device("meta"):
         sizes = [sum(p.numel() for p in build_flow_component(configs[c]).parameters()) for c in ("transformer", "text_encoder")]
     assert transformer_params[0] < sizes[0] < transformer_params[1] and encoder_params[0] < sizes[1] < encoder_params[1], sizes
+
+
+@pytest.mark.parametrize("name", ["tiny-flux2", "tiny"])
+def test_another_vae_is_loaded_as_the_models_vae_class_and_used(name, tmp_path):
+    """--vae (model.vae) replaces the model's VAE on flow models too (it was ignored there), as the class the model names."""
+    from rewardbooth.models.loading import load_components
+
+    own = load_components(name)
+    with torch.no_grad():
+        next(own.vae.parameters()).add_(0.5)  # another VAE of the same shape: its weights tell it apart
+    own.vae.save_pretrained(tmp_path / "vae")
+    other = load_components(name, vae=str(tmp_path / "vae"))
+    assert type(other.vae) is type(own.vae)
+    torch.testing.assert_close(next(other.vae.parameters()), next(own.vae.parameters()))
+    assert not torch.equal(next(other.vae.parameters()), next(load_components(name).vae.parameters()))
+
+
+@pytest.mark.parametrize(("name", "donor"), [("tiny-flux", "tiny"), ("tiny", "tiny-sd3")])
+def test_a_vae_of_another_family_is_refused_in_one_line(name, donor, tmp_path):
+    from rewardbooth.errors import ConfigError
+    from rewardbooth.models.loading import load_components
+
+    load_components(donor).vae.save_pretrained(tmp_path / "vae")
+    with pytest.raises(ConfigError, match=r"^--vae .*: its latents have \d+ channels, .*'s VAE has \d+ \(a VAE made for another"):
+        load_components(name, vae=str(tmp_path / "vae"))

@@ -163,7 +163,8 @@ def load_components(name: str, revision: str | None = None, variant: str | None 
                     vae: str | None = None) -> Components:
     """Load U-Net, VAE, text encoder(s), tokenizer(s) and the training noise scheduler.
 
-    `vae`: another AutoencoderKL (hub id or folder), e.g. an fp16-safe SDXL VAE.
+    `vae`: another VAE of the model's class (hub id or folder), e.g. an fp16-safe SDXL VAE; its latent channels
+    must be the model's (a one-line error otherwise).
     """
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -177,7 +178,8 @@ def load_components(name: str, revision: str | None = None, variant: str | None 
     index = read_model_config(name, revision, "model_index.json")
     if index.get("_class_name") in FLOW_FAMILIES:
         absent = {part: None for part, kind in index.items() if kind == [None, None]}  # e.g. SD3 without T5 (mini-flow)
-        return _load_flow(name, path, index["_class_name"], revision, variant, dtype, **absent)
+        other_vae = {"vae": _other_vae(vae, dtype, name, revision)} if vae else {}
+        return _load_flow(name, path, index["_class_name"], revision, variant, dtype, **absent, **other_vae)
     sdxl = index.get("_class_name") == SDXL_PIPELINE or "text_encoder_2" in index
     common: dict[str, Any] = {"revision": revision}
     weights = dict(common, variant=variant, torch_dtype=dtype) if dtype is not None else dict(common, variant=variant)
@@ -193,18 +195,31 @@ def load_components(name: str, revision: str | None = None, variant: str | None 
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ConfigError(f"could not load model {name!r}: {_one_line(exc)}") from None
-    vae_model = _load_vae(vae, dtype) if vae else _load_vae(path, dtype, name, subfolder="vae", **weights)
+    vae_model = _other_vae(vae, dtype, name, revision) if vae else _load_vae(path, dtype, name, subfolder="vae", **weights)
     return Components(name, path, unet, vae_model, text_encoder, tokenizer, noise_scheduler, **second)
 
 
-def _load_vae(source: str, dtype: torch.dtype | None, label: str | None = None, **kwargs):
-    """An AutoencoderKL: the model's own, or `--vae` (hub id or folder)."""
-    from diffusers import AutoencoderKL
+def _load_vae(source: str, dtype: torch.dtype | None, label: str | None = None, vae_class: str = "AutoencoderKL", **kwargs):
+    """A VAE (AutoencoderKL unless the model names another class): the model's own, or `--vae` (hub id or folder)."""
+    import diffusers
 
     try:
-        return AutoencoderKL.from_pretrained(source, **{**({"torch_dtype": dtype} if dtype is not None else {}), **kwargs})
+        return getattr(diffusers, vae_class).from_pretrained(source, **{**({"torch_dtype": dtype} if dtype is not None else {}),
+                                                                         **kwargs})
     except (OSError, ValueError) as exc:
         raise ConfigError(f"could not load VAE {label or source!r}: {_one_line(exc)}") from None
+
+
+def _other_vae(source: str, dtype: torch.dtype | None, base: str, revision: str | None):
+    """`--vae` for the model `base` (a folder, hub id or preset): loaded as the VAE class `base` names (FLUX.2's is not an
+    AutoencoderKL), refused in one line when its latents have another channel count than the model's VAE."""
+    vae_class = read_model_config(base, revision, "model_index.json").get("vae", [None, "AutoencoderKL"])[1]
+    vae = _load_vae(source, dtype, vae_class=vae_class)
+    expected = read_model_config(base, revision, "vae/config.json").get("latent_channels")
+    if expected is not None and vae.config.latent_channels != expected:
+        raise ConfigError(f"--vae {source}: its latents have {vae.config.latent_channels} channels, {base}'s VAE has {expected} "
+                          "(a VAE made for another model family)")
+    return vae
 
 
 def _load_flow(name: str, path: str, pipeline_class: str, revision: str | None, variant: str | None,
@@ -339,7 +354,7 @@ def _load_single_file(name: str, spec: SingleFile, revision: str | None, variant
     path = resolve_model_path(base)
     flow = pipeline_class in FLOW_FAMILIES
     weights = {"torch_dtype": dtype} if dtype is not None else {}
-    other_vae = {"vae": _load_vae(vae, dtype)} if vae and not flow else {}
+    other_vae = {"vae": _other_vae(vae, dtype, base, revision)} if vae else {}
     try:
         if flow:
             denoiser = getattr(diffusers, read_model_config(base, revision, "model_index.json")["transformer"][1])
@@ -352,7 +367,7 @@ def _load_single_file(name: str, spec: SingleFile, revision: str | None, variant
     except (OSError, ValueError, KeyError, IndexError, RuntimeError, SingleFileComponentError) as exc:
         raise ConfigError(f"could not load model file {spec.file} on its base {base}: {_one_line(exc)}") from None
     if flow:
-        return _load_flow(name, path, pipeline_class, revision, variant, dtype, transformer=transformer)
+        return _load_flow(name, path, pipeline_class, revision, variant, dtype, transformer=transformer, **other_vae)
     return replace(Components.from_pipeline(name, pipe), path=path, pipeline_class=pipeline_class,
                    noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
                    force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
