@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = add_parser("bench", help="DreamBench or MiniBench: train, generate, score, report; resumable, shardable")
     bench.add_argument("--suite", choices=("dreambench", *MINI_SUITES), default="dreambench",
                        help="dreambench: the 30 DreamBench subjects (needs --dreambench); mini: fresh MiniBench subjects, "
-                            "the shipped mini model and judges, every method of --methods compared, full fine-tuning (CPU); "
-                            "mini-lora: the same with each method's LoRA")
+                            "the shipped mini model (or --model mini-flow) and judges, every method of --methods compared, "
+                            "full fine-tuning (CPU); mini-lora: the same with each method's LoRA")
     bench.add_argument("--dreambench", help="DreamBench dataset folder (subject folders + prompts_and_classes.txt)")
     bench.add_argument("--method", default=None, help="one method (dreambench default: dreambooth)")
     bench.add_argument("--methods", help="comma-separated methods, e.g. dreambooth,dpg,rpo (mini default: all three)")
@@ -267,10 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train the subjects K at a time in one process, as train-many does (auto: as many as the memory "
                             "estimate fits), then evaluate them as usual; each is charged its batch's wall seconds / K")
     bench.add_argument("-k", "--images-per-prompt", type=int, help="images per prompt (dreambench default 4; mini 2)")
-    bench.add_argument("--sample-steps", type=int, help="sampler steps (dreambench default 50; mini 10)")
+    bench.add_argument("--sample-steps", type=int, help="sampler steps (dreambench default 50; mini: the model's, 10 for mini)")
     bench.add_argument("--guidance", type=float, default=None,
-                       help="classifier-free guidance (dreambench default: the model's, 7.5 for SD, 3.5 for FLUX.1-dev; mini uses 4)")
-    bench.add_argument("--model", help="base model for training (hub id, folder, mini, tiny; --suite mini: mini)")
+                       help="classifier-free guidance (dreambench default: the model's, 7.5 for SD, 3.5 for FLUX.1-dev; "
+                            "mini: the model's, 4 for mini)")
+    bench.add_argument("--model", help="base model for training (hub id, folder, mini, tiny; --suite mini: mini, mini-flow or "
+                       "a folder of either)")
     bench.add_argument("--steps", type=int, help="training steps per subject")
     bench.add_argument("--config", help="YAML run config used for every subject")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any training setting")

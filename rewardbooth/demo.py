@@ -23,7 +23,8 @@ from rewardbooth.errors import OutputExistsError
 from rewardbooth.evaluation.report import ReportSection, write_report
 from rewardbooth.evaluation.run_report import write_run_report
 from rewardbooth.methods import baseline_method, showcase_method
-from rewardbooth.mini.bench import GUIDANCE, SAMPLE_BATCH, SUITES, method_config
+from rewardbooth.mini.assets import MINI_NAME
+from rewardbooth.mini.bench import SAMPLE_BATCH, SAMPLERS, method_config
 from rewardbooth.mini.scoring import ATTRIBUTE_METRICS, AttributeJudge, attribute_checks
 from rewardbooth.mini.world import make_subject, subject_prompts
 from rewardbooth.models.loading import load_components, make_pipeline
@@ -61,7 +62,8 @@ def run_demo(run_dir: Path, steps: int | None = None, seed: int = 0, overwrite: 
     first = configs[methods[0]]
     specs = subject_prompts(subject, first.data.identifier)
     prompts = [spec.prompt for spec in specs]
-    settings = SampleSettings(steps=SUITES["full"]["sample_steps"], guidance_scale=GUIDANCE, seed=seed, batch_size=SAMPLE_BATCH)
+    steps, guidance = SAMPLERS[MINI_NAME]
+    settings = SampleSettings(steps=steps, guidance_scale=guidance, seed=seed, batch_size=SAMPLE_BATCH)
     judge = AttributeJudge("mini")
 
     def sample_and_judge(pipe) -> tuple[list[list], dict[str, float]]:

@@ -39,6 +39,9 @@ class Method:
     # `bench --suite mini-lora`: on top of minibench and the suite's LoRA (mini/bench.py MINI_LORA), this method's
     # own LoRA settings (its learning rate, once tuned on sets 100+).
     minibench_lora: dict[str, Any] = {}
+    # Per base model of MiniBench other than mini, on top of minibench (under the LoRA suite's): {"mini-flow": {...}}, e.g.
+    # the rates tuned on mini-flow's transformer. Each method sets its own (a subclass would inherit its parent's rates).
+    minibench_models: dict[str, dict[str, Any]] = {}
     variants: dict[str, dict[str, Any]] = {}
     curves: tuple[str, ...] = ("loss",)  # metrics.jsonl keys the web app plots
     run_files: tuple[str, ...] = ()  # what the method writes into the run folder (--overwrite may remove them)

@@ -42,23 +42,23 @@ from rewardbooth.evaluation.paired import paired_at_equal_seconds, paired_differ
 from rewardbooth.evaluation.report import ReportSection
 from rewardbooth.methods import baseline_method, load_config, resolve_variant
 from rewardbooth.methods.dreambooth import class_image_settings
-from rewardbooth.mini.preset import mini_defaults
+from rewardbooth.mini.assets import FLOW_NAME, MINI_NAME
+from rewardbooth.mini.preset import FLOW_SAMPLER_GUIDANCE, FLOW_SAMPLER_STEPS, mini_defaults
 from rewardbooth.mini.scoring import AttributeJudge, attribute_checks
 from rewardbooth.mini.world import DEFAULT_SPLIT, MiniSubject, PromptSpec, make_subjects, subject_prompts
-from rewardbooth.models.loading import load_components, make_pipeline
+from rewardbooth.models.loading import FLOW_PIPELINES, load_components, make_pipeline, read_model_config
+from rewardbooth.models.presets import preset_defaults
 from rewardbooth.sampling import generate
 from rewardbooth.training.many import check_many_settings
 from rewardbooth.training.run_dir import RunFolder
 
-# Settings every method shares in the bench; the mini preset's own world (judges, prompts, guidance:
-# rewardbooth.models.presets) comes with --model mini.
+# Settings every method shares in the bench (its model and validation steps: method_config); the mini preset's own
+# world (judges, prompts, guidance: rewardbooth.models.presets) comes with --model mini or mini-flow.
 MINI_COMMON: dict[str, Any] = {
-    "model.name": "mini",
     "data.random_flip": True,
     "prior.num_class_images": 32,
     "prior.generation_batch_size": 32,  # 32 px samples: big batches are nearly free
     "validation.batch_size": 32,
-    "validation.steps": 10,  # as the bench's sampler (SUITES): accuracies hold at 10 steps
     "train.checkpoint_every": 0,
     "train.log_every": 10,
     # Where a method validates (RPO, selection variants): on the preset's RPO prompts, four of the seven
@@ -72,20 +72,23 @@ MINI_LORA: dict[str, Any] = {"adapter.kind": "lora", "adapter.rank": 4, "adapter
 ADAPTERS = ("full", "lora")
 # Every method's own MiniBench settings and named variants live with the method (Method.minibench,
 # Method.variants in rewardbooth/methods/): full U-Net, the same 400 steps at batch 1 (+ 1 class
-# image), learning rates chosen on the tuning subjects of set 100 (docs/minibench.md, "Tuning").
+# image), learning rates chosen on the tuning subjects of set 100 (docs/minibench.md, "Tuning");
+# Method.minibench_models on top for another base model (mini-flow's transformer).
 SUITES = {
-    # subjects, images per prompt, sampling steps. 10 DPM-Solver steps keep the base model's attribute
-    # accuracies of 25 (docs/minibench.md, "Where the time goes"); 2 images per prompt because the
-    # spread between subjects, not between images, limits what a paired comparison can tell.
-    "quick": {"subjects": 2, "images_per_prompt": 2, "sample_steps": 10},
-    "full": {"subjects": 24, "images_per_prompt": 2, "sample_steps": 10},
+    # subjects, images per prompt: 2 because the spread between subjects, not between images, limits
+    # what a paired comparison can tell.
+    "quick": {"subjects": 2, "images_per_prompt": 2},
+    "full": {"subjects": 24, "images_per_prompt": 2},
 }
+# The bench's sampler per base model, (steps, guidance), for the judged images and validation. mini: 10 DPM-Solver steps
+# keep its attribute accuracies of 25 (docs/minibench.md, "Where the time goes"), samples cleanest at guidance 3-5;
+# mini-flow: its preset's Euler sampler (docs/mini-flow.md, "The quality bar").
+SAMPLERS = {MINI_NAME: (10, 4.0), FLOW_NAME: (FLOW_SAMPLER_STEPS, FLOW_SAMPLER_GUIDANCE)}
 # Subject i of --subjects-seed N is made from seed N * SUBJECT_SEED_STRIDE + i (taken combinations
 # skipped), so different --subjects-seed values never share a subject. Runs recorded before this
 # mapping name their subjects by seed (mini-100-...): make_subject(100) remakes them.
 SUBJECT_SEED_STRIDE = 1000
 SAMPLE_BATCH = 32
-GUIDANCE = 4.0  # the mini model's samples are cleanest around 3-5
 
 
 @dataclass
@@ -162,14 +165,32 @@ class MiniBenchRunner(BenchRunner):
             score.extra.update(attribute_checks(predicted, spec))
 
 
+def bench_model(overrides: dict[str, Any]) -> tuple[str, str]:
+    """The bench's base model (--model, default mini) and which of MiniBench's models it is: a folder (a retrained mini)
+    is mini-flow if it holds a flow pipeline, else mini. The judges know only mini's world: anything else is refused."""
+    model = str(overrides.get("model.name") or MINI_NAME)
+    if model in SAMPLERS:
+        return model, model
+    if not Path(model).expanduser().is_dir():
+        raise ConfigError(f"--model {model}: MiniBench's judges know only mini's world; use mini, mini-flow or a local folder "
+                          "of a model trained on it")
+    flow = read_model_config(model, None, "model_index.json").get("_class_name") in FLOW_PIPELINES
+    return model, FLOW_NAME if flow else MINI_NAME
+
+
 def method_config(method: str, config_file: str | None, overrides: dict[str, Any], adapter: str = "full") -> RunConfig:
-    """A method's (or named variant's) MiniBench settings, with `adapter` "lora" its LoRA suite's; `overrides`
-    (--set) on top."""
+    """A method's (or named variant's) MiniBench settings for the bench's model, with `adapter` "lora" its LoRA
+    suite's; `overrides` (--set) on top."""
     if adapter not in ADAPTERS:
         raise ConfigError(f"MiniBench adapter must be one of {', '.join(ADAPTERS)}, got {adapter!r}")
+    model, kind = bench_model(overrides)
     cls, changes = resolve_variant(method)
+    # a folder is no preset: the bench brings its world (judges, prompts, sampler), as --model mini(-flow) does
+    world = preset_defaults(kind) if model != kind else {}
+    common = {**world, **MINI_COMMON, "model.name": model, "validation.steps": SAMPLERS[kind][0]}
     lora = {**MINI_LORA, **cls.minibench_lora} if adapter == "lora" else {}
-    return load_config(config_file, {"train.method": cls.name, **MINI_COMMON, **cls.minibench, **lora, **changes, **overrides})
+    return load_config(config_file, {"train.method": cls.name, **common, **cls.minibench, **cls.minibench_models.get(kind, {}),
+                                     **lora, **changes, **overrides})
 
 
 def class_image_dir(root: Path, class_noun: str) -> Path:
@@ -201,11 +222,11 @@ def bench_folder_name(method: str, budget: int | None) -> str:
 
 
 def _runners(out: Path, subjects_seed: int, judge: AttributeJudge, method: str, cfg: RunConfig, images_per_prompt: int,
-             sample_steps: int, device: str, budgets: list[int] | None, progress: bool = False,
+             sample_steps: int, guidance: float, device: str, budgets: list[int] | None, progress: bool = False,
              subjects_per_batch: int | str | None = None) -> list[MiniBenchRunner]:
     """The method's runners: one, or one per budget (the largest first: it trains the shared runs)."""
     scorer = Scorer.from_config(cfg.evaluation, device=device)
-    common = dict(images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance_scale=GUIDANCE,
+    common = dict(images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance_scale=guidance,
                   progress=progress, sample_batch_size=SAMPLE_BATCH, subjects_per_batch=subjects_per_batch)
     if not budgets:
         return [MiniBenchRunner(out, subjects_seed, judge, out / method, cfg, scorer, **common)]
@@ -214,7 +235,7 @@ def _runners(out: Path, subjects_seed: int, judge: AttributeJudge, method: str, 
 
 
 def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBenchSubject], subjects_seed: int,
-                 images_per_prompt: int, sample_steps: int, device: str, progress: bool, budgets: list[int] | None,
+                 images_per_prompt: int, sample_steps: int, guidance: float, device: str, progress: bool, budgets: list[int] | None,
                  threads: int | None = None, subjects_per_batch: int | str | None = None) -> None:
     """Every method on `subjects`, one after another (a worker process's whole job). Subjects trained K at a time
     whose training failed are named at the end (SubjectsFailed), every other subject and method done."""
@@ -226,8 +247,8 @@ def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBe
     failures: dict[str, str] = {}
     for method, cfg in configs.items():
         left = subjects  # a subject that failed to train is not trained again for the method's smaller budgets
-        for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, device, budgets, progress,
-                               subjects_per_batch):
+        for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, guidance, device, budgets,
+                               progress, subjects_per_batch):
             try:
                 runner.run(left)
             except SubjectsFailed as exc:
@@ -298,7 +319,7 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
     """Run (or finish) every method on the same subjects, then merge them into out/report.html.
     `budgets`: train each subject once to the largest, evaluate the weights kept at each.
     `subjects_per_batch`: K (or "auto"): train each method's subjects K at a time (train_many); None or 1: one by one.
-    `adapter`: "full" (the U-Net) or "lora" (the LoRA suite, each method's minibench_lora)."""
+    `adapter`: "full" (the whole denoiser) or "lora" (the LoRA suite, each method's minibench_lora)."""
     suite = SUITES["quick" if quick else "full"]
     overrides = dict(overrides or {})
     if budgets:
@@ -313,18 +334,19 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
     out.mkdir(parents=True, exist_ok=True)
     subjects = prepare_subjects(out, num_subjects or suite["subjects"], subjects_seed)
     images_per_prompt = images_per_prompt or suite["images_per_prompt"]
-    sample_steps = sample_steps or suite["sample_steps"]
+    model_steps, guidance = SAMPLERS[bench_model(overrides)[1]]
+    sample_steps = sample_steps or model_steps
     shares = subject_shares(subjects, jobs or default_jobs(len(subjects), device), subjects_per_batch)
     jobs = len(shares)
     judge = AttributeJudge("mini", device=device)
     for method, cfg in configs.items():  # refuse a folder made with other settings before any work
-        for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, device, budgets):
+        for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, guidance, device, budgets):
             runner.check_folder()
     first = next(iter(configs.values()))
     if first.prior.enabled and not first.prior.class_dir:
         prepare_class_images(out, first, subjects, device, progress)
     work = dict(out=out, configs=configs, subjects_seed=subjects_seed, images_per_prompt=images_per_prompt,
-                sample_steps=sample_steps, device=device, budgets=budgets, subjects_per_batch=subjects_per_batch)
+                sample_steps=sample_steps, guidance=guidance, device=device, budgets=budgets, subjects_per_batch=subjects_per_batch)
     if jobs == 1:
         _run_methods(subjects=subjects, progress=progress, **work)
     else:
