@@ -26,11 +26,13 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 @dataclass
 class TextConditioning:
     """What the U-Net is conditioned on. SD: the hidden states. SDXL adds the second encoder's
-    pooled embedding and the size/crop micro-conditioning (`time_ids`)."""
+    pooled embedding and the size/crop micro-conditioning (`time_ids`). Z-Image conditions each image
+    on its own prompt's tokens only: `mask` says which rows of `hidden` those are (the rest is padding)."""
 
     hidden: torch.Tensor  # (B, L, D) cross-attention input
     pooled: torch.Tensor | None = None  # (B, P) SDXL only
     time_ids: torch.Tensor | None = None  # (B, 6): original size, crop top-left, target size
+    mask: torch.Tensor | None = None  # (B, L) bool: the prompt's own tokens (Z-Image); None: every row counts
 
     def added_cond_kwargs(self) -> dict[str, torch.Tensor] | None:
         return None if self.pooled is None else {"text_embeds": self.pooled, "time_ids": self.time_ids}
@@ -39,16 +41,20 @@ class TextConditioning:
         return self.hidden.shape[0]
 
     def detach(self) -> "TextConditioning":
-        return TextConditioning(*(None if v is None else v.detach() for v in (self.hidden, self.pooled, self.time_ids)))
+        return TextConditioning(*(None if v is None else v.detach() for v in self._fields()))
 
     def __getitem__(self, index) -> "TextConditioning":
-        return TextConditioning(*(None if v is None else v[index] for v in (self.hidden, self.pooled, self.time_ids)))
+        return TextConditioning(*(None if v is None else v[index] for v in self._fields()))
 
     @staticmethod
     def stack(rows: list["TextConditioning"]) -> "TextConditioning":
         """Rows as returned by indexing with an int, stacked into a batch."""
-        parts = [[getattr(r, name) for r in rows] for name in ("hidden", "pooled", "time_ids")]
+        parts = zip(*(r._fields() for r in rows))
         return TextConditioning(*(None if p[0] is None else torch.stack(p) for p in parts))
+
+    def _fields(self) -> tuple[torch.Tensor | None, ...]:
+        """The tensors, in the order of the fields."""
+        return self.hidden, self.pooled, self.time_ids, self.mask
 
 
 def encode_sdxl_prompts(tokenizers, text_encoders, prompts: list[str], size: int) -> TextConditioning:

@@ -32,7 +32,7 @@ def _family(components, **flow):
     return components.family(FlowConfig(**flow))
 
 
-FLOW_MODELS = ["tiny-flux", "tiny-sd3", "tiny-flux2"]
+FLOW_MODELS = ["tiny-flux", "tiny-sd3", "tiny-flux2", "tiny-zimage"]
 
 
 @pytest.mark.parametrize("model", FLOW_MODELS)
@@ -61,23 +61,37 @@ def test_flow_noising_target_and_look_forward_are_flow_matching(model):
 def test_predict_calls_the_transformer_as_the_sampling_pipeline_does(model):
     """One pipeline step and family.predict on the same x_t, sigma and prompt give the same velocity:
     latent layout (FLUX.1's 2x2 packing, FLUX.2's patchified tokens), position ids, timestep scale,
-    guidance embedding and text conditioning are the pipeline's."""
+    guidance embedding and text conditioning are the pipeline's. Z-Image: the velocity its sampler steps
+    with (the pipeline turns the transformer's time and sign around), at both steps of the call."""
     from rewardbooth.models.family import initial_latents
     from rewardbooth.models.loading import make_pipeline
 
     components = load_components(model)
     family = _family(components, guidance=1.0)
     pipe = make_pipeline(components)
-    calls = []
+    calls, steps = [], []
     hook = components.unet.register_forward_hook(lambda m, args, kwargs, out: calls.append(out[0]), with_kwargs=True)
+    zimage = model == "tiny-zimage"
+    if zimage:
+        real_step = pipe.scheduler.step
+        pipe.scheduler.step = lambda velocity, t, x_t, **kw: steps.append((velocity, x_t)) or real_step(velocity, t, x_t, **kw)
     latents, side = initial_latents(pipe, [torch.Generator().manual_seed(0)], 64)
+    guidance = 0.0 if zimage else 1.0  # no CFG: Z-Image's guidance is added to the conditional prediction (0 is off)
     with torch.no_grad():
-        pipe(prompt=["a sks toy"], num_inference_steps=2, guidance_scale=1.0, latents=latents, height=side, width=side)
+        pipe(prompt=["a sks toy"], num_inference_steps=2, guidance_scale=guidance, latents=latents, height=side, width=side)
     hook.remove()
+    text = family.encode_prompts(components.text_encoders, ["a sks toy"], 64)
+    if zimage:
+        for (velocity, x_t), sigma in zip(steps, pipe.scheduler.sigmas):  # sigma 1, then a shifted 0.5
+            with torch.no_grad():
+                torch.testing.assert_close(family.predict(components.unet, x_t, (sigma * 1000).view(1), text), velocity,
+                                           atol=1e-5, rtol=1e-4)
+        assert len(steps) == 2
+        return
     sigma = pipe.scheduler.sigmas[:1]  # the first step's, as the call left its scheduler
     x_t = flow.unpack_latents(latents, side // 8, side // 8, 16) if model == "tiny-flux" else latents
     with torch.no_grad():
-        ours = family.predict(components.unet, x_t, sigma * 1000, family.encode_prompts(components.text_encoders, ["a sks toy"], 64))
+        ours = family.predict(components.unet, x_t, sigma * 1000, text)
     theirs = calls[0]
     theirs = flow.unpack_latents(theirs, side // 8, side // 8, 16) if model == "tiny-flux" else theirs
     theirs = theirs.transpose(1, 2).reshape(ours.shape) if theirs.ndim == 3 else theirs
@@ -119,6 +133,36 @@ def test_flux2_model_space_decodes_as_its_pipeline_decodes():
     torch.testing.assert_close(family.latents_to_vae(model_space), vae_latents)
 
 
+@pytest.mark.parametrize("model", FLOW_MODELS)
+def test_native_size_is_the_pipelines_default(model):
+    """Without data.resolution a flow model trains and samples at its pipeline's default size: FLUX.1's, FLUX.2's and
+    Z-Image's 1024 px (no config of theirs holds it), SD3's transformer sample_size (64 px on the tiny preset)."""
+    from rewardbooth.models.family import initial_latents
+    from rewardbooth.models.loading import make_pipeline, model_native_resolution
+
+    components = load_components(model)
+    side = 64 if model == "tiny-sd3" else 1024
+    assert model_native_resolution(model) == components.native_resolution == side
+    latents, sampled = initial_latents(make_pipeline(components), [torch.Generator().manual_seed(0)], None)
+    assert sampled == side and (model != "tiny-zimage" or latents.shape == (1, 16, 128, 128))
+
+
+def test_zimage_memory_estimate_leaves_the_transformer_as_it_found_it():
+    """The estimate runs the forward on fake tensors before the first step; Z-Image's transformer caches its rotary
+    table on first use, and a fake one left there would break every real step after it (or make them run on it)."""
+    from rewardbooth.training import memory
+
+    components = load_components("tiny-zimage")
+    family = components.family()
+    probe = family.probe(components.unet, 2, 8, torch.float32, torch.device("cpu"))
+    assert memory.estimate(resident=[components.unet], trained=list(components.unet.parameters()), probes=[probe]).activations > 0
+    text = family.encode_prompts(components.text_encoders, ["a sks toy", "a toy"], 64)
+    x_t, t = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0, 250.0])
+    with torch.no_grad():
+        torch.testing.assert_close(family.predict(components.unet, x_t, t, text), family.predict(load_components("tiny-zimage").unet,
+                                                                                                  x_t, t, text))
+
+
 def test_flux_timesteps_follow_the_resolution_dependent_shift(flux):
     family = _family(flux, weighting="uniform")
     small, large = torch.zeros(4096, 16, 8, 8), torch.zeros(64, 16, 64, 64)
@@ -146,11 +190,18 @@ def test_lora_target_presets_pick_the_blocks_linear_layers(model):
         denoiser = copy.deepcopy(components.unet)
         inject_adapter_in_model(LoraConfig(r=2, target_modules=family.lora_targets(preset)), denoiser)
         adapted[preset] = {name.rsplit(".lora_A", 1)[0] for name, _ in denoiser.named_modules() if name.endswith(".lora_A")}
-    linear_in_blocks = {name for name, m in components.unet.named_modules()
-                        if isinstance(m, torch.nn.Linear) and ("blocks." in name or name.startswith("mid_block."))}
+    zimage = model == "tiny-zimage"  # blocks: layers.N and the two streams' refiners; attention modules: `attention`
+
+    def in_block(name):
+        return name.startswith(("layers.", "noise_refiner.", "context_refiner.")) if zimage else "blocks." in name or name.startswith("mid_block.")
+
+    linear_in_blocks = {name for name, m in components.unet.named_modules() if isinstance(m, torch.nn.Linear) and in_block(name)}
     assert adapted["all-linear"] == linear_in_blocks  # every linear layer of the blocks, nothing outside them
-    assert adapted["attention"] < adapted["all-linear"] and all(".attn" in name for name in adapted["attention"])
-    if model != "tiny":  # flow transformers: both streams' projections (the text stream's add_*_proj too)
+    attention = ".attention." if zimage else ".attn"
+    assert adapted["attention"] < adapted["all-linear"] and all(attention in name for name in adapted["attention"])
+    if zimage:  # single stream: the text's own refiner and the joint layers
+        assert {n.split(".")[0] for n in adapted["attention"]} == {"layers", "noise_refiner", "context_refiner"}
+    elif model != "tiny":  # flow transformers: both streams' projections (the text stream's add_*_proj too)
         assert any("add_q_proj" in name for name in adapted["attention"])
 
 
@@ -197,7 +248,8 @@ def test_every_method_resumes_exactly_on_flow_models(tmp_path, tiny_overrides, s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, method", [("tiny-flux", "dpg"), ("tiny-sd3", "rpo"), ("tiny-flux2", "dreambooth")])
+@pytest.mark.parametrize("model, method", [("tiny-flux", "dpg"), ("tiny-sd3", "rpo"), ("tiny-flux2", "dreambooth"),
+                                           ("tiny-zimage", "dpg")])
 def test_full_fine_tunes_resume_exactly_on_flow_models(tmp_path, tiny_overrides, straight_and_resumed, model, method):
     """The whole transformer trained (each family once, each method once): the same losses and weights after a resume."""
     extra = {"train.method": method, "adapter.kind": "full", "adapter.train_text_encoder": False, "train.learning_rate": 1e-4,
@@ -241,6 +293,25 @@ def test_rpo_on_flux_pairs_share_sigma_and_noise(tiny_overrides):
     torch.testing.assert_close(pair.noisy[:2], one.noisy)
 
 
+def test_zimage_prompts_keep_their_own_tokens_through_the_prompt_cache(tiny_overrides):
+    """Z-Image conditions each image on its own prompt's tokens: the mask that says which they are survives the per-prompt
+    cache that batches are stacked from, and a prompt's velocity does not depend on the longer prompts beside it."""
+    from accelerate import Accelerator
+
+    components = load_components("tiny-zimage")
+    ctx = TrainContext(load_config(overrides=_flux_overrides(tiny_overrides, "tiny-zimage")), None, Accelerator(cpu=True),
+                       components, 64, torch.float32)
+    prompts = ["a sks toy", "a sks toy on a long wooden table in the sun", "a sks toy"]
+    cached, direct = ctx.encode_prompts(prompts), ctx.family.encode_prompts(components.text_encoders, prompts, 64)
+    torch.testing.assert_close(cached.hidden, direct.hidden)
+    assert torch.equal(cached.mask, direct.mask) and cached.mask.sum(1).tolist()[0] < cached.mask.sum(1).tolist()[1]
+    x_t, t = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([900.0, 500.0, 100.0])
+    with torch.no_grad():
+        together = ctx.family.predict(components.unet, x_t, t, cached)
+        alone = ctx.family.predict(components.unet, x_t[2:], t[2:], cached[2:])
+    torch.testing.assert_close(together[2:], alone, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("model, flags, culprit", [
     ("tiny-flux", ["--snr-gamma", "5"], "train.snr_gamma"),
     ("tiny-sd3", ["--resolution", "72"], "data.resolution"),
@@ -248,6 +319,8 @@ def test_rpo_on_flux_pairs_share_sigma_and_noise(tiny_overrides):
     ("tiny", ["--set", "flow.loss_weighting=cosmap"], "flow.loss_weighting"),
     ("tiny-sd3", ["--set", "flow.guidance=3.5"], "flow.guidance"),  # SD3 has no embedded guidance
     ("tiny-flux2", ["--set", "adapter.train_text_encoder=true"], "adapter.train_text_encoder"),  # Qwen3 stays frozen
+    ("tiny-zimage", ["--set", "adapter.train_text_encoder=true"], "adapter.train_text_encoder"),  # here too
+    ("tiny-zimage", ["--set", "flow.guidance=3.5"], "flow.guidance"),  # no embedded guidance
 ])
 def test_a_setting_of_the_other_family_is_refused_by_name(tmp_path, subject_dir, capsys, model, flags, culprit):
     from rewardbooth.cli import main
@@ -307,18 +380,24 @@ def test_the_library_refuses_a_setting_of_the_other_family_too(tmp_path, tiny_ov
 
 
 def test_flow_models_sample_at_their_familys_guidance_unless_told(tmp_path, tiny_overrides):
-    """FLUX.1-dev and SD3.5 are sampled at guidance 3.5, FLUX.2 [klein] base at 4 (not SD's 7.5), wherever the
-    user leaves it unset; a folder (not only a preset name) gets it."""
+    """FLUX.1-dev and SD3.5 are sampled at guidance 3.5, FLUX.2 [klein] base at 4, Z-Image-Turbo at 0 in 8 steps, Z-Image
+    base (its scheduler's shift 6) at 5 in 50 (not SD's 7.5), wherever the user leaves it unset; a folder (not only a preset
+    name) gets it."""
     import shutil
 
     from rewardbooth.models.presets import find_preset
 
-    expected = {"tiny-flux": 3.5, "tiny-sd3": 3.5, "tiny-flux2": 4.0, "tiny": 7.5}
+    expected = {"tiny-flux": 3.5, "tiny-sd3": 3.5, "tiny-flux2": 4.0, "tiny-zimage": 0.0, "tiny": 7.5}
     for model, guidance in expected.items():
         folder = tmp_path / model
         shutil.copytree(find_preset(model).path(), folder)
         cfg = load_config(overrides={"model.name": str(folder)})
         assert (cfg.validation.guidance_scale, cfg.prior.generation_guidance, cfg.rpo.negative_guidance) == (guidance,) * 3, model
+    assert load_config(overrides={"model.name": str(tmp_path / "tiny-zimage")}).validation.steps == 8
+    scheduler = tmp_path / "tiny-zimage" / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "shift": 6.0}))  # as Z-Image base ships it
+    base = load_config(overrides={"model.name": str(tmp_path / "tiny-zimage")})
+    assert (base.validation.guidance_scale, base.validation.steps) == (5.0, 50)
     told = load_config(overrides={"model.name": str(tmp_path / "tiny-flux"), "validation.guidance_scale": 5.0})
     assert told.validation.guidance_scale == 5.0 and told.prior.generation_guidance == 3.5
 

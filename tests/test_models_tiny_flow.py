@@ -8,7 +8,8 @@ import torch
 
 from rewardbooth.models.tiny_flow import FLOW_PRESETS, build_flow_component, build_flow_pipeline, flow_configs, flow_model_path
 
-PIPELINES = {"tiny-flux": "FluxPipeline", "tiny-sd3": "StableDiffusion3Pipeline", "tiny-flux2": "Flux2KleinPipeline"}
+PIPELINES = {"tiny-flux": "FluxPipeline", "tiny-sd3": "StableDiffusion3Pipeline", "tiny-flux2": "Flux2KleinPipeline",
+             "tiny-zimage": "ZImagePipeline"}
 # What each family's real checkpoint has: FLUX.1-dev's guidance embedding and resolution-dependent shift,
 # SD3's fixed shift, the VAEs' latent channels and statistics.
 FAMILY_CONFIG = {
@@ -19,6 +20,10 @@ FAMILY_CONFIG = {
     # FLUX.2 [klein] base: no guidance embedding (real CFG), the 32-channel batch-normalised VAE.
     "tiny-flux2": {"transformer.guidance_embeds": False, "scheduler.use_dynamic_shifting": True, "vae.latent_channels": 32,
                    "transformer.in_channels": 128},
+    # Z-Image-Turbo: FLUX.1's VAE, a fixed scheduler shift of 3, the text encoder's width as the caption width.
+    "tiny-zimage": {"scheduler.use_dynamic_shifting": False, "scheduler.shift": 3.0, "vae.latent_channels": 16,
+                    "vae.scaling_factor": 0.3611, "vae.shift_factor": 0.1159, "transformer.cap_feat_dim": 16,
+                    "text_encoder.hidden_size": 16},
 }
 
 
@@ -97,8 +102,9 @@ def test_real_size_presets_are_configs_only():
 @pytest.mark.parametrize("name, transformer_params, encoder_params", [
     ("flux2-klein-random", (3.8e9, 4.0e9), (3.9e9, 4.1e9)),  # klein base 4B + Qwen3-4B
     ("flux2-klein-9b-random", (8.9e9, 9.2e9), (7.9e9, 8.3e9)),  # klein base 9B + Qwen3-8B
+    ("zimage-random", (6.1e9, 6.2e9), (4.0e9, 4.1e9)),  # Z-Image 6B + Qwen3-4B without its LM head (tied anyway)
 ])
-def test_flux2_klein_real_sizes(name, transformer_params, encoder_params):
+def test_flux2_klein_and_zimage_real_sizes(name, transformer_params, encoder_params):
     configs = flow_configs(name)
     with torch.device("meta"):
         sizes = [sum(p.numel() for p in build_flow_component(configs[c]).parameters()) for c in ("transformer", "text_encoder")]

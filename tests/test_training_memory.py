@@ -20,6 +20,9 @@ SETUPS = {
     "dpg-feature-critic": {"train.method": "dpg", "dpg.reward": "dino", "dpg.critic_input": "features"},
     "dpg-direct-text-encoder": {"train.method": "dpg", "dpg.reward": "dino", "dpg.actor": "direct",
                                 "adapter.train_text_encoder": True},
+    # Z-Image's step sees its prompts' own tokens: both default prompts with the chat template, padded to 64 inside the
+    # transformer (tiny-zimage's tokens are bytes), the estimate's prompt length.
+    "zimage-dreambooth-lora": {"model.name": "tiny-zimage", "data.resolution": 64, "train.method": "dreambooth"},
 }
 
 

@@ -13,6 +13,8 @@ the scale the transformers and the DPG timestep weightings use.
 from __future__ import annotations
 
 import math
+import re
+
 import torch
 
 from rewardbooth import diffusion, flow
@@ -366,6 +368,68 @@ class Flux2Family(FlowFamily):
         return TextConditioning(torch.zeros(batch, self.max_sequence_length, width, dtype=dtype, device=device))
 
 
+# Z-Image's repeated blocks (the main layers and the image and text streams' refiners) and its attention modules.
+_ZIMAGE_BLOCK = re.compile(r"^(?:layers|noise_refiner|context_refiner)\.\d+\.(?P<inner>.+)$")
+_ZIMAGE_ATTENTION = re.compile(r"(?:^|\.)attention\.")
+
+
+class ZImageFamily(FlowFamily):
+    """Z-Image (Turbo, base): a single-stream transformer over FLUX.1's VAE latents (16 channels, shifted
+    and scaled: the model space is the VAE's; its 2x2 patches are made inside), conditioned on one Qwen3
+    hidden state (the second-to-last layer) of the chat-templated prompt, each prompt's padding dropped
+    (`TextConditioning.mask`); no pooled vector, no guidance embedding (Turbo samples without CFG, base
+    with real CFG). The transformer takes the time as 1 - sigma and predicts x0 - eps, the velocity's
+    negative (ZImagePipeline negates it): `predict` turns both into this interface's convention."""
+
+    name = "zimage"
+    max_sequence_length = 512  # Qwen3 tokens a prompt is truncated to, as ZImagePipeline encodes them
+    probe_tokens = 64  # text tokens of the memory estimate's forward: a long DreamBooth prompt with its chat template
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.components.unet.config.cap_feat_dim)
+
+    def predict(self, denoiser, noisy, timesteps, text) -> torch.Tensor:
+        hidden = list(text.hidden) if text.mask is None else [h[m] for h, m in zip(text.hidden, text.mask)]
+        images = list(noisy.unsqueeze(2).unbind(0))  # one (C, frames = 1, H, W) latent per image, as the pipeline passes them
+        time = 1 - self.sigmas(timesteps)  # float32 in any precision, as the pipeline passes it
+        out = denoiser(images, time, hidden, return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)
+
+    def encode_prompts(self, encoders, prompts, resolution) -> TextConditioning:
+        pipe = self._prompt_pipeline(encoders)
+        # a copy: the pipeline writes the chat-templated prompts into the list it is given
+        per_prompt, _ = pipe.encode_prompt(list(prompts), device=self.components.unet.device, do_classifier_free_guidance=False,
+                                           max_sequence_length=self.max_sequence_length)
+        first = per_prompt[0]
+        hidden = first.new_zeros(len(per_prompt), self.max_sequence_length, first.shape[-1])
+        mask = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=first.device)
+        for i, tokens in enumerate(per_prompt):  # fixed width, so cached prompts stack into any batch
+            hidden[i, : len(tokens)], mask[i, : len(tokens)] = tokens, True
+        return TextConditioning(hidden, mask=mask)
+
+    def dummy_conditioning(self, batch, dtype, device) -> TextConditioning:
+        return TextConditioning(torch.zeros(batch, self.probe_tokens, self.text_dim, dtype=dtype, device=device))
+
+    def probe(self, denoiser, batch, latent_size, dtype, device):
+        """The forward on fake tensors; the rotary table the transformer caches on first use is put back afterwards,
+        so no fake tensor stays behind in it for the real steps."""
+        run, rope = super().probe(denoiser, batch, latent_size, dtype, device), self.components.unet.rope_embedder
+
+        def run_keeping_the_rotary_cache():
+            cached = rope.freqs_cis
+            try:
+                return run()
+            finally:
+                rope.freqs_cis = cached
+
+        return run_keeping_the_rotary_cache
+
+    def lora_targets(self, preset) -> list[str]:
+        return block_linear_targets(self.components.unet, attention_only=preset == "attention", block=_ZIMAGE_BLOCK,
+                                    attention=_ZIMAGE_ATTENTION)
+
+
 class SD3Family(FlowFamily):
     """SD3 / SD3.5: a velocity-predicting MMDiT over 16-channel latents (patches made inside), two CLIP
     encoders' pooled outputs and their hidden states joined with T5's; a fixed scheduler shift."""
@@ -420,7 +484,9 @@ def initial_latents(pipe, generators: list[torch.Generator], resolution: int | N
     in the layout the pipeline takes (FLUX.1: 2x2-packed tokens; FLUX.2: its 2x2-patchified 128-channel
     latents); and the image side in pixels."""
     denoiser = pipeline_denoiser(pipe)
-    side = resolution or (getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size) * pipe.vae_scale_factor
+    # ZImagePipeline names no default size anywhere but in its __call__ (1024 px, FLUX.1's 128 latents)
+    default = getattr(pipe, "default_sample_size", None) or denoiser.config.get("sample_size") or 128
+    side = resolution or default * pipe.vae_scale_factor
     patchified = type(pipe).__name__.startswith("Flux2")
     scale = pipe.vae_scale_factor * (2 if patchified else 1)
     channels = pipe.vae.config.latent_channels * (4 if patchified else 1)

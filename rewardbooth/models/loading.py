@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from rewardbooth.errors import ConfigError
-from rewardbooth.models.family import Flux2Family, FluxFamily, SD3Family, UNetFamily
+from rewardbooth.models.family import Flux2Family, FluxFamily, SD3Family, UNetFamily, ZImageFamily
 from rewardbooth.models.presets import find_preset, preset_names
 from rewardbooth.models.tiny import TINY_PRESETS, build_tiny_pipeline
 from rewardbooth.models.tiny_flow import FLOW_PRESETS, build_flow_pipeline
@@ -28,14 +28,16 @@ from rewardbooth.models.tiny_flow import FLOW_PRESETS, build_flow_pipeline
 
 SD_PIPELINE, SDXL_PIPELINE = "StableDiffusionPipeline", "StableDiffusionXLPipeline"
 FLUX_PIPELINE, SD3_PIPELINE, FLUX2_PIPELINE = "FluxPipeline", "StableDiffusion3Pipeline", "Flux2KleinPipeline"
+ZIMAGE_PIPELINE = "ZImagePipeline"
 # Flow-matching transformers, by pipeline class
-FLOW_FAMILIES = {FLUX_PIPELINE: FluxFamily, SD3_PIPELINE: SD3Family, FLUX2_PIPELINE: Flux2Family}
+FLOW_FAMILIES = {FLUX_PIPELINE: FluxFamily, SD3_PIPELINE: SD3Family, FLUX2_PIPELINE: Flux2Family, ZIMAGE_PIPELINE: ZImageFamily}
 FLOW_PIPELINES = tuple(FLOW_FAMILIES)
 # How many of a pipeline's text encoders (a prefix) adapter.train_text_encoder trains: the CLIP ones; T5 and
-# FLUX.2's Qwen3 stay frozen (language models: large, and their cached embeddings serve every step). U-Nets: all (SDXL: 2).
-TRAINABLE_TEXT_ENCODERS = {FLUX_PIPELINE: 1, SD3_PIPELINE: 2, FLUX2_PIPELINE: 0}
+# FLUX.2's and Z-Image's Qwen3 stay frozen (language models: large, and their cached embeddings serve every step).
+# U-Nets: all (SDXL: 2).
+TRAINABLE_TEXT_ENCODERS = {FLUX_PIPELINE: 1, SD3_PIPELINE: 2, FLUX2_PIPELINE: 0, ZIMAGE_PIPELINE: 0}
 SUPPORTED_PIPELINES = (SD_PIPELINE, SDXL_PIPELINE, *FLOW_PIPELINES)
-FLUX_SAMPLE_SIZE = 128  # FluxPipeline's and Flux2KleinPipeline's default latent side: 1024 px with their 8x VAE
+FLUX_SAMPLE_SIZE = 128  # FluxPipeline's, Flux2KleinPipeline's and ZImagePipeline's default latent side: 1024 px with their 8x VAE
 
 
 @dataclass
@@ -138,7 +140,7 @@ def resolve_model_path(name: str) -> str:
             raise ConfigError(f"model folder {local} has no model_index.json (expected a diffusers pipeline folder)")
         pipeline_class = json.loads((local / "model_index.json").read_text()).get("_class_name", "")
         if pipeline_class not in SUPPORTED_PIPELINES:
-            raise ConfigError(f"model {name} is a {pipeline_class}; supported: {', '.join(SUPPORTED_PIPELINES)} (SD 1.x / 2.x, SDXL, FLUX.1, SD3 / SD3.5, FLUX.2 [klein])")
+            raise ConfigError(f"model {name} is a {pipeline_class}; supported: {', '.join(SUPPORTED_PIPELINES)} (SD 1.x / 2.x, SDXL, FLUX.1, SD3 / SD3.5, FLUX.2 [klein], Z-Image)")
         return str(local)
     if name.count("/") != 1 or name.startswith(("/", ".", "~")):
         raise ConfigError(f"model {name!r} is neither an existing folder, a hub id (owner/name) nor a preset ({', '.join(preset_names())})")
@@ -224,7 +226,8 @@ def _other_vae(source: str, dtype: torch.dtype | None, base: str, revision: str 
 
 def _load_flow(name: str, path: str, pipeline_class: str, revision: str | None, variant: str | None,
                dtype: torch.dtype | None, **parts) -> Components:
-    """FLUX.1, SD3, FLUX.2 [klein]: the pipeline's own from_pretrained (transformer, VAE, text encoders, flow-matching scheduler).
+    """FLUX.1, SD3, FLUX.2 [klein], Z-Image: the pipeline's own from_pretrained (transformer, VAE, text encoders, flow-matching
+    scheduler).
 
     `parts`: components loaded elsewhere (a single file's transformer), not read from `path`."""
     import diffusers
@@ -395,8 +398,11 @@ def read_model_config(name: str, revision: str | None, file: str) -> dict:
 
 
 def native_side(pipeline_class: str, denoiser_config) -> int:
-    """The denoiser's native latent side (VAE latents): its sample_size (U-Nets, SD3), the pipeline's default for FLUX.1 / FLUX.2."""
-    return FLUX_SAMPLE_SIZE if pipeline_class in (FLUX_PIPELINE, FLUX2_PIPELINE) else int(denoiser_config["sample_size"])
+    """The denoiser's native latent side (VAE latents): its sample_size (U-Nets, SD3), the pipeline's default for FLUX.1 /
+    FLUX.2 / Z-Image."""
+    if pipeline_class in (FLUX_PIPELINE, FLUX2_PIPELINE, ZIMAGE_PIPELINE):
+        return FLUX_SAMPLE_SIZE
+    return int(denoiser_config["sample_size"])
 
 
 def denoiser_folder(pipeline_class: str) -> str:

@@ -18,14 +18,16 @@ _ATTENTION = re.compile(r"(?:^|\.)attn\d?\.")
 TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")  # pipeline folder (and LoRA key prefix) of each encoder
 
 
-def block_linear_targets(denoiser: torch.nn.Module, attention_only: bool) -> list[str]:
+def block_linear_targets(denoiser: torch.nn.Module, attention_only: bool, block: re.Pattern = _IN_BLOCK,
+                         attention: re.Pattern = _ATTENTION) -> list[str]:
     """peft target names for the linear layers inside the denoiser's repeated blocks (all of them, or
     only the attention projections `attn.*`): their paths inside a block when those name exactly the
-    chosen modules (peft matches by suffix), else the full paths."""
+    chosen modules (peft matches by suffix), else the full paths. `block` and `attention`: a model whose
+    blocks or attention modules are named otherwise (Z-Image's `layers.N`, `attention`)."""
     chosen, inner = set(), set()
     for name, module in denoiser.named_modules():
-        match = _IN_BLOCK.match(name)
-        if isinstance(module, torch.nn.Linear) and match and (not attention_only or _ATTENTION.search(match["inner"])):
+        match = block.match(name)
+        if isinstance(module, torch.nn.Linear) and match and (not attention_only or attention.search(match["inner"])):
             chosen.add(name)
             inner.add(match["inner"])
     by_suffix = {name for name, _ in denoiser.named_modules() if any(name == s or name.endswith("." + s) for s in inner)}

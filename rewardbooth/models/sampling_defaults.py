@@ -4,7 +4,9 @@ The config's sampler defaults (25 steps, guidance 7.5) are Stable Diffusion's. F
 their own: FLUX.1-dev is guidance-distilled and samples at an embedded guidance of about 3.5 (its
 model card; schnell: 4 steps, no guidance), SD3.5 at 28 steps and guidance 3.5 (the Large model
 card), FLUX.2 [klein] base at 50 steps and classifier-free guidance 4 (its pipeline's defaults; the
-step-distilled klein at 4 steps, guidance 1). These apply only to settings the user leaves unset.
+step-distilled klein at 4 steps, guidance 1), Z-Image-Turbo at 8 steps and guidance 0 (distilled: no CFG; the
+pipeline's example), Z-Image base at ZImagePipeline's defaults, 50 steps and guidance 5 (its CFG adds
+guidance x (cond - uncond) to the conditional prediction: 0 is off). These apply only to settings the user leaves unset.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from rewardbooth.errors import ConfigError
-from rewardbooth.models.loading import FLUX2_PIPELINE, FLUX_PIPELINE, SD3_PIPELINE, read_model_config
+from rewardbooth.models.loading import FLUX2_PIPELINE, FLUX_PIPELINE, SD3_PIPELINE, ZIMAGE_PIPELINE, read_model_config
 
 SAMPLER_KEYS = {  # (steps, guidance) -> every setting that samples from the base or trained model
     "steps": ("validation.steps", "prior.generation_steps", "rpo.negative_steps"),
@@ -32,7 +34,15 @@ def family_sampler(model: str, revision: str | None = None) -> tuple[int, float]
     if pipeline_class == FLUX2_PIPELINE:
         step_distilled = index.get("is_distilled", False)
         return (4, 1.0) if step_distilled else (50, 4.0)
+    if pipeline_class == ZIMAGE_PIPELINE:
+        return (8, 0.0) if zimage_turbo(read_model_config(model, revision, "scheduler/scheduler_config.json")) else (50, 5.0)
     return None
+
+
+def zimage_turbo(scheduler_config: dict) -> bool:
+    """Whether a Z-Image checkpoint is Turbo (distilled: few steps, no CFG), told by its scheduler's shift: Turbo ships
+    3.0, the base model 6.0 (one transformer architecture for both; model_index.json has no flag for it)."""
+    return float(scheduler_config.get("shift", 1.0)) < 4.5
 
 
 def family_sampling_defaults(model: str, revision: str | None = None) -> dict[str, Any]:

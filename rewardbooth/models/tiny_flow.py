@@ -1,10 +1,11 @@
-"""Flow-matching transformer presets (FLUX.1, SD3, FLUX.2 [klein]) with seeded random weights.
+"""Flow-matching transformer presets (FLUX.1, SD3, FLUX.2 [klein], Z-Image) with seeded random weights.
 
 Like the U-Net presets in `tiny.py`: the `tiny-*` pipelines are written once to the cache with
 `save_pretrained` and loaded back with `from_pretrained`, so every flow-matching code path runs
-offline on a CPU. `flux-random`, `sd35-random` and `flux2-klein-random` / `flux2-klein-9b-random`
-carry FLUX.1-dev's, SD3.5 Large's and FLUX.2 [klein] base 4B's / 9B's real component sizes; they are meant to be built on the meta device (`flow_configs` +
-`build_flow_component`), never written to disk here.
+offline on a CPU. `flux-random`, `sd35-random`, `flux2-klein-random` / `flux2-klein-9b-random` and `zimage-random`
+carry FLUX.1-dev's, SD3.5 Large's, FLUX.2 [klein] base 4B's / 9B's and Z-Image's (Turbo and base: one architecture) real
+component sizes; they are meant to be built on the meta device (`flow_configs` + `build_flow_component`), never written to
+disk here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ FLOW_FORMAT_VERSION = 3
 @dataclass(frozen=True)
 class FlowPreset:
     name: str
-    family: str  # "flux" (FLUX.1), "sd3" (SD3 / SD3.5) or "flux2" (FLUX.2 [klein])
+    family: str  # "flux" (FLUX.1), "sd3" (SD3 / SD3.5), "flux2" (FLUX.2 [klein]) or "zimage" (Z-Image)
     shape: str  # a key of FLOW_SHAPES
     seed: int = 0
 
@@ -42,13 +43,17 @@ FLOW_PRESETS = {
     # FLUX.2 [klein] base's classes at toy sizes: a Qwen3 text encoder (read at layers 9, 18, 27, so 27
     # thin layers), the 32-channel batch-normalised VAE, no guidance embedding (base klein uses real CFG).
     "tiny-flux2": FlowPreset("tiny-flux2", "flux2", "tiny-flux2"),
+    # Z-Image-Turbo's classes at toy sizes: the single-stream transformer with its refiners, a Qwen3 text encoder
+    # (read at its second-to-last layer), FLUX.1's VAE, Turbo's fixed scheduler shift 3 (base: 6).
+    "tiny-zimage": FlowPreset("tiny-zimage", "zimage", "tiny-zimage"),
     # Real layer sizes, for the meta device only: FLUX.1-dev (12B transformer + T5-XXL), SD3.5 Large (8B) and Medium (2.5B),
-    # FLUX.2 [klein] base 4B (Qwen3-4B) and 9B (Qwen3-8B).
+    # FLUX.2 [klein] base 4B (Qwen3-4B) and 9B (Qwen3-8B), Z-Image 6B (Qwen3-4B).
     "flux-random": FlowPreset("flux-random", "flux", "flux1-dev"),
     "sd35-random": FlowPreset("sd35-random", "sd3", "sd35-large"),
     "sd35-medium-random": FlowPreset("sd35-medium-random", "sd3", "sd35-medium"),
     "flux2-klein-random": FlowPreset("flux2-klein-random", "flux2", "flux2-klein-4b"),
     "flux2-klein-9b-random": FlowPreset("flux2-klein-9b-random", "flux2", "flux2-klein-9b"),
+    "zimage-random": FlowPreset("zimage-random", "zimage", "zimage-6b"),
 }
 
 # Text encoder sizes. CLIP in tiny.py's keys (clip_text_config); T5 as its config keyword arguments.
@@ -61,6 +66,7 @@ _QWEN3_TINY = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=27, n
 _QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                  head_dim=128, max_position_embeddings=40960, vocab_size=151936, tie_word_embeddings=True)
 _QWEN3_8B = dict(_QWEN3_4B, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)
+_QWEN3_TINY_2 = dict(_QWEN3_TINY, num_hidden_layers=2)  # Z-Image reads one hidden state, the second-to-last
 _T5_TINY = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2)
 _T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, num_decoder_layers=24, vocab_size=32128)
 # VAE sizes in tiny.py's keys (vae_config). Four levels, as the real ones: 8x down-sampling.
@@ -113,6 +119,18 @@ FLOW_SHAPES = {
                          num_attention_heads=32, joint_attention_dim=3 * 4096, timestep_guidance_channels=256, mlp_ratio=3.0,
                          axes_dims_rope=(32, 32, 32, 32), guidance_embeds=False),
         vae=_VAE_REAL, encoders=(_QWEN3_8B,)),
+    # Z-Image: head width = sum(axes_dims); cap_feat_dim = the Qwen3 width; axes_lens[0] holds 512 caption tokens (and
+    # the image tokens placed after them), as the real model's.
+    "tiny-zimage": dict(
+        transformer=dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
+                         n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0,
+                         t_scale=1000.0, axes_dims=(8, 4, 4), axes_lens=(1536, 512, 512)),
+        vae=_VAE_TINY, encoders=(_QWEN3_TINY_2,)),
+    "zimage-6b": dict(
+        transformer=dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+                         n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
+                         t_scale=1000.0, axes_dims=(32, 48, 48), axes_lens=(1536, 512, 512)),
+        vae=_VAE_REAL, encoders=(_QWEN3_4B,)),
 }
 
 _FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -138,6 +156,12 @@ FAMILIES = {
                            batch_norm_momentum=0.1, patch_size=(2, 2)),
                   encoders=(("text_encoder", "Qwen3ForCausalLM"),),
                   scheduler=_FLUX_SCHEDULER),
+    # Z-Image: FLUX.1's VAE; Qwen3 loaded as Qwen3Model (no LM head), as Z-Image's model_index.json names it; the
+    # scheduler as Z-Image-Turbo ships it (fixed shift 3, no resolution-dependent shift).
+    "zimage": dict(pipeline="ZImagePipeline", transformer="ZImageTransformer2DModel",
+                   vae=dict(_NO_QUANT_VAE, scaling_factor=0.3611, shift_factor=0.1159),
+                   encoders=(("text_encoder", "Qwen3Model"),),
+                   scheduler=dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)),
 }
 
 
@@ -235,7 +259,8 @@ def _t5_vocab() -> list[tuple[str, float]]:
 
 # Qwen's control tokens after the 256 byte-level characters (no merges: one token per byte).
 _QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
-# Qwen3's chat layout, with its `enable_thinking=False` empty thinking block (as Flux2KleinPipeline asks for).
+# Qwen3's chat layout, with its `enable_thinking=False` empty thinking block (as Flux2KleinPipeline asks for; ZImagePipeline
+# asks for enable_thinking=True: no block).
 _QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
@@ -250,7 +275,7 @@ def _qwen_vocab() -> dict[str, int]:
 
 def _qwen_tokenizer():
     """A byte-level BPE tokenizer with Qwen's control tokens and chat template, in Qwen2TokenizerFast
-    (the class FLUX.2 [klein]'s pipeline names)."""
+    (the class FLUX.2 [klein]'s pipeline names; Z-Image's names its slow twin)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import Qwen2TokenizerFast
 
