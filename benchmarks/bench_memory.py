@@ -68,7 +68,8 @@ SHARDED_SETUP = {"adapter.kind": "full", "train.mixed_precision": "bf16", "train
 SHARDED_PROCESSES = (1, 2, 4, 8)  # 1: one card, unsharded, for comparison
 SHARDED_CARDS = (24, 48, 80)
 FLOW_LABELS = {"flux-random": "FLUX.1-dev", "sd35-random": "SD3.5 Large", "sd35-medium-random": "SD3.5 Medium",
-               "flux2-klein-random": "FLUX.2 [klein] 4B", "flux2-klein-9b-random": "FLUX.2 [klein] 9B", "zimage-random": "Z-Image 6B"}
+               "flux2-klein-random": "FLUX.2 [klein] 4B", "flux2-klein-9b-random": "FLUX.2 [klein] 9B", "zimage-random": "Z-Image 6B",
+               "qwenimage-random": "Qwen-Image 20B"}
 
 
 def common_settings(method: str) -> dict:

@@ -1,6 +1,6 @@
 """GPU check: s/step, peak memory beside the estimate, and achieved TFLOP/s of every method, and
 sampling images/s, on random-weight models at real sizes: SD 1.5 and SDXL at native size, FLUX.1-dev
-and SD3.5 Large at 1024 px (on a bf16 and on an int8 base), FLUX.2 [klein] base 4B and Z-Image (6B) at 1024 px, all in
+and SD3.5 Large at 1024 px (on a bf16 and on an int8 base), FLUX.2 [klein] base 4B, Z-Image (6B) and Qwen-Image (20B) at 1024 px, all in
 bf16 with LoRA.
 
     bash benchmarks/gpu_check.sh                        # on one GPU (U-Nets under 8 minutes; the flow models not timed yet)
@@ -8,7 +8,7 @@ bf16 with LoRA.
     bash benchmarks/gpu_check.sh --dry-run              # on a CPU: every path once, on tiny, tiny-sdxl and the tiny flow presets
 
 The models are built with random weights directly on the device (the real layer sizes of
-`sd15-random`, `sdxl-random`, `flux-random`, `sd35-random`, `flux2-klein-random` and `zimage-random`: nothing to download, nothing written
+`sd15-random`, `sdxl-random`, `flux-random`, `sd35-random`, `flux2-klein-random`, `zimage-random` and `qwenimage-random`: nothing to download, nothing written
 to disk) and handed to the real trainer, which trains each method a few steps through the same loop
 users run (and quantizes the frozen base for `*-int8`). Judges are the offline `tiny` encoders (only
 RPO scores anything, once, before training). The flow models train with gradient checkpointing
@@ -38,11 +38,12 @@ import torch
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0,
                     "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
 FULL = {"sd15": "sd15-random", "sdxl": "sdxl-random", "flux": "flux-random", "sd35": "sd35-random", "klein": "flux2-klein-random",
-        "zimage": "zimage-random"}
-DRY = {"sd15": "tiny", "sdxl": "tiny-sdxl", "flux": "tiny-flux", "sd35": "tiny-sd3", "klein": "tiny-flux2", "zimage": "tiny-zimage"}
-FLOW = {"flux", "sd35", "klein", "zimage"}  # trained at FLOW_PX with gradient checkpointing; "<key>-int8" on an int8 base
+        "zimage": "zimage-random", "qwenimage": "qwenimage-random"}
+DRY = {"sd15": "tiny", "sdxl": "tiny-sdxl", "flux": "tiny-flux", "sd35": "tiny-sd3", "klein": "tiny-flux2", "zimage": "tiny-zimage",
+       "qwenimage": "tiny-qwenimage"}
+FLOW = {"flux", "sd35", "klein", "zimage", "qwenimage"}  # trained at FLOW_PX with gradient checkpointing; "<key>-int8" on an int8 base
 FLOW_PX, DRY_FLOW_PX = 1024, 64
-MODELS = "sd15,sdxl,flux,flux-int8,sd35,sd35-int8,klein,zimage"
+MODELS = "sd15,sdxl,flux,flux-int8,sd35,sd35-int8,klein,zimage,qwenimage"
 METHODS = ("dreambooth", "rpo", "dpg")
 INT8 = "-int8"
 

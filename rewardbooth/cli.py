@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt")
     gen.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's validation steps)")
     gen.add_argument("--guidance", type=float, default=None,
-                     help="classifier-free guidance (default: the run's validation guidance: 4 for mini, 7.5 for SD, 3.5 for FLUX.1-dev and SD3.5, 4 for FLUX.2 [klein], 0 for Z-Image-Turbo, 5 for Z-Image)")
+                     help="classifier-free guidance (default: the run's validation guidance: 4 for mini, 7.5 for SD, 3.5 for FLUX.1-dev and SD3.5, 4 for FLUX.2 [klein], 0 for Z-Image-Turbo, 5 for Z-Image, 4 for Qwen-Image: its true CFG, off at 1)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=4)
     gen.add_argument("--output", help="folder for the PNGs (default RUN/generated)")

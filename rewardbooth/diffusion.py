@@ -191,11 +191,18 @@ def sample_latents(moments: torch.Tensor, scaling: float, generator: torch.Gener
 
 @torch.no_grad()
 def encode_moments(vae, pixels: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """VAE posterior moments of images in [-1, 1]; cached so the VAE runs once per image."""
+    """VAE posterior moments of images in [-1, 1]; cached so the VAE runs once per image. A video VAE (Qwen-Image's)
+    gets each image as one frame, (B, 3, 1, H, W), and gives moments with that frame axis: the family's latent map drops it."""
     out = []
     for chunk in pixels.split(batch_size):
+        chunk = chunk.unsqueeze(2) if is_video_vae(vae) else chunk
         out.append(vae.encode(chunk.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters)
     return torch.cat(out)
+
+
+def is_video_vae(vae) -> bool:
+    """Whether a VAE takes and gives (B, C, frames, H, W) (diffusers' Wan-style video VAEs, Qwen-Image's among them)."""
+    return "temperal_downsample" in vae.config
 
 
 def dummy_conditioning(unet, batch: int, dtype: torch.dtype, device) -> TextConditioning:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rewardbooth.models.family import initial_latents, pipeline_call_options
+from rewardbooth.models.family import guidance_options, initial_latents, pipeline_call_options
 
 METADATA_NAME = "metadata.jsonl"  # one {"file", "prompt", "seed"} per generated image
 
@@ -48,10 +48,10 @@ def generate(pipe, prompts: list[str], images_per_prompt: int, settings: SampleS
             chunk = jobs[start : start + settings.batch_size]
             generators = [torch.Generator(device="cpu").manual_seed(settings.seed + k) for _, k in chunk]
             latents, side = initial_latents(pipe, generators, settings.resolution)
-            negative = {"negative_prompt": [settings.negative_prompt] * len(chunk)} if settings.negative_prompt else {}
+            guidance = guidance_options(pipe, settings.guidance_scale, settings.negative_prompt, len(chunk))
             with torch.no_grad():
                 out = pipe(prompt=[prompts[j] for j, _ in chunk], num_inference_steps=settings.steps,
-                           guidance_scale=settings.guidance_scale, latents=latents, height=side, width=side, **negative,
+                           latents=latents, height=side, width=side, **guidance,
                            **pipeline_call_options(pipe)).images
             for (j, k), image in zip(chunk, out):
                 results[j][k] = image

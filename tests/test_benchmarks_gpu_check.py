@@ -27,7 +27,8 @@ def test_dry_run_trains_every_method_on_every_shape_and_base_and_samples(tmp_pat
     flows = {(m, base, k) for m in ("tiny-flux", "tiny-sd3") for base in ("fp32", "int8") for k in methods}
     klein = {("tiny-flux2", "fp32", k) for k in methods}  # FLUX.2 [klein] 4B: bf16 only (8.9 GiB estimated with checkpointing)
     zimage = {("tiny-zimage", "fp32", k) for k in methods}  # Z-Image 6B: bf16 only too
-    assert set(rows) == unets | flows | klein | zimage
+    qwenimage = {("tiny-qwenimage", "fp32", k) for k in methods}  # Qwen-Image 20B: bf16 only too
+    assert set(rows) == unets | flows | klein | zimage | qwenimage
     for row in rows.values():
         assert row["s_per_step"] > 0 and row["peak_gib"] > 0 and row["tflop_per_step"] > 0 and row["estimate_gib"] > 0
     # RPO's step: the same denoiser batch as DreamBooth's (reference + negative) plus the frozen reference's forward.

@@ -378,8 +378,9 @@ def _model_index_run(root: Path, subject_dir: Path, pipeline_class: str) -> Path
     return root
 
 
-@pytest.mark.parametrize("pipeline_class", ["StableDiffusion3Pipeline", "Flux2KleinPipeline", "ZImagePipeline"])
-def test_kohya_export_is_refused_for_sd3_flux2_and_zimage_by_name(subject_dir, tmp_path, capsys, pipeline_class):
+@pytest.mark.parametrize("pipeline_class", ["StableDiffusion3Pipeline", "Flux2KleinPipeline", "ZImagePipeline",
+                                            "QwenImagePipeline"])
+def test_kohya_export_is_refused_for_sd3_flux2_zimage_and_qwenimage_by_name(subject_dir, tmp_path, capsys, pipeline_class):
     from rewardbooth.cli import main
 
     run = _model_index_run(tmp_path, subject_dir, pipeline_class) / "run"

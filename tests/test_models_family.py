@@ -32,7 +32,7 @@ def _family(components, **flow):
     return components.family(FlowConfig(**flow))
 
 
-FLOW_MODELS = ["tiny-flux", "tiny-sd3", "tiny-flux2", "tiny-zimage"]
+FLOW_MODELS = ["tiny-flux", "tiny-sd3", "tiny-flux2", "tiny-zimage", "tiny-qwenimage"]
 
 
 @pytest.mark.parametrize("model", FLOW_MODELS)
@@ -62,8 +62,13 @@ def test_predict_calls_the_transformer_as_the_sampling_pipeline_does(model):
     """One pipeline step and family.predict on the same x_t, sigma and prompt give the same velocity:
     latent layout (FLUX.1's 2x2 packing, FLUX.2's patchified tokens), position ids, timestep scale,
     guidance embedding and text conditioning are the pipeline's. Z-Image: the velocity its sampler steps
-    with (the pipeline turns the transformer's time and sign around), at both steps of the call."""
-    from rewardbooth.models.family import initial_latents
+    with (the pipeline turns the transformer's time and sign around), at both steps of the call. Qwen-Image: its 2x2
+    packing, s = t / 1000, its unnegated output, the prompt with the template's prefix dropped and the image-size
+    argument, and the training shift is exp(mu) of the pipeline's own mu at this token count."""
+    import functools
+    import math
+
+    from rewardbooth.models.family import guidance_options, initial_latents
     from rewardbooth.models.loading import make_pipeline
 
     components = load_components(model)
@@ -71,14 +76,19 @@ def test_predict_calls_the_transformer_as_the_sampling_pipeline_does(model):
     pipe = make_pipeline(components)
     calls, steps = [], []
     hook = components.unet.register_forward_hook(lambda m, args, kwargs, out: calls.append(out[0]), with_kwargs=True)
-    zimage = model == "tiny-zimage"
+    zimage, qwenimage, mus = model == "tiny-zimage", model == "tiny-qwenimage", []
+    if qwenimage:
+        real_set_timesteps = pipe.scheduler.set_timesteps
+        pipe.scheduler.set_timesteps = functools.wraps(real_set_timesteps)(  # wrapped: the pipeline reads its signature
+            lambda *a, **kw: mus.append(kw["mu"]) or real_set_timesteps(*a, **kw))
     if zimage:
         real_step = pipe.scheduler.step
         pipe.scheduler.step = lambda velocity, t, x_t, **kw: steps.append((velocity, x_t)) or real_step(velocity, t, x_t, **kw)
     latents, side = initial_latents(pipe, [torch.Generator().manual_seed(0)], 64)
     guidance = 0.0 if zimage else 1.0  # no CFG: Z-Image's guidance is added to the conditional prediction (0 is off)
     with torch.no_grad():
-        pipe(prompt=["a sks toy"], num_inference_steps=2, guidance_scale=guidance, latents=latents, height=side, width=side)
+        pipe(prompt=["a sks toy"], num_inference_steps=2, latents=latents, height=side, width=side,
+             **guidance_options(pipe, guidance, None, 1))
     hook.remove()
     text = family.encode_prompts(components.text_encoders, ["a sks toy"], 64)
     if zimage:
@@ -89,22 +99,81 @@ def test_predict_calls_the_transformer_as_the_sampling_pipeline_does(model):
         assert len(steps) == 2
         return
     sigma = pipe.scheduler.sigmas[:1]  # the first step's, as the call left its scheduler
-    x_t = flow.unpack_latents(latents, side // 8, side // 8, 16) if model == "tiny-flux" else latents
+    packed = model in ("tiny-flux", "tiny-qwenimage")
+    x_t = flow.unpack_latents(latents, side // 8, side // 8, 16) if packed else latents
     with torch.no_grad():
         ours = family.predict(components.unet, x_t, sigma * 1000, text)
     theirs = calls[0]
-    theirs = flow.unpack_latents(theirs, side // 8, side // 8, 16) if model == "tiny-flux" else theirs
+    assert len(calls) == 2  # one call per step: no CFG at guidance 1
+    theirs = flow.unpack_latents(theirs, side // 8, side // 8, 16) if packed else theirs
     theirs = theirs.transpose(1, 2).reshape(ours.shape) if theirs.ndim == 3 else theirs
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    if qwenimage:
+        assert math.isclose(family.shift_for(x_t), math.exp(mus[0]), rel_tol=1e-6)
+
+
+def test_qwenimage_samples_with_true_cfg_against_a_negative_prompt():
+    """Qwen-Image's guidance is QwenImagePipeline's true CFG: above 1, two transformer calls a step, the second on the
+    negative prompt (" " where none is given), at the same s = t / 1000; at 1, one call and no negative prompt."""
+    from rewardbooth.models.loading import make_pipeline
+
+    components = load_components("tiny-qwenimage")
+    family, pipe = _family(components), make_pipeline(components)
+    seen = []
+    hook = components.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs["encoder_hidden_states"], kwargs["timestep"])), with_kwargs=True)
+    for guidance, negative, calls_per_step in ((4.0, None, 2), (4.0, "blurry", 2), (1.0, None, 1)):
+        seen.clear()
+        generate(pipe, ["a sks toy"], 1, SampleSettings(steps=2, guidance_scale=guidance, negative_prompt=negative, resolution=64))
+        assert len(seen) == 2 * calls_per_step
+        if calls_per_step == 2:
+            text = family.encode_prompts(components.text_encoders, ["a sks toy", negative or " "], 64)
+            for row, (hidden, timestep) in enumerate(seen[:2]):
+                torch.testing.assert_close(hidden[0], text.hidden[row, : int(text.mask[row].sum())])
+                torch.testing.assert_close(timestep, pipe.scheduler.sigmas[:1].to(timestep))
+    hook.remove()
+
+
+def test_qwenimage_model_space_decodes_as_its_pipeline_decodes():
+    """The latents Qwen-Image's sampler ends with, unpacked and mapped by family.latents_to_vae, are what its pipeline hands
+    its video VAE: de-normalised by latents_mean / latents_std, with the frame axis (B, C, 1, H, W)."""
+    from rewardbooth.models.family import initial_latents
+    from rewardbooth.models.loading import make_pipeline
+
+    components = load_components("tiny-qwenimage")
+    family, pipe = _family(components), make_pipeline(components)
+    last, decoded = {}, []
+
+    def keep_latents(pipeline, step, timestep, tensors):
+        last["latents"] = tensors["latents"]
+        return tensors
+
+    real_decode = pipe.vae.decode
+    pipe.vae.decode = lambda z, **kw: decoded.append(z) or real_decode(z, **kw)
+    latents, side = initial_latents(pipe, [torch.Generator().manual_seed(0)], 64)
+    with torch.no_grad():
+        pipe(prompt="a sks toy", num_inference_steps=2, true_cfg_scale=1.0, latents=latents, height=side, width=side,
+             output_type="np", callback_on_step_end=keep_latents)
+    model_space = flow.unpack_latents(last["latents"], side // 8, side // 8, 16)
+    assert decoded[0].shape == (1, 16, 1, side // 8, side // 8)
+    torch.testing.assert_close(family.latents_to_vae(model_space), decoded[0])
 
 
 @pytest.mark.parametrize("model", FLOW_MODELS)
 def test_latents_go_between_the_vae_and_the_model_space_both_ways(model):
     """Cached VAE moments -> the model's latents (FLUX.1/SD3: shifted and scaled; FLUX.2: patchified and
-    batch-normalised) -> back to what the VAE decodes: the identity, at zero posterior variance."""
+    batch-normalised; Qwen-Image: normalised per channel, the video VAE's frame axis dropped) -> back to what the VAE
+    decodes: the identity, at zero posterior variance. Qwen-Image's moments come from encode_moments on real pixels."""
+    from rewardbooth import diffusion
+
     components = load_components(model)
     family = _family(components)
-    mean = torch.randn(2, components.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    video = diffusion.is_video_vae(components.vae)
+    channels = components.vae.config.z_dim if video else components.vae.config.latent_channels
+    mean = torch.randn(2, channels, *((1,) if video else ()), 8, 8, generator=torch.Generator().manual_seed(0))
+    if video:  # what the VAE gives for images: (B, 2C, frames = 1, H, W)
+        pixels = torch.rand(2, 3, 8 * components.vae_scale_factor, 8 * components.vae_scale_factor) * 2 - 1
+        assert diffusion.encode_moments(components.vae, pixels).shape == (2, 2 * channels, 1, 8, 8)
     x0 = family.latents_from_moments(torch.cat([mean, torch.full_like(mean, -60.0)], dim=1), torch.Generator().manual_seed(1))
     side = 8 * components.vae_scale_factor // family.latent_scale
     assert x0.shape == (2, family.latent_channels, side, side)
@@ -147,19 +216,21 @@ def test_native_size_is_the_pipelines_default(model):
     assert sampled == side and (model != "tiny-zimage" or latents.shape == (1, 16, 128, 128))
 
 
-def test_zimage_memory_estimate_leaves_the_transformer_as_it_found_it():
+@pytest.mark.parametrize("model", ["tiny-zimage", "tiny-qwenimage"])
+def test_memory_estimate_leaves_the_transformer_as_it_found_it(model):
     """The estimate runs the forward on fake tensors before the first step; Z-Image's transformer caches its rotary
-    table on first use, and a fake one left there would break every real step after it (or make them run on it)."""
+    table on first use (Qwen-Image's, per size and device, in functools caches), and a fake one left there would break
+    every real step after it (or make them run on it)."""
     from rewardbooth.training import memory
 
-    components = load_components("tiny-zimage")
+    components = load_components(model)
     family = components.family()
     probe = family.probe(components.unet, 2, 8, torch.float32, torch.device("cpu"))
     assert memory.estimate(resident=[components.unet], trained=list(components.unet.parameters()), probes=[probe]).activations > 0
     text = family.encode_prompts(components.text_encoders, ["a sks toy", "a toy"], 64)
     x_t, t = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0, 250.0])
     with torch.no_grad():
-        torch.testing.assert_close(family.predict(components.unet, x_t, t, text), family.predict(load_components("tiny-zimage").unet,
+        torch.testing.assert_close(family.predict(components.unet, x_t, t, text), family.predict(load_components(model).unet,
                                                                                                   x_t, t, text))
 
 
@@ -249,7 +320,7 @@ def test_every_method_resumes_exactly_on_flow_models(tmp_path, tiny_overrides, s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model, method", [("tiny-flux", "dpg"), ("tiny-sd3", "rpo"), ("tiny-flux2", "dreambooth"),
-                                           ("tiny-zimage", "dpg")])
+                                           ("tiny-zimage", "dpg"), ("tiny-qwenimage", "rpo")])
 def test_full_fine_tunes_resume_exactly_on_flow_models(tmp_path, tiny_overrides, straight_and_resumed, model, method):
     """The whole transformer trained (each family once, each method once): the same losses and weights after a resume."""
     extra = {"train.method": method, "adapter.kind": "full", "adapter.train_text_encoder": False, "train.learning_rate": 1e-4,
@@ -293,13 +364,15 @@ def test_rpo_on_flux_pairs_share_sigma_and_noise(tiny_overrides):
     torch.testing.assert_close(pair.noisy[:2], one.noisy)
 
 
-def test_zimage_prompts_keep_their_own_tokens_through_the_prompt_cache(tiny_overrides):
-    """Z-Image conditions each image on its own prompt's tokens: the mask that says which they are survives the per-prompt
-    cache that batches are stacked from, and a prompt's velocity does not depend on the longer prompts beside it."""
+@pytest.mark.parametrize("model", ["tiny-zimage", "tiny-qwenimage"])
+def test_prompts_keep_their_own_tokens_through_the_prompt_cache(tiny_overrides, model):
+    """Z-Image and Qwen-Image condition each image on its own prompt's tokens: the mask that says which they are survives
+    the per-prompt cache that batches are stacked from, and a prompt's velocity does not depend on the longer prompts
+    beside it."""
     from accelerate import Accelerator
 
-    components = load_components("tiny-zimage")
-    ctx = TrainContext(load_config(overrides=_flux_overrides(tiny_overrides, "tiny-zimage")), None, Accelerator(cpu=True),
+    components = load_components(model)
+    ctx = TrainContext(load_config(overrides=_flux_overrides(tiny_overrides, model)), None, Accelerator(cpu=True),
                        components, 64, torch.float32)
     prompts = ["a sks toy", "a sks toy on a long wooden table in the sun", "a sks toy"]
     cached, direct = ctx.encode_prompts(prompts), ctx.family.encode_prompts(components.text_encoders, prompts, 64)
@@ -321,6 +394,8 @@ def test_zimage_prompts_keep_their_own_tokens_through_the_prompt_cache(tiny_over
     ("tiny-flux2", ["--set", "adapter.train_text_encoder=true"], "adapter.train_text_encoder"),  # Qwen3 stays frozen
     ("tiny-zimage", ["--set", "adapter.train_text_encoder=true"], "adapter.train_text_encoder"),  # here too
     ("tiny-zimage", ["--set", "flow.guidance=3.5"], "flow.guidance"),  # no embedded guidance
+    ("tiny-qwenimage", ["--set", "adapter.train_text_encoder=true"], "adapter.train_text_encoder"),  # Qwen2.5-VL frozen
+    ("tiny-qwenimage", ["--set", "flow.guidance=3.5"], "flow.guidance"),  # no embedded guidance: true CFG
 ])
 def test_a_setting_of_the_other_family_is_refused_by_name(tmp_path, subject_dir, capsys, model, flags, culprit):
     from rewardbooth.cli import main
@@ -387,13 +462,14 @@ def test_flow_models_sample_at_their_familys_guidance_unless_told(tmp_path, tiny
 
     from rewardbooth.models.presets import find_preset
 
-    expected = {"tiny-flux": 3.5, "tiny-sd3": 3.5, "tiny-flux2": 4.0, "tiny-zimage": 0.0, "tiny": 7.5}
+    expected = {"tiny-flux": 3.5, "tiny-sd3": 3.5, "tiny-flux2": 4.0, "tiny-zimage": 0.0, "tiny-qwenimage": 4.0, "tiny": 7.5}
     for model, guidance in expected.items():
         folder = tmp_path / model
         shutil.copytree(find_preset(model).path(), folder)
         cfg = load_config(overrides={"model.name": str(folder)})
         assert (cfg.validation.guidance_scale, cfg.prior.generation_guidance, cfg.rpo.negative_guidance) == (guidance,) * 3, model
     assert load_config(overrides={"model.name": str(tmp_path / "tiny-zimage")}).validation.steps == 8
+    assert load_config(overrides={"model.name": str(tmp_path / "tiny-qwenimage")}).validation.steps == 50
     scheduler = tmp_path / "tiny-zimage" / "scheduler" / "scheduler_config.json"
     scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "shift": 6.0}))  # as Z-Image base ships it
     base = load_config(overrides={"model.name": str(tmp_path / "tiny-zimage")})

@@ -9,7 +9,7 @@ import torch
 from rewardbooth.models.tiny_flow import FLOW_PRESETS, build_flow_component, build_flow_pipeline, flow_configs, flow_model_path
 
 PIPELINES = {"tiny-flux": "FluxPipeline", "tiny-sd3": "StableDiffusion3Pipeline", "tiny-flux2": "Flux2KleinPipeline",
-             "tiny-zimage": "ZImagePipeline"}
+             "tiny-zimage": "ZImagePipeline", "tiny-qwenimage": "QwenImagePipeline"}
 # What each family's real checkpoint has: FLUX.1-dev's guidance embedding and resolution-dependent shift,
 # SD3's fixed shift, the VAEs' latent channels and statistics.
 FAMILY_CONFIG = {
@@ -24,6 +24,12 @@ FAMILY_CONFIG = {
     "tiny-zimage": {"scheduler.use_dynamic_shifting": False, "scheduler.shift": 3.0, "vae.latent_channels": 16,
                     "vae.scaling_factor": 0.3611, "vae.shift_factor": 0.1159, "transformer.cap_feat_dim": 16,
                     "text_encoder.hidden_size": 16},
+    # Qwen-Image: 2x2-packed 16-channel latents, no guidance embedding (true CFG), FLUX.1's dynamic shift with its own
+    # range, the video VAE's 16 latent channels and per-channel statistics, the Qwen2.5-VL width as the text width.
+    "tiny-qwenimage": {"transformer.guidance_embeds": False, "transformer.in_channels": 64, "transformer.out_channels": 16,
+                       "scheduler.use_dynamic_shifting": True, "scheduler.max_shift": 0.9, "scheduler.max_image_seq_len": 8192,
+                       "scheduler.shift_terminal": 0.02, "vae.z_dim": 16,
+                       "transformer.joint_attention_dim": 16},
 }
 
 
@@ -74,6 +80,18 @@ def test_family_configs(loaded):
         assert getattr(getattr(pipe, component).config, key) == value, field
 
 
+def test_qwenimage_template_prefix_is_the_tokens_its_pipeline_drops():
+    """QwenImagePipeline drops the first 34 tokens of its chat-templated prompt (Qwen's count for the system prompt): on the
+    tiny preset those 34 are the whole system prompt too, so the prompt's tokens and the template's tail are what remain."""
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(flow_model_path("tiny-qwenimage"))
+    prefix, rest = pipe.prompt_template_encode.split("{}")
+    assert len(pipe.tokenizer(prefix)["input_ids"]) == pipe.prompt_template_encode_start_idx == 34
+    ids = pipe.tokenizer(pipe.prompt_template_encode.format("a sks toy"))["input_ids"]
+    assert pipe.tokenizer.decode(ids[34:]) == "a sks toy" + rest
+
+
 def test_t5_tokenizer_round_trips_through_auto_tokenizer():
     from transformers import AutoTokenizer
 
@@ -103,8 +121,9 @@ def test_real_size_presets_are_configs_only():
     ("flux2-klein-random", (3.8e9, 4.0e9), (3.9e9, 4.1e9)),  # klein base 4B + Qwen3-4B
     ("flux2-klein-9b-random", (8.9e9, 9.2e9), (7.9e9, 8.3e9)),  # klein base 9B + Qwen3-8B
     ("zimage-random", (6.1e9, 6.2e9), (4.0e9, 4.1e9)),  # Z-Image 6B + Qwen3-4B without its LM head (tied anyway)
+    ("qwenimage-random", (20.4e9, 20.5e9), (8.2e9, 8.4e9)),  # Qwen-Image 20B + Qwen2.5-VL 7B (its vision tower too)
 ])
-def test_flux2_klein_and_zimage_real_sizes(name, transformer_params, encoder_params):
+def test_flux2_klein_zimage_and_qwenimage_real_sizes(name, transformer_params, encoder_params):
     configs = flow_configs(name)
     with torch.device("meta"):
         sizes = [sum(p.numel() for p in build_flow_component(configs[c]).parameters()) for c in ("transformer", "text_encoder")]

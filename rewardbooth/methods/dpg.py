@@ -44,6 +44,7 @@ def decode_latents(ctx: TrainContext, latents: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] of latents; differentiable (the VAE is frozen, not detached)."""
     vae = ctx.components.vae
     images = vae.decode(ctx.family.latents_to_vae(latents).to(vae.dtype)).sample
+    images = images[:, :, 0] if images.ndim == 5 else images  # a video VAE's one frame (Qwen-Image)
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 

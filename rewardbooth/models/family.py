@@ -16,6 +16,7 @@ import math
 import re
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from rewardbooth import diffusion, flow
 from rewardbooth.config import FlowConfig
@@ -430,6 +431,98 @@ class ZImageFamily(FlowFamily):
                                     attention=_ZIMAGE_ATTENTION)
 
 
+class QwenImageFamily(FlowFamily):
+    """Qwen-Image: a velocity-predicting double-stream MMDiT over 2x2-packed 16-channel latents (packed as FLUX.1's, the
+    time as s = t / 1000, the output the velocity itself: QwenImagePipeline steps with it unchanged), conditioned on the
+    last Qwen2.5-VL hidden state of the chat-templated prompt with the template's system prefix dropped, each prompt's
+    padding masked (`TextConditioning.mask`, passed as `encoder_hidden_states_mask`); no pooled vector, no guidance
+    embedding (real CFG: `true_cfg_scale` with a negative prompt). Its VAE is a video VAE: latents carry a frame axis
+    (B, C, 1, H, W) there and are normalised per channel by the VAE's latents_mean / latents_std; the model space is
+    (z - mean) / std without that axis, which the latent maps drop and add."""
+
+    name = "qwenimage"
+    max_sequence_length = 512  # prompt tokens after the template prefix, QwenImagePipeline's default
+    probe_tokens = 64  # text tokens of the memory estimate's forward: a long DreamBooth prompt and the template's tail
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.components.vae.config.z_dim)
+
+    def _statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.components.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1)
+        return mean.to(like), std.to(like)
+
+    def latents_from_moments(self, moments, generator) -> torch.Tensor:
+        z = diffusion.sample_latents(moments[:, :, 0], 1.0, generator)  # the video VAE's moments: (B, 2C, frames = 1, H, W)
+        mean, std = self._statistics(z)
+        return (z - mean) / std
+
+    def latents_to_vae(self, latents) -> torch.Tensor:
+        mean, std = self._statistics(latents)
+        return (latents * std + mean).unsqueeze(2)  # the frame axis the video VAE decodes
+
+    def predict(self, denoiser, noisy, timesteps, text) -> torch.Tensor:
+        b, c, h, w = noisy.shape
+        hidden, mask = text.hidden, text.mask
+        if mask is not None and not isinstance(mask, FakeTensor):  # fake: the estimate's dummy prompts, their padding kept
+            longest = int(mask.sum(1).max())  # the batch's longest prompt; past it every row is padding
+            hidden, mask = hidden[:, :longest], mask[:, :longest]
+            mask = None if bool(mask.all()) else mask  # as the pipeline passes a batch without padding
+        out = denoiser(hidden_states=flow.pack_latents(noisy), timestep=self.sigmas(timesteps).to(noisy.dtype),
+                       guidance=self.embedded_guidance(b, noisy.device), encoder_hidden_states=hidden,
+                       encoder_hidden_states_mask=mask, img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+        return flow.unpack_latents(out, h, w, c)
+
+    def encode_prompts(self, encoders, prompts, resolution) -> TextConditioning:
+        pipe = self._prompt_pipeline(encoders)
+        hidden, mask = pipe.encode_prompt(list(prompts), device=self.components.unet.device,
+                                          max_sequence_length=self.max_sequence_length)
+        b, n, width = hidden.shape
+        padded = hidden.new_zeros(b, self.max_sequence_length, width)  # fixed width, so cached prompts stack into any batch
+        keep = torch.zeros(b, self.max_sequence_length, dtype=torch.bool, device=hidden.device)
+        padded[:, :n] = hidden
+        keep[:, :n] = True if mask is None else mask.bool()  # None: no prompt of this call was padded
+        return TextConditioning(padded, mask=keep)
+
+    def dummy_conditioning(self, batch, dtype, device) -> TextConditioning:
+        """probe_tokens of text per image; a batch of several holds a shorter prompt too (DreamBooth's class prompt, RPO's
+        negatives), whose padding is masked, so the estimate's step builds the attention mask a real one does."""
+        hidden = torch.zeros(batch, self.probe_tokens, self.text_dim, dtype=dtype, device=device)
+        if batch == 1:
+            return TextConditioning(hidden)
+        mask = torch.ones(batch, self.probe_tokens, dtype=torch.bool, device=device)
+        mask[1:, self.probe_tokens // 2 :] = False
+        return TextConditioning(hidden, mask=mask)
+
+    def probe(self, denoiser, batch, latent_size, dtype, device):
+        """The forward on fake tensors; the rotary tables the transformer's position embedding memoises (per size and
+        device, in functools caches) are dropped afterwards, so no fake tensor computed by the probe serves a real step."""
+        run, rope = super().probe(denoiser, batch, latent_size, dtype, device), self.components.unet.pos_embed
+
+        def run_forgetting_the_rotary_tables():
+            try:
+                return run()
+            finally:
+                for cache in _method_caches(type(rope)):
+                    cache.cache_clear()
+
+        return run_forgetting_the_rotary_tables
+
+
+def _method_caches(cls) -> list:
+    """The functools.lru_cache objects behind a class's memoised methods (diffusers' lru_cache_unless_export keeps its
+    cache in the closure of the function it returns)."""
+    caches = []
+    for function in vars(cls).values():
+        if hasattr(function, "cache_clear"):
+            caches.append(function)
+        caches += [cell.cell_contents for cell in getattr(function, "__closure__", None) or ()
+                   if hasattr(cell.cell_contents, "cache_clear")]
+    return caches
+
+
 class SD3Family(FlowFamily):
     """SD3 / SD3.5: a velocity-predicting MMDiT over 16-channel latents (patches made inside), two CLIP
     encoders' pooled outputs and their hidden states joined with T5's; a fixed scheduler shift."""
@@ -467,6 +560,16 @@ def sd3_t5_tokens(t5) -> int:
     return 256 if t5 is not None else 0
 
 
+def guidance_options(pipe, guidance: float, negative_prompt: str | None, count: int) -> dict:
+    """A sampling call's guidance arguments. QwenImagePipeline's classifier-free guidance is `true_cfg_scale` with a
+    negative prompt (its `guidance_scale` is for guidance-distilled models; this one ignores it): on above 1, with the
+    model card's " " as the negative prompt where none is given; off (1, no negative prompt) otherwise."""
+    negative = [negative_prompt] * count if negative_prompt else None
+    if type(pipe).__name__ == "QwenImagePipeline":
+        return {"true_cfg_scale": guidance, "negative_prompt": negative or [" "] * count} if guidance > 1 else {"true_cfg_scale": 1.0}
+    return {"guidance_scale": guidance, **({"negative_prompt": negative} if negative else {})}
+
+
 def pipeline_call_options(pipe) -> dict:
     """What a sampling call must add to the prompt so the pipeline conditions as the family trains (SD3 without T5)."""
     if type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None:
@@ -481,7 +584,7 @@ def pipeline_denoiser(pipe):
 
 def initial_latents(pipe, generators: list[torch.Generator], resolution: int | None) -> tuple[torch.Tensor, int]:
     """Starting noise for one sampler call, one CPU generator per image (the same image on any device),
-    in the layout the pipeline takes (FLUX.1: 2x2-packed tokens; FLUX.2: its 2x2-patchified 128-channel
+    in the layout the pipeline takes (FLUX.1, Qwen-Image: 2x2-packed tokens; FLUX.2: its 2x2-patchified 128-channel
     latents); and the image side in pixels."""
     denoiser = pipeline_denoiser(pipe)
     # ZImagePipeline names no default size anywhere but in its __call__ (1024 px, FLUX.1's 128 latents)
@@ -489,8 +592,9 @@ def initial_latents(pipe, generators: list[torch.Generator], resolution: int | N
     side = resolution or default * pipe.vae_scale_factor
     patchified = type(pipe).__name__.startswith("Flux2")
     scale = pipe.vae_scale_factor * (2 if patchified else 1)
-    channels = pipe.vae.config.latent_channels * (4 if patchified else 1)
+    channels = pipe.vae.config.get("latent_channels") or pipe.vae.config.z_dim  # z_dim: Qwen-Image's video VAE
+    channels *= 4 if patchified else 1
     latents = torch.stack([torch.randn((channels, side // scale, side // scale), generator=g) for g in generators])
-    if type(pipe).__name__ == "FluxPipeline":
+    if type(pipe).__name__ in ("FluxPipeline", "QwenImagePipeline"):
         latents = flow.pack_latents(latents)
     return latents.to(device=denoiser.device, dtype=denoiser.dtype), side

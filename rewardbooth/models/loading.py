@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from rewardbooth.errors import ConfigError
-from rewardbooth.models.family import Flux2Family, FluxFamily, SD3Family, UNetFamily, ZImageFamily
+from rewardbooth.models.family import Flux2Family, FluxFamily, QwenImageFamily, SD3Family, UNetFamily, ZImageFamily
 from rewardbooth.models.presets import find_preset, preset_names
 from rewardbooth.models.tiny import TINY_PRESETS, build_tiny_pipeline
 from rewardbooth.models.tiny_flow import FLOW_PRESETS, build_flow_pipeline
@@ -28,16 +28,18 @@ from rewardbooth.models.tiny_flow import FLOW_PRESETS, build_flow_pipeline
 
 SD_PIPELINE, SDXL_PIPELINE = "StableDiffusionPipeline", "StableDiffusionXLPipeline"
 FLUX_PIPELINE, SD3_PIPELINE, FLUX2_PIPELINE = "FluxPipeline", "StableDiffusion3Pipeline", "Flux2KleinPipeline"
-ZIMAGE_PIPELINE = "ZImagePipeline"
+ZIMAGE_PIPELINE, QWENIMAGE_PIPELINE = "ZImagePipeline", "QwenImagePipeline"
 # Flow-matching transformers, by pipeline class
-FLOW_FAMILIES = {FLUX_PIPELINE: FluxFamily, SD3_PIPELINE: SD3Family, FLUX2_PIPELINE: Flux2Family, ZIMAGE_PIPELINE: ZImageFamily}
+FLOW_FAMILIES = {FLUX_PIPELINE: FluxFamily, SD3_PIPELINE: SD3Family, FLUX2_PIPELINE: Flux2Family, ZIMAGE_PIPELINE: ZImageFamily,
+                 QWENIMAGE_PIPELINE: QwenImageFamily}
 FLOW_PIPELINES = tuple(FLOW_FAMILIES)
 # How many of a pipeline's text encoders (a prefix) adapter.train_text_encoder trains: the CLIP ones; T5 and
-# FLUX.2's and Z-Image's Qwen3 stay frozen (language models: large, and their cached embeddings serve every step).
-# U-Nets: all (SDXL: 2).
-TRAINABLE_TEXT_ENCODERS = {FLUX_PIPELINE: 1, SD3_PIPELINE: 2, FLUX2_PIPELINE: 0, ZIMAGE_PIPELINE: 0}
+# FLUX.2's and Z-Image's Qwen3 and Qwen-Image's Qwen2.5-VL stay frozen (language models: large, and their cached
+# embeddings serve every step). U-Nets: all (SDXL: 2).
+TRAINABLE_TEXT_ENCODERS = {FLUX_PIPELINE: 1, SD3_PIPELINE: 2, FLUX2_PIPELINE: 0, ZIMAGE_PIPELINE: 0, QWENIMAGE_PIPELINE: 0}
 SUPPORTED_PIPELINES = (SD_PIPELINE, SDXL_PIPELINE, *FLOW_PIPELINES)
-FLUX_SAMPLE_SIZE = 128  # FluxPipeline's, Flux2KleinPipeline's and ZImagePipeline's default latent side: 1024 px with their 8x VAE
+FLUX_SAMPLE_SIZE = 128  # FluxPipeline's, Flux2KleinPipeline's, ZImagePipeline's and QwenImagePipeline's default latent side:
+# 1024 px with their 8x VAE
 
 
 @dataclass
@@ -109,7 +111,7 @@ class Components:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsampling(self.vae.config)
 
     @property
     def native_resolution(self) -> int:
@@ -140,7 +142,7 @@ def resolve_model_path(name: str) -> str:
             raise ConfigError(f"model folder {local} has no model_index.json (expected a diffusers pipeline folder)")
         pipeline_class = json.loads((local / "model_index.json").read_text()).get("_class_name", "")
         if pipeline_class not in SUPPORTED_PIPELINES:
-            raise ConfigError(f"model {name} is a {pipeline_class}; supported: {', '.join(SUPPORTED_PIPELINES)} (SD 1.x / 2.x, SDXL, FLUX.1, SD3 / SD3.5, FLUX.2 [klein], Z-Image)")
+            raise ConfigError(f"model {name} is a {pipeline_class}; supported: {', '.join(SUPPORTED_PIPELINES)} (SD 1.x / 2.x, SDXL, FLUX.1, SD3 / SD3.5, FLUX.2 [klein], Z-Image, Qwen-Image)")
         return str(local)
     if name.count("/") != 1 or name.startswith(("/", ".", "~")):
         raise ConfigError(f"model {name!r} is neither an existing folder, a hub id (owner/name) nor a preset ({', '.join(preset_names())})")
@@ -217,16 +219,18 @@ def _other_vae(source: str, dtype: torch.dtype | None, base: str, revision: str 
     AutoencoderKL), refused in one line when its latents have another channel count than the model's VAE."""
     vae_class = read_model_config(base, revision, "model_index.json").get("vae", [None, "AutoencoderKL"])[1]
     vae = _load_vae(source, dtype, vae_class=vae_class)
-    expected = read_model_config(base, revision, "vae/config.json").get("latent_channels")
-    if expected is not None and vae.config.latent_channels != expected:
-        raise ConfigError(f"--vae {source}: its latents have {vae.config.latent_channels} channels, {base}'s VAE has {expected} "
+    base_config = read_model_config(base, revision, "vae/config.json")
+    expected = base_config.get("latent_channels", base_config.get("z_dim"))  # z_dim: Qwen-Image's video VAE
+    channels = vae.config.get("latent_channels", vae.config.get("z_dim"))
+    if expected is not None and channels != expected:
+        raise ConfigError(f"--vae {source}: its latents have {channels} channels, {base}'s VAE has {expected} "
                           "(a VAE made for another model family)")
     return vae
 
 
 def _load_flow(name: str, path: str, pipeline_class: str, revision: str | None, variant: str | None,
                dtype: torch.dtype | None, **parts) -> Components:
-    """FLUX.1, SD3, FLUX.2 [klein], Z-Image: the pipeline's own from_pretrained (transformer, VAE, text encoders, flow-matching
+    """FLUX.1, SD3, FLUX.2 [klein], Z-Image, Qwen-Image: the pipeline's own from_pretrained (transformer, VAE, text encoders, flow-matching
     scheduler).
 
     `parts`: components loaded elsewhere (a single file's transformer), not read from `path`."""
@@ -399,8 +403,8 @@ def read_model_config(name: str, revision: str | None, file: str) -> dict:
 
 def native_side(pipeline_class: str, denoiser_config) -> int:
     """The denoiser's native latent side (VAE latents): its sample_size (U-Nets, SD3), the pipeline's default for FLUX.1 /
-    FLUX.2 / Z-Image."""
-    if pipeline_class in (FLUX_PIPELINE, FLUX2_PIPELINE, ZIMAGE_PIPELINE):
+    FLUX.2 / Z-Image / Qwen-Image."""
+    if pipeline_class in (FLUX_PIPELINE, FLUX2_PIPELINE, ZIMAGE_PIPELINE, QWENIMAGE_PIPELINE):
         return FLUX_SAMPLE_SIZE
     return int(denoiser_config["sample_size"])
 
@@ -415,7 +419,15 @@ def model_native_resolution(name: str, revision: str | None = None) -> int:
     vae = read_model_config(name, revision, "vae/config.json")
     pipeline_class = read_model_config(name, revision, "model_index.json").get("_class_name", "")
     denoiser = read_model_config(name, revision, f"{denoiser_folder(pipeline_class)}/config.json")
-    return native_side(pipeline_class, denoiser) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return native_side(pipeline_class, denoiser) * vae_downsampling(vae)
+
+
+def vae_downsampling(vae_config) -> int:
+    """Pixels per latent of a VAE, from its config: AutoencoderKL's levels; a video VAE's (Qwen-Image's) one spatial
+    halving per `temperal_downsample` entry."""
+    if "temperal_downsample" in vae_config:
+        return 2 ** len(vae_config["temperal_downsample"])
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def make_pipeline(components: Components, unet=None, text_encoders: list | None = None, scheduler: str = "dpm"):

@@ -49,8 +49,8 @@ for _name in TINY_PRESETS:
 # their family's guidance (models/sampling_defaults.py) but with the config's 25 steps (tests stay quick).
 TINY_FLOW_DEFAULTS: dict[str, Any] = {**TINY_DEFAULTS, "data.resolution": 64, "validation.steps": 25, "prior.generation_steps": 25,
                                       "rpo.negative_steps": 25}
-# FLUX.1-dev-like (guidance embedding), SD3.5-like, FLUX.2 [klein] base-like, Z-Image-Turbo-like
-for _name in ("tiny-flux", "tiny-sd3", "tiny-flux2", "tiny-zimage"):
+# FLUX.1-dev-like (guidance embedding), SD3.5-like, FLUX.2 [klein] base-like, Z-Image-Turbo-like, Qwen-Image-like
+for _name in ("tiny-flux", "tiny-sd3", "tiny-flux2", "tiny-zimage", "tiny-qwenimage"):
     register_preset(Preset(_name, lambda name=_name: flow_model_path(name), lambda: dict(TINY_FLOW_DEFAULTS), quiet=True))
 
 

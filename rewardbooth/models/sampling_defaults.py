@@ -6,7 +6,8 @@ model card; schnell: 4 steps, no guidance), SD3.5 at 28 steps and guidance 3.5 (
 card), FLUX.2 [klein] base at 50 steps and classifier-free guidance 4 (its pipeline's defaults; the
 step-distilled klein at 4 steps, guidance 1), Z-Image-Turbo at 8 steps and guidance 0 (distilled: no CFG; the
 pipeline's example), Z-Image base at ZImagePipeline's defaults, 50 steps and guidance 5 (its CFG adds
-guidance x (cond - uncond) to the conditional prediction: 0 is off). These apply only to settings the user leaves unset.
+guidance x (cond - uncond) to the conditional prediction: 0 is off), Qwen-Image at QwenImagePipeline's defaults and its
+model card's, 50 steps and true CFG 4 (with the negative prompt " "). These apply only to settings the user leaves unset.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from rewardbooth.errors import ConfigError
-from rewardbooth.models.loading import FLUX2_PIPELINE, FLUX_PIPELINE, SD3_PIPELINE, ZIMAGE_PIPELINE, read_model_config
+from rewardbooth.models.loading import (FLUX2_PIPELINE, FLUX_PIPELINE, QWENIMAGE_PIPELINE, SD3_PIPELINE, ZIMAGE_PIPELINE,
+                                        read_model_config)
 
 SAMPLER_KEYS = {  # (steps, guidance) -> every setting that samples from the base or trained model
     "steps": ("validation.steps", "prior.generation_steps", "rpo.negative_steps"),
@@ -36,6 +38,8 @@ def family_sampler(model: str, revision: str | None = None) -> tuple[int, float]
         return (4, 1.0) if step_distilled else (50, 4.0)
     if pipeline_class == ZIMAGE_PIPELINE:
         return (8, 0.0) if zimage_turbo(read_model_config(model, revision, "scheduler/scheduler_config.json")) else (50, 5.0)
+    if pipeline_class == QWENIMAGE_PIPELINE:
+        return (50, 4.0)
     return None
 
 

@@ -1,10 +1,10 @@
-"""Flow-matching transformer presets (FLUX.1, SD3, FLUX.2 [klein], Z-Image) with seeded random weights.
+"""Flow-matching transformer presets (FLUX.1, SD3, FLUX.2 [klein], Z-Image, Qwen-Image) with seeded random weights.
 
 Like the U-Net presets in `tiny.py`: the `tiny-*` pipelines are written once to the cache with
 `save_pretrained` and loaded back with `from_pretrained`, so every flow-matching code path runs
-offline on a CPU. `flux-random`, `sd35-random`, `flux2-klein-random` / `flux2-klein-9b-random` and `zimage-random`
-carry FLUX.1-dev's, SD3.5 Large's, FLUX.2 [klein] base 4B's / 9B's and Z-Image's (Turbo and base: one architecture) real
-component sizes; they are meant to be built on the meta device (`flow_configs` + `build_flow_component`), never written to
+offline on a CPU. `flux-random`, `sd35-random`, `flux2-klein-random` / `flux2-klein-9b-random`, `zimage-random` and
+`qwenimage-random` carry FLUX.1-dev's, SD3.5 Large's, FLUX.2 [klein] base 4B's / 9B's, Z-Image's (Turbo and base: one
+architecture) and Qwen-Image's real component sizes; they are meant to be built on the meta device (`flow_configs` + `build_flow_component`), never written to
 disk here.
 """
 
@@ -26,7 +26,7 @@ FLOW_FORMAT_VERSION = 3
 @dataclass(frozen=True)
 class FlowPreset:
     name: str
-    family: str  # "flux" (FLUX.1), "sd3" (SD3 / SD3.5), "flux2" (FLUX.2 [klein]) or "zimage" (Z-Image)
+    family: str  # "flux" (FLUX.1), "sd3" (SD3 / SD3.5), "flux2" (FLUX.2 [klein]), "zimage" (Z-Image), "qwenimage" (Qwen-Image)
     shape: str  # a key of FLOW_SHAPES
     seed: int = 0
 
@@ -46,14 +46,19 @@ FLOW_PRESETS = {
     # Z-Image-Turbo's classes at toy sizes: the single-stream transformer with its refiners, a Qwen3 text encoder
     # (read at its second-to-last layer), FLUX.1's VAE, Turbo's fixed scheduler shift 3 (base: 6).
     "tiny-zimage": FlowPreset("tiny-zimage", "zimage", "tiny-zimage"),
+    # Qwen-Image's classes at toy sizes: the double-stream MMDiT over 2x2-packed latents, a Qwen2.5-VL text encoder (its
+    # last hidden state; the vision tower is built but never called) and the video VAE with its frame axis and per-channel
+    # latent statistics (the real ones, so a missing (de)normalisation shows).
+    "tiny-qwenimage": FlowPreset("tiny-qwenimage", "qwenimage", "tiny-qwenimage"),
     # Real layer sizes, for the meta device only: FLUX.1-dev (12B transformer + T5-XXL), SD3.5 Large (8B) and Medium (2.5B),
-    # FLUX.2 [klein] base 4B (Qwen3-4B) and 9B (Qwen3-8B), Z-Image 6B (Qwen3-4B).
+    # FLUX.2 [klein] base 4B (Qwen3-4B) and 9B (Qwen3-8B), Z-Image 6B (Qwen3-4B), Qwen-Image 20B (Qwen2.5-VL 7B).
     "flux-random": FlowPreset("flux-random", "flux", "flux1-dev"),
     "sd35-random": FlowPreset("sd35-random", "sd3", "sd35-large"),
     "sd35-medium-random": FlowPreset("sd35-medium-random", "sd3", "sd35-medium"),
     "flux2-klein-random": FlowPreset("flux2-klein-random", "flux2", "flux2-klein-4b"),
     "flux2-klein-9b-random": FlowPreset("flux2-klein-9b-random", "flux2", "flux2-klein-9b"),
     "zimage-random": FlowPreset("zimage-random", "zimage", "zimage-6b"),
+    "qwenimage-random": FlowPreset("qwenimage-random", "qwenimage", "qwenimage-20b"),
 }
 
 # Text encoder sizes. CLIP in tiny.py's keys (clip_text_config); T5 as its config keyword arguments.
@@ -67,6 +72,19 @@ _QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                  head_dim=128, max_position_embeddings=40960, vocab_size=151936, tie_word_embeddings=True)
 _QWEN3_8B = dict(_QWEN3_4B, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)
 _QWEN3_TINY_2 = dict(_QWEN3_TINY, num_hidden_layers=2)  # Z-Image reads one hidden state, the second-to-last
+# Qwen2.5-VL (Qwen-Image's text encoder) as Qwen2_5_VLConfig's text and vision parts; its multimodal rotary sections
+# split the head's half-width over (time, height, width). Real: Qwen2.5-VL-7B-Instruct.
+_QWEN25VL_TINY = dict(text=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=1, max_position_embeddings=1024,
+                                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[1, 1, 2])),
+                      vision=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
+                                  fullatt_block_indexes=[0]))
+_QWEN25VL_7B = dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                              num_key_value_heads=4, max_position_embeddings=128000, vocab_size=152064, bos_token_id=151643,
+                              eos_token_id=151645,
+                              rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
+                    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                                fullatt_block_indexes=[7, 15, 23, 31]))
 _T5_TINY = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2)
 _T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, num_decoder_layers=24, vocab_size=32128)
 # VAE sizes in tiny.py's keys (vae_config). Four levels, as the real ones: 8x down-sampling.
@@ -131,6 +149,19 @@ FLOW_SHAPES = {
                          n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
                          t_scale=1000.0, axes_dims=(32, 48, 48), axes_lens=(1536, 512, 512)),
         vae=_VAE_REAL, encoders=(_QWEN3_4B,)),
+    # Qwen-Image: head width = sum(axes_dims_rope); 2x2-packed 16-channel latents in (64), 16 channels per patch position
+    # out; joint_attention_dim = the Qwen2.5-VL width. Its VAE in AutoencoderKLQwenImage's own keys (8x: three spatial
+    # downsamplings, two of them temporal too; a single frame goes through unchanged in time).
+    "tiny-qwenimage": dict(
+        transformer=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                         joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4)),
+        vae=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True]),
+        encoders=(_QWEN25VL_TINY,)),
+    "qwenimage-20b": dict(
+        transformer=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                         num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+        vae=dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]),
+        encoders=(_QWEN25VL_7B,)),
 }
 
 _FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -162,6 +193,15 @@ FAMILIES = {
                    vae=dict(_NO_QUANT_VAE, scaling_factor=0.3611, shift_factor=0.1159),
                    encoders=(("text_encoder", "Qwen3Model"),),
                    scheduler=dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)),
+    # Qwen-Image: its video VAE (the class's default latents_mean / latents_std are the real model's statistics); the
+    # scheduler as Qwen/Qwen-Image ships it (FLUX.1's resolution-dependent shift up to 8192 tokens, max 0.9, sigmas
+    # stretched to end at 0.02).
+    "qwenimage": dict(pipeline="QwenImagePipeline", transformer="QwenImageTransformer2DModel",
+                      vae=dict(_class_name="AutoencoderKLQwenImage"),
+                      encoders=(("text_encoder", "Qwen2_5_VLForConditionalGeneration"),),
+                      scheduler=dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                     base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                     time_shift_type="exponential")),
 }
 
 
@@ -174,7 +214,10 @@ def flow_configs(name: str) -> dict[str, dict]:
     preset = FLOW_PRESETS[name]
     family, shape = FAMILIES[preset.family], FLOW_SHAPES[preset.shape]
     configs = {"transformer": {"_class_name": family["transformer"], **shape["transformer"]}}
-    vae = {**vae_config(shape["vae"], family["vae"]["scaling_factor"]), **family["vae"]}
+    if family["vae"]["_class_name"] == "AutoencoderKLQwenImage":  # a video VAE: its own keys, no AutoencoderKL layout
+        vae = {**family["vae"], **shape["vae"]}
+    else:
+        vae = {**vae_config(shape["vae"], family["vae"]["scaling_factor"]), **family["vae"]}
     configs["vae"] = {key: value for key, value in vae.items() if value is not None}
     for (component, class_name), size in zip(family["encoders"], shape["encoders"], strict=True):
         configs[component] = {**_text_config(class_name, size), "architectures": [class_name]}
@@ -185,6 +228,13 @@ def flow_configs(name: str) -> dict[str, dict]:
 def _text_config(class_name: str, size: dict) -> dict:
     if class_name.startswith("CLIP"):
         return clip_text_config(size, _byte_level_vocab()).to_dict()
+    if class_name.startswith("Qwen2_5_VL"):
+        from transformers import Qwen2_5_VLConfig
+
+        vocab = _qwen_vocab()  # tiny: the tokenizer's vocabulary (its prompt-template words too) and its <|endoftext|>,
+        # <|im_end|>; real: Qwen's
+        text = {"vocab_size": len(vocab) + len(_QWEN_IMAGE_WORDS), "bos_token_id": vocab["<|endoftext|>"], "eos_token_id": vocab["<|im_end|>"], **size["text"]}
+        return Qwen2_5_VLConfig(text_config=text, vision_config=size["vision"], tie_word_embeddings=False).to_dict()
     if class_name.startswith("Qwen3"):
         from transformers import Qwen3Config
 
@@ -241,6 +291,8 @@ def _tokenizer(encoder_class: str):
         from transformers import CLIPTokenizer
 
         return CLIPTokenizer(vocab=_byte_level_vocab(), merges=[], model_max_length=77)
+    if encoder_class.startswith("Qwen2_5_VL"):  # Qwen-Image's: text only, so no image processor (and no torchvision)
+        return _qwen_tokenizer(_QWEN_IMAGE_WORDS)
     if encoder_class.startswith("Qwen3"):
         return _qwen_tokenizer()
     from transformers import T5Tokenizer
@@ -273,16 +325,24 @@ def _qwen_vocab() -> dict[str, int]:
     return {token: i for i, token in enumerate(tokens)}
 
 
-def _qwen_tokenizer():
+# Qwen-Image's prompt template begins with a system prompt that QwenImagePipeline drops by count: its first 34 tokens
+# (prompt_template_encode_start_idx) in Qwen's tokenizer. Its words, whole, as tokens of the Qwen-Image preset's tokenizer,
+# so that the same 34 tokens are the whole prefix there too, as Qwen's BPE splits it ("system", " the", ",", ...).
+_QWEN_IMAGE_WORDS = ("system", "user", "Describe", " the", " image", " by", " detailing", " color", ",", " shape", " size",
+                     " texture", " quantity", " text", " spatial", " relationships", " of", " objects", " and", " background", ":")
+
+
+def _qwen_tokenizer(words: tuple[str, ...] = ()):
     """A byte-level BPE tokenizer with Qwen's control tokens and chat template, in Qwen2TokenizerFast
-    (the class FLUX.2 [klein]'s pipeline names; Z-Image's names its slow twin)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    (the class FLUX.2 [klein]'s pipeline names; Z-Image's and Qwen-Image's name its slow twin)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import Qwen2TokenizerFast
 
     backend = Tokenizer(models.BPE(vocab=_qwen_vocab(), merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(list(_QWEN_SPECIALS))
+    backend.add_tokens([AddedToken(word, normalized=False) for word in words])
     return Qwen2TokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
                               model_max_length=512, chat_template=_QWEN_CHAT_TEMPLATE)
 
