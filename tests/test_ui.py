@@ -274,6 +274,19 @@ def test_the_bench_runs_from_the_page_and_shows_its_table(app):
     assert _request(f"{base}/files/{info['plots'][0]}")[0] == 200
 
 
+def test_the_page_benches_either_suite_and_refuses_another(app):
+    base, workspace = app()
+    status, reply = _request(base + "/api/bench", {"suite": "dreambench"})
+    assert status == 400 and "mini, mini-lora" in reply["error"] and not workspace.jobs
+    bench = _request(base + "/api/bench", {"suite": "mini-lora", "num_subjects": 1, "steps": 1})[1]["bench"]
+    command = workspace.log_path(bench).read_text().splitlines()[0]
+    workspace.stop(bench)  # what was started is the point here, not the bench itself
+    workspace.jobs[bench].process.wait(timeout=60)
+    assert command.startswith("$ rewardbooth bench --suite mini-lora --quick --num-subjects 1 --steps 1 ")
+    html = _request(base + "/")[1]
+    assert b'<option value="mini-lora">' in (html if isinstance(html, bytes) else html.encode())
+
+
 # --- a run that ends in a one-line error: a status, not a stack trace ------------------------------------
 @pytest.mark.slow
 def test_a_diverged_run_shows_a_one_line_status(app, photos):

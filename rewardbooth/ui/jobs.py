@@ -30,6 +30,8 @@ from rewardbooth.training.preflight import check_training_inputs
 from rewardbooth.training.run_dir import CHECKPOINT_DIR, CONFIG_NAME, RunFolder
 from rewardbooth.training.selection import SELECTION_REWARD
 
+BENCH_SUITES = ("mini", "mini-lora")  # what the page's bench offers: each method trains the whole U-Net, or a LoRA
+
 UPLOADS = ".uploads"
 LOGS = ".ui-logs"
 REJECTED = "rejected"  # uploads that failed the checks: kept, never trained on
@@ -182,10 +184,15 @@ class Workspace:
         self._spawn(name, "train", ["train", "--resume", "--output", str(run_dir), "--quiet"])
 
     def start_bench(self, options: dict | None = None) -> str:
-        """`bench --suite mini --quick`, optionally smaller for a first look (fewer subjects, steps, images)."""
+        """`bench --suite mini --quick` (or `mini-lora`: each method trains a LoRA), optionally smaller for a first look
+        (fewer subjects, steps, images)."""
         flags = {"num_subjects": "--num-subjects", "steps": "--steps", "images_per_prompt": "-k", "sample_steps": "--sample-steps"}
-        args = ["bench", "--suite", "mini", "--quick"]
-        for key, value in (options or {}).items():
+        options = dict(options or {})
+        suite = options.pop("suite", None) or "mini"
+        if suite not in BENCH_SUITES:
+            raise UIError(f"bench suite must be one of {', '.join(BENCH_SUITES)}, got {suite!r}")
+        args = ["bench", "--suite", suite, "--quick"]
+        for key, value in options.items():
             if key not in flags:
                 raise UIError(f"unknown bench option {key!r}")
             if value in (None, ""):
