@@ -195,14 +195,20 @@ def encode_moments(vae, pixels: torch.Tensor, batch_size: int = 8) -> torch.Tens
     gets each image as one frame, (B, 3, 1, H, W), and gives moments with that frame axis: the family's latent map drops it."""
     out = []
     for chunk in pixels.split(batch_size):
-        chunk = chunk.unsqueeze(2) if is_video_vae(vae) else chunk
+        chunk = chunk.unsqueeze(2) if is_video_vae(vae.config) else chunk
         out.append(vae.encode(chunk.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters)
     return torch.cat(out)
 
 
-def is_video_vae(vae) -> bool:
-    """Whether a VAE takes and gives (B, C, frames, H, W) (diffusers' Wan-style video VAEs, Qwen-Image's among them)."""
-    return "temperal_downsample" in vae.config
+def is_video_vae(vae_config) -> bool:
+    """Whether a VAE (by its config) takes and gives (B, C, frames, H, W) (diffusers' Wan-style video VAEs, Qwen-Image's
+    among them)."""
+    return "temperal_downsample" in vae_config
+
+
+def vae_latent_channels(vae_config) -> int | None:
+    """Latent channels of a VAE, by its config: AutoencoderKL's latent_channels, a video VAE's z_dim (None: neither)."""
+    return vae_config.get("latent_channels", vae_config.get("z_dim"))
 
 
 def dummy_conditioning(unet, batch: int, dtype: torch.dtype, device) -> TextConditioning:

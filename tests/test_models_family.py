@@ -168,7 +168,7 @@ def test_latents_go_between_the_vae_and_the_model_space_both_ways(model):
 
     components = load_components(model)
     family = _family(components)
-    video = diffusion.is_video_vae(components.vae)
+    video = diffusion.is_video_vae(components.vae.config)
     channels = components.vae.config.z_dim if video else components.vae.config.latent_channels
     mean = torch.randn(2, channels, *((1,) if video else ()), 8, 8, generator=torch.Generator().manual_seed(0))
     if video:  # what the VAE gives for images: (B, 2C, frames = 1, H, W)

@@ -37,7 +37,7 @@ class ModelFamily:
     @property
     def latent_channels(self) -> int:
         """Channels of the latents the denoiser takes (the model space this interface works in)."""
-        return int(self.components.vae.config.latent_channels)
+        return int(diffusion.vae_latent_channels(self.components.vae.config))
 
     @property
     def latent_scale(self) -> int:
@@ -402,12 +402,7 @@ class ZImageFamily(FlowFamily):
         # a copy: the pipeline writes the chat-templated prompts into the list it is given
         per_prompt, _ = pipe.encode_prompt(list(prompts), device=self.components.unet.device, do_classifier_free_guidance=False,
                                            max_sequence_length=self.max_sequence_length)
-        first = per_prompt[0]
-        hidden = first.new_zeros(len(per_prompt), self.max_sequence_length, first.shape[-1])
-        mask = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=first.device)
-        for i, tokens in enumerate(per_prompt):  # fixed width, so cached prompts stack into any batch
-            hidden[i, : len(tokens)], mask[i, : len(tokens)] = tokens, True
-        return TextConditioning(hidden, mask=mask)
+        return fixed_width(per_prompt, self.max_sequence_length)
 
     def dummy_conditioning(self, batch, dtype, device) -> TextConditioning:
         return TextConditioning(torch.zeros(batch, self.probe_tokens, self.text_dim, dtype=dtype, device=device))
@@ -444,10 +439,6 @@ class QwenImageFamily(FlowFamily):
     max_sequence_length = 512  # prompt tokens after the template prefix, QwenImagePipeline's default
     probe_tokens = 64  # text tokens of the memory estimate's forward: a long DreamBooth prompt and the template's tail
 
-    @property
-    def latent_channels(self) -> int:
-        return int(self.components.vae.config.z_dim)
-
     def _statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.components.vae.config
         mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1)
@@ -479,12 +470,8 @@ class QwenImageFamily(FlowFamily):
         pipe = self._prompt_pipeline(encoders)
         hidden, mask = pipe.encode_prompt(list(prompts), device=self.components.unet.device,
                                           max_sequence_length=self.max_sequence_length)
-        b, n, width = hidden.shape
-        padded = hidden.new_zeros(b, self.max_sequence_length, width)  # fixed width, so cached prompts stack into any batch
-        keep = torch.zeros(b, self.max_sequence_length, dtype=torch.bool, device=hidden.device)
-        padded[:, :n] = hidden
-        keep[:, :n] = True if mask is None else mask.bool()  # None: no prompt of this call was padded
-        return TextConditioning(padded, mask=keep)
+        # the pipeline pads each prompt on the right; None: no prompt of this call was padded
+        return fixed_width(list(hidden) if mask is None else [h[m.bool()] for h, m in zip(hidden, mask)], self.max_sequence_length)
 
     def dummy_conditioning(self, batch, dtype, device) -> TextConditioning:
         """probe_tokens of text per image; a batch of several holds a shorter prompt too (DreamBooth's class prompt, RPO's
@@ -509,6 +496,17 @@ class QwenImageFamily(FlowFamily):
                     cache.cache_clear()
 
         return run_forgetting_the_rotary_tables
+
+
+def fixed_width(rows: list[torch.Tensor], width: int) -> TextConditioning:
+    """Each prompt's own tokens (L_i, D) padded to `width` rows with a mask of its own ones: cached prompts of any length
+    then stack into any batch."""
+    first = rows[0]
+    hidden = first.new_zeros(len(rows), width, first.shape[-1])
+    mask = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=first.device)
+    for i, tokens in enumerate(rows):
+        hidden[i, : len(tokens)], mask[i, : len(tokens)] = tokens, True
+    return TextConditioning(hidden, mask=mask)
 
 
 def _method_caches(cls) -> list:
@@ -592,7 +590,7 @@ def initial_latents(pipe, generators: list[torch.Generator], resolution: int | N
     side = resolution or default * pipe.vae_scale_factor
     patchified = type(pipe).__name__.startswith("Flux2")
     scale = pipe.vae_scale_factor * (2 if patchified else 1)
-    channels = pipe.vae.config.get("latent_channels") or pipe.vae.config.z_dim  # z_dim: Qwen-Image's video VAE
+    channels = diffusion.vae_latent_channels(pipe.vae.config)
     channels *= 4 if patchified else 1
     latents = torch.stack([torch.randn((channels, side // scale, side // scale), generator=g) for g in generators])
     if type(pipe).__name__ in ("FluxPipeline", "QwenImagePipeline"):

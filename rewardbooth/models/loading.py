@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from rewardbooth.diffusion import is_video_vae, vae_latent_channels
 from rewardbooth.errors import ConfigError
 from rewardbooth.models.family import Flux2Family, FluxFamily, QwenImageFamily, SD3Family, UNetFamily, ZImageFamily
 from rewardbooth.models.presets import find_preset, preset_names
@@ -219,9 +220,8 @@ def _other_vae(source: str, dtype: torch.dtype | None, base: str, revision: str 
     AutoencoderKL), refused in one line when its latents have another channel count than the model's VAE."""
     vae_class = read_model_config(base, revision, "model_index.json").get("vae", [None, "AutoencoderKL"])[1]
     vae = _load_vae(source, dtype, vae_class=vae_class)
-    base_config = read_model_config(base, revision, "vae/config.json")
-    expected = base_config.get("latent_channels", base_config.get("z_dim"))  # z_dim: Qwen-Image's video VAE
-    channels = vae.config.get("latent_channels", vae.config.get("z_dim"))
+    expected = vae_latent_channels(read_model_config(base, revision, "vae/config.json"))
+    channels = vae_latent_channels(vae.config)
     if expected is not None and channels != expected:
         raise ConfigError(f"--vae {source}: its latents have {channels} channels, {base}'s VAE has {expected} "
                           "(a VAE made for another model family)")
@@ -425,7 +425,7 @@ def model_native_resolution(name: str, revision: str | None = None) -> int:
 def vae_downsampling(vae_config) -> int:
     """Pixels per latent of a VAE, from its config: AutoencoderKL's levels; a video VAE's (Qwen-Image's) one spatial
     halving per `temperal_downsample` entry."""
-    if "temperal_downsample" in vae_config:
+    if is_video_vae(vae_config):
         return 2 ** len(vae_config["temperal_downsample"])
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
