@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from rewardbooth.config import RunConfig
+from rewardbooth.config import MINIBENCH_SUITES, RunConfig
 from rewardbooth.errors import RewardboothError, Stopped
 
 # Each command imports the layers it runs (torch, diffusers ...) inside its function, so that
@@ -177,10 +177,6 @@ def add_run_settings(parser: argparse.ArgumentParser, set_help: str, processes_h
     for flag, _, _, text in TRAIN_SWITCHES:
         parser.add_argument(flag, action="store_true", help=text)
 
-# MiniBench suites -> what each method trains (rewardbooth.mini.bench.ADAPTERS)
-MINI_SUITES = {"mini": "full", "mini-lora": "lora"}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardbooth", description="Reward-driven subject personalization for text-to-image diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -245,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_judge_flags(ev)
 
     bench = add_parser("bench", help="DreamBench or MiniBench: train, generate, score, report; resumable, shardable")
-    bench.add_argument("--suite", choices=("dreambench", *MINI_SUITES), default="dreambench",
+    bench.add_argument("--suite", choices=("dreambench", *MINIBENCH_SUITES), default="dreambench",
                        help="dreambench: the 30 DreamBench subjects (needs --dreambench); mini: fresh MiniBench subjects, "
                             "the shipped mini model (or --model mini-flow) and judges, every method of --methods compared, "
                             "full fine-tuning (CPU); mini-lora: the same with each method's LoRA")
@@ -508,10 +504,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rewardbooth.training.many import check_many_settings, subjects_per_batch
 
     args.subjects_per_batch = subjects_per_batch(args.subjects_per_batch)
-    if args.suite in MINI_SUITES:
+    if args.suite in MINIBENCH_SUITES:
         from rewardbooth.methods import BUILTIN_METHODS
 
-        return _bench_mini(args, methods or list(BUILTIN_METHODS), MINI_SUITES[args.suite])
+        return _bench_mini(args, methods or list(BUILTIN_METHODS), MINIBENCH_SUITES[args.suite])
     if len(methods) > 1:
         raise ConfigError("the dreambench suite runs one --method per bench folder (shard and --merge them); --methods is for --suite mini")
     from rewardbooth.methods import baseline_method

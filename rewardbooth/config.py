@@ -218,6 +218,9 @@ LORA_TARGET_PRESETS = ("attention", "all-linear")
 QUANTIZATIONS = ("int8", "fp8")  # model.quantize: torchao weight-only configs; fp8 needs a GPU with fp8 support
 FLOW_WEIGHTINGS = ("uniform", "logit_normal", "mode")
 FLOW_LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+# `bench --suite` names of MiniBench -> what each method trains there (the whole denoiser or a LoRA); here, the leaf
+# both the CLI and the web app import cheaply, so the two never disagree.
+MINIBENCH_SUITES = {"mini": "full", "mini-lora": "lora"}
 
 
 @dataclass

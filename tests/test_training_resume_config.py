@@ -16,6 +16,7 @@ from rewardbooth.errors import ConfigError
 from rewardbooth.methods import load_config
 from rewardbooth.methods.dreambooth import DreamBooth
 from rewardbooth.training.loop import train
+from rewardbooth.training.resume import resume_changes
 from rewardbooth.training.run_dir import CONFIG_NAME, HISTORY_NAME, LOCK_NAME, prepare_run_dir, read_metrics
 
 
@@ -117,6 +118,18 @@ def test_more_steps_are_allowed_and_recorded(capsys, tmp_path, stopped):
     # A finished run is no door to another method either.
     capsys.readouterr()
     assert "train.method dreambooth -> rpo" in refused(capsys, run, "--method", "rpo")
+
+
+def test_validation_samples_may_change_unless_they_pick_the_result(tmp_path, stopped):
+    """Without selection validation's prompts are only looked at; under it they score the kept step, so refused."""
+    change = {"validation.prompts": ["a {identifier} {class_noun} in the snow"], "validation.guidance_scale": 3.0}
+    cfg = load_config(stopped / CONFIG_NAME, change)
+    assert set(resume_changes(cfg, stopped)) == set(change)
+    selecting = tmp_path / "run"
+    shutil.copytree(stopped, selecting)
+    (selecting / CONFIG_NAME).write_text(load_config(stopped / CONFIG_NAME, {"validation.select": True}).to_yaml())
+    with pytest.raises(ConfigError, match=r"validation.prompts .* validation.guidance_scale 7.5 -> 3.0 \(selection scores"):
+        resume_changes(load_config(selecting / CONFIG_NAME, change), selecting)
 
 
 def test_resume_alone_reuses_the_runs_config(tmp_path, stopped):

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from rewardbooth.config import RunConfig
+from rewardbooth.config import MINIBENCH_SUITES, RunConfig
 from rewardbooth.errors import ConfigError
 from rewardbooth.evaluation.bench import (BenchRunner, SubjectsFailed, is_batched, subject_config, summarize_folders,
                                           write_bench_report)
@@ -69,7 +69,7 @@ MINI_COMMON: dict[str, Any] = {
 # projections, as diffusers' DreamBooth LoRA script; 4 / 64-128 channels is about SD 1.5's rank-16 share),
 # the rest of each method's MiniBench settings kept; learning rates: docs/minibench.md, "LoRA suite".
 MINI_LORA: dict[str, Any] = {"adapter.kind": "lora", "adapter.rank": 4, "adapter.targets": "attention", "train.learning_rate": 1e-3}
-ADAPTERS = ("full", "lora")
+ADAPTERS = tuple(MINIBENCH_SUITES.values())
 # Every method's own MiniBench settings and named variants live with the method (Method.minibench,
 # Method.variants in rewardbooth/methods/): full U-Net, the same 400 steps at batch 1 (+ 1 class
 # image), learning rates chosen on the tuning subjects of set 100 (docs/minibench.md, "Tuning");

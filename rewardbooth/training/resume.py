@@ -40,6 +40,14 @@ MAY_CHANGE = {
     "prior.class_dir": "the folder may move: its photos are compared by content (INPUT_FOLDERS)",
     "evaluation.extra_rewards": "rewards reported beside the scores, never trained on",
 }
+# What a resume may change while no validation picks the run's result: validation's samples are then only looked at.
+# Under selection (validation.select or a method's own selection metric) they are scored against the samples
+# before the resume, so these are refused there like any setting that changes the result.
+MAY_CHANGE_UNLESS_SELECTING = {
+    "validation.prompts": "what the samples show; the weights never see them",
+    "validation.steps": "how the samples are drawn",
+    "validation.guidance_scale": "how the samples are drawn",
+}
 INPUT_FOLDERS = ("data.instance_dir", "prior.class_dir")
 
 
@@ -79,7 +87,10 @@ def resume_changes(cfg: RunConfig, run_dir: Path) -> dict[str, list]:
     # Another method's section is read by no one in this run.
     unused = tuple(f"{cls.section}." for cls in method_registry().values() if cls.section and cls.name != run_cfg.train.method)
     changed = {key: [old.get(key), value] for key, value in new.items() if old.get(key) != value and not key.startswith(unused)}
-    refused = [f"{key} {was} -> {now}" for key, (was, now) in changed.items() if key not in MAY_CHANGE]
+    selecting = bool(method_registry()[run_cfg.train.method].selection_metric or run_cfg.validation.select)
+    allowed = MAY_CHANGE if selecting else {**MAY_CHANGE, **MAY_CHANGE_UNLESS_SELECTING}
+    refused = [f"{key} {was} -> {now}" + (" (selection scores the samples)" if key in MAY_CHANGE_UNLESS_SELECTING else "")
+               for key, (was, now) in changed.items() if key not in allowed]
     before, after = recorded_inputs(run_dir) or input_contents(run_cfg), input_contents(cfg)
     refused += [f"the photos of {key} {_shown(before.get(key))} -> {_shown(after[key])}" for key in INPUT_FOLDERS
                 if before.get(key) != after[key]]

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from rewardbooth.data.images import IMAGE_EXTENSIONS, load_image
-from rewardbooth.config import parse_override
+from rewardbooth.config import MINIBENCH_SUITES, parse_override
 from rewardbooth.errors import ConfigError, ImageFolderError, RewardboothError, TrainingDiverged
 from rewardbooth.methods import baseline_method, get_method, load_config, method_names, method_registry
 from rewardbooth.models.export import KOHYA_WEIGHTS_NAME
@@ -30,7 +30,6 @@ from rewardbooth.training.preflight import check_training_inputs
 from rewardbooth.training.run_dir import CHECKPOINT_DIR, CONFIG_NAME, RunFolder
 from rewardbooth.training.selection import SELECTION_REWARD
 
-BENCH_SUITES = ("mini", "mini-lora")  # what the page's bench offers: each method trains the whole U-Net, or a LoRA
 
 UPLOADS = ".uploads"
 LOGS = ".ui-logs"
@@ -189,8 +188,8 @@ class Workspace:
         flags = {"num_subjects": "--num-subjects", "steps": "--steps", "images_per_prompt": "-k", "sample_steps": "--sample-steps"}
         options = dict(options or {})
         suite = options.pop("suite", None) or "mini"
-        if suite not in BENCH_SUITES:
-            raise UIError(f"bench suite must be one of {', '.join(BENCH_SUITES)}, got {suite!r}")
+        if suite not in MINIBENCH_SUITES:
+            raise UIError(f"bench suite must be one of {', '.join(MINIBENCH_SUITES)}, got {suite!r}")
         args = ["bench", "--suite", suite, "--quick"]
         for key, value in options.items():
             if key not in flags:
