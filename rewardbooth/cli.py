@@ -547,7 +547,7 @@ def _bench_mini(args: argparse.Namespace, methods: list[str], adapter: str) -> i
     from rewardbooth.config import parse_override
     from rewardbooth.errors import ConfigError
     from rewardbooth.evaluation.metrics import format_table
-    from rewardbooth.evaluation.paired import paired_rows
+    from rewardbooth.evaluation.paired import paired_rows, seconds_words
     from rewardbooth.mini.bench import parse_budgets, run_mini_bench
 
     ignored = [flag for flag, value in (("--dreambench", args.dreambench), ("--subjects", args.subjects), ("--shard", args.shard),
@@ -581,7 +581,8 @@ def _bench_mini(args: argparse.Namespace, methods: list[str], adapter: str) -> i
         print(format_table(paired_rows(table)))
     for budget, tables in paired.get("equal_seconds", {}).get("budgets", {}).items():
         for method, table in tables.items():
-            print(f"\n{method} at {budget} steps against {paired['baseline']} at the same wall seconds ({table['how']}; "
+            print(f"\n{method} at {budget} steps against {paired['baseline']} at the same {seconds_words(table.get('clock'))} "
+                  f"({table['how']}; "
                   f"{table['outside']} subject(s) outside its range left out):")
             print(format_table(paired_rows(table)))
     print(f"report: {report}")

@@ -21,7 +21,7 @@ from rewardbooth.cli import main
 from rewardbooth.evaluation.bench import BATCH_HOW, merge, summarize_folders
 from rewardbooth.mini.assets import ASSETS_DIR
 from rewardbooth.mini.bench import subject_shares
-from rewardbooth.training.run_dir import seconds_at
+from rewardbooth.training.run_dir import read_metrics, seconds_at
 
 SCORE_ATOL = 1e-3
 SIMILARITIES = ("dino", "clip_i", "clip_t")
@@ -67,7 +67,7 @@ def test_mini_bench_in_batches_gives_the_scores_and_files_of_one_by_one(mini_ben
         for key, value in solo.items():
             if key in SIMILARITIES:
                 assert batched[key] == pytest.approx(value, abs=SCORE_ATOL), (solo["subject"], key)
-            elif key != "seconds":  # images and the attribute judge's answers: equal
+            elif key not in ("seconds", "seconds_clock"):  # images and the attribute judge's answers: equal
                 assert batched[key] == value, (solo["subject"], key)
 
 
@@ -80,11 +80,18 @@ def test_batched_seconds_are_the_batchs_wall_seconds_divided_by_its_subjects(min
     batch_clock = max(seconds_at(s / "run", 3) for s in subjects)
     for subject in subjects:
         seconds = json.loads((subject / "seconds.json").read_text())
-        assert seconds == {"seconds": round(batch_clock / 2, 3), "subjects_per_batch": 2, "how": BATCH_HOW}
-    # One by one, seconds.json is as it always was.
-    assert all(json.loads(p.read_text()).keys() == {"seconds"} for p in (one / "dreambooth").glob("subjects/*/seconds.json"))
-    # Comparing folders trained one by one and in batches warns: their seconds are measured differently.
-    with pytest.warns(UserWarning, match="subjects_per_batch"):
+        assert seconds == {"seconds": round(batch_clock / 2, 3), "clock": "wall", "subjects_per_batch": 2, "how": BATCH_HOW}
+        # Its subjects share the process, so its CPU time is no one subject's: train-many logs none.
+        assert not any("cpu_seconds" in r for r in read_metrics(subject / "run" / "metrics.jsonl"))
+    # One by one on the CPU: the run's CPU seconds at the evaluated step (a pause or other jobs are no compute).
+    for subject in sorted((one / "dreambooth" / "subjects").iterdir()):
+        run = subject / "run"
+        assert json.loads((subject / "seconds.json").read_text()) == {"seconds": seconds_at(run, 3, clock="cpu"), "clock": "cpu",
+                                                                      "wall_seconds": seconds_at(run, 3)}
+    clocks = [json.loads((d / "dreambooth" / "results.json").read_text())["overall"]["seconds_clock"] for d in (one, two)]
+    assert clocks == ["cpu", "wall"]
+    # Comparing folders trained one by one and in batches warns: their seconds are measured differently (batching, clock).
+    with pytest.warns(UserWarning, match="subjects_per_batch"), pytest.warns(UserWarning, match="seconds.json's clock"):
         summarize_folders([one / "dreambooth", two / "dreambooth"])
 
 
@@ -163,6 +170,8 @@ def test_a_failed_subject_in_a_batch_is_named_and_the_others_are_evaluated(tmp_p
     assert json.loads((out / "results.json").read_text())["subjects"] == 2
     with pytest.warns(UserWarning, match="subjects_per_batch"):  # can alone, backpack in a batch of three
         merge([out])
+    # Both trained by train-many (can in a batch of one): wall seconds, as their process's CPU time is not theirs alone
+    assert json.loads((out / "results.json").read_text())["overall"]["seconds_clock"] == "wall"
 
 
 @pytest.mark.parametrize("value, passed", [("auto", "auto"), ("3", 3)])

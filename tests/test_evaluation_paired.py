@@ -69,19 +69,41 @@ def test_equal_seconds_pairs_each_subject_with_the_baseline_interpolated_at_its_
     d = table["differences"]["dpg"]["identity_kept"]
     assert table["outside"] == 1 and d["subjects"] == 2  # c is left out, not extrapolated
     assert d["mean"] == pytest.approx(((0.5 - 0.4) + (0.6 - 0.7)) / 2) and (d["won"], d["lost"]) == (1, 1)
+    # The table names its clock: rows from before clocks were recorded are wall seconds; CPU rows say CPU; mixed, mixed.
+    assert table["clock"] == "wall" and "interpolated linearly in wall seconds" in table["how"]
+    on_cpu = [[dict(row, seconds_clock="cpu") for row in rows] for rows in [method, *baseline]]
+    cpu = paired_at_equal_seconds(on_cpu[0], on_cpu[1:], ("identity_kept",), "dpg", "dreambooth")
+    assert cpu["clock"] == "cpu" and "in CPU seconds" in cpu["how"] and cpu["differences"] == table["differences"]
+    assert paired_at_equal_seconds(on_cpu[0], baseline, ("identity_kept",), "dpg", "dreambooth")["clock"] == "mixed"
 
 
-def test_runs_log_their_wall_seconds_across_a_resume(tmp_path, tiny_overrides):
+def test_runs_log_their_wall_and_cpu_seconds_and_a_pause_is_no_cpu_seconds(tmp_path, tiny_overrides, monkeypatch):
+    """Both clocks cumulative from set-up on; a 0.5 s sleep in the fourth step counts on the wall clock only (summed
+    across a resume: tests/test_training_resume_config.py)."""
+    import time
+
+    from rewardbooth.training import loop
     from rewardbooth.training.run_dir import seconds_at
 
+    real_generator = loop.step_generator
+
+    def step_generator(seed, step, micro, process):
+        if step == 3:
+            time.sleep(0.5)
+        return real_generator(seed, step, micro, process)
+
+    monkeypatch.setattr(loop, "step_generator", step_generator)
     cfg = load_config(overrides=dict(tiny_overrides, **{"train.steps": 4, "train.checkpoint_every": 2, "train.log_every": 1,
                                                         "validation.every": 0}))
     run = tmp_path / "run"
     prepare_run_dir(run, resume=False, overwrite=False)
     train(cfg, run, progress=False)
-    seconds = [seconds_at(run, step) for step in (1, 2, 3, 4)]
-    assert all(s > 0 for s in seconds) and seconds == sorted(seconds)  # cumulative, set-up included from the first step
+    wall = [seconds_at(run, step) for step in (1, 2, 3, 4)]
+    cpu = [seconds_at(run, step, clock="cpu") for step in (1, 2, 3, 4)]
+    for seconds in (wall, cpu):
+        assert all(s > 0 for s in seconds) and seconds == sorted(seconds)  # cumulative, set-up included from the first step
     assert seconds_at(run, 2) == seconds_at(run, 2) and seconds_at(run, 5) is None
+    assert wall[3] - wall[2] >= 0.5 and cpu[3] - cpu[2] < wall[3] - wall[2] - 0.4  # a pause is no compute
 
 
 def test_budgets_keep_the_weights_a_shorter_run_would_give(tmp_path, tiny_overrides):

@@ -28,7 +28,7 @@ from rewardbooth.mini.world import make_subject
 from rewardbooth.training import many
 from rewardbooth.training.loop import train
 from rewardbooth.training.many import ManyEngine, SubjectRun, train_many
-from rewardbooth.training.run_dir import checkpoint_path, prepare_run_dir
+from rewardbooth.training.run_dir import checkpoint_path, prepare_run_dir, seconds_at
 
 LOSS_RTOL = 2e-5
 WEIGHT_RTOL = 2e-2
@@ -163,6 +163,8 @@ def test_the_calls_were_batched(together):
     # full fine-tune alone calls its frozen copy. One backward per step and group.
     assert engine.stats == {"stacked_calls": 4 * STEPS, "alone_calls": STEPS, "backwards": 2 * STEPS}
     assert not engine.unbatchable
+    # The subjects share one process, whose CPU time is no one subject's: their runs log wall seconds only.
+    assert all(seconds_at(o.run_dir, STEPS) > 0 and seconds_at(o.run_dir, STEPS, clock="cpu") is None for o in outcomes.values())
 
 
 @pytest.mark.slow

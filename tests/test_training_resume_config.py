@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,10 @@ from rewardbooth.cli import main
 from rewardbooth.errors import ConfigError
 from rewardbooth.methods import load_config
 from rewardbooth.methods.dreambooth import DreamBooth
+from rewardbooth.training import loop
 from rewardbooth.training.loop import train
 from rewardbooth.training.resume import resume_changes
-from rewardbooth.training.run_dir import CONFIG_NAME, HISTORY_NAME, LOCK_NAME, prepare_run_dir, read_metrics
+from rewardbooth.training.run_dir import CONFIG_NAME, HISTORY_NAME, LOCK_NAME, prepare_run_dir, read_metrics, seconds_at
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -105,10 +107,32 @@ def history(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / HISTORY_NAME).read_text().splitlines()]
 
 
-def test_more_steps_are_allowed_and_recorded(capsys, tmp_path, stopped):
+def process_clock_marks(monkeypatch) -> dict:
+    """Filled as training runs: this process's CPU clock as a run starts ("start") and as each step (its index) begins."""
+    marks, real_start, real_generator = {}, loop.record_run_start, loop.step_generator
+
+    def record_run_start(*args, **kwargs):
+        marks["start"] = time.process_time()
+        return real_start(*args, **kwargs)
+
+    def step_generator(seed, step, micro, process):
+        marks[step] = time.process_time()
+        return real_generator(seed, step, micro, process)
+
+    monkeypatch.setattr(loop, "record_run_start", record_run_start)
+    monkeypatch.setattr(loop, "step_generator", step_generator)
+    return marks
+
+
+def test_more_steps_are_allowed_and_recorded(capsys, tmp_path, stopped, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(stopped, run)
+    marks = process_clock_marks(monkeypatch)
     assert main(["train", "--resume", "--output", str(run), "--steps", "6", "--quiet"]) == 0
+    # CPU seconds go on from the stopped process's share: at step 3 that share plus this process's CPU time from its
+    # start (set-up, the checkpoint's restore) into step 3, not this process's alone.
+    cpu = [seconds_at(run, step, clock="cpu") for step in range(1, 7)]
+    assert all(s > 0 for s in cpu) and cpu == sorted(cpu) and cpu[2] - cpu[1] >= marks[2] - marks["start"]
     assert json.loads((run / "result.json").read_text())["last_step"] == 6
     assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 6
     start, resume = history(run)

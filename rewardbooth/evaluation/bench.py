@@ -6,8 +6,10 @@ Layout of a bench folder (one method):
     subjects/<name>/images/       generated PNGs + metadata.jsonl
     subjects/<name>/scores.json   per-image scores; its presence marks the subject finished
     subjects/<name>/failed.json   instead: its training diverged (the error); counted as failed, never scored
-    subjects/<name>/seconds.json  wall seconds of set-up and training behind the scored weights (and, for subjects
-                                  trained K at a time, how they were measured)
+    subjects/<name>/seconds.json  seconds of set-up and training behind the scored weights, "clock" saying which:
+                                  CPU seconds for a run trained alone on the CPU (a pause or other jobs on its cores
+                                  are not its compute), else wall seconds (and, for subjects trained K at a time, how
+                                  they were measured)
     subjects/<name>/run.batch.json  with --subjects-per-batch: the batch the run trained in and its clock
     results.csv, results.json, report.html   written by merge
 Shards (--shard i/N) take every N-th subject, so processes or machines sharing the folder never
@@ -16,7 +18,8 @@ touch the same subject; `merge` combines whatever is finished.
 With --subjects-per-batch K the subjects still to train are trained K at a time in one process
 (training/many.py: their denoiser calls stacked, each subject's run its solo run within float32 rounding), then
 evaluated one by one exactly as without it. A subject of a batch is charged the batch's wall seconds divided by
-its subjects (seconds.json says so); a subject that fails to train is named and the others are evaluated.
+its subjects (seconds.json says so; wall, as its subjects share one process's CPU time); a subject that fails to
+train is named and the others are evaluated.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from rewardbooth.data.images import load_image, load_image_folder, save_image_gr
 from rewardbooth.errors import ConfigError, OutputExistsError, RewardboothError, Stopped, TrainingDiverged
 from rewardbooth.evaluation.figures import plot_bars, plot_tradeoff
 from rewardbooth.evaluation.metrics import METRICS, ImageScore, Scorer, read_generated_folder, summarize
+from rewardbooth.evaluation.paired import combined_clock
 from rewardbooth.evaluation.report import ReportSection, write_report
 from rewardbooth.rewards import Subject
 from rewardbooth.sampling import SampleSettings, generate, save_generated
@@ -115,7 +119,14 @@ def batch_seconds(run_dir: Path, step: int) -> dict[str, Any] | None:
         return None
     after = sorted(int(s) for s in record["seconds"] if int(s) >= step)
     seconds = record["seconds"][str(after[0])] if after else None
-    return {"seconds": seconds, "subjects_per_batch": record["subjects_per_batch"], "how": record["how"]}
+    return {"seconds": seconds, "clock": "wall", "subjects_per_batch": record["subjects_per_batch"], "how": record["how"]}
+
+
+def solo_seconds(run_dir: Path, step: int) -> dict[str, Any]:
+    """seconds.json's content for a run trained alone: its CPU seconds where the loop measured them (on the CPU, in
+    one process), with its wall seconds beside them; else its wall seconds."""
+    wall, cpu = seconds_at(run_dir, step), seconds_at(run_dir, step, clock="cpu")
+    return {"seconds": wall, "clock": "wall"} if cpu is None else {"seconds": cpu, "clock": "cpu", "wall_seconds": wall}
 
 
 class _RecordingEngine(ManyEngine):
@@ -269,7 +280,7 @@ class BenchRunner:
                 return
         folder.mkdir(parents=True, exist_ok=True)  # the compute behind the evaluated weights, for equal-seconds comparisons
         # (a run trained in a batch: the batch's seconds divided by its subjects, and how they were measured)
-        seconds = batch_seconds(run_dir, self.evaluated_step()) or {"seconds": seconds_at(run_dir, self.evaluated_step())}
+        seconds = batch_seconds(run_dir, self.evaluated_step()) or solo_seconds(run_dir, self.evaluated_step())
         (folder / SECONDS_NAME).write_text(json.dumps(seconds))
         _, pipe = load_run_pipeline(run_dir, device=self.scorer.device, weights_dir=self.weights_dir(run_dir))
         prompts = subject.prompts(self.cfg.data.identifier)
@@ -307,26 +318,42 @@ class BenchRunner:
         """Suites with more judges add their per-image numbers to `scores[i].extra` here."""
 
 
+def _seconds_record(subject_dir: Path) -> dict[str, Any] | None:
+    path = Path(subject_dir) / SECONDS_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def subjects_per_batch_of(subject_dir: Path) -> int:
     """How many subjects trained together behind a subject's seconds (1: alone, or not recorded)."""
-    path = Path(subject_dir) / SECONDS_NAME
-    return int(json.loads(path.read_text()).get("subjects_per_batch", 1)) if path.is_file() else 1
+    return int((_seconds_record(subject_dir) or {}).get("subjects_per_batch", 1))
+
+
+def seconds_clock_of(subject_dir: Path) -> str | None:
+    """The clock of a subject's seconds: "cpu" or "wall" (folders from before clocks were recorded); None: not recorded."""
+    record = _seconds_record(subject_dir)
+    return None if record is None or record.get("seconds") is None else record.get("clock", "wall")
 
 
 def warn_mixed_clocks(bench_dirs: list[Path]) -> None:
-    """Subjects trained alone and K at a time in the folders compared: their seconds are measured differently."""
-    sizes = sorted({subjects_per_batch_of(d) for bench_dir in bench_dirs for d in (Path(bench_dir) / "subjects").glob("*/")
-                    if (d / SECONDS_NAME).is_file()})
+    """Subjects trained alone and K at a time, or timed on CPU and wall clocks, in the folders compared: their seconds
+    are measured differently."""
+    timed = [d for bench_dir in bench_dirs for d in (Path(bench_dir) / "subjects").glob("*/") if (d / SECONDS_NAME).is_file()]
+    sizes = sorted({subjects_per_batch_of(d) for d in timed})
     if len(sizes) > 1:
         warnings.warn(f"these bench folders mix subjects trained {' and '.join(map(str, sizes))} at a time (seconds.json's "
                       "subjects_per_batch): a batch's seconds are its wall time divided by its subjects, so comparisons at "
                       "equal seconds also compare how the subjects were batched; bench every method with the same "
                       "--subjects-per-batch", stacklevel=2)
+    clocks = sorted({c for d in timed if (c := seconds_clock_of(d)) is not None})
+    if len(clocks) > 1:
+        warnings.warn(f"these bench folders mix seconds on the {' and '.join(clocks)} clocks (seconds.json's clock): CPU "
+                      "seconds are a run's own compute, wall seconds also count pauses and other jobs on its cores, so "
+                      "comparisons at equal seconds across them do not compare equal compute; bench every method the "
+                      "same way (on the same device, with the same --subjects-per-batch)", stacklevel=2)
 
 
 def subject_seconds(subject_dir: Path) -> float:
-    path = Path(subject_dir) / SECONDS_NAME
-    seconds = json.loads(path.read_text())["seconds"] if path.is_file() else None
+    seconds = (_seconds_record(subject_dir) or {}).get("seconds")
     return float("nan") if seconds is None else float(seconds)
 
 
@@ -359,7 +386,7 @@ def summarize_folders(bench_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
         if not scores and not failed:
             raise ConfigError(f"{bench_dir} has no finished subjects yet")
         per_subject = summarize(scores, "subject")
-        for row in per_subject:  # wall seconds of set-up and training behind the scored weights (None: not recorded)
+        for row in per_subject:  # seconds of set-up and training behind the scored weights (NaN: not recorded)
             row["seconds"] = subject_seconds(bench_dir / "subjects" / row["subject"])
         overall = summarize(scores)[0] if scores else {"scope": "overall", "images": 0}
         timed = [row["seconds"] for row in per_subject if not math.isnan(row["seconds"])]
@@ -367,6 +394,9 @@ def summarize_folders(bench_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
         for metric in [k for k in overall if k not in ("scope", "images")]:  # spread over subjects: subjects are the sample
             values = [row[metric] for row in per_subject if not math.isnan(row[metric])]
             overall[f"{metric}_std_over_subjects"] = pstdev(values) if len(values) > 1 else 0.0
+        for row in per_subject:  # which clock: "cpu", "wall"; overall: "mixed" where the subjects' clocks differ
+            row["seconds_clock"] = seconds_clock_of(bench_dir / "subjects" / row["subject"])
+        overall["seconds_clock"] = combined_clock(per_subject)
         result = {"method": info["method"], "model": info["model"], "judges": info["judges"], "subjects": len(per_subject),
                   "failed": failed, "overall": overall, "per_subject": per_subject, "per_prompt": summarize(scores, "prompt")}
         (bench_dir / "results.json").write_text(json.dumps(result, indent=2))
@@ -390,9 +420,10 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]],
     table = []
     for d, _, r in methods:
         overall = r["overall"]
-        metrics = [k for k in overall if k not in ("scope", "images") and not k.endswith("_std_over_subjects")]
+        metrics = [k for k in overall if k not in ("scope", "images", "seconds_clock") and not k.endswith("_std_over_subjects")]
         table.append({"method": labels[d], "folder": str(d), "subjects": r["subjects"], "failed": len(r.get("failed", [])),
-                      "images": overall["images"], **{m: f"{overall[m]:.4f} ± {overall[m + '_std_over_subjects']:.4f}" for m in metrics}})
+                      "images": overall["images"], **{m: f"{overall[m]:.4f} ± {overall[m + '_std_over_subjects']:.4f}" for m in metrics},
+                      "seconds_clock": overall.get("seconds_clock")})
     judges = methods[0][2]["judges"]
     text = "mean over all images ± standard deviation over subjects; judges: " + ", ".join(f"{k}={v}" for k, v in judges.items())
     sections = [ReportSection("Overall", text, table=table), *(extra_sections or [])]

@@ -78,12 +78,24 @@ def interpolate_at(curve: list[tuple[float, float]], x: float) -> float:
     return points[0][1] if len(points) == 1 and points[0][0] == x else math.nan
 
 
+def combined_clock(rows) -> str | None:
+    """The clock of results rows' seconds (their "seconds_clock": "cpu" or "wall"; rows from before clocks were recorded:
+    wall), "mixed" where they differ, None where no row's seconds were recorded."""
+    found = {row.get("seconds_clock", "wall") for row in rows} - {None}
+    return None if not found else found.pop() if len(found) == 1 else "mixed"
+
+
+def seconds_words(clock: str | None) -> str:
+    """How seconds on `clock` read in tables and plots."""
+    return {"cpu": "CPU seconds", "mixed": "seconds (CPU and wall clocks mixed)"}.get(clock, "wall seconds")
+
+
 def paired_at_equal_seconds(method_rows: list[dict], baseline_budgets: list[list[dict]], metrics: tuple[str, ...],
                             method: str, baseline: str) -> dict[str, Any]:
-    """`method` (rows with "subject", "seconds" and the metrics) minus the baseline at the same wall seconds,
-    subject by subject: the baseline's metric interpolated linearly in seconds between its budgets (each of
-    `baseline_budgets` one budget's rows). A subject whose seconds fall outside the baseline's measured range
-    is left out and counted ("outside"), never extrapolated."""
+    """`method` (rows with "subject", "seconds" and the metrics) minus the baseline at the same seconds, subject by
+    subject: the baseline's metric interpolated linearly in seconds between its budgets (each of `baseline_budgets`
+    one budget's rows). A subject whose seconds fall outside the baseline's measured range is left out and counted
+    ("outside"), never extrapolated. The rows' "seconds_clock" (absent: wall) names the table's clock."""
     curves = {}
     for rows in baseline_budgets:
         for row in rows:
@@ -97,7 +109,9 @@ def paired_at_equal_seconds(method_rows: list[dict], baseline_budgets: list[list
             continue
         matched.append({"subject": row["subject"], **at})
     table = paired_differences({baseline: matched, method: method_rows}, metrics, baseline=baseline)
-    return {**table, "outside": outside, "how": f"{baseline} interpolated linearly in wall seconds between its budgets"}
+    clock = combined_clock([*method_rows, *sum(baseline_budgets, [])])
+    return {**table, "outside": outside, "clock": clock,
+            "how": f"{baseline} interpolated linearly in {seconds_words(clock)} between its budgets"}
 
 
 def paired_rows(paired: dict[str, Any]) -> list[dict[str, str]]:

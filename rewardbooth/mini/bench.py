@@ -38,7 +38,7 @@ from rewardbooth.evaluation.bench import (BenchRunner, SubjectsFailed, is_batche
                                           write_bench_report)
 from rewardbooth.evaluation.figures import plot_frontier
 from rewardbooth.evaluation.metrics import ImageScore, Scorer
-from rewardbooth.evaluation.paired import paired_at_equal_seconds, paired_differences, paired_rows
+from rewardbooth.evaluation.paired import combined_clock, paired_at_equal_seconds, paired_differences, paired_rows, seconds_words
 from rewardbooth.evaluation.report import ReportSection
 from rewardbooth.methods import baseline_method, load_config, resolve_variant
 from rewardbooth.methods.dreambooth import class_image_settings
@@ -275,7 +275,8 @@ def paired_by_budget(results: dict[str, dict], methods: list[str], budgets: list
 
 
 def paired_by_seconds(results: dict[str, dict], methods: list[str], budgets: list[int]) -> dict[str, Any]:
-    """Per budget: each method minus dreambooth at the same wall seconds (dreambooth interpolated on its budget curve)."""
+    """Per budget: each method minus dreambooth at the same seconds (dreambooth interpolated on its budget curve; CPU
+    seconds where every run trained alone on the CPU, else wall seconds: each table's "clock")."""
     baseline = baseline_method().name if baseline_method().name in methods else methods[0]
     base_rows = [results[bench_folder_name(baseline, b)]["per_subject"] for b in budgets]
     tables = {}
@@ -402,17 +403,18 @@ def mini_report_sections(out: Path, results: dict[str, dict], paired: dict[str, 
                                       "better means up at the same budget and the same prompt_ok",
                                       images=[(str(path.relative_to(out)), "identity_kept vs prompt_ok per method across budgets")]))
         images = []
-        for metric in ("identity_kept", "prompt_ok"):  # the compute frontier: the same curves against wall seconds
+        seconds = seconds_words(combined_clock(overall.values()))
+        for metric in ("identity_kept", "prompt_ok"):  # the compute frontier: the same curves against seconds
             curves = {m: [(b, overall[m, b]["seconds"], overall[m, b][metric]) for b in budgets] for m in methods}
-            chart = plot_frontier(curves, out / "report_assets" / f"seconds_{metric}.png", "wall seconds per subject "
+            chart = plot_frontier(curves, out / "report_assets" / f"seconds_{metric}.png", f"{seconds} per subject "
                                   "(set-up + training + validation)", metric)
             images.append((str(chart.relative_to(out)), f"{metric} vs seconds per method across budgets"))
-        sections.append(ReportSection("Compute frontier", "mean over subjects at each budget (steps, labelled) against the wall "
-                                      "seconds spent to get there: better means up at the same seconds", images=images))
+        sections.append(ReportSection("Compute frontier", f"mean over subjects at each budget (steps, labelled) against the {seconds} "
+                                      "spent to get there: better means up at the same seconds", images=images))
     for budget, tables in paired.get("equal_seconds", {}).get("budgets", {}).items():
         for method, table in tables.items():
             sections.append(ReportSection(
-                f"{method} at {budget} steps against {paired['baseline']} at the same seconds",
+                f"{method} at {budget} steps against {paired['baseline']} at the same {seconds_words(table.get('clock'))}",
                 f"{table['how']}; {table['interval']}; subjects outside {paired['baseline']}'s measured seconds (left out): "
                 f"{table['outside']}", table=paired_rows(table)))
     return sections

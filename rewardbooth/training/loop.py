@@ -71,6 +71,9 @@ def stop_signals(handler):
 
 
 class Trainer:
+    # Whether this process trains only this run, so the process's CPU time is the run's (train-many: several at once).
+    owns_process_clock = True
+
     def __init__(self, cfg: RunConfig, run_dir: Path, method: Method | None = None, progress: bool = True,
                  scorer: SelectionScorer | None = None):
         from accelerate import Accelerator
@@ -195,7 +198,7 @@ class Trainer:
         for section, key in ((cfg.data, "instance_dir"), (cfg.prior, "class_dir")):
             if getattr(section, key):
                 setattr(section, key, str(Path(getattr(section, key)).expanduser().resolve()))
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         record_run_start(cfg, self.run_dir, resume, write=acc.is_main_process)  # refuses resuming under other settings
         if acc.is_main_process:
             atomic_write_text(self.folder.config, cfg.to_yaml())
@@ -208,10 +211,14 @@ class Trainer:
             start_step = checkpoints.restore_latest(finished=self.folder.is_finished())
             self.selection.restore(start_step)
         self.metrics.truncate_after(start_step)
-        # Wall seconds spent on this run so far (set-up included; earlier processes' share from the log), so a
-        # bench can compare methods at equal compute, not only at equal steps.
-        spent = [r["wall_seconds"] for r in self.folder.read_metrics() if "wall_seconds" in r and r["step"] <= start_step]
-        self.wall_start = started - (max(spent) if spent else 0.0)
+        # Seconds spent on this run so far (set-up included; earlier processes' share from the log), so a bench can
+        # compare methods at equal compute. CPU seconds leave out pauses and other jobs on shared cores, but are the
+        # run's own only on the CPU in one process training it alone (every earlier process too).
+        earlier = [r for r in self.folder.read_metrics() if "wall_seconds" in r and r["step"] <= start_step]
+        self.wall_start = started - max((r["wall_seconds"] for r in earlier), default=0.0)
+        own_cpu = self.owns_process_clock and acc.device.type == "cpu" and acc.num_processes == 1
+        self.cpu_start = (cpu_started - max((r["cpu_seconds"] for r in earlier), default=0.0)
+                          if own_cpu and all("cpu_seconds" in r for r in earlier) else None)
 
         bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc=f"train {self.method.name}",
                    disable=not (self.progress and acc.is_main_process), unit="step")
@@ -275,6 +282,8 @@ class Trainer:
         record.update(step=step, lr=lr_scheduler.get_last_lr()[0],
                       seconds_per_step=(time.perf_counter() - tick) * t.gradient_accumulation_steps / count,
                       wall_seconds=round(time.perf_counter() - self.wall_start, 3))
+        if self.cpu_start is not None:
+            record["cpu_seconds"] = round(time.process_time() - self.cpu_start, 3)
         if self.nonfinite.skipped:
             record["skipped_nonfinite"], self.nonfinite.skipped = self.nonfinite.skipped, 0
         if nonfinite and GRAD_NORM in nonfinite:  # the step that stops the run: its gradient norm too

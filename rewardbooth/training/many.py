@@ -169,6 +169,8 @@ class _Slot:
 class _SubjectTrainer(Trainer):
     """The loop's Trainer with its base model from the engine and its backward through it."""
 
+    owns_process_clock = False  # its subjects share the process: its CPU time is no one subject's (no cpu_seconds)
+
     def __init__(self, engine: ManyEngine, slot: _Slot):
         self.engine = engine
         super().__init__(slot.run.cfg, Path(slot.run.run_dir), method=slot.run.method, progress=False)

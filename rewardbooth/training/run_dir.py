@@ -281,12 +281,14 @@ class MetricsLog:
             f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
-def seconds_at(run_dir: Path, step: int) -> float | None:
-    """Wall seconds the run had spent when it reached `step` (set-up, training and validation, summed over
-    resumes; metrics' `wall_seconds`), the first logged step at or after it; None for runs that predate it."""
+def seconds_at(run_dir: Path, step: int, clock: str = "wall") -> float | None:
+    """Seconds the run had spent when it reached `step` (set-up, training and validation, summed over resumes), on
+    `clock`: "wall" (metrics' `wall_seconds`) or "cpu" (`cpu_seconds`: the process's CPU time, logged only where the
+    process trained the run alone on the CPU), at the first logged step at or after it; None where not logged."""
     records = [r for r in RunFolder(run_dir).read_metrics() if "wall_seconds" in r and not r.get("validation")]
     after = [r for r in records if r["step"] >= step]
-    return float(min(after, key=lambda r: r["step"])["wall_seconds"]) if after else None
+    value = min(after, key=lambda r: r["step"]).get(f"{clock}_seconds") if after else None
+    return None if value is None else float(value)
 
 
 def read_metrics(path: Path) -> list[dict]:
