@@ -120,7 +120,7 @@ def test_mini_bench_parallel_jobs_match_one_process(tmp_path):
                   overrides={"train.steps": 3, "prior.num_class_images": 4})
     run_mini_bench(tmp_path / "one", ["dreambooth"], jobs=1, **common)
     run_mini_bench(tmp_path / "two", ["dreambooth"], jobs=2, **common)
-    def scores(folder):  # the numbers, not the wall seconds each run took
+    def scores(folder):  # the numbers, not the seconds each run took
         rows = json.loads((folder / "dreambooth" / "results.json").read_text())["per_subject"]
         return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
