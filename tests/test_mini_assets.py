@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rewardbooth.mini.assets import ASSETS_DIR
+from rewardbooth.mini.preset import FLOW_SAMPLER_STEPS
 from rewardbooth.mini.world import DEFAULT_SPLIT, Scene, render, sample_scene
 
 pytestmark = pytest.mark.skipif(not (ASSETS_DIR / "base" / "model_index.json").is_file(), reason="mini assets not built")
@@ -21,14 +22,15 @@ def judge():
 
 def test_assets_stay_small():
     total = sum(f.stat().st_size for f in ASSETS_DIR.rglob("*") if f.is_file())
-    assert total < 30 * 2**20, f"mini assets are {total / 2**20:.1f} MB"
+    assert total < 40 * 2**20, f"mini assets are {total / 2**20:.1f} MB"
 
 
 @pytest.mark.slow
-def test_base_model_draws_prompted_attributes_well_above_chance(judge):
+@pytest.mark.parametrize("model, steps", [("mini", 15), ("mini-flow", FLOW_SAMPLER_STEPS)])
+def test_base_model_draws_prompted_attributes_well_above_chance(judge, model, steps):
     from rewardbooth.mini.measure import measure_base_model
 
-    result = measure_base_model(scenes=48, steps=15, seed=1, judge=judge)
+    result = measure_base_model(model, scenes=48, steps=steps, seed=1, judge=judge)
     generated, chance = result["generated"], result["chance"]
     # Context is drawn almost always, shape and colour most of the time (chance: 1/8, 1/7, 1/8).
     assert generated["context"] >= 0.8, generated

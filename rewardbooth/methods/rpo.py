@@ -98,7 +98,7 @@ class RPO(Method):
                  "validation.every": 40, "validation.num_images": 2, "rpo.negative_steps": 10}
     # mini-flow: negatives drawn as its bench samples (FLOW_SAMPLER_STEPS in mini/preset.py; a test keeps them equal), the
     # transformer's rates from docs/minibench.md's flow tuning (not run yet)
-    minibench_models = {"mini-flow": {"rpo.negative_steps": 20}}
+    minibench_models = {"mini-flow": {"rpo.negative_steps": 10}}
     # the preference term off; labels that carry signal; the official prompt pairing; selection that waits
     variants = {
         "rpo-beta0": {"rpo.beta": 0.0},

@@ -14,9 +14,10 @@ from rewardbooth.mini.world import CONTEXT_PHRASES
 from rewardbooth.models.presets import Preset
 from rewardbooth.models.sampling_defaults import SAMPLER_KEYS
 
-# mini-flow's sampler (flow-matching Euler steps, classifier-free guidance): provisional, mini's values until
-# `python -m rewardbooth.mini.measure --model mini-flow --steps N` on the pretrained model chooses them.
-FLOW_SAMPLER_STEPS, FLOW_SAMPLER_GUIDANCE = 20, 4.0
+# mini-flow's sampler (flow-matching Euler steps, classifier-free guidance): the fewest steps of 10/20/30/50 at which
+# `python -m rewardbooth.mini.measure --model mini-flow --steps N` reads every attribute within 0.03 of mini's
+# (docs/mini-flow.md, "The quality bar").
+FLOW_SAMPLER_STEPS, FLOW_SAMPLER_GUIDANCE = 10, 4.0
 
 
 def mini_defaults() -> dict[str, Any]:
