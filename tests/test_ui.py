@@ -274,17 +274,20 @@ def test_the_bench_runs_from_the_page_and_shows_its_table(app):
     assert _request(f"{base}/files/{info['plots'][0]}")[0] == 200
 
 
-def test_the_page_benches_either_suite_and_refuses_another(app):
+def test_the_page_benches_either_suite_on_either_model_and_refuses_another(app):
     base, workspace = app()
     status, reply = _request(base + "/api/bench", {"suite": "dreambench"})
     assert status == 400 and "mini, mini-lora" in reply["error"] and not workspace.jobs
-    bench = _request(base + "/api/bench", {"suite": "mini-lora", "num_subjects": 1, "steps": 1})[1]["bench"]
+    status, reply = _request(base + "/api/bench", {"model": "tiny"})
+    assert status == 400 and "mini or mini-flow" in reply["error"] and not workspace.jobs
+    bench = _request(base + "/api/bench", {"suite": "mini-lora", "model": "mini-flow", "num_subjects": 1, "steps": 1})[1]["bench"]
     command = workspace.log_path(bench).read_text().splitlines()[0]
     workspace.stop(bench)  # what was started is the point here, not the bench itself
     workspace.jobs[bench].process.wait(timeout=60)
-    assert command.startswith("$ rewardbooth bench --suite mini-lora --quick --num-subjects 1 --steps 1 ")
+    assert command.startswith("$ rewardbooth bench --suite mini-lora --model mini-flow --quick --num-subjects 1 --steps 1 ")
     html = _request(base + "/")[1]
-    assert b'<option value="mini-lora">' in (html if isinstance(html, bytes) else html.encode())
+    html = html if isinstance(html, bytes) else html.encode()
+    assert b'<option value="mini-lora">' in html and b'<option value="mini-flow">' in html
 
 
 # --- a run that ends in a one-line error: a status, not a stack trace ------------------------------------

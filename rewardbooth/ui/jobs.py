@@ -24,6 +24,7 @@ from rewardbooth.data.images import IMAGE_EXTENSIONS, load_image
 from rewardbooth.config import MINIBENCH_SUITES, parse_override
 from rewardbooth.errors import ConfigError, ImageFolderError, RewardboothError, TrainingDiverged
 from rewardbooth.methods import baseline_method, get_method, load_config, method_names, method_registry
+from rewardbooth.mini.assets import FLOW_NAME, MINI_NAME
 from rewardbooth.models.export import KOHYA_WEIGHTS_NAME
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
 from rewardbooth.training.preflight import check_training_inputs
@@ -183,14 +184,17 @@ class Workspace:
         self._spawn(name, "train", ["train", "--resume", "--output", str(run_dir), "--quiet"])
 
     def start_bench(self, options: dict | None = None) -> str:
-        """`bench --suite mini --quick` (or `mini-lora`: each method trains a LoRA), optionally smaller for a first look
-        (fewer subjects, steps, images)."""
+        """`bench --suite mini --quick` (or `mini-lora`: each method trains a LoRA) on MiniBench's U-Net (`mini`) or its
+        flow transformer (`mini-flow`), optionally smaller for a first look (fewer subjects, steps, images)."""
         flags = {"num_subjects": "--num-subjects", "steps": "--steps", "images_per_prompt": "-k", "sample_steps": "--sample-steps"}
         options = dict(options or {})
         suite = options.pop("suite", None) or "mini"
         if suite not in MINIBENCH_SUITES:
             raise UIError(f"bench suite must be one of {', '.join(MINIBENCH_SUITES)}, got {suite!r}")
-        args = ["bench", "--suite", suite, "--quick"]
+        model = options.pop("model", None) or MINI_NAME
+        if model not in (MINI_NAME, FLOW_NAME):
+            raise UIError(f"bench model must be {MINI_NAME} or {FLOW_NAME}, got {model!r}")
+        args = ["bench", "--suite", suite, "--model", model, "--quick"]
         for key, value in options.items():
             if key not in flags:
                 raise UIError(f"unknown bench option {key!r}")
