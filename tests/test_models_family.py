@@ -234,6 +234,32 @@ def test_memory_estimate_leaves_the_transformer_as_it_found_it(model):
                                                                                                   x_t, t, text))
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_qwenimage_estimate_calls_the_transformer_as_a_real_step_on_its_prompts_does(batch):
+    """Qwen-Image's predict trims the text to the batch's longest prompt, a length read from the mask's data, which the
+    memory estimate's fake tensors do not have: there it passes the conditioning as it is. The estimate's prompts are
+    ones the trim leaves as they are (the first spans the whole width; a single one has no mask), so its forward is
+    the call a real step makes on them: the same text width and the same mask, or none."""
+    from rewardbooth.training import memory
+
+    components = load_components("tiny-qwenimage")
+    family, seen = components.family(), []
+    hook = components.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs["encoder_hidden_states"], kwargs["encoder_hidden_states_mask"])),
+        with_kwargs=True)
+    memory.saved_activation_bytes([family.probe(components.unet, batch, 8, torch.float32, torch.device("cpu"))],
+                                  [components.unet])
+    text = family.dummy_conditioning(batch, torch.float32, torch.device("cpu"))  # the same prompts on real tensors
+    with torch.no_grad():
+        family.predict(components.unet, torch.zeros(batch, 16, 8, 8), torch.full((batch,), 500), text)
+    hook.remove()
+    (estimated_hidden, estimated_mask), (hidden, mask) = seen
+    assert estimated_hidden.shape == hidden.shape == (batch, family.probe_tokens, family.text_dim)
+    assert (estimated_mask is None) == (mask is None) == (batch == 1)
+    if mask is not None:
+        assert estimated_mask.shape == mask.shape and torch.equal(mask, text.mask)
+
+
 def test_flux_timesteps_follow_the_resolution_dependent_shift(flux):
     family = _family(flux, weighting="uniform")
     small, large = torch.zeros(4096, 16, 8, 8), torch.zeros(64, 16, 64, 64)

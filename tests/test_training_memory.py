@@ -23,6 +23,11 @@ SETUPS = {
     # Z-Image's step sees its prompts' own tokens: both default prompts with the chat template, padded to 64 inside the
     # transformer (tiny-zimage's tokens are bytes), the estimate's prompt length.
     "zimage-dreambooth-lora": {"model.name": "tiny-zimage", "data.resolution": 64, "train.method": "dreambooth"},
+    # Qwen-Image's step sees the batch's longest prompt and masks the shorter one's padding: an instance prompt of 64
+    # tokens with the template's tail (tiny-qwenimage's tokens are about bytes), the estimate's probe_tokens, and the
+    # default class prompt, padded and masked as the estimate's second row is.
+    "qwenimage-dreambooth-lora": {"model.name": "tiny-qwenimage", "data.resolution": 64, "train.method": "dreambooth",
+                                  "data.instance_prompt": "a photo of {identifier} {class_noun} on a wooden table in morning light"},
 }
 
 
@@ -36,15 +41,15 @@ def _measuring(method_cls):
             if self.measured is not None:
                 return super().loss(ctx, generator)
             weights = {t.untyped_storage()._cdata for t in memory._tensors(memory.resident_modules([ctx.components, self]))}
-            saved: dict[int, int] = {}
+            saved: dict[int, torch.Tensor] = {}  # held until counted: a freed storage's address goes to another
 
             def pack(t):
-                saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+                saved.setdefault(t.untyped_storage()._cdata, t)
                 return t
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 result = super().loss(ctx, generator)
-            self.measured = sum(n for key, n in saved.items() if key not in weights)
+            self.measured = sum(t.untyped_storage().nbytes() for key, t in saved.items() if key not in weights)
             return result
 
     return Measured
@@ -66,6 +71,24 @@ def test_activation_estimate_matches_what_a_real_step_saves(tmp_path, tiny_overr
     assert estimate is not None and measured > 0
     assert estimate.activations == pytest.approx(measured, rel=0.05), (estimate, measured)
     assert "estimated peak memory" in capsys.readouterr().out
+
+
+def test_a_dropped_branch_and_what_follows_it_are_each_counted():
+    """Qwen-Image's transformer computes its last block's text stream and drops it: autograd frees what that branch
+    saved before the forward ends, and the allocator hands the freed addresses to the tensors after it. Each saved
+    storage counts once, whatever address comes next (the count moved by up to 64 KiB from run to run before)."""
+    layer, blocks = torch.nn.Linear(64, 64), 8
+
+    def probe():
+        out = 0
+        for _ in range(blocks):
+            dropped = torch.nn.functional.gelu(layer(torch.ones(8, 64)))  # saves its input and the linear's output
+            del dropped  # freed, with what it saved
+            out = out + torch.nn.functional.gelu(layer(torch.ones(8, 64))).sum()  # may get the freed addresses
+        return out
+
+    total, largest = memory.saved_activation_bytes([probe], [layer])
+    assert (total, largest) == (blocks * 4 * 8 * 64 * 4, 8 * 64 * 4)  # per block 2 inputs, 2 gelu inputs; weights resident
 
 
 @pytest.mark.slow

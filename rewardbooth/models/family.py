@@ -457,7 +457,8 @@ class QwenImageFamily(FlowFamily):
     def predict(self, denoiser, noisy, timesteps, text) -> torch.Tensor:
         b, c, h, w = noisy.shape
         hidden, mask = text.hidden, text.mask
-        if mask is not None and not isinstance(mask, FakeTensor):  # fake: the estimate's dummy prompts, their padding kept
+        # fake: the memory estimate's prompts, whose lengths are data it lacks; the trim would keep them whole
+        if mask is not None and not isinstance(mask, FakeTensor):
             longest = int(mask.sum(1).max())  # the batch's longest prompt; past it every row is padding
             hidden, mask = hidden[:, :longest], mask[:, :longest]
             mask = None if bool(mask.all()) else mask  # as the pipeline passes a batch without padding
@@ -475,7 +476,9 @@ class QwenImageFamily(FlowFamily):
 
     def dummy_conditioning(self, batch, dtype, device) -> TextConditioning:
         """probe_tokens of text per image; a batch of several holds a shorter prompt too (DreamBooth's class prompt, RPO's
-        negatives), whose padding is masked, so the estimate's step builds the attention mask a real one does."""
+        negatives), whose padding is masked, so the estimate's step builds the attention mask a real one does. The first
+        spans the whole width, so predict's trim to the longest prompt (which it cannot read from fake tensors) keeps
+        them whole."""
         hidden = torch.zeros(batch, self.probe_tokens, self.text_dim, dtype=dtype, device=device)
         if batch == 1:
             return TextConditioning(hidden)

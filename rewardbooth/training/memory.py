@@ -145,13 +145,16 @@ def _trained_below_float32(t: torch.Tensor) -> bool:
 def saved_activation_bytes(probes: list[Callable[[], object]], modules: Iterable[torch.nn.Module]) -> tuple[int, int]:
     """(total, largest) bytes autograd saves while the probes run on fake tensors; the modules'
     own weights are not counted (they are resident anyway). Each probe is one forward pass
-    whose activations live until the step's backward, so their savings add up."""
+    whose activations live until the step's backward, so their savings add up. Storages are told apart by
+    address, so each is held until counted: one that autograd frees early (a probe's graph once the probe
+    returns, a branch whose output the model drops, as Qwen-Image's last text stream) could otherwise leave
+    its address to a later one, which then replaced it in the count, as the allocator happened to reuse it."""
 
     holder = _Probes(list(modules), probes)
-    saved: dict[int, int] = {}
+    saved: dict[int, torch.Tensor] = {}
 
     def pack(t: torch.Tensor):
-        saved[_storage_key(t)] = t.untyped_storage().nbytes()
+        saved.setdefault(_storage_key(t), t)
         return t
 
     real = {**dict(holder.named_parameters(remove_duplicate=False)), **dict(holder.named_buffers(remove_duplicate=False))}
@@ -167,7 +170,7 @@ def saved_activation_bytes(probes: list[Callable[[], object]], modules: Iterable
         weights = {_storage_key(t) for t in fake.values()}
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             torch.func.functional_call(holder, fake, (), strict=False)
-    activations = [n for key, n in saved.items() if key not in weights]
+    activations = [t.untyped_storage().nbytes() for key, t in saved.items() if key not in weights]
     return sum(activations), max(activations, default=0)
 
 
