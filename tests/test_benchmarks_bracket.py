@@ -63,3 +63,23 @@ def test_a_bracket_run_in_phases_is_read_as_one_and_an_edge_is_named(tmp_path, c
     assert abs(cells[("dpg", 1e-4, 400)]["identity_kept"] - 0.2) < 1e-9 and ("dpg", 1e-4, 1600) in cells
     assert result["chosen"] == {"dpg": 2e-4} and result["at_edge"] == {"dpg": "largest"}
     assert "the bracket's largest rate: its edge" in capsys.readouterr().out
+
+
+def chosen_rates(doc: str, section: str) -> dict[str, float]:
+    """The "**Chosen**" table of a bracket's section in docs/minibench.md: method -> learning rate."""
+    text = doc.split(section, 1)[1].split("\n## ", 1)[0]
+    table = text.split("**Chosen**", 1)[1].split("\n\n", 2)[1]
+    rows = [line.split("|")[1:3] for line in table.splitlines()[2:]]
+    return {method.strip(): float(rate) for method, rate in rows}
+
+
+def test_the_minibench_rates_are_the_ones_the_bracket_chose():
+    """Method.minibench (and a variant's) learning rate is the one docs/minibench.md records as chosen: code and the
+    record of its evidence cannot drift apart."""
+    from rewardbooth.mini.bench import method_config
+
+    doc = (Path(__file__).parents[1] / "docs" / "minibench.md").read_text()
+    chosen = chosen_rates(doc, "## Bracket round 2")
+    assert set(chosen) == {"dreambooth", "dreambooth-select", "dpg", "rpo"}
+    for method, rate in chosen.items():
+        assert method_config(method, None, {}).train.learning_rate == rate, method

@@ -184,7 +184,8 @@ class DPG(DreamBooth):
         "prior.weight": 1.0,
         "prior.num_class_images": 8,
     }
-    # MiniBench: the feature critic (won the tuning round on set 100); the released critic is dpg-recon.
+    # MiniBench: the feature critic (won the tuning round on set 100; learning rate: bracket round 2 at batch 1, set 101);
+    # the released critic is dpg-recon.
     minibench = {"adapter.kind": "full", "adapter.train_text_encoder": False, "train.learning_rate": 2e-4, "train.steps": 400,
                  "train.batch_size": 1, "validation.every": 0, **FEATURE_CRITIC}
     minibench_models = {"mini-flow": {}}  # the transformer's rates: docs/minibench.md's flow tuning (not run yet)

@@ -57,7 +57,7 @@ def prepare_class_images(ctx: TrainContext) -> list[Image.Image]:
 class DreamBooth(Method):
     name = "dreambooth"
     summary = "the baseline: denoising loss on your photos + prior preservation on class images"
-    # MiniBench (docs/minibench.md): full U-Net, 400 steps at batch 1, the learning rate chosen at batch 2 on set 100.
+    # MiniBench (docs/minibench.md): full U-Net, 400 steps at batch 1, the learning rate bracket round 2 chose at batch 1 (set 101).
     minibench = {"adapter.kind": "full", "train.learning_rate": 4e-4, "train.steps": 400, "train.batch_size": 1,
                  "validation.every": 0}
     minibench_models = {"mini-flow": {}}  # the transformer's rates: docs/minibench.md's flow tuning (not run yet)

@@ -93,8 +93,9 @@ class RPO(Method):
     section = "rpo"
     curves = ("loss", "loss_preference")
     run_files = (NEGATIVES_FOLDER,)
-    # MiniBench (docs/minibench.md): full U-Net, 400 steps at batch 1, validation (and selection) every 40 steps.
-    minibench = {"adapter.kind": "full", "train.learning_rate": 2e-4, "train.steps": 400, "train.batch_size": 1,
+    # MiniBench (docs/minibench.md): full U-Net, 400 steps at batch 1, validation (and selection) every 40 steps; the
+    # learning rate bracket round 2's rule chose at batch 1 (set 101; the bracket's smallest rate).
+    minibench = {"adapter.kind": "full", "train.learning_rate": 1e-4, "train.steps": 400, "train.batch_size": 1,
                  "validation.every": 40, "validation.num_images": 2, "rpo.negative_steps": 10}
     # mini-flow: negatives drawn as its bench samples (FLOW_SAMPLER_STEPS in mini/preset.py; a test keeps them equal), the
     # transformer's rates from docs/minibench.md's flow tuning (not run yet)
