@@ -210,9 +210,10 @@ def test_settings_that_cannot_be_shared_are_refused_by_name(folders, tmp_path):
 
 
 def _saving(saved: dict):
-    """A saved-tensor hook context that records what autograd keeps (by storage) into `saved`."""
+    """A saved-tensor hook context that records what autograd keeps (by storage) into `saved`, each tensor held until
+    counted: a storage freed early would otherwise leave its address to a later one (training/memory.py)."""
     def pack(t):
-        saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        saved.setdefault(t.untyped_storage()._cdata, t)
         return t
 
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
@@ -242,7 +243,7 @@ def test_the_memory_estimate_of_k_subjects_matches_a_real_k_subject_step(folders
     --subjects-per-batch auto picking the largest K that fits."""
     from rewardbooth.training import memory
 
-    saved: dict[int, int] = {}
+    saved: dict[int, torch.Tensor] = {}
     weights: set[int] = set()
     real = many.run_stacked
 
@@ -261,7 +262,7 @@ def test_the_memory_estimate_of_k_subjects_matches_a_real_k_subject_step(folders
     engine = ManyEngine(progress=False)
     assert all(o.ok for o in train_many(runs(tmp_path / "three", True), progress=False, engine=engine))
     estimate = engine.last_estimate
-    activations = sum(n for key, n in saved.items() if key not in weights)
+    activations = sum(t.untyped_storage().nbytes() for key, t in saved.items() if key not in weights)
     assert estimate.activations == pytest.approx(activations, rel=0.05), (estimate, activations)
     assert estimate.workspace > 0 and estimate.gradients > 0 and estimate.optimizer == 2 * estimate.gradients  # AdamW, float32
 
