@@ -7,14 +7,15 @@ gradient is near zero (|g| ~ eps) that rounding moves their update by up to a wh
 through the whole update, ||(w_sharded - w0) - (w_unsharded - w0)|| / ||w_unsharded - w0||: measured 7e-4 to 9e-4
 in float32 (DreamBooth, DPG, RPO), allowed 1e-2; logged losses agree to 1e-7 relative, allowed 1e-5. Under bf16
 the float32 masters' last-bit differences round some weights to another bf16 value (2^-8 relative) on the next
-forward: measured 8e-3 and 1e-4, allowed 5e-2 and 1e-3. A gathering or sharding bug moves half the weights by
-their own size (relative difference ~1). A killed sharded run resumed with --resume is the uninterrupted one exactly
-(same process count, same reduction order).
+forward: measured 1.0e-2 and 2.2e-4 (FLUX.1 at 32 px), allowed 5e-2 and 1e-3. A gathering or sharding bug moves half
+the weights by their own size (relative difference ~1). A killed sharded run resumed with --resume is the
+uninterrupted one exactly (same process count, same reduction order).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -40,35 +41,81 @@ CASES = {  # name -> (model, denoiser folder, flags)
     # the frozen reference copy sharded too; validation every 2 steps with selection (RPO's default): the best is gathered
     "rpo": ("tiny", "unet", ["--method", "rpo", "--resolution", "32", "--lr", "1e-4", "--set", "rpo.negatives_per_prompt=1",
                              "--set", "rpo.negative_steps=2", "--set", "validation.every=2", "--set", "validation.steps=2", "--set", "validation.num_images=1"]),
-    # a flow transformer, in bf16 with gradient checkpointing
-    "flux-bf16-checkpointing": ("tiny-flux", "transformer", ["--method", "dreambooth", "--resolution", "64", "--no-prior",
+    # a flow transformer, in bf16 with gradient checkpointing (at 32 px, 4 image tokens: 64 px cost 4x the time on a CPU,
+    # where bf16 convolutions are slow, for nothing sharding does differently)
+    "flux-bf16-checkpointing": ("tiny-flux", "transformer", ["--method", "dreambooth", "--resolution", "32", "--no-prior",
                                                              "--lr", "1e-4", "--mixed-precision", "bf16", "--gradient-checkpointing"]),
 }
 TOLERANCE = {"fp32": {"loss": 1e-5, "update": 1e-2}, "bf16": {"loss": 1e-3, "update": 5e-2}}
+KILL_AT = 3  # the killed run dies in step 3's loss, after step 2's checkpoint
+NEEDS = {  # test -> the launch's items it reads ({case}: its parameter); only the selected tests' items are run
+    "test_sharded_full_fine_tuning_matches_the_unsharded_run": ["{case}-sharded", "{case}-unsharded"],
+    "test_gathered_weights_load_with_diffusers_and_transformers": ["dreambooth-sharded", "dpg-sharded",
+                                                                   "flux-bf16-checkpointing-sharded"],
+    "test_a_killed_sharded_run_resumes_to_the_uninterrupted_one": ["dreambooth-sharded", "killed"],
+    "test_per_process_memory_estimate_matches_a_real_sharded_step": ["measure"],
+}
 
 
 def precision(case: str) -> str:
     return "bf16" if "bf16" in case else "fp32"
 
 
-class Runs:
-    """Each (case, sharded) run once per module, started on first use."""
+class Launch:
+    """Every run the slow tests read, made by one 2-process launch of fsdp_child.py: the sharded and unsharded runs,
+    the measured step and, last, the killed run. A launch per run paid each time for the launcher, the processes'
+    imports, their process group and the first use of FSDP's code paths: most of a tiny run's time. Each item runs as
+    `rewardbooth train` runs it, in processes that ran the items before (fsdp_child.py says why that changes
+    nothing); the resume alone needs a launch of its own (`rewardbooth train --num-processes 2 --resume`, through the
+    CLI's own launch)."""
 
     def __init__(self, root: Path, subject: Path):
-        self.root, self.subject, self.done = root, subject, {}
+        self.root, self.subject = root, subject
+        self.items: dict[str, dict] = {}
+        self.rc: int | None = None
 
-    def argv(self, case: str, run: Path) -> list[str]:
+    def argv(self, case: str, sharded: bool, run: Path) -> list[str]:
         model, _, flags = CASES[case]
         return ["train", "--model", model, "--instance-dir", str(self.subject), "--class-noun", "toy", "--output", str(run),
-                *COMMON, *flags]
+                *COMMON, *flags, *(["--fsdp"] if sharded else [])]
+
+    def plan(self, wanted: set[str]) -> list[dict]:
+        items = [{"name": f"{case}-{kind}", "train": self.argv(case, kind == "sharded", self.root / f"{case}-{kind}")}
+                 for case in CASES for kind in ("sharded", "unsharded")]
+        items.append({"name": "measure", "measure": [str(self.root / "measured"), str(self.root / "measured-run"),
+                                                     measure_overrides(self.subject)]})
+        items.append({"name": "killed", "kill": [KILL_AT, self.argv("dreambooth", True, self.root / "killed")]})
+        return [item for item in items if item["name"] in wanted]  # the kill stays last: it ends the launch
+
+    def run(self, wanted: set[str]) -> None:
+        items = self.plan(wanted)
+        (self.root / "plan.json").write_text(json.dumps({"log": str(self.root / "log"), "items": items}))
+        try:
+            self.rc = launch_processes(2, [str(self.root / "plan.json")], program=(str(CHILD),)) if items else 0
+        finally:  # written even if the launch raised: a worker waiting on the lock then fails instead of launching again
+            (self.root / "launched.json").write_text(json.dumps({"rc": self.rc}))
+
+    def load(self) -> Launch:
+        self.items = {item["name"]: item for item in json.loads((self.root / "plan.json").read_text())["items"]}
+        self.rc = json.loads((self.root / "launched.json").read_text())["rc"]
+        return self
+
+    def logged(self) -> list[dict[str, dict]]:
+        """Per process: item name -> {rc, seconds}, for each item the process finished."""
+        logs = [self.root / "log" / f"rank{r}.jsonl" for r in (0, 1)]
+        return [{(r := json.loads(line))["name"]: r for line in log.read_text().splitlines()} if log.exists() else {}
+                for log in logs]
+
+    def finished(self, name: str) -> dict:
+        assert name in self.items, f"{name} was not in the launch (NEEDS names what each test reads)"
+        logged = [log.get(name) for log in self.logged()]
+        assert all(r is not None and r["rc"] == 0 for r in logged), (name, logged, f"launch rc {self.rc}")
+        return self.items[name]
 
     def get(self, case: str, sharded: bool) -> Path:
-        key = (case, sharded)
-        if key not in self.done:
-            run = self.root / f"{case}-{'sharded' if sharded else 'unsharded'}"
-            assert main(self.argv(case, run) + (["--fsdp"] if sharded else [])) == 0
-            self.done[key] = run
-        return self.done[key]
+        name = f"{case}-{'sharded' if sharded else 'unsharded'}"
+        self.finished(name)
+        return self.root / name
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +131,21 @@ def built_presets():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, subject_dir, built_presets) -> Runs:
-    return Runs(tmp_path_factory.mktemp("fsdp"), subject_dir)
+def runs(request, tmp_path_factory, subject_dir, built_presets) -> Launch:
+    """The launch, once per session: under pytest-xdist the workers share it through the session's temp folder (the
+    first to get here launches, under a lock; the others wait for it and read its runs)."""
+    from filelock import FileLock
+
+    wanted = {name.format(**(item.callspec.params if hasattr(item, "callspec") else {}))
+              for item in request.session.items if getattr(item, "module", None) is request.module
+              for name in NEEDS.get(getattr(item, "originalname", ""), [])}
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp().parent / "fsdp-launch" if shared else tmp_path_factory.mktemp("fsdp-launch")
+    with FileLock(f"{root}.lock"):
+        if not (root / "launched.json").exists():
+            root.mkdir(exist_ok=True)
+            Launch(root, subject_dir).run(wanted)
+    return Launch(root, subject_dir).load()
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
@@ -165,12 +225,14 @@ def test_gathered_weights_load_with_diffusers_and_transformers(runs):
 
 
 @pytest.mark.slow
-def test_a_killed_sharded_run_resumes_to_the_uninterrupted_one(runs, tmp_path):
+def test_a_killed_sharded_run_resumes_to_the_uninterrupted_one(runs):
     uninterrupted = runs.get("dreambooth", True)
-    run = tmp_path / "killed"
-    argv = runs.argv("dreambooth", run) + ["--fsdp"]
     # Every process SIGKILLed in step 3's loss, after step 2's checkpoint: nothing is cleaned up, as in a killed job.
-    assert launch_processes(2, ["kill", "3", "--", *argv], program=(str(CHILD),)) != 0
+    # The launch's last item, so the launch failed; every item before it finished, and it never did.
+    _, argv = runs.items["killed"]["kill"]
+    assert list(runs.items)[-1] == "killed" and runs.rc not in (0, None)
+    assert all("killed" not in log and len(log) == len(runs.items) - 1 for log in runs.logged())
+    run = runs.root / "killed"
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-000002"] and not (run / "result.json").exists()
 
@@ -180,19 +242,24 @@ def test_a_killed_sharded_run_resumes_to_the_uninterrupted_one(runs, tmp_path):
         assert torch.equal(weights(run, "unet")[name], tensor), name
 
 
+def measure_overrides(subject: Path) -> dict:
+    return {"model.name": "tiny", "train.method": "rpo", "adapter.kind": "full", "train.fsdp": True,
+            "train.mixed_precision": "bf16", "train.gradient_checkpointing": True, "data.instance_dir": str(subject),
+            "data.class_noun": "toy", "data.resolution": 32, "rpo.negatives_per_prompt": 1, "rpo.negative_steps": 2,
+            "evaluation.align_model": "tiny", "evaluation.clip_model": "tiny", "validation.every": 0,
+            # one prompt, so one negative to generate (in bf16, two thirds of the set-up's time on a CPU): a step's batch
+            # is one reference and one negative however many there are (eight prompts gave the same numbers, to the byte)
+            "rpo.prompts": ["a {identifier} {class_noun} on the Moon"]}
+
+
 @pytest.mark.slow
-def test_per_process_memory_estimate_matches_a_real_sharded_step(subject_dir, tmp_path, built_presets):
+def test_per_process_memory_estimate_matches_a_real_sharded_step(runs):
     """RPO full fine-tuning in bf16 with gradient checkpointing, sharded over 2 processes: the estimate's weights
     (the U-Net's and its frozen copy's shards, the rest whole), gradients and AdamW state are what each process
     holds after a real step, byte for byte; its activations what autograd saved (5 %, as for one process); its
     `gathered` term bounds the whole weights a process held at once during the forward."""
-    overrides = {"model.name": "tiny", "train.method": "rpo", "adapter.kind": "full", "train.fsdp": True,
-                 "train.mixed_precision": "bf16", "train.gradient_checkpointing": True, "data.instance_dir": str(subject_dir),
-                 "data.class_noun": "toy", "data.resolution": 32, "rpo.negatives_per_prompt": 1, "rpo.negative_steps": 2,
-                 "evaluation.align_model": "tiny", "evaluation.clip_model": "tiny", "validation.every": 0}
-    out = tmp_path / "measured"
-    assert launch_processes(2, ["measure", str(out), str(tmp_path / "run"), json.dumps(overrides)], program=(str(CHILD),)) == 0
-    records = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    out, _, overrides = runs.finished("measure")["measure"]
+    records = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in (0, 1)]
     for record in records:
         assert record["sharded"] == ["UNet2DConditionModel", "UNet2DConditionModel"]  # the trained U-Net and RPO's copy
         estimate, measured = record["estimate"], record["measured"]
