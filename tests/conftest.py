@@ -131,3 +131,25 @@ def metric_series(run_dir: Path, key: str) -> dict[int, float]:
 @pytest.fixture(name="metric_series")
 def metric_series_fixture():
     return metric_series
+
+
+def recording_saved_tensors(saved: dict):
+    """A saved-tensor hook context recording what autograd keeps into `saved` (storage address -> tensor), each tensor
+    held until counted: a storage freed early would otherwise leave its address to a later one (training/memory.py)."""
+    def pack(t):
+        saved.setdefault(t.untyped_storage()._cdata, t)
+        return t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def resident_storages(ctx, method) -> set[int]:
+    """The storages of the run's resident weights (the components' and the method's own modules)."""
+    from rewardbooth.training import memory
+
+    return {t.untyped_storage()._cdata for t in memory._tensors(memory.resident_modules([ctx.components, method]))}
+
+
+def saved_bytes(saved: dict, excluded: set[int]) -> int:
+    """Bytes of the recorded saved tensors, those in `excluded` (weights) left out."""
+    return sum(t.untyped_storage().nbytes() for key, t in saved.items() if key not in excluded)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import crashing, metric_series
+from conftest import crashing, metric_series, recording_saved_tensors, resident_storages, saved_bytes
 from safetensors.torch import load_file
 
 from rewardbooth.methods import get_method, load_config
@@ -209,20 +209,8 @@ def test_settings_that_cannot_be_shared_are_refused_by_name(folders, tmp_path):
     assert ["gradient_accumulation_steps" in failed[0].error, "adapter.dropout" in failed[1].error, "twice" in failed[2].error] == [True] * 3
 
 
-def _saving(saved: dict):
-    """A saved-tensor hook context that records what autograd keeps (by storage) into `saved`, each tensor held until
-    counted: a storage freed early would otherwise leave its address to a later one (training/memory.py)."""
-    def pack(t):
-        saved.setdefault(t.untyped_storage()._cdata, t)
-        return t
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-
-
 def _measuring(method_cls, saved: dict, weights: set):
     """The method, recording what autograd saves in its thread during its first loss, and its weights' storages."""
-    from rewardbooth.training import memory
-
     class Measured(method_cls):
         measured = False
 
@@ -230,8 +218,8 @@ def _measuring(method_cls, saved: dict, weights: set):
             if self.measured:
                 return super().loss(ctx, generator)
             self.measured = True
-            weights.update(t.untyped_storage()._cdata for t in memory._tensors(memory.resident_modules([ctx.components, self])))
-            with _saving(saved):
+            weights.update(resident_storages(ctx, self))
+            with recording_saved_tensors(saved):
                 return super().loss(ctx, generator)
 
     return Measured()
@@ -248,7 +236,7 @@ def test_the_memory_estimate_of_k_subjects_matches_a_real_k_subject_step(folders
     real = many.run_stacked
 
     def measured(modules, calls):
-        with _saving(saved):
+        with recording_saved_tensors(saved):
             return real(modules, calls)
 
     monkeypatch.setattr(many, "run_stacked", measured)
@@ -262,7 +250,7 @@ def test_the_memory_estimate_of_k_subjects_matches_a_real_k_subject_step(folders
     engine = ManyEngine(progress=False)
     assert all(o.ok for o in train_many(runs(tmp_path / "three", True), progress=False, engine=engine))
     estimate = engine.last_estimate
-    activations = sum(t.untyped_storage().nbytes() for key, t in saved.items() if key not in weights)
+    activations = saved_bytes(saved, weights)
     assert estimate.activations == pytest.approx(activations, rel=0.05), (estimate, activations)
     assert estimate.workspace > 0 and estimate.gradients > 0 and estimate.optimizer == 2 * estimate.gradients  # AdamW, float32
 

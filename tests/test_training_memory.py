@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import load_script, recording_saved_tensors, resident_storages, saved_bytes
 
 from rewardbooth.methods import get_method, load_config
 from rewardbooth.training import memory
@@ -40,16 +40,10 @@ def _measuring(method_cls):
         def loss(self, ctx, generator):
             if self.measured is not None:
                 return super().loss(ctx, generator)
-            weights = {t.untyped_storage()._cdata for t in memory._tensors(memory.resident_modules([ctx.components, self]))}
-            saved: dict[int, torch.Tensor] = {}  # held until counted: a freed storage's address goes to another
-
-            def pack(t):
-                saved.setdefault(t.untyped_storage()._cdata, t)
-                return t
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            weights, saved = resident_storages(ctx, self), {}
+            with recording_saved_tensors(saved):
                 result = super().loss(ctx, generator)
-            self.measured = sum(t.untyped_storage().nbytes() for key, t in saved.items() if key not in weights)
+            self.measured = saved_bytes(saved, weights)
             return result
 
     return Measured
