@@ -206,6 +206,14 @@ def is_video_vae(vae_config) -> bool:
     return "temperal_downsample" in vae_config
 
 
+def vae_downsampling(vae_config) -> int:
+    """Pixels per latent of a VAE, from its config: AutoencoderKL's levels; a video VAE's (Qwen-Image's) one spatial
+    halving per `temperal_downsample` entry."""
+    if is_video_vae(vae_config):
+        return 2 ** len(vae_config["temperal_downsample"])
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def vae_latent_channels(vae_config) -> int | None:
     """Latent channels of a VAE, by its config: AutoencoderKL's latent_channels, a video VAE's z_dim (None: neither)."""
     return vae_config.get("latent_channels", vae_config.get("z_dim"))

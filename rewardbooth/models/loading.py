@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rewardbooth.diffusion import is_video_vae, vae_latent_channels
+from rewardbooth.diffusion import vae_downsampling, vae_latent_channels
 from rewardbooth.errors import ConfigError
 from rewardbooth.models.family import Flux2Family, FluxFamily, QwenImageFamily, SD3Family, UNetFamily, ZImageFamily
 from rewardbooth.models.presets import find_preset, preset_names
@@ -420,14 +420,6 @@ def model_native_resolution(name: str, revision: str | None = None) -> int:
     pipeline_class = read_model_config(name, revision, "model_index.json").get("_class_name", "")
     denoiser = read_model_config(name, revision, f"{denoiser_folder(pipeline_class)}/config.json")
     return native_side(pipeline_class, denoiser) * vae_downsampling(vae)
-
-
-def vae_downsampling(vae_config) -> int:
-    """Pixels per latent of a VAE, from its config: AutoencoderKL's levels; a video VAE's (Qwen-Image's) one spatial
-    halving per `temperal_downsample` entry."""
-    if is_video_vae(vae_config):
-        return 2 ** len(vae_config["temperal_downsample"])
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def make_pipeline(components: Components, unet=None, text_encoders: list | None = None, scheduler: str = "dpm"):

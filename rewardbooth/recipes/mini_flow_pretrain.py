@@ -33,7 +33,7 @@ import torch
 
 from rewardbooth.config import FlowConfig
 from rewardbooth.data.images import save_image_grid
-from rewardbooth.diffusion import encode_moments
+from rewardbooth.diffusion import encode_moments, vae_downsampling
 from rewardbooth.mini.assets import BASE_DIR, FLOW_DIR
 from rewardbooth.mini.world import pretraining_batch
 from rewardbooth.models.loading import Components, quiet_library_progress
@@ -82,7 +82,7 @@ def build_flow_pipeline(size: str, seed: int = 0, base: Path = BASE_DIR, device=
         torch.manual_seed(seed)
         stats = evaluate_vae(vae, seed, device)
         text_encoder = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder", config=text_config)
-        side, shape = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1), FLOW_SIZES[size]
+        side, shape = vae.config.sample_size // vae_downsampling(vae.config), FLOW_SIZES[size]
         joint = 2 * text_config.hidden_size  # SD3 sets the two CLIPs' states side by side
         transformer = SD3Transformer2DModel(
             sample_size=side, in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,

@@ -31,7 +31,6 @@ from rewardbooth.training.preflight import check_training_inputs
 from rewardbooth.training.run_dir import CHECKPOINT_DIR, CONFIG_NAME, RunFolder
 from rewardbooth.training.selection import SELECTION_REWARD
 
-
 UPLOADS = ".uploads"
 LOGS = ".ui-logs"
 REJECTED = "rejected"  # uploads that failed the checks: kept, never trained on
