@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import logging
 import os
 import sys
@@ -272,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, help="training steps per subject")
     bench.add_argument("--config", help="YAML run config used for every subject")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any training setting")
-    bench.add_argument("--merge", nargs="+", metavar="BENCH_DIR", help="merge finished bench folders (one per method) into results and one report")
+    bench.add_argument("--merge", nargs="+", metavar="BENCH_DIR", help="merge finished bench folders (one per method) into results and one report; with two or more, "
+                       "each is paired with the first on the subjects they share (printed, and paired.json)")
     bench.add_argument("--quiet", action="store_true")
     add_judge_flags(bench)
 
@@ -467,7 +469,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
     from dataclasses import asdict
 
     from rewardbooth.evaluation.metrics import evaluate_folder, format_table, summarize
@@ -489,12 +490,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rewardbooth.config import parse_override
     from rewardbooth.data.dreambench import load_dreambench
     from rewardbooth.errors import ConfigError
-    from rewardbooth.evaluation.bench import FAILED_NAME, BenchRunner, merge, parse_shard, shard_subjects
+    from rewardbooth.evaluation.bench import FAILED_NAME, PAIRED_NAME, BenchRunner, merge, parse_shard, shard_subjects
     from rewardbooth.methods import load_config
 
     if args.merge:
         report = merge([Path(d) for d in args.merge], Path(args.output) if args.output else None)
         print(f"merged {len(args.merge)} bench folder(s): {report}")
+        if len(args.merge) > 1:
+            _print_paired(json.loads((report.parent / PAIRED_NAME).read_text()), f"paired with {args.merge[0]}")
         return 0
     if any(v is not None and v < 1 for v in (args.images_per_prompt, args.sample_steps, args.num_subjects)):
         raise ConfigError("-k, --sample-steps and --num-subjects must be positive")
@@ -547,6 +550,7 @@ def _bench_mini(args: argparse.Namespace, methods: list[str], adapter: str) -> i
     from rewardbooth.config import parse_override
     from rewardbooth.errors import ConfigError
     from rewardbooth.evaluation.metrics import format_table
+    from rewardbooth.evaluation.bench import PAIRED_NAME
     from rewardbooth.evaluation.paired import paired_rows, seconds_words
     from rewardbooth.mini.bench import parse_budgets, run_mini_bench
 
@@ -564,8 +568,6 @@ def _bench_mini(args: argparse.Namespace, methods: list[str], adapter: str) -> i
                             overrides=overrides, device=_device(args), progress=not args.quiet, jobs=args.jobs,
                             budgets=parse_budgets(args.budgets), subjects_per_batch=args.subjects_per_batch,
                             adapter=adapter)
-    import json
-
     summary = json.loads((out / "results.json").read_text())
     spread = "_std_over_subjects"
 
@@ -575,10 +577,9 @@ def _bench_mini(args: argparse.Namespace, methods: list[str], adapter: str) -> i
     print(format_table([{"method": m, **{k: cell(row, k) for k in row if k != "scope" and not k.endswith(spread)}}
                         for m, row in summary.items()]))
     print(f"mean±std over subjects; per image: {out}/<method>/results.csv; this table: {out}/results.csv")
-    paired = json.loads((out / "paired.json").read_text())
+    paired = json.loads((out / PAIRED_NAME).read_text())
     for budget, table in paired["budgets"].items():
-        print(f"\npaired with {paired['baseline']}" + (f" at {budget} steps" if budget != "final" else "") + f" ({table['interval']}):")
-        print(format_table(paired_rows(table)))
+        _print_paired(table, f"paired with {paired['baseline']}" + (f" at {budget} steps" if budget != "final" else ""))
     for budget, tables in paired.get("equal_seconds", {}).get("budgets", {}).items():
         for method, table in tables.items():
             print(f"\n{method} at {budget} steps against {paired['baseline']} at the same {seconds_words(table.get('clock'))} "
@@ -587,6 +588,14 @@ def _bench_mini(args: argparse.Namespace, methods: list[str], adapter: str) -> i
             print(format_table(paired_rows(table)))
     print(f"report: {report}")
     return 0
+
+
+def _print_paired(table: dict, title: str) -> None:
+    from rewardbooth.evaluation.metrics import format_table
+    from rewardbooth.evaluation.paired import paired_rows
+
+    print(f"\n{title} ({table['interval']}):")
+    print(format_table(paired_rows(table)))
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -111,3 +111,41 @@ def test_bench_runs_on_a_flow_model_at_its_familys_guidance(tmp_path, capsys, dr
     results = json.loads((out / "results.json").read_text())
     assert results["subjects"] == 1 and results["overall"]["images"] == 25
     assert json.loads((out / "bench.json").read_text())["guidance_scale"] == 3.5
+
+
+def write_bench_folder(folder, method: str, identity: dict[str, float]) -> None:
+    """A finished MiniBench-like folder: one image per subject scoring `identity[subject]` on identity_kept."""
+    from PIL import Image
+
+    from rewardbooth.sampling import save_generated
+
+    image = Image.new("RGB", (8, 8), "red")
+    references = folder.parent / "references"
+    (folder / "subjects").mkdir(parents=True)
+    (folder / "bench.json").write_text(json.dumps({"method": method, "model": "mini", "judges": {"attributes": "mini"},
+                                                   "references": str(references), "images_per_prompt": 1}))
+    for subject, value in identity.items():
+        (references / subject).mkdir(parents=True)
+        image.save(references / subject / "0.png")
+        save_generated(folder / "subjects" / subject / "images", ["p"], [[image]], 0)
+        (folder / "subjects" / subject / "scores.json").write_text(json.dumps([{
+            "subject": subject, "prompt": "p", "file": "0.png", "dino": 0.5, "clip_i": 0.5, "clip_t": 0.5,
+            "extra": {"identity_kept": value, "prompt_ok": 1.0}}]))
+
+
+def test_merged_folders_are_paired_with_the_first_even_when_two_have_the_same_name(tmp_path, capsys):
+    """A variant benched in its own folder is compared with the baseline's, subject by subject; two runs of one method
+    (same folder name, different parents) keep apart."""
+    subjects = ["a", "b", "c", "d"]
+    write_bench_folder(tmp_path / "base" / "dreambooth@400", "dreambooth", dict.fromkeys(subjects, 0.25))
+    write_bench_folder(tmp_path / "one" / "rpo@400", "rpo", dict.fromkeys(subjects, 0.75))
+    write_bench_folder(tmp_path / "two" / "rpo@400", "rpo", {"a": 0.0, "b": 0.0, "c": 0.5})  # d unfinished
+    folders = [str(tmp_path / name) for name in ("base/dreambooth@400", "one/rpo@400", "two/rpo@400")]
+    assert main(["bench", "--merge", *folders, "--output", str(tmp_path / "merged")]) == 0
+    printed = capsys.readouterr().out
+    paired = json.loads((tmp_path / "merged" / "paired.json").read_text())
+    assert paired["baseline"] == "dreambooth"
+    better, worse = paired["differences"]["one/rpo@400"]["identity_kept"], paired["differences"]["two/rpo@400"]["identity_kept"]
+    assert better["mean"] == pytest.approx(0.5) and better["won"] == 4 and better["verdict"] == "better"
+    assert worse["mean"] == pytest.approx(-1 / 12) and (worse["won"], worse["lost"], worse["subjects"]) == (1, 2, 3)
+    assert "one/rpo@400 - dreambooth" in printed and "two/rpo@400 - dreambooth" in printed

@@ -45,7 +45,7 @@ from rewardbooth.data.images import load_image, load_image_folder, save_image_gr
 from rewardbooth.errors import ConfigError, OutputExistsError, RewardboothError, Stopped, TrainingDiverged
 from rewardbooth.evaluation.figures import plot_bars, plot_tradeoff
 from rewardbooth.evaluation.metrics import METRICS, ImageScore, Scorer, read_generated_folder, summarize
-from rewardbooth.evaluation.paired import combined_clock
+from rewardbooth.evaluation.paired import combined_clock, paired_differences
 from rewardbooth.evaluation.report import ReportSection, write_report
 from rewardbooth.rewards import Subject
 from rewardbooth.sampling import SampleSettings, generate, save_generated
@@ -57,6 +57,7 @@ from rewardbooth.training.run_dir import CONFIG_NAME, RunFolder, prepare_run_dir
 BENCH_INFO = "bench.json"
 FAILED_NAME = "failed.json"
 SECONDS_NAME = "seconds.json"
+PAIRED_NAME = "paired.json"  # beside a report comparing bench folders
 BATCH_SUFFIX = ".batch.json"  # beside a run trained K at a time: its batch and the batch's clock
 BATCH_HOW = ("the wall seconds of the batch this subject trained in (its subjects' set-ups one after another, then their "
              "steps in lockstep, one stacked denoiser call per step), to this step, divided by its subjects_per_batch")
@@ -369,9 +370,33 @@ def load_scores(bench_dir: Path) -> list[ImageScore]:
 
 
 def merge(bench_dirs: list[Path], report_dir: Path | None = None) -> Path:
-    """Write results.csv / results.json for each bench folder and one report comparing them."""
+    """Write results.csv / results.json for each bench folder and one report comparing them; with two folders or
+    more, paired.json beside the report: each folder minus the first on the subjects they share."""
     bench_dirs = [Path(d) for d in bench_dirs]
-    return write_bench_report(Path(report_dir) if report_dir else bench_dirs[0], summarize_folders(bench_dirs))
+    report_dir = Path(report_dir) if report_dir else bench_dirs[0]
+    summarized = summarize_folders(bench_dirs)
+    report = write_bench_report(report_dir, summarized)
+    if len(summarized) > 1:
+        (report_dir / PAIRED_NAME).write_text(json.dumps(merged_paired(summarized), indent=2))
+    return report
+
+
+def folder_labels(methods: list[tuple[Path, dict, dict]]) -> dict[Path, str]:
+    """Each bench folder's label: its method, else (methods repeat: variants, budgets) its folder name, else (names
+    repeat too: the same method benched twice) parent/name."""
+    names = [info["method"] for _, info, _ in methods]
+    folders = [d.name for d, _, _ in methods]
+    return {d: info["method"] if names.count(info["method"]) == 1 else d.name if folders.count(d.name) == 1
+            else f"{d.parent.name}/{d.name}" for d, info, _ in methods}
+
+
+def merged_paired(methods: list[tuple[Path, dict, dict]]) -> dict[str, Any]:
+    """Each merged folder minus the first, subject by subject, on every metric the first reports."""
+    labels = folder_labels(methods)
+    first = methods[0][2]["overall"]
+    metrics = tuple(k for k in first if k not in ("scope", "images", "seconds", "seconds_clock")
+                    and not k.endswith("_std_over_subjects"))
+    return paired_differences({labels[d]: r["per_subject"] for d, _, r in methods}, metrics)
 
 
 def summarize_folders(bench_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
@@ -414,9 +439,7 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]],
                        extra_sections: list[ReportSection] | None = None) -> Path:
 
     assets = report_dir / "report_assets"
-    # Each folder is labelled by its method, or by its folder name where methods repeat (variants, budgets).
-    names = [info["method"] for _, info, _ in methods]
-    labels = {d: info["method"] if names.count(info["method"]) == 1 else d.name for d, info, _ in methods}
+    labels = folder_labels(methods)
     table = []
     for d, _, r in methods:
         overall = r["overall"]

@@ -34,7 +34,7 @@ from PIL import Image
 
 from rewardbooth.config import MINIBENCH_SUITES, RunConfig
 from rewardbooth.errors import ConfigError
-from rewardbooth.evaluation.bench import (BenchRunner, SubjectsFailed, is_batched, subject_config, summarize_folders,
+from rewardbooth.evaluation.bench import (PAIRED_NAME, BenchRunner, SubjectsFailed, is_batched, subject_config, summarize_folders,
                                           write_bench_report)
 from rewardbooth.evaluation.figures import plot_frontier
 from rewardbooth.evaluation.metrics import ImageScore, Scorer
@@ -380,7 +380,7 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
     paired = paired_by_budget(results, list(configs), budget_list)
     if budgets and len(budgets) > 1:  # equal compute, not only equal steps
         paired["equal_seconds"] = paired_by_seconds(results, list(configs), list(budgets))
-    (out / "paired.json").write_text(json.dumps(paired, indent=2))
+    (out / PAIRED_NAME).write_text(json.dumps(paired, indent=2))
     return write_bench_report(out, summarized, "rewardbooth MiniBench results",
                               extra_sections=mini_report_sections(out, results, paired, list(configs), budget_list))
 
