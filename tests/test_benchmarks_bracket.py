@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import load_script
 
 
@@ -66,20 +67,23 @@ def test_a_bracket_run_in_phases_is_read_as_one_and_an_edge_is_named(tmp_path, c
 
 
 def chosen_rates(doc: str, section: str) -> dict[str, float]:
-    """The "**Chosen**" table of a bracket's section in docs/minibench.md: method -> learning rate."""
+    """The "**Chosen**" table of a bracket's section in a doc: method -> learning rate."""
     text = doc.split(section, 1)[1].split("\n## ", 1)[0]
     table = text.split("**Chosen**", 1)[1].split("\n\n", 2)[1]
     rows = [line.split("|")[1:3] for line in table.splitlines()[2:]]
     return {method.strip(): float(rate) for method, rate in rows}
 
 
-def test_the_minibench_rates_are_the_ones_the_bracket_chose():
-    """Method.minibench (and a variant's) learning rate is the one docs/minibench.md records as chosen: code and the
-    record of its evidence cannot drift apart."""
+@pytest.mark.parametrize("doc, section, model, methods", [
+    ("minibench.md", "## Bracket round 2", "mini", {"dreambooth", "dreambooth-select", "dpg", "rpo"}),
+    ("mini-flow.md", "## The bench on mini-flow", "mini-flow", {"dreambooth", "dpg", "rpo"}),
+])
+def test_the_minibench_rates_are_the_ones_the_bracket_chose(doc, section, model, methods):
+    """Each method's (and a variant's) MiniBench learning rate on each model is the one its bracket's record names as
+    chosen: code and the record of its evidence cannot drift apart."""
     from rewardbooth.mini.bench import method_config
 
-    doc = (Path(__file__).parents[1] / "docs" / "minibench.md").read_text()
-    chosen = chosen_rates(doc, "## Bracket round 2")
-    assert set(chosen) == {"dreambooth", "dreambooth-select", "dpg", "rpo"}
+    chosen = chosen_rates((Path(__file__).parents[1] / "docs" / doc).read_text(), section)
+    assert set(chosen) == methods
     for method, rate in chosen.items():
-        assert method_config(method, None, {}).train.learning_rate == rate, method
+        assert method_config(method, None, {"model.name": model}).train.learning_rate == rate, method

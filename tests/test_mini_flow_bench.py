@@ -10,6 +10,7 @@ import yaml
 
 from rewardbooth.cli import main
 from rewardbooth.methods.dpg import DPG
+from rewardbooth.methods.dreambooth import DreamBooth
 from rewardbooth.mini import assets, bench
 from rewardbooth.mini.bench import MINI_LORA, method_config
 from rewardbooth.mini.preset import FLOW_SAMPLER_GUIDANCE, FLOW_SAMPLER_STEPS
@@ -87,7 +88,8 @@ def test_a_methods_settings_for_mini_flow_apply_to_mini_flow_only(tmp_path, monk
     # the LoRA suite's layer and --set go on top
     assert method_config("dpg", None, {"model.name": "mini-flow"}, "lora").train.learning_rate == MINI_LORA["train.learning_rate"]
     assert method_config("dpg", None, {"model.name": "mini-flow", "train.learning_rate": 7e-4}).train.learning_rate == 7e-4
-    assert method_config("dreambooth", None, {"model.name": "mini-flow"}).train.learning_rate == 4e-4  # DreamBooth's own
+    flow_rate = DreamBooth.minibench_models["mini-flow"]["train.learning_rate"]
+    assert method_config("dreambooth", None, {"model.name": "mini-flow"}).train.learning_rate == flow_rate  # its own
 
 
 @pytest.mark.parametrize("suite, model", [("mini", "runwayml/stable-diffusion-v1-5"), ("mini-lora", "runwayml/stable-diffusion-v1-5"),
