@@ -63,6 +63,7 @@ class DreamBooth(Method):
     minibench_models = {"mini-flow": {"train.learning_rate": 2e-4}}  # the flow bracket's choice (docs/mini-flow.md, set 103)
     # selection alone: DreamBooth keeping its best validated weights by RPO's reward
     variants = {"dreambooth-select": {"validation.every": 40, "validation.num_images": 2, "validation.select": True}}
+    variant_minibench_models = {"dreambooth-select": {"mini-flow": {"train.learning_rate": 1e-4}}}  # its own flow bracket's choice
     curves = ("loss", "loss_instance", "loss_prior")
     run_files = (CLASS_IMAGE_FOLDER, CLASS_LATENTS_NAME)
 

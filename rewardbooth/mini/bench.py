@@ -189,7 +189,8 @@ def method_config(method: str, config_file: str | None, overrides: dict[str, Any
     world = preset_defaults(kind) if model != kind else {}
     common = {**world, **MINI_COMMON, "model.name": model, "validation.steps": SAMPLERS[kind][0]}
     lora = {**MINI_LORA, **cls.minibench_lora} if adapter == "lora" else {}
-    return load_config(config_file, {"train.method": cls.name, **common, **cls.minibench, **cls.minibench_models.get(kind, {}),
+    model_settings = {**cls.minibench_models.get(kind, {}), **cls.variant_minibench_models.get(method, {}).get(kind, {})}
+    return load_config(config_file, {"train.method": cls.name, **common, **cls.minibench, **model_settings,
                                      **lora, **changes, **overrides})
 
 
