@@ -549,8 +549,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_mini(args: argparse.Namespace, methods: list[str], adapter: str) -> int:
     from rewardbooth.config import parse_override
     from rewardbooth.errors import ConfigError
-    from rewardbooth.evaluation.metrics import format_table
     from rewardbooth.evaluation.bench import PAIRED_NAME
+    from rewardbooth.evaluation.metrics import format_table
     from rewardbooth.evaluation.paired import paired_rows, seconds_words
     from rewardbooth.mini.bench import parse_budgets, run_mini_bench
 

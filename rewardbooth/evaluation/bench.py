@@ -393,10 +393,13 @@ def folder_labels(methods: list[tuple[Path, dict, dict]]) -> dict[Path, str]:
 def merged_paired(methods: list[tuple[Path, dict, dict]]) -> dict[str, Any]:
     """Each merged folder minus the first, subject by subject, on every metric the first reports."""
     labels = folder_labels(methods)
-    first = methods[0][2]["overall"]
-    metrics = tuple(k for k in first if k not in ("scope", "images", "seconds", "seconds_clock")
-                    and not k.endswith("_std_over_subjects"))
+    metrics = tuple(k for k in overall_metrics(methods[0][2]["overall"]) if k != "seconds")  # a cost, not a score
     return paired_differences({labels[d]: r["per_subject"] for d, _, r in methods}, metrics)
+
+
+def overall_metrics(overall: dict) -> list[str]:
+    """The metric keys of a results.json's overall row (not its bookkeeping, not the spreads over subjects)."""
+    return [k for k in overall if k not in ("scope", "images", "seconds_clock") and not k.endswith("_std_over_subjects")]
 
 
 def summarize_folders(bench_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
@@ -443,7 +446,7 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]],
     table = []
     for d, _, r in methods:
         overall = r["overall"]
-        metrics = [k for k in overall if k not in ("scope", "images", "seconds_clock") and not k.endswith("_std_over_subjects")]
+        metrics = overall_metrics(overall)
         table.append({"method": labels[d], "folder": str(d), "subjects": r["subjects"], "failed": len(r.get("failed", [])),
                       "images": overall["images"], **{m: f"{overall[m]:.4f} ± {overall[m + '_std_over_subjects']:.4f}" for m in metrics},
                       "seconds_clock": overall.get("seconds_clock")})

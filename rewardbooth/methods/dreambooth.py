@@ -60,7 +60,7 @@ class DreamBooth(Method):
     # MiniBench (docs/minibench.md): full U-Net, 400 steps at batch 1, the learning rate bracket round 2 chose at batch 1 (set 101).
     minibench = {"adapter.kind": "full", "train.learning_rate": 4e-4, "train.steps": 400, "train.batch_size": 1,
                  "validation.every": 0}
-    minibench_models = {"mini-flow": {"train.learning_rate": 2e-4}}  # the flow bracket's choice (docs/mini-flow.md, set 103)
+    minibench_models = {"mini-flow": {"train.learning_rate": 2e-4}}  # the flow bracket's choice (docs/minibench.md, set 103)
     # selection alone: DreamBooth keeping its best validated weights by RPO's reward
     variants = {"dreambooth-select": {"validation.every": 40, "validation.num_images": 2, "validation.select": True}}
     variant_minibench_models = {"dreambooth-select": {"mini-flow": {"train.learning_rate": 1e-4}}}  # its own flow bracket's choice

@@ -98,7 +98,7 @@ class RPO(Method):
     minibench = {"adapter.kind": "full", "train.learning_rate": 1e-4, "train.steps": 400, "train.batch_size": 1,
                  "validation.every": 40, "validation.num_images": 2, "rpo.negative_steps": 10}
     # mini-flow: negatives drawn as its bench samples (FLOW_SAMPLER_STEPS in mini/preset.py; a test keeps them equal), the
-    # rate the flow bracket chose (docs/mini-flow.md, set 103)
+    # rate the flow bracket chose (docs/minibench.md, set 103)
     minibench_models = {"mini-flow": {"rpo.negative_steps": 10, "train.learning_rate": 2e-4}}
     # the preference term off; labels that carry signal; the official prompt pairing; selection that waits
     variants = {
