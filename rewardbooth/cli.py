@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-subjects", type=int, help="mini: how many subjects (default 24, --quick 2)")
     bench.add_argument("--budgets", help="mini: e.g. 200,400,800: train each subject once to the largest, evaluate the weights "
                        "kept at every budget, and plot the identity/prompt frontier")
+    bench.add_argument("--baseline-budgets", help="mini: more budgets for the baseline (dreambooth) alone, e.g. 800,1600 beside "
+                       "--budgets 200,400: its curve then reaches the slower methods' seconds for the equal-seconds pairing")
     bench.add_argument("--shard", help="i/N: this process takes every N-th subject starting at i")
     bench.add_argument("--jobs", type=int, default=None,
                        help="mini: worker processes splitting the subjects (default: one per CPU core, 1 on a GPU)")
@@ -513,6 +515,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_mini(args, methods or list(BUILTIN_METHODS), MINIBENCH_SUITES[args.suite])
     if len(methods) > 1:
         raise ConfigError("the dreambench suite runs one --method per bench folder (shard and --merge them); --methods is for --suite mini")
+    mini_only = [flag for flag, value in (("--budgets", args.budgets), ("--baseline-budgets", args.baseline_budgets),
+                                          ("--num-subjects", args.num_subjects), ("--jobs", args.jobs)) if value is not None]
+    if mini_only:
+        raise ConfigError(f"{', '.join(mini_only)} apply to --suite mini only (the dreambench suite trains each subject once, "
+                          "to --steps)")
     from rewardbooth.methods import baseline_method
 
     args.method = methods[0] if methods else baseline_method().name
@@ -558,7 +565,7 @@ def _bench_mini(args: argparse.Namespace, methods: list[str], adapter: str) -> i
                                         ("--dino-model", args.dino_model), ("--clip-model", args.clip_model)) if value]
     if ignored:
         raise ConfigError(f"{', '.join(ignored)} do not apply to --suite mini (it uses the mini judges on its own subjects)")
-    if args.budgets and args.steps:
+    if (args.budgets or args.baseline_budgets) and args.steps:
         raise ConfigError("give --steps or --budgets, not both (the largest budget is the training length)")
     overrides = {k: v for k, v in (("model.name", args.model), ("train.steps", args.steps)) if v is not None}
     overrides.update(parse_override(text) for text in args.set)
@@ -567,7 +574,7 @@ def _bench_mini(args: argparse.Namespace, methods: list[str], adapter: str) -> i
                             images_per_prompt=args.images_per_prompt, sample_steps=args.sample_steps, config_file=args.config,
                             overrides=overrides, device=_device(args), progress=not args.quiet, jobs=args.jobs,
                             budgets=parse_budgets(args.budgets), subjects_per_batch=args.subjects_per_batch,
-                            adapter=adapter)
+                            adapter=adapter, baseline_budgets=parse_budgets(args.baseline_budgets, "--baseline-budgets"))
     summary = json.loads((out / "results.json").read_text())
     spread = "_std_over_subjects"
 

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from rewardbooth.cli import main
+from rewardbooth.errors import ConfigError
 from rewardbooth.mini.assets import ASSETS_DIR
 from rewardbooth.mini.scoring import ATTRIBUTE_METRICS
 from rewardbooth.mini.world import make_subjects
@@ -139,12 +140,16 @@ def test_mini_bench_budgets_train_once_and_plot_the_frontier(tmp_path):
 
     out = tmp_path / "bench"
     report = run_mini_bench(out, ["dreambooth", "dpg-recon"], quick=True, num_subjects=1, images_per_prompt=1, sample_steps=2,
-                            progress=False, jobs=1, budgets=[2, 3], overrides={"prior.num_class_images": 2})
-    # one run per method and subject, trained to the largest budget, its smaller budget kept inside
-    runs = sorted((out / "runs").glob("*/*/result.json"))
-    assert len(runs) == 2 and all(json.loads(r.read_text())["last_step"] == 3 for r in runs)
-    assert all((r.parent / "budgets" / "step-000002" / "budget.json").is_file() for r in runs)
-    assert {p.name for p in out.iterdir() if "@" in p.name} == {"dreambooth@2", "dreambooth@3", "dpg-recon@2", "dpg-recon@3"}
+                            progress=False, jobs=1, budgets=[2, 3], baseline_budgets=[4], overrides={"prior.num_class_images": 2})
+    # one run per method and subject, trained to its largest budget (the baseline's --baseline-budgets on top), its
+    # smaller budgets kept inside
+    steps = {r.parent.parent.name: json.loads(r.read_text())["last_step"] for r in (out / "runs").glob("*/*/result.json")}
+    assert steps == {"dreambooth": 4, "dpg-recon": 3}
+    assert all((r / "budgets" / "step-000002" / "budget.json").is_file() for r in (out / "runs").glob("*/*"))
+    assert (next((out / "runs" / "dreambooth").iterdir()) / "budgets" / "step-000003" / "budget.json").is_file()
+    assert {p.name for p in out.iterdir() if "@" in p.name} == {"dreambooth@2", "dreambooth@3", "dreambooth@4", "dpg-recon@2",
+                                                                "dpg-recon@3"}
+    assert "dreambooth@4" in json.loads((out / "results.json").read_text())
     paired = json.loads((out / "paired.json").read_text())
     assert set(paired["budgets"]) == {"2", "3"} and set(paired["budgets"]["2"]["differences"]) == {"dpg-recon"}
     html = report.read_text()
@@ -157,6 +162,34 @@ def test_mini_bench_budgets_train_once_and_plot_the_frontier(tmp_path):
     assert set(paired["equal_seconds"]["budgets"]) == {"2", "3"}
     assert "outside" in paired["equal_seconds"]["budgets"]["3"]["dpg-recon"]
     assert (out / "report_assets" / "seconds_identity_kept.png").is_file() and "Compute frontier" in html
+
+
+def test_the_equal_seconds_pairing_reads_the_baselines_extra_budgets():
+    """DreamBooth run to more budgets than the others: its longer curve matches a slower method's seconds that its
+    common budgets never reach (and nothing is extrapolated without it)."""
+    from rewardbooth.mini.bench import budgets_per_method, paired_by_seconds
+
+    def rows(seconds, identity):  # two subjects, the second 10 % slower
+        return {"per_subject": [{"subject": s, "seconds": seconds * f, "identity_kept": identity + d, "prompt_ok": 0.9}
+                                for s, f, d in (("a", 1.0, 0.0), ("b", 1.1, 0.1))], "overall": {"identity_kept": 0, "prompt_ok": 0}}
+
+    results = {"dreambooth@200": rows(20, 0.2), "dreambooth@400": rows(40, 0.3), "dreambooth@800": rows(80, 0.5),
+               "dpg@200": rows(35, 0.4), "dpg@400": rows(60, 0.6)}
+    short = paired_by_seconds(results, ["dreambooth", "dpg"], [200, 400])
+    assert short["budgets"]["400"]["dpg"]["outside"] == 2  # 60 s: past DreamBooth's 400 steps (40 s)
+    longer = paired_by_seconds(results, ["dreambooth", "dpg"], [200, 400], [200, 400, 800])
+    at400 = longer["budgets"]["400"]["dpg"]
+    assert at400["outside"] == 0 and at400["differences"]["dpg"]["identity_kept"]["mean"] == pytest.approx(0.6 - 0.4)
+    assert longer["budgets"]["200"]["dpg"]["differences"]["dpg"]["identity_kept"]["mean"] == pytest.approx(0.4 - 0.275)
+    assert budgets_per_method(["dreambooth", "dpg"], [200, 400], [1600]) == {"dreambooth": [200, 400, 1600], "dpg": [200, 400]}
+    assert budgets_per_method(["dpg", "rpo"], [200], [400])["dpg"] == [200, 400]  # no dreambooth: the first is the baseline
+    with pytest.raises(ConfigError, match="--baseline-budgets"):
+        budgets_per_method(["dreambooth"], None, [800])
+
+
+def test_budgets_are_refused_where_the_suite_has_none(tmp_path, capsys):
+    assert main(["bench", "--dreambench", str(tmp_path), "--budgets", "200,400", "--output", str(tmp_path / "out")]) != 0
+    assert "--budgets apply to --suite mini only" in capsys.readouterr().err
 
 
 def test_the_lora_suite_keeps_each_methods_settings_with_its_lora():

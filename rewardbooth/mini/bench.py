@@ -222,6 +222,25 @@ def bench_folder_name(method: str, budget: int | None) -> str:
     return f"{method}@{budget}" if budget else method
 
 
+def bench_baseline(methods: list[str]) -> str:
+    """What every method is paired with: dreambooth, or the first method where it is not benched."""
+    return baseline_method().name if baseline_method().name in methods else methods[0]
+
+
+def budgets_per_method(methods: list[str], budgets: list[int] | None, baseline_budgets: list[int] | None) -> dict[str, list[int] | None]:
+    """Each method's budgets: `budgets` for all, and the baseline also at `baseline_budgets`, so its curve can reach
+    the seconds a slower method spends at its budgets (the equal-seconds pairing never extrapolates)."""
+    if baseline_budgets and not budgets:
+        raise ConfigError("--baseline-budgets adds budgets to --budgets: give both, e.g. --budgets 200,400 --baseline-budgets 800,1600")
+    baseline = bench_baseline(methods)
+    return {m: sorted({*budgets, *(baseline_budgets or [] if m == baseline else [])}) if budgets else None for m in methods}
+
+
+def budget_settings(budgets: list[int] | None) -> dict[str, Any]:
+    """Train to the largest budget, keeping the weights as they stood at the others."""
+    return {"train.steps": max(budgets), "train.save_steps": [b for b in budgets if b != max(budgets)]} if budgets else {}
+
+
 def _runners(out: Path, subjects_seed: int, judge: AttributeJudge, method: str, cfg: RunConfig, images_per_prompt: int,
              sample_steps: int, guidance: float, device: str, budgets: list[int] | None, progress: bool = False,
              subjects_per_batch: int | str | None = None) -> list[MiniBenchRunner]:
@@ -236,7 +255,8 @@ def _runners(out: Path, subjects_seed: int, judge: AttributeJudge, method: str, 
 
 
 def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBenchSubject], subjects_seed: int,
-                 images_per_prompt: int, sample_steps: int, guidance: float, device: str, progress: bool, budgets: list[int] | None,
+                 images_per_prompt: int, sample_steps: int, guidance: float, device: str, progress: bool,
+                 budgets: dict[str, list[int] | None],
                  threads: int | None = None, subjects_per_batch: int | str | None = None) -> None:
     """Every method on `subjects`, one after another (a worker process's whole job). Subjects trained K at a time
     whose training failed are named at the end (SubjectsFailed), every other subject and method done."""
@@ -248,8 +268,8 @@ def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBe
     failures: dict[str, str] = {}
     for method, cfg in configs.items():
         left = subjects  # a subject that failed to train is not trained again for the method's smaller budgets
-        for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, guidance, device, budgets,
-                               progress, subjects_per_batch):
+        for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, guidance, device,
+                               budgets[method], progress, subjects_per_batch):
             try:
                 runner.run(left)
             except SubjectsFailed as exc:
@@ -266,7 +286,7 @@ PAIRED_METRICS = ("dino", "clip_i", "clip_t", "shape_kept", "colour_kept", "patt
 def paired_by_budget(results: dict[str, dict], methods: list[str], budgets: list[int | None]) -> dict[str, Any]:
     """Per budget: each method minus dreambooth (or the first method) at the same budget, subject by subject.
     `results`: bench folder name -> its results.json."""
-    baseline = baseline_method().name if baseline_method().name in methods else methods[0]
+    baseline = bench_baseline(methods)
     paired = {}
     for budget in budgets:
         per_subject = {m: results[bench_folder_name(m, budget)]["per_subject"] for m in methods}
@@ -275,11 +295,13 @@ def paired_by_budget(results: dict[str, dict], methods: list[str], budgets: list
     return {"baseline": baseline, "budgets": paired}
 
 
-def paired_by_seconds(results: dict[str, dict], methods: list[str], budgets: list[int]) -> dict[str, Any]:
-    """Per budget: each method minus dreambooth at the same seconds (dreambooth interpolated on its budget curve; CPU
-    seconds where every run trained alone on the CPU, else wall seconds: each table's "clock")."""
-    baseline = baseline_method().name if baseline_method().name in methods else methods[0]
-    base_rows = [results[bench_folder_name(baseline, b)]["per_subject"] for b in budgets]
+def paired_by_seconds(results: dict[str, dict], methods: list[str], budgets: list[int],
+                      baseline_budgets: list[int] | None = None) -> dict[str, Any]:
+    """Per budget: each method minus dreambooth at the same seconds (dreambooth interpolated on its budget curve, over
+    `baseline_budgets` where it ran more budgets than the others; CPU seconds where every run trained alone on the
+    CPU, else wall seconds: each table's "clock")."""
+    baseline = bench_baseline(methods)
+    base_rows = [results[bench_folder_name(baseline, b)]["per_subject"] for b in baseline_budgets or budgets]
     tables = {}
     for budget in budgets:
         present = [k for k in PAIRED_METRICS if k in results[bench_folder_name(baseline, budget)]["overall"]]
@@ -301,15 +323,15 @@ def subject_shares(subjects: list[MiniBenchSubject], jobs: int, subjects_per_bat
     return [[s for batch in batches[i::jobs] for s in batch] for i in range(min(jobs, len(batches)))]
 
 
-def parse_budgets(text: str | None) -> list[int] | None:
+def parse_budgets(text: str | None, flag: str = "--budgets") -> list[int] | None:
     if not text:
         return None
     try:
         budgets = sorted({int(b) for b in text.split(",") if b.strip()})
     except ValueError:
-        raise ConfigError(f"--budgets must be comma-separated step counts, e.g. 200,400,800; got {text!r}") from None
+        raise ConfigError(f"{flag} must be comma-separated step counts, e.g. 200,400,800; got {text!r}") from None
     if not budgets or budgets[0] < 1:
-        raise ConfigError(f"--budgets must be positive step counts, got {text!r}")
+        raise ConfigError(f"{flag} must be positive step counts, got {text!r}")
     return budgets
 
 
@@ -317,16 +339,18 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
                    num_subjects: int | None = None, images_per_prompt: int | None = None, sample_steps: int | None = None,
                    config_file: str | None = None, overrides: dict[str, Any] | None = None, device: str = "cpu",
                    progress: bool = True, jobs: int | None = None, budgets: list[int] | None = None,
-                   subjects_per_batch: int | str | None = None, adapter: str = "full") -> Path:
+                   subjects_per_batch: int | str | None = None, adapter: str = "full",
+                   baseline_budgets: list[int] | None = None) -> Path:
     """Run (or finish) every method on the same subjects, then merge them into out/report.html.
-    `budgets`: train each subject once to the largest, evaluate the weights kept at each.
+    `budgets`: train each subject once to the largest, evaluate the weights kept at each; `baseline_budgets`: more
+    budgets for the baseline (dreambooth) alone, for the comparison at equal seconds.
     `subjects_per_batch`: K (or "auto"): train each method's subjects K at a time (train_many); None or 1: one by one.
     `adapter`: "full" (the whole denoiser) or "lora" (the LoRA suite, each method's minibench_lora)."""
     suite = SUITES["quick" if quick else "full"]
     overrides = dict(overrides or {})
-    if budgets:
-        overrides.update({"train.steps": max(budgets), "train.save_steps": [b for b in budgets if b != max(budgets)]})
-    configs = {m: method_config(m, config_file, overrides, adapter) for m in methods}  # bad settings fail first
+    method_budgets = budgets_per_method(methods, budgets, baseline_budgets)
+    configs = {m: method_config(m, config_file, {**overrides, **budget_settings(method_budgets[m])}, adapter)
+               for m in methods}  # bad settings fail first
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if is_batched(subjects_per_batch):
@@ -342,13 +366,15 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
     jobs = len(shares)
     judge = AttributeJudge("mini", device=device)
     for method, cfg in configs.items():  # refuse a folder made with other settings before any work
-        for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, guidance, device, budgets):
+        for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, guidance, device,
+                               method_budgets[method]):
             runner.check_folder()
     first = next(iter(configs.values()))
     if first.prior.enabled and not first.prior.class_dir:
         prepare_class_images(out, first, subjects, device, progress)
     work = dict(out=out, configs=configs, subjects_seed=subjects_seed, images_per_prompt=images_per_prompt,
-                sample_steps=sample_steps, guidance=guidance, device=device, budgets=budgets, subjects_per_batch=subjects_per_batch)
+                sample_steps=sample_steps, guidance=guidance, device=device, budgets=method_budgets,
+                subjects_per_batch=subjects_per_batch)
     if jobs == 1:
         _run_methods(subjects=subjects, progress=progress, **work)
     else:
@@ -366,8 +392,9 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
                     failures.update(exc.failures)
             if failures:
                 raise SubjectsFailed(failures)
-    budget_list: list[int | None] = list(budgets) if budgets else [None]
-    folders = [out / bench_folder_name(m, b) for b in budget_list for m in configs]
+    budget_list: list[int | None] = list(budgets) if budgets else [None]  # every method's; the baseline may have more
+    every_budget = sorted({b for bs in method_budgets.values() for b in bs}) if budgets else [None]
+    folders = [out / bench_folder_name(m, b) for b in every_budget for m in configs if b in (method_budgets[m] or [None])]
     summarized = summarize_folders(folders)
     results = {folder.name: result for folder, _, result in summarized}
     summary = {name: {**result["overall"], "failed": len(result["failed"])} for name, result in results.items()}
@@ -379,25 +406,27 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
         writer.writeheader()
         writer.writerows({"method": name, **{k: v for k, v in row.items() if k != "scope"}} for name, row in summary.items())
     paired = paired_by_budget(results, list(configs), budget_list)
-    if budgets and len(budgets) > 1:  # equal compute, not only equal steps
-        paired["equal_seconds"] = paired_by_seconds(results, list(configs), list(budgets))
+    baseline_curve = method_budgets[paired["baseline"]]
+    if baseline_curve and len(baseline_curve) > 1:  # equal compute, not only equal steps
+        paired["equal_seconds"] = paired_by_seconds(results, list(configs), list(budgets), baseline_curve)
     (out / PAIRED_NAME).write_text(json.dumps(paired, indent=2))
     return write_bench_report(out, summarized, "rewardbooth MiniBench results",
-                              extra_sections=mini_report_sections(out, results, paired, list(configs), budget_list))
+                              extra_sections=mini_report_sections(out, results, paired, method_budgets))
 
 
-def mini_report_sections(out: Path, results: dict[str, dict], paired: dict[str, Any], methods: list[str],
-                         budgets: list[int | None]) -> list:
-    """The paired table (with intervals and verdicts) per budget, and the budget frontier plot."""
+def mini_report_sections(out: Path, results: dict[str, dict], paired: dict[str, Any],
+                         budgets: dict[str, list[int] | None]) -> list:
+    """The paired table (with intervals and verdicts) per budget, and the budget and compute frontier plots (each
+    method's curve over its own budgets)."""
     sections = []
     for budget, table in paired["budgets"].items():
         sections.append(ReportSection(
             f"Paired with {paired['baseline']}" + (f" at {budget} steps" if budget != "final" else ""),
             f"method minus {paired['baseline']} on the same subjects; {table['interval']}; the verdict follows the "
             "interval (better: all above 0, worse: all below 0)", table=paired_rows(table)))
-    if all(b is not None for b in budgets) and len(budgets) > 1:
-        overall = {(m, b): results[bench_folder_name(m, b)]["overall"] for m in methods for b in budgets}
-        curves = {m: [(b, overall[m, b]["prompt_ok"], overall[m, b]["identity_kept"]) for b in budgets] for m in methods}
+    if all(budgets.values()) and any(len(bs) > 1 for bs in budgets.values()):
+        overall = {(m, b): results[bench_folder_name(m, b)]["overall"] for m, bs in budgets.items() for b in bs}
+        curves = {m: [(b, overall[m, b]["prompt_ok"], overall[m, b]["identity_kept"]) for b in bs] for m, bs in budgets.items()}
         path = plot_frontier(curves, out / "report_assets" / "frontier.png", "prompt_ok (text alignment)",
                              "identity_kept (subject fidelity)")
         sections.append(ReportSection("Budget frontier", "mean over subjects at each training budget (steps, labelled): "
@@ -406,7 +435,7 @@ def mini_report_sections(out: Path, results: dict[str, dict], paired: dict[str, 
         images = []
         seconds = seconds_words(combined_clock(overall.values()))
         for metric in ("identity_kept", "prompt_ok"):  # the compute frontier: the same curves against seconds
-            curves = {m: [(b, overall[m, b]["seconds"], overall[m, b][metric]) for b in budgets] for m in methods}
+            curves = {m: [(b, overall[m, b]["seconds"], overall[m, b][metric]) for b in bs] for m, bs in budgets.items()}
             chart = plot_frontier(curves, out / "report_assets" / f"seconds_{metric}.png", f"{seconds} per subject "
                                   "(set-up + training + validation)", metric)
             images.append((str(chart.relative_to(out)), f"{metric} vs seconds per method across budgets"))
