@@ -20,9 +20,13 @@ from safetensors.torch import save_file
 
 from rewardbooth.cli import main
 from rewardbooth.methods import load_config
+from rewardbooth.errors import ConfigError
 from rewardbooth.models.loading import (
+    FLUX2_PIPELINE,
     FLUX_PIPELINE,
+    QWENIMAGE_PIPELINE,
     SD3_PIPELINE,
+    ZIMAGE_PIPELINE,
     SD_PIPELINE,
     SDXL_PIPELINE,
     load_components,
@@ -130,6 +134,52 @@ def sd3_to_original(state: dict) -> dict:
         inv.put(o + "context_block.adaLN_modulation.1", d + "norm1_context.linear", fn=swap_halves if last else None)
         joint_streams(inv, o, d, ("x_block.", "context_block."),
                       ("attn.qkv", "attn.proj", "attn.ln_q", "attn.ln_k", "mlp.fc1", "mlp.fc2"))
+    return inv.done()
+
+
+def flux2_to_bfl(state: dict) -> dict:
+    """A diffusers Flux2Transformer2DModel state dict in BFL's layout (flux-2-klein-4b.safetensors), the inverse of
+    diffusers' convert_flux2_transformer_checkpoint_to_diffusers: q, k, v fused per stream, norms as `scale`."""
+    inv = Inverse(state)
+    inv.put("img_in", "x_embedder")
+    inv.put("txt_in", "context_embedder")
+    inv.put("time_in.in_layer", "time_guidance_embed.timestep_embedder.linear_1")
+    inv.put("time_in.out_layer", "time_guidance_embed.timestep_embedder.linear_2")
+    for stream in ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"):
+        inv.put(f"{stream}.lin", f"{stream}.linear")
+    inv.put("final_layer.linear", "proj_out")
+    inv.put("final_layer.adaLN_modulation.1", "norm_out.linear", fn=swap_halves)
+    for i in range(count(state, "transformer_blocks")):
+        o, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for prefix, qkv, norm, out, ff in (("img_", "attn.to_{}", "attn.norm_{}", "attn.to_out.0", "ff"),
+                                           ("txt_", "attn.add_{}_proj", "attn.norm_added_{}", "attn.to_add_out", "ff_context")):
+            inv.put(o + prefix + "attn.qkv", *(d + qkv.format(x) for x in "qkv"))
+            inv.put(o + prefix + "attn.norm.query_norm", d + norm.format("q"), param_name="scale")
+            inv.put(o + prefix + "attn.norm.key_norm", d + norm.format("k"), param_name="scale")
+            inv.put(o + prefix + "attn.proj", d + out)
+            inv.put(o + prefix + "mlp.0", d + f"{ff}.linear_in")
+            inv.put(o + prefix + "mlp.2", d + f"{ff}.linear_out")
+    for i in range(count(state, "single_transformer_blocks")):
+        o, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}.attn."
+        inv.put(o + "linear1", d + "to_qkv_mlp_proj")
+        inv.put(o + "linear2", d + "to_out")
+        inv.put(o + "norm.query_norm", d + "norm_q", param_name="scale")
+        inv.put(o + "norm.key_norm", d + "norm_k", param_name="scale")
+    return inv.done()
+
+
+def zimage_to_original(state: dict) -> dict:
+    """A diffusers ZImageTransformer2DModel state dict in Z-Image's own layout (z_image_turbo_bf16.safetensors), the
+    inverse of diffusers' convert_z_image_transformer_checkpoint_to_diffusers: q, k, v fused, its own module names."""
+    inv = Inverse(state)
+    for key in state:
+        original = key.replace("all_final_layer.2-1.", "final_layer.").replace("all_x_embedder.2-1.", "x_embedder.")
+        original = original.replace(".attention.to_out.0.", ".attention.out.").replace(".attention.norm_k.", ".attention.k_norm.")
+        original = original.replace(".attention.norm_q.", ".attention.q_norm.")
+        if ".attention.to_q." in key:
+            inv.put(original.replace(".to_q.weight", ".qkv"), *(key.replace(".to_q.weight", f".to_{x}") for x in "qkv"))
+        elif not re.search(r"\.attention\.to_[kv]\.", key):
+            inv.tensor(original, key)
     return inv.done()
 
 
@@ -286,8 +336,8 @@ def flux_file(tmp_path, flux_fine_tune):
 def denoiser_output(components, resolution: int) -> torch.Tensor:
     family = components.family()
     g = torch.Generator().manual_seed(0)
-    side = resolution // components.vae_scale_factor
-    latents = torch.randn(2, components.vae.config.latent_channels, side, side, generator=g)
+    side = resolution // family.latent_scale  # the family's own latent space (FLUX.2: patchified, 4x the channels)
+    latents = torch.randn(2, family.latent_channels, side, side, generator=g)
     text = family.encode_prompts(components.text_encoders, ["a sks toy", "a toy"], resolution)
     with torch.no_grad():
         return family.predict(components.unet, latents, torch.tensor([250, 750]), text)
@@ -315,6 +365,31 @@ def test_sd3_transformer_file_on_a_base_folder_is_the_fine_tune(tmp_path):
     loaded = load_components(f"{file}+tiny-sd3")
     assert loaded.pipeline_class == SD3_PIPELINE
     torch.testing.assert_close(denoiser_output(loaded, 64), denoiser_output(preset, 64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset, pipeline_class, original", [
+    ("tiny-flux2", FLUX2_PIPELINE, flux2_to_bfl),  # BFL's layout
+    ("tiny-zimage", ZIMAGE_PIPELINE, zimage_to_original),  # Z-Image's own, under ComfyUI's prefix
+    ("tiny-qwenimage", QWENIMAGE_PIPELINE, dict),  # diffusers' names under ComfyUI's prefix, as ComfyUI ships it
+])
+def test_newer_flow_transformer_files_on_a_base_folder_are_the_fine_tune(tmp_path, preset, pipeline_class, original):
+    base = load_components(preset)
+    perturbed(base.unet)
+    prefix = "" if preset == "tiny-flux2" else "model.diffusion_model."
+    file = write(tmp_path, f"{preset}.safetensors", {prefix + k: v for k, v in original(base.unet.state_dict()).items()})
+    loaded = load_components(f"{file}+{preset}")
+    assert loaded.pipeline_class == pipeline_class and type(loaded.unet) is type(base.unet)
+    fresh = load_components(preset)
+    assert not torch.equal(denoiser_output(loaded, 64), denoiser_output(fresh, 64))
+    torch.testing.assert_close(denoiser_output(loaded, 64), denoiser_output(base, 64), rtol=0, atol=0)
+
+
+def test_a_file_missing_some_of_the_transformers_tensors_is_refused_by_name(tmp_path):
+    state = flux2_to_bfl(load_components("tiny-flux2").unet.state_dict())
+    state.pop("single_blocks.0.linear2.weight")
+    file = write(tmp_path, "partial.safetensors", state)
+    with pytest.raises(ConfigError, match=r"partial\.safetensors lacks tensors its base tiny-flux2's transformer has"):
+        load_components(f"{file}+tiny-flux2")
 
 
 def test_sd_checkpoint_in_the_ldm_layout_on_a_base_folder_is_the_fine_tune(tmp_path):
@@ -404,3 +479,17 @@ def test_without_a_base_offline_the_error_names_the_file_and_the_official_base(t
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     err = _train_error(capsys, tmp_path, subject_dir, str(flux_file))
     assert str(flux_file) in err and "black-forest-labs/FLUX.1-dev" in err and "+BASE" in err
+
+
+@pytest.mark.parametrize("width, base", [(3072, "black-forest-labs/FLUX.2-klein-base-4B"),
+                                         (4096, "black-forest-labs/FLUX.2-klein-base-9B")])
+def test_a_flux2_file_without_a_base_names_the_klein_base_of_its_width(tmp_path, monkeypatch, width, base):
+    """diffusers calls every FLUX.2 file FLUX.2-dev (another pipeline); the klein size is told by the image input."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    file = write(tmp_path, "flux-2-klein.safetensors", {"single_stream_modulation.lin.weight": torch.zeros(2, 2),
+                                                         "img_in.weight": torch.zeros(width, 1)})
+    with pytest.raises(ConfigError, match=re.escape(f"its base {base} is not available")):
+        read_model_config(str(file), None, "model_index.json")
+

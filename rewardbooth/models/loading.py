@@ -244,17 +244,29 @@ def _load_flow(name: str, path: str, pipeline_class: str, revision: str | None, 
     return Components.from_pipeline(name, pipe, path)
 
 
-# `--model FILE.safetensors[+BASE]`: one weights file in its original layout (LDM / SGM for SD and SDXL, BFL's for FLUX.1,
-# Stability's for SD3), as model sites ship them. BASE (diffusers folder, hub id or preset) gives the configs, tokenizers
-# and scheduler, and for the flow models every part but the transformer; it defaults to the official model of the family.
+# `--model FILE.safetensors[+BASE]`: one weights file in its original layout (LDM / SGM for SD and SDXL, BFL's for FLUX.1
+# and FLUX.2, Stability's for SD3, Z-Image's own, ComfyUI's for Qwen-Image), as model sites ship them. BASE (diffusers
+# folder, hub id or preset) gives the configs, tokenizers and scheduler, and for the flow models every part but the
+# transformer; it defaults to the official model of the family.
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-# diffusers' single-file model types (loaders/single_file_utils.py) that train here, and their pipelines.
+# diffusers' single-file model types (loaders/single_file_utils.py) that train here, and their pipelines; FLUX.2 [klein]
+# and Qwen-Image (diffusers has no type for either) are named here.
 SINGLE_FILE_TYPES = {"v1": SD_PIPELINE, "v2": SD_PIPELINE, "xl_base": SDXL_PIPELINE, "flux-dev": FLUX_PIPELINE,
-                     "flux-schnell": FLUX_PIPELINE, "sd3": SD3_PIPELINE, "sd35_medium": SD3_PIPELINE, "sd35_large": SD3_PIPELINE}
+                     "flux-schnell": FLUX_PIPELINE, "sd3": SD3_PIPELINE, "sd35_medium": SD3_PIPELINE, "sd35_large": SD3_PIPELINE,
+                     "flux-2-klein-4b": FLUX2_PIPELINE, "flux-2-klein-9b": FLUX2_PIPELINE, "z-image-turbo": ZIMAGE_PIPELINE,
+                     "qwen-image": QWENIMAGE_PIPELINE}
 # diffusers tells real models apart by their layer sizes and calls whatever it does not know "v1"; a file at other
-# sizes (pruned, or the tiny test models) is known by its family's marker key in diffusers' table instead.
+# sizes (pruned, or the tiny test models) is known by its family's marker key in diffusers' table instead, or by
+# keys named here (Qwen-Image ships in diffusers' own names, which diffusers' table does not list).
 SINGLE_FILE_MARKERS = (("sd3", "sd35_medium"), ("flux", "flux-dev"), ("open_clip_sdxl", "xl_base"), ("open_clip", "v2"),
-                       ("clip", "v1"))
+                       ("clip", "v1"), (("img_in.weight", "txt_norm.weight", "transformer_blocks.0.img_mod.1.weight"), "qwen-image"))
+ORIGINAL_PREFIX = "model.diffusion_model."  # how ComfyUI-saved transformers name their keys
+# diffusers calls every FLUX.2 file FLUX.2-dev; the klein sizes are told by the transformer's width (BFL's image input).
+FLUX2_WIDTHS = {3072: "flux-2-klein-4b", 4096: "flux-2-klein-9b", 6144: "flux-2-dev"}
+# the official base of a type whose diffusers default is missing or another pipeline (FLUX.2-dev for every FLUX.2 file):
+# klein's base models, the ones made for fine-tuning (a step-distilled file names its own folder: FILE+BASE)
+SINGLE_FILE_BASES = {"flux-2-klein-4b": "black-forest-labs/FLUX.2-klein-base-4B",
+                     "flux-2-klein-9b": "black-forest-labs/FLUX.2-klein-base-9B", "qwen-image": "Qwen/Qwen-Image"}
 
 
 @dataclass(frozen=True)
@@ -310,7 +322,9 @@ def _file_model_type(file: str, _stamp: tuple) -> str | None:
     )
     from safetensors import safe_open
 
-    def marked(marker: str) -> bool:
+    def marked(marker: str | tuple) -> bool:
+        if isinstance(marker, tuple):  # keys of our own: every one, with or without ComfyUI's prefix
+            return all(key in tensors or ORIGINAL_PREFIX + key in tensors for key in marker)
         keys = CHECKPOINT_KEY_NAMES[marker]
         return any(key in tensors for key in ([keys] if isinstance(keys, str) else keys))
 
@@ -323,6 +337,9 @@ def _file_model_type(file: str, _stamp: tuple) -> str | None:
                 model_type = None
             if model_type in (None, "v1"):
                 model_type = next((t for marker, t in SINGLE_FILE_MARKERS if marked(marker)), None)
+            if model_type == "flux-2-dev":
+                image_in = next(k for k in ("img_in.weight", ORIGINAL_PREFIX + "img_in.weight") if k in tensors)
+                model_type = FLUX2_WIDTHS.get(handle.get_slice(image_in).get_shape()[0], "flux-2-klein-4b")
             return model_type
     except Exception as exc:  # noqa: BLE001 - safetensors' own error type or OSError: not a readable safetensors file
         raise ConfigError(f"model file {file} is not a readable safetensors file: {_one_line(exc)}") from None
@@ -336,9 +353,10 @@ def _single_file_base(spec: SingleFile, revision: str | None) -> tuple[str, str]
     model_type = _file_model_type(str(spec.file), (stat.st_mtime_ns, stat.st_size))
     if model_type not in SINGLE_FILE_TYPES:
         what = f"a {model_type} checkpoint" if model_type else "in no layout diffusers knows"
-        raise ConfigError(f"model file {spec.file} is {what}; single files load for SD 1.x / 2.x, SDXL, FLUX.1 and SD3 / SD3.5")
+        raise ConfigError(f"model file {spec.file} is {what}; single files load for SD 1.x / 2.x, SDXL, FLUX.1, SD3 / SD3.5, "
+                          "FLUX.2 [klein], Z-Image and Qwen-Image")
     pipeline_class = SINGLE_FILE_TYPES[model_type]
-    base = spec.base or DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
+    base = spec.base or SINGLE_FILE_BASES.get(model_type) or DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
     try:
         base_class = read_model_config(base, revision, "model_index.json").get("_class_name")
     except ConfigError as exc:
@@ -351,7 +369,7 @@ def _single_file_base(spec: SingleFile, revision: str | None) -> tuple[str, str]
 
 def _load_single_file(name: str, spec: SingleFile, revision: str | None, variant: str | None, dtype: torch.dtype | None,
                       vae: str | None) -> Components:
-    """FLUX.1 / SD3: the transformer from the file (model sites ship it alone), every other part from the base.
+    """Flow models: the transformer from the file (model sites ship it alone), every other part from the base.
     SD / SDXL: the whole pipeline from the file (U-Net, VAE, text encoders); configs, tokenizers, scheduler from the base."""
     import diffusers
     from diffusers import DDPMScheduler
@@ -365,19 +383,32 @@ def _load_single_file(name: str, spec: SingleFile, revision: str | None, variant
     try:
         if flow:
             denoiser = getattr(diffusers, read_model_config(base, revision, "model_index.json")["transformer"][1])
-            transformer = denoiser.from_single_file(str(spec.file), config=path, subfolder="transformer",
+            transformer = denoiser.from_single_file(_transformer_tensors(spec.file), config=path, subfolder="transformer",
                                                     config_revision=revision, **weights)
         else:
             pipe = getattr(diffusers, pipeline_class).from_single_file(str(spec.file), config=path, revision=revision,
                                                                        **weights, **other_vae)
     # diffusers' converters fail in many ways on a damaged file or one of another size than its base
     except (OSError, ValueError, KeyError, IndexError, RuntimeError, SingleFileComponentError) as exc:
+        if "meta tensor" in str(exc):  # diffusers leaves what the file lacks unloaded, then fails to move it
+            raise ConfigError(f"model file {spec.file} lacks tensors its base {base}'s {denoiser_folder(pipeline_class)} has: "
+                              "a file of another model or size, or a partial one") from None
         raise ConfigError(f"could not load model file {spec.file} on its base {base}: {_one_line(exc)}") from None
     if flow:
         return _load_flow(name, path, pipeline_class, revision, variant, dtype, transformer=transformer, **other_vae)
     return replace(Components.from_pipeline(name, pipe), path=path, pipeline_class=pipeline_class,
                    noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
                    force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
+
+
+def _transformer_tensors(file: Path) -> dict:
+    """A transformer file's tensors, ComfyUI's key prefix dropped (diffusers' FLUX.2 and Qwen-Image loaders expect none)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(file))
+    if tensors and all(key.startswith(ORIGINAL_PREFIX) for key in tensors):
+        tensors = {key.removeprefix(ORIGINAL_PREFIX): value for key, value in tensors.items()}
+    return tensors
 
 
 def read_model_config(name: str, revision: str | None, file: str) -> dict:
