@@ -10,6 +10,9 @@ learning rate is the one with the highest mean H at --budget; within --tie of th
 a method is decided only once its cell at every bracketed learning rate (--lrs) has every subject scored. A choice
 at either end of the bracket is said to be one (the LoRA suite's rule then extends the bracket on that side).
 Several folders: a cell found in more than one is taken from the first where it is finished.
+`--best dreambooth` also names the method's best cell over every learning rate and budget ("DreamBooth at its best",
+docs/minibench.md: the highest mean H; within --tie, the fewer steps, then the smaller rate), once every cell of its
+grid is finished.
 Reads the subjects' scores (it writes nothing into the bracket's folders, which a running bench may own).
 """
 
@@ -85,6 +88,19 @@ def choose(cells: list[dict], budget: int, subjects: int, tie: float, lrs: list[
     return chosen, waiting
 
 
+def best_cell(cells: list[dict], method: str, subjects: int, tie: float, lrs: list[float]) -> tuple[dict | None, list]:
+    """The method's best cell over every bracketed rate and every budget it has anywhere (highest mean H; within `tie`,
+    fewer steps, then the smaller rate), once each of those cells has all `subjects`; else (None, the cells missing)."""
+    mine = [c for c in cells if c["method"] == method]
+    grid = [(lr, b) for lr in lrs for b in sorted({c["budget"] for c in mine})]
+    finished = {(c["lr"], c["budget"]): c for c in mine if c["subjects"] == subjects}
+    missing = [(lr, b) for lr, b in grid if not any(math.isclose(lr, l) and b == bb for l, bb in finished)]
+    if missing or not mine:
+        return None, missing
+    top = max(c["harmonic"] for c in finished.values())
+    return min((c for c in finished.values() if c["harmonic"] >= top - tie), key=lambda c: (c["budget"], c["lr"])), []
+
+
 def table(cells: list[dict], chosen: dict[str, dict], subjects: int) -> str:
     lines = ["| method | lr | budget | subjects | identity_kept | prompt_ok | H (mean over subjects) | |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -102,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subjects", type=int, default=8, help="subjects a finished cell has (default 8)")
     parser.add_argument("--lrs", default="1e-4,2e-4,4e-4,8e-4", help="the bracketed learning rates (default: round 2's)")
     parser.add_argument("--tie", type=float, default=0.005, help="within this of the best H, the smaller learning rate wins")
+    parser.add_argument("--best", default="", help="comma-separated methods whose best cell over every rate and budget "
+                        "is named (e.g. dreambooth: DreamBooth at its best)")
     parser.add_argument("--json", type=Path, help="also write the cells and the choices here")
     args = parser.parse_args(argv)
     missing = [str(b) for b in args.brackets if not b.is_dir()]
@@ -121,10 +139,19 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; the bracket's {at_edge} rate: its edge" if at_edge else ""))
     for method, missing in waiting.items():
         print(f"{method}: undecided, waiting for learning rate {', '.join(f'{lr:g}' for lr in missing)} at {args.budget} steps")
+    best = {}
+    for method in filter(None, (m.strip() for m in args.best.split(","))):
+        cell, missing_cells = best_cell(cells, method, args.subjects, args.tie, lrs)
+        if cell is None:
+            print(f"{method} at its best: waiting for {', '.join(f'lr {lr:g} at {b}' for lr, b in missing_cells) or 'any cell'}")
+            continue
+        best[method] = {"lr": cell["lr"], "budget": cell["budget"]}
+        print(f"{method} at its best: learning rate {cell['lr']:g} at {cell['budget']} steps (H {cell['harmonic']:.3f}, "
+              f"identity_kept {cell['identity_kept']:.3f}, prompt_ok {cell['prompt_ok']:.3f})")
     if args.json:
         args.json.write_text(json.dumps({"cells": cells, "chosen": {m: c["lr"] for m, c in chosen.items()},
                                            "at_edge": {m: edge(c["lr"], lrs) for m, c in chosen.items() if edge(c["lr"], lrs)},
-                                           "waiting": waiting}, indent=2))
+                                           "waiting": waiting, "best": best}, indent=2))
     return 0
 
 

@@ -66,6 +66,20 @@ def test_a_bracket_run_in_phases_is_read_as_one_and_an_edge_is_named(tmp_path, c
     assert "the bracket's largest rate: its edge" in capsys.readouterr().out
 
 
+def test_a_methods_best_cell_over_rates_and_budgets_waits_for_its_whole_grid(tmp_path, capsys):
+    for lr, budget, identity in (("1e-4", 400, 0.2), ("2e-4", 400, 0.4), ("1e-4", 1600, 0.8), ("2e-4", 1600, 0.6)):
+        write_cell(tmp_path, lr, f"dreambooth@{budget}", {"a": [(identity, 1)], "b": [(identity, 1)]})
+    write_cell(tmp_path, "1e-4", "dreambooth@800", {"a": [(0.8, 1)], "b": [(0.8, 1)]})  # ties the 1600 cell: fewer steps
+    out_json = tmp_path / "bracket.json"
+    args = [str(tmp_path), "--subjects", "2", "--lrs", "1e-4,2e-4", "--best", "dreambooth", "--json", str(out_json)]
+    assert load_bracket().main(args) == 0
+    assert "dreambooth at its best: waiting for lr 0.0002 at 800" in capsys.readouterr().out
+    write_cell(tmp_path, "2e-4", "dreambooth@800", {"a": [(0.5, 1)], "b": [(0.5, 1)]})
+    assert load_bracket().main(args) == 0
+    assert "dreambooth at its best: learning rate 0.0001 at 800 steps" in capsys.readouterr().out
+    assert json.loads(out_json.read_text())["best"] == {"dreambooth": {"lr": 1e-4, "budget": 800}}
+
+
 def chosen_rates(doc: str, section: str) -> dict[str, float]:
     """The "**Chosen**" table of a bracket's section in a doc: method -> learning rate."""
     text = doc.split(section, 1)[1].split("\n## ", 1)[0]
