@@ -481,6 +481,20 @@ def test_without_a_base_offline_the_error_names_the_file_and_the_official_base(t
     assert str(flux_file) in err and "black-forest-labs/FLUX.1-dev" in err and "+BASE" in err
 
 
+def test_fp8_files_load_with_a_warning_and_scaled_fp8_is_refused(tmp_path):
+    """ComfyUI ships fp8 transformers: plain ones load as their own values; scaled ones carry scales diffusers' loader
+    would drop as unknown names, leaving every weight wrong by its scale."""
+    state = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v
+             for k, v in flux2_to_bfl(load_components("tiny-flux2").unet.state_dict()).items()}
+    with pytest.warns(UserWarning, match="fp8: training starts from the fp8-rounded weights"):
+        loaded = load_components(f"{write(tmp_path, 'fp8.safetensors', state)}+tiny-flux2")
+    expected = state["img_in.weight"].to(loaded.unet.x_embedder.weight.dtype)
+    assert torch.equal(loaded.unet.x_embedder.weight, expected)
+    state["img_in.scale_weight"] = torch.ones(())
+    with pytest.raises(ConfigError, match=r"scaled fp8 weights \(img_in\.scale_weight"):
+        load_components(f"{write(tmp_path, 'scaled.safetensors', state)}+tiny-flux2")
+
+
 @pytest.mark.parametrize("width, base", [(3072, "black-forest-labs/FLUX.2-klein-base-4B"),
                                          (4096, "black-forest-labs/FLUX.2-klein-base-9B")])
 def test_a_flux2_file_without_a_base_names_the_klein_base_of_its_width(tmp_path, monkeypatch, width, base):

@@ -401,13 +401,31 @@ def _load_single_file(name: str, spec: SingleFile, revision: str | None, variant
                    force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
 
 
+FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2}
+# how fp8 files with per-tensor scales mark them (ComfyUI's scaled_fp8, BFL's and others' weight_scale / input_scale):
+# their weights are the true ones only once multiplied by a scale diffusers' converters do not apply
+SCALED_FP8_KEYS = re.compile(r"(^|\.)(scaled_fp8|scale_weight|weight_scale|input_scale)$")
+
+
 def _transformer_tensors(file: Path) -> dict:
-    """A transformer file's tensors, ComfyUI's key prefix dropped (diffusers' FLUX.2 and Qwen-Image loaders expect none)."""
+    """A transformer file's tensors, ComfyUI's key prefix dropped (diffusers' FLUX.2 and Qwen-Image loaders expect none);
+    plain fp8 weights (ComfyUI's fp8_e4m3fn files) load with a warning, scaled fp8 ones are refused (their scales
+    would be dropped as unknown names and the weights silently wrong)."""
+    import warnings
+
     from safetensors.torch import load_file
 
     tensors = load_file(str(file))
     if tensors and all(key.startswith(ORIGINAL_PREFIX) for key in tensors):
         tensors = {key.removeprefix(ORIGINAL_PREFIX): value for key, value in tensors.items()}
+    scaled = [key for key in tensors if SCALED_FP8_KEYS.search(key)]
+    if scaled:
+        raise ConfigError(f"model file {file} holds scaled fp8 weights ({scaled[0]}, ...), which diffusers' loader reads "
+                          "without their scales; use the file's bf16 or fp16 release")
+    fp8 = [key for key, value in tensors.items() if value.dtype in FLOAT8]
+    if fp8:  # diffusers casts them to the model's dtype on loading
+        warnings.warn(f"model file {file} stores {len(fp8)} tensors in fp8: training starts from the fp8-rounded weights "
+                      "(the file's bf16 release is the better base)", stacklevel=2)
     return tensors
 
 
