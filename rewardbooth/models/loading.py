@@ -338,8 +338,9 @@ def _file_model_type(file: str, _stamp: tuple) -> str | None:
             if model_type in (None, "v1"):
                 model_type = next((t for marker, t in SINGLE_FILE_MARKERS if marked(marker)), None)
             if model_type == "flux-2-dev":
-                image_in = next(k for k in ("img_in.weight", ORIGINAL_PREFIX + "img_in.weight") if k in tensors)
-                model_type = FLUX2_WIDTHS.get(handle.get_slice(image_in).get_shape()[0], "flux-2-klein-4b")
+                image_in = next((k for k in ("img_in.weight", ORIGINAL_PREFIX + "img_in.weight") if k in tensors), None)
+                width = handle.get_slice(image_in).get_shape()[0] if image_in else None  # None: refused later, as partial
+                model_type = FLUX2_WIDTHS.get(width, "flux-2-klein-4b")
             return model_type
     except Exception as exc:  # noqa: BLE001 - safetensors' own error type or OSError: not a readable safetensors file
         raise ConfigError(f"model file {file} is not a readable safetensors file: {_one_line(exc)}") from None
