@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any training setting")
     bench.add_argument("--merge", nargs="+", metavar="BENCH_DIR", help="merge finished bench folders (one per method) into results and one report; with two or more, "
                        "each is paired with the first on the subjects they share (printed, and paired.json)")
+    bench.add_argument("--curve", nargs="+", metavar="BENCH_DIR", help="with --merge: one method's bench folders at several "
+                       "budgets (e.g. DreamBooth at its best, dreambooth@200 ... @1600); each merged folder is also paired "
+                       "with it at its own seconds (interpolated between the budgets, never extrapolated)")
     bench.add_argument("--quiet", action="store_true")
     add_judge_flags(bench)
 
@@ -495,11 +498,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rewardbooth.evaluation.bench import FAILED_NAME, PAIRED_NAME, BenchRunner, merge, parse_shard, shard_subjects
     from rewardbooth.methods import load_config
 
+    if args.curve and not args.merge:
+        raise ConfigError("--curve pairs the folders of --merge at equal seconds: give --merge BENCH_DIR ... too")
     if args.merge:
-        report = merge([Path(d) for d in args.merge], Path(args.output) if args.output else None)
+        report = merge([Path(d) for d in args.merge], Path(args.output) if args.output else None,
+                       [Path(d) for d in args.curve or []])
         print(f"merged {len(args.merge)} bench folder(s): {report}")
+        paired = json.loads((report.parent / PAIRED_NAME).read_text()) if (report.parent / PAIRED_NAME).is_file() else {}
         if len(args.merge) > 1:
-            _print_paired(json.loads((report.parent / PAIRED_NAME).read_text()), f"paired with {args.merge[0]}")
+            _print_paired(paired, f"paired with {args.merge[0]}")
+        for label, table in paired.get("equal_seconds", {}).items():
+            _print_equal_seconds(label, table)
         return 0
     if any(v is not None and v < 1 for v in (args.images_per_prompt, args.sample_steps, args.num_subjects)):
         raise ConfigError("-k, --sample-steps and --num-subjects must be positive")
@@ -558,7 +567,6 @@ def _bench_mini(args: argparse.Namespace, methods: list[str], adapter: str) -> i
     from rewardbooth.errors import ConfigError
     from rewardbooth.evaluation.bench import PAIRED_NAME
     from rewardbooth.evaluation.metrics import format_table
-    from rewardbooth.evaluation.paired import paired_rows, seconds_words
     from rewardbooth.mini.bench import parse_budgets, run_mini_bench
 
     ignored = [flag for flag, value in (("--dreambench", args.dreambench), ("--subjects", args.subjects), ("--shard", args.shard),
@@ -589,12 +597,16 @@ def _bench_mini(args: argparse.Namespace, methods: list[str], adapter: str) -> i
         _print_paired(table, f"paired with {paired['baseline']}" + (f" at {budget} steps" if budget != "final" else ""))
     for budget, tables in paired.get("equal_seconds", {}).get("budgets", {}).items():
         for method, table in tables.items():
-            print(f"\n{method} at {budget} steps against {paired['baseline']} at the same {seconds_words(table.get('clock'))} "
-                  f"({table['how']}; "
-                  f"{table['outside']} subject(s) outside its range left out):")
-            print(format_table(paired_rows(table)))
+            _print_equal_seconds(f"{method} at {budget} steps", table)
     print(f"report: {report}")
     return 0
+
+
+def _print_equal_seconds(what: str, table: dict) -> None:
+    from rewardbooth.evaluation.bench import equal_seconds_title
+
+    _print_paired(table, f"{equal_seconds_title(what, table)} ({table['how']}; {table['outside']} subject(s) outside its "
+                         "range left out)")
 
 
 def _print_paired(table: dict, title: str) -> None:

@@ -125,12 +125,40 @@ def write_bench_folder(folder, method: str, identity: dict[str, float]) -> None:
     (folder / "bench.json").write_text(json.dumps({"method": method, "model": "mini", "judges": {"attributes": "mini"},
                                                    "references": str(references), "images_per_prompt": 1}))
     for subject, value in identity.items():
-        (references / subject).mkdir(parents=True)
+        (references / subject).mkdir(parents=True, exist_ok=True)
         image.save(references / subject / "0.png")
         save_generated(folder / "subjects" / subject / "images", ["p"], [[image]], 0)
         (folder / "subjects" / subject / "scores.json").write_text(json.dumps([{
             "subject": subject, "prompt": "p", "file": "0.png", "dino": 0.5, "clip_i": 0.5, "clip_t": 0.5,
             "extra": {"identity_kept": value, "prompt_ok": 1.0}}]))
+
+
+def test_merged_folders_are_paired_at_equal_seconds_with_another_runs_curve(tmp_path, capsys):
+    """DreamBooth at its best, benched apart at several budgets: each merged folder is paired with it at its own
+    seconds, interpolated between the curve's budgets; a subject past the curve's seconds is left out, not extrapolated."""
+    subjects = ["a", "b", "c"]
+
+    def bench(folder, method, identity, seconds):
+        write_bench_folder(folder, method, dict.fromkeys(subjects, identity))
+        for subject in subjects:
+            (folder / "subjects" / subject / "seconds.json").write_text(json.dumps({"seconds": seconds[subject], "clock": "cpu"}))
+
+    bench(tmp_path / "best" / "dreambooth@400", "dreambooth", 0.2, dict.fromkeys(subjects, 40.0))
+    bench(tmp_path / "best" / "dreambooth@1600", "dreambooth", 0.6, dict.fromkeys(subjects, 160.0))
+    bench(tmp_path / "set" / "dpg@400", "dpg", 0.7, {"a": 70.0, "b": 100.0, "c": 200.0})  # c: past the curve
+    curve = [str(tmp_path / "best" / f"dreambooth@{b}") for b in (400, 1600)]
+    assert main(["bench", "--merge", str(tmp_path / "set" / "dpg@400"), "--curve", *curve, "--output", str(tmp_path / "m")]) == 0
+    table = json.loads((tmp_path / "m" / "paired.json").read_text())["equal_seconds"]["dpg"]
+    # a: 70 s -> 0.2 + 0.4 * 30 / 120 = 0.3; b: 100 s -> 0.4; c left out
+    assert table["differences"]["dpg"]["identity_kept"]["mean"] == pytest.approx(0.7 - 0.35)
+    assert (table["outside"], table["clock"], table["baseline"]) == (1, "cpu", "best/dreambooth")
+    printed = capsys.readouterr().out
+    assert "dpg against best/dreambooth at the same CPU seconds" in printed
+    assert "dpg against best/dreambooth" in (tmp_path / "m" / "report.html").read_text()
+    assert main(["bench", "--merge", str(tmp_path / "set" / "dpg@400"), "--curve", curve[0]]) == 2  # one budget: no curve
+    assert "--curve takes one method's bench folders at two budgets or more" in capsys.readouterr().err
+    assert main(["bench", "--curve", *curve]) == 2  # nothing to pair
+    assert "give --merge" in capsys.readouterr().err
 
 
 def test_merged_folders_are_paired_with_the_first_even_when_two_have_the_same_name(tmp_path, capsys):

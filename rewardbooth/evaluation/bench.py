@@ -45,7 +45,7 @@ from rewardbooth.data.images import load_image, load_image_folder, save_image_gr
 from rewardbooth.errors import ConfigError, OutputExistsError, RewardboothError, Stopped, TrainingDiverged
 from rewardbooth.evaluation.figures import plot_bars, plot_tradeoff
 from rewardbooth.evaluation.metrics import METRICS, ImageScore, Scorer, read_generated_folder, summarize
-from rewardbooth.evaluation.paired import combined_clock, paired_differences
+from rewardbooth.evaluation.paired import combined_clock, paired_at_equal_seconds, paired_differences, paired_rows, seconds_words
 from rewardbooth.evaluation.report import ReportSection, write_report
 from rewardbooth.rewards import Subject
 from rewardbooth.sampling import SampleSettings, generate, save_generated
@@ -369,16 +369,48 @@ def load_scores(bench_dir: Path) -> list[ImageScore]:
     return scores
 
 
-def merge(bench_dirs: list[Path], report_dir: Path | None = None) -> Path:
+def merge(bench_dirs: list[Path], report_dir: Path | None = None, curve_dirs: list[Path] | None = None) -> Path:
     """Write results.csv / results.json for each bench folder and one report comparing them; with two folders or
-    more, paired.json beside the report: each folder minus the first on the subjects they share."""
+    more, paired.json beside the report: each folder minus the first on the subjects they share. `curve_dirs`: one
+    method's bench folders at several budgets (DreamBooth at its best, say); each merged folder is also paired with
+    that method at its own seconds (paired.json's "equal_seconds", the report's tables)."""
     bench_dirs = [Path(d) for d in bench_dirs]
     report_dir = Path(report_dir) if report_dir else bench_dirs[0]
     summarized = summarize_folders(bench_dirs)
-    report = write_bench_report(report_dir, summarized)
-    if len(summarized) > 1:
-        (report_dir / PAIRED_NAME).write_text(json.dumps(merged_paired(summarized), indent=2))
+    paired = merged_paired(summarized) if len(summarized) > 1 else {}
+    sections = []
+    if curve_dirs:
+        paired["equal_seconds"] = paired_with_curve(summarized, summarize_folders([Path(d) for d in curve_dirs]))
+        sections = [equal_seconds_section(label, table) for label, table in paired["equal_seconds"].items()]
+    report = write_bench_report(report_dir, summarized, extra_sections=sections)
+    if paired:
+        (report_dir / PAIRED_NAME).write_text(json.dumps(paired, indent=2))
     return report
+
+
+def equal_seconds_title(what: str, table: dict[str, Any]) -> str:
+    return f"{what} against {table['baseline']} at the same {seconds_words(table.get('clock'))}"
+
+
+def equal_seconds_section(what: str, table: dict[str, Any]) -> ReportSection:
+    """The report's table of one equal-seconds pairing (`what`: the method and budget paired)."""
+    return ReportSection(equal_seconds_title(what, table), f"{table['how']}; {table['interval']}; subjects outside "
+                         f"{table['baseline']}'s measured seconds (left out): {table['outside']}", table=paired_rows(table))
+
+
+def paired_with_curve(methods: list[tuple[Path, dict, dict]], curve: list[tuple[Path, dict, dict]]) -> dict[str, Any]:
+    """Each folder minus the curve's method at the same seconds, interpolated between the curve's budgets (never
+    extrapolated: a subject outside the curve's seconds is left out and counted)."""
+    curve_methods = {info["method"] for _, info, _ in curve}
+    if len(curve_methods) != 1 or len(curve) < 2:
+        raise ConfigError(f"--curve takes one method's bench folders at two budgets or more, got {len(curve)} folder(s) of "
+                          f"{', '.join(sorted(curve_methods))}")
+    folder = curve[0][0]
+    name = f"{folder.parent.name}/{curve_methods.pop()}" if folder.parent.name else curve_methods.pop()
+    metrics = tuple(k for k in overall_metrics(curve[0][2]["overall"]) if k != "seconds")
+    rows = [r["per_subject"] for _, _, r in curve]
+    labels = folder_labels(methods)
+    return {labels[d]: paired_at_equal_seconds(r["per_subject"], rows, metrics, labels[d], name) for d, _, r in methods}
 
 
 def folder_labels(methods: list[tuple[Path, dict, dict]]) -> dict[Path, str]:

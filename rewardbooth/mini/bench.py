@@ -34,8 +34,8 @@ from PIL import Image
 
 from rewardbooth.config import MINIBENCH_SUITES, RunConfig
 from rewardbooth.errors import ConfigError
-from rewardbooth.evaluation.bench import (PAIRED_NAME, BenchRunner, SubjectsFailed, is_batched, subject_config, summarize_folders,
-                                          write_bench_report)
+from rewardbooth.evaluation.bench import (PAIRED_NAME, BenchRunner, SubjectsFailed, equal_seconds_section, is_batched,
+                                          subject_config, summarize_folders, write_bench_report)
 from rewardbooth.evaluation.figures import plot_frontier
 from rewardbooth.evaluation.metrics import ImageScore, Scorer
 from rewardbooth.evaluation.paired import combined_clock, paired_at_equal_seconds, paired_differences, paired_rows, seconds_words
@@ -442,9 +442,5 @@ def mini_report_sections(out: Path, results: dict[str, dict], paired: dict[str, 
         sections.append(ReportSection("Compute frontier", f"mean over subjects at each budget (steps, labelled) against the {seconds} "
                                       "spent to get there: better means up at the same seconds", images=images))
     for budget, tables in paired.get("equal_seconds", {}).get("budgets", {}).items():
-        for method, table in tables.items():
-            sections.append(ReportSection(
-                f"{method} at {budget} steps against {paired['baseline']} at the same {seconds_words(table.get('clock'))}",
-                f"{table['how']}; {table['interval']}; subjects outside {paired['baseline']}'s measured seconds (left out): "
-                f"{table['outside']}", table=paired_rows(table)))
+        sections += [equal_seconds_section(f"{method} at {budget} steps", table) for method, table in tables.items()]
     return sections
