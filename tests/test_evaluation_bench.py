@@ -155,6 +155,10 @@ def test_merged_folders_are_paired_at_equal_seconds_with_another_runs_curve(tmp_
     printed = capsys.readouterr().out
     assert "dpg against best/dreambooth at the same CPU seconds" in printed
     assert "dpg against best/dreambooth" in (tmp_path / "m" / "report.html").read_text()
+    for subject in subjects:  # the merged folder on the wall clock, the curve on the CPU's: not equal compute
+        (tmp_path / "set" / "dpg@400" / "subjects" / subject / "seconds.json").write_text(json.dumps({"seconds": 70.0}))
+    with pytest.warns(UserWarning, match="mix seconds on the cpu and wall clocks"):
+        main(["bench", "--merge", str(tmp_path / "set" / "dpg@400"), "--curve", *curve, "--output", str(tmp_path / "m2")])
     assert main(["bench", "--merge", str(tmp_path / "set" / "dpg@400"), "--curve", curve[0]]) == 2  # one budget: no curve
     assert "--curve takes one method's bench folders at two budgets or more" in capsys.readouterr().err
     assert main(["bench", "--curve", *curve]) == 2  # nothing to pair

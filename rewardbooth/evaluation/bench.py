@@ -380,7 +380,9 @@ def merge(bench_dirs: list[Path], report_dir: Path | None = None, curve_dirs: li
     paired = merged_paired(summarized) if len(summarized) > 1 else {}
     sections = []
     if curve_dirs:
-        paired["equal_seconds"] = paired_with_curve(summarized, summarize_folders([Path(d) for d in curve_dirs]))
+        curve_dirs = [Path(d) for d in curve_dirs]
+        warn_mixed_clocks([*bench_dirs, *curve_dirs])  # across the two groups, as within each
+        paired["equal_seconds"] = paired_with_curve(summarized, summarize_folders(curve_dirs))
         sections = [equal_seconds_section(label, table) for label, table in paired["equal_seconds"].items()]
     report = write_bench_report(report_dir, summarized, extra_sections=sections)
     if paired:
