@@ -504,7 +504,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = merge([Path(d) for d in args.merge], Path(args.output) if args.output else None,
                        [Path(d) for d in args.curve or []])
         print(f"merged {len(args.merge)} bench folder(s): {report}")
-        paired = json.loads((report.parent / PAIRED_NAME).read_text()) if (report.parent / PAIRED_NAME).is_file() else {}
+        # only what this merge wrote: a paired.json left in the report folder by an earlier merge is not this one's
+        paired = json.loads((report.parent / PAIRED_NAME).read_text()) if len(args.merge) > 1 or args.curve else {}
         if len(args.merge) > 1:
             _print_paired(paired, f"paired with {args.merge[0]}")
         for label, table in paired.get("equal_seconds", {}).items():

@@ -409,7 +409,7 @@ def paired_with_curve(methods: list[tuple[Path, dict, dict]], curve: list[tuple[
                           f"{', '.join(sorted(curve_methods))}")
     folder = curve[0][0]
     name = f"{folder.parent.name}/{curve_methods.pop()}" if folder.parent.name else curve_methods.pop()
-    metrics = tuple(k for k in overall_metrics(curve[0][2]["overall"]) if k != "seconds")
+    metrics = scored_metrics(curve[0][2]["overall"])
     rows = [r["per_subject"] for _, _, r in curve]
     labels = folder_labels(methods)
     return {labels[d]: paired_at_equal_seconds(r["per_subject"], rows, metrics, labels[d], name) for d, _, r in methods}
@@ -427,13 +427,17 @@ def folder_labels(methods: list[tuple[Path, dict, dict]]) -> dict[Path, str]:
 def merged_paired(methods: list[tuple[Path, dict, dict]]) -> dict[str, Any]:
     """Each merged folder minus the first, subject by subject, on every metric the first reports."""
     labels = folder_labels(methods)
-    metrics = tuple(k for k in overall_metrics(methods[0][2]["overall"]) if k != "seconds")  # a cost, not a score
-    return paired_differences({labels[d]: r["per_subject"] for d, _, r in methods}, metrics)
+    return paired_differences({labels[d]: r["per_subject"] for d, _, r in methods}, scored_metrics(methods[0][2]["overall"]))
 
 
 def overall_metrics(overall: dict) -> list[str]:
     """The metric keys of a results.json's overall row (not its bookkeeping, not the spreads over subjects)."""
     return [k for k in overall if k not in ("scope", "images", "seconds_clock") and not k.endswith("_std_over_subjects")]
+
+
+def scored_metrics(overall: dict) -> tuple[str, ...]:
+    """What a pairing compares: the overall row's metrics but seconds (a cost, not a score)."""
+    return tuple(k for k in overall_metrics(overall) if k != "seconds")
 
 
 def summarize_folders(bench_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
