@@ -1,0 +1,93 @@
+"""README's MiniBench tables from the benches' paired.json files, so the published rows are read, not retyped.
+
+    python benchmarks/readme_rows.py 0=runs/set0-final 1=runs/set1-final                  # paired at 400 steps
+    python benchmarks/readme_rows.py 2=runs/set2 --budget 800
+    python benchmarks/readme_rows.py 0=runs/set0-final 1=runs/set1-final --equal-seconds  # at DreamBooth's seconds
+    python benchmarks/readme_rows.py 2=runs/set2-merged --equal-seconds                   # a `bench --merge ... --curve` folder
+
+Each SET=FOLDER names a bench folder (or its paired.json); rows go method by method, set by set, each cell the mean
+difference from the baseline, its 95% interval, subjects won/lost and the verdict (the mean in bold where the verdict
+is not "no detectable difference"). --equal-seconds reads the pairing at equal seconds instead (the method at --budget
+steps against the baseline interpolated at its seconds; a mini bench's `equal_seconds`, or every pairing a
+`--merge ... --curve` wrote) and adds the subjects left out as outside the baseline's measured seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+TIE = "no detectable difference"
+
+
+def cell(d: dict, with_counts: bool) -> str:
+    mean = f"{d['mean']:+.3f}"
+    mean = mean if d["verdict"] == TIE else f"**{mean}**"
+    counts = f", {d['won']}/{d['lost']}" if with_counts else ""
+    return f"{mean} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]{counts}: {d['verdict']}"
+
+
+def pairings(paired: dict, budget: str, equal_seconds: bool) -> list[tuple[str, str, dict]]:
+    """(row label, method, table): the table holds `baseline` and `differences` {method: {metric: difference}}."""
+    if not equal_seconds:
+        tables = paired["budgets"] if "budgets" in paired else {"final": paired}
+        if budget not in tables:
+            raise SystemExit(f"no pairing at {budget} steps (it has {', '.join(tables)})")
+        table = tables[budget]
+        return [(method, method, table) for method in table["differences"]]
+    seconds = paired.get("equal_seconds")
+    if not seconds:
+        raise SystemExit("no equal-seconds pairing in this paired.json")
+    if "budgets" in seconds:  # a mini bench: {budgets: {budget: {method: table}}}
+        if budget not in seconds["budgets"]:
+            raise SystemExit(f"no equal-seconds pairing at {budget} steps (it has {', '.join(seconds['budgets'])})")
+        return [(f"{method}@{budget}", method, table) for method, table in seconds["budgets"][budget].items()]
+    return [(label, label, table) for label, table in seconds.items()]  # a --merge ... --curve: {label: table}
+
+
+def rows(sets: list[tuple[str, Path]], budget: str, equal_seconds: bool, metrics: list[str]) -> list[str]:
+    by_method: dict[str, list[str]] = {}
+    for name, folder in sets:
+        path = folder / "paired.json" if folder.is_dir() else folder
+        if not path.is_file():
+            raise SystemExit(f"{path} does not exist (set {name})")
+        for label, method, table in pairings(json.loads(path.read_text()), budget, equal_seconds):
+            differences = table["differences"][method]
+            missing = [m for m in metrics if m not in differences]
+            if missing:
+                raise SystemExit(f"{path}: {method} has no {', '.join(missing)}")
+            cells = [cell(differences[m], with_counts=i == 0) for i, m in enumerate(metrics)]
+            if equal_seconds:  # subjects outside the baseline's measured seconds are left out, never extrapolated
+                cells.append(str(table["outside"]))
+            by_method.setdefault(label, []).append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    return [row for method_rows in by_method.values() for row in method_rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sets", nargs="+", help="SET=FOLDER: a bench folder or its paired.json, named by its subject set")
+    parser.add_argument("--budget", default="400", help="the steps paired (default 400)")
+    parser.add_argument("--equal-seconds", action="store_true", help="the pairing at equal seconds instead of equal steps")
+    parser.add_argument("--metrics", default="identity_kept,prompt_ok")
+    args = parser.parse_args(argv)
+    sets = []
+    for item in args.sets:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            parser.error(f"{item!r}: give SET=FOLDER, e.g. 0=runs/set0")
+        sets.append((name, Path(folder)))
+    metrics = args.metrics.split(",")
+    body = rows(sets, args.budget, args.equal_seconds, metrics)
+    what = "at equal seconds" if args.equal_seconds else f"at {args.budget} steps"
+    columns = [f"{m} (95% CI{', subjects won/lost' if i == 0 else ''})" for i, m in enumerate(metrics)]
+    columns += ["subjects left out"] if args.equal_seconds else []
+    print(f"| paired with DreamBooth {what} | set | " + " | ".join(columns) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
+    print("\n".join(body))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
