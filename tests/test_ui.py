@@ -279,7 +279,7 @@ def test_the_page_benches_either_suite_on_either_model_and_refuses_another(app):
     status, reply = _request(base + "/api/bench", {"suite": "dreambench"})
     assert status == 400 and "mini, mini-lora" in reply["error"] and not workspace.jobs
     status, reply = _request(base + "/api/bench", {"model": "tiny"})
-    assert status == 400 and "mini or mini-flow" in reply["error"] and not workspace.jobs
+    assert status == 400 and "one of mini, mini-flow" in reply["error"] and not workspace.jobs
     bench = _request(base + "/api/bench", {"suite": "mini-lora", "model": "mini-flow", "num_subjects": 1, "steps": 1})[1]["bench"]
     command = workspace.log_path(bench).read_text().splitlines()[0]
     workspace.stop(bench)  # what was started is the point here, not the bench itself

@@ -13,6 +13,7 @@ from rewardbooth.errors import ConfigError
 
 MINI_NAME = "mini"
 FLOW_NAME = "mini-flow"
+MODEL_NAMES = (MINI_NAME, FLOW_NAME)  # the shipped models MiniBench's judges know
 ASSETS_DIR = Path(__file__).parent / "assets"
 BASE_DIR = ASSETS_DIR / "base"
 FLOW_DIR = ASSETS_DIR / "flow"

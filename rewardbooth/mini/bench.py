@@ -42,7 +42,7 @@ from rewardbooth.evaluation.paired import combined_clock, paired_at_equal_second
 from rewardbooth.evaluation.report import ReportSection
 from rewardbooth.methods import baseline_method, load_config, resolve_variant
 from rewardbooth.methods.dreambooth import class_image_settings
-from rewardbooth.mini.assets import FLOW_NAME, MINI_NAME
+from rewardbooth.mini.assets import FLOW_NAME, MINI_NAME, MODEL_NAMES
 from rewardbooth.mini.preset import FLOW_SAMPLER_GUIDANCE, FLOW_SAMPLER_STEPS, mini_defaults
 from rewardbooth.mini.scoring import AttributeJudge, attribute_checks
 from rewardbooth.mini.world import DEFAULT_SPLIT, MiniSubject, PromptSpec, make_subjects, subject_prompts
@@ -84,6 +84,7 @@ SUITES = {
 # keep its attribute accuracies of 25 (docs/minibench.md, "Where the time goes"), samples cleanest at guidance 3-5;
 # mini-flow: its preset's Euler sampler (docs/mini-flow.md, "The quality bar").
 SAMPLERS = {MINI_NAME: (10, 4.0), FLOW_NAME: (FLOW_SAMPLER_STEPS, FLOW_SAMPLER_GUIDANCE)}
+assert set(SAMPLERS) == set(MODEL_NAMES), "every shipped MiniBench model needs its sampler"
 # Subject i of --subjects-seed N is made from seed N * SUBJECT_SEED_STRIDE + i (taken combinations
 # skipped), so different --subjects-seed values never share a subject. Runs recorded before this
 # mapping name their subjects by seed (mini-100-...): make_subject(100) remakes them.
@@ -172,8 +173,8 @@ def bench_model(overrides: dict[str, Any]) -> tuple[str, str]:
     if model in SAMPLERS:
         return model, model
     if not Path(model).expanduser().is_dir():
-        raise ConfigError(f"--model {model}: MiniBench's judges know only mini's world; use mini, mini-flow or a local folder "
-                          "of a model trained on it")
+        raise ConfigError(f"--model {model}: MiniBench's judges know only mini's world; use {', '.join(MODEL_NAMES)} or a local "
+                          "folder of a model trained on it")
     flow = read_model_config(model, None, "model_index.json").get("_class_name") in FLOW_PIPELINES
     return model, FLOW_NAME if flow else MINI_NAME
 

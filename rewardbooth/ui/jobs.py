@@ -24,7 +24,7 @@ from rewardbooth.data.images import IMAGE_EXTENSIONS, load_image
 from rewardbooth.config import MINIBENCH_SUITES, parse_override
 from rewardbooth.errors import ConfigError, ImageFolderError, RewardboothError, TrainingDiverged
 from rewardbooth.methods import baseline_method, get_method, load_config, method_names, method_registry
-from rewardbooth.mini.assets import FLOW_NAME, MINI_NAME
+from rewardbooth.mini.assets import MINI_NAME, MODEL_NAMES
 from rewardbooth.models.export import KOHYA_WEIGHTS_NAME
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
 from rewardbooth.training.preflight import check_training_inputs
@@ -191,8 +191,8 @@ class Workspace:
         if suite not in MINIBENCH_SUITES:
             raise UIError(f"bench suite must be one of {', '.join(MINIBENCH_SUITES)}, got {suite!r}")
         model = options.pop("model", None) or MINI_NAME
-        if model not in (MINI_NAME, FLOW_NAME):
-            raise UIError(f"bench model must be {MINI_NAME} or {FLOW_NAME}, got {model!r}")
+        if model not in MODEL_NAMES:
+            raise UIError(f"bench model must be one of {', '.join(MODEL_NAMES)}, got {model!r}")
         args = ["bench", "--suite", suite, "--model", model, "--quick"]
         for key, value in options.items():
             if key not in flags:
