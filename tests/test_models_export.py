@@ -195,6 +195,7 @@ def test_sdxl_training_conditions_the_unet_as_the_pipeline_does(subject_dir):
 # --- FLUX.1 in kohya's layout (tiny-flux: one double and one single block, hidden width 32, MLP width 128) ---
 
 FLUX_RANK, FLUX_ALPHA = 4, 8.0  # alpha != rank: a scale of 2 that every reader must apply
+FILE_ALPHA = FLUX_RANK  # save_lora folds a transformer's alpha / rank into its weights: the file's own alpha is the rank
 
 
 def _flux_lora_run(folder: Path, subject_dir: Path, targets: list[str]) -> Path:
@@ -225,6 +226,41 @@ def flux_runs(subject_dir, tmp_path_factory):
     every_linear = [n for n, m in load_components("tiny-flux").unet.named_modules() if isinstance(m, torch.nn.Linear)]
     targets = {"all": every_linear, "partial": ["to_q", "to_v", "to_out.0"]}
     return {name: _flux_lora_run(root / name, subject_dir, modules) for name, modules in targets.items()}
+
+
+def test_a_transformer_lora_file_holds_the_trained_strength_in_its_weights(tmp_path):
+    """ComfyUI and Forge ignore the diffusers header's lora_alpha and apply a peft-named file's up @ down as it is (no
+    `.alpha` keys): with alpha != rank the file must hold alpha / rank in its weights, its header then saying alpha =
+    rank, so those tools and diffusers' load_lora_weights all apply the trained update."""
+    import json
+
+    from diffusers import FluxPipeline
+    from peft.tuners.lora import LoraLayer
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from rewardbooth.models.lora import add_lora, save_lora
+
+    pipe = FluxPipeline.from_pretrained(resolve_model_path("tiny-flux"))
+    trained = load_components("tiny-flux").unet
+    add_lora(trained, FLUX_RANK, FLUX_ALPHA, 0.0, ["to_q", "to_v", "proj_mlp"])
+    g = torch.Generator().manual_seed(0)
+    for name, param in trained.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn(param.shape, generator=g) * 0.2
+    updates = {f"transformer.{name}": module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+               for name, module in trained.named_modules() if isinstance(module, LoraLayer)}
+    file = save_lora(tmp_path, trained, pipeline_class="FluxPipeline")
+    as_comfyui_reads_it = {m: up @ down for m, (down, up) in lora_modules(load_file(file)).items()}
+    assert as_comfyui_reads_it.keys() == updates.keys()
+    for module, update in updates.items():
+        torch.testing.assert_close(as_comfyui_reads_it[module], update, msg=module)
+    with safe_open(str(file), "pt") as f:
+        header = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert header["transformer.r"] == header["transformer.lora_alpha"] == FLUX_RANK
+    with torch.no_grad():
+        want = trained(**_flux_inputs()).sample
+        pipe.load_lora_weights(str(file))
+        torch.testing.assert_close(pipe.transformer(**_flux_inputs()).sample, want, atol=1e-5, rtol=1e-5)
 
 
 # diffusers' kohya FLUX reader splits linear1 at FLUX.1-dev's widths (3072, 12288) only, and (0.42.1) returns the modules
@@ -293,7 +329,7 @@ def test_flux_kohya_modules_read_back_through_diffusers_converter(flux_runs, lor
     run = flux_runs[lora]
     kohya = {k: v for k, v in load_file(run / KOHYA_WEIGHTS_NAME).items() if not k.startswith(_LINEAR1)}
     read = {m.removeprefix("transformer."): up @ down for m, (down, up) in lora_modules(FluxPipeline.lora_state_dict(kohya)).items()}
-    ours = {m.removeprefix("transformer."): _delta(down, up, FLUX_ALPHA) for m, (down, up) in
+    ours = {m.removeprefix("transformer."): _delta(down, up, FILE_ALPHA) for m, (down, up) in
             lora_modules(load_file(run / LORA_WEIGHTS_NAME)).items() if not (m + ".").startswith(_LINEAR1_PARTS)}
     assert ours.keys() <= read.keys()
     for module, delta in read.items():  # the converter folds alpha / rank into its weights
@@ -308,7 +344,7 @@ def test_flux_kohya_single_block_linear1_stacks_q_k_v_and_mlp(flux_runs, lora):
 
     ours, kohya = lora_modules(load_file(flux_runs[lora] / LORA_WEIGHTS_NAME)), load_file(flux_runs[lora] / KOHYA_WEIGHTS_NAME)
     prefix, name = "transformer.single_transformer_blocks.0.", "lora_unet_single_blocks_0_linear1"
-    parts = [_delta(*ours[prefix + module], FLUX_ALPHA) if prefix + module in ours else torch.zeros(rows, 32)
+    parts = [_delta(*ours[prefix + module], FILE_ALPHA) if prefix + module in ours else torch.zeros(rows, 32)
              for module, rows in (("attn.to_q", 32), ("attn.to_k", 32), ("attn.to_v", 32), ("proj_mlp", 128))]
     assert [p.any().item() for p in parts] == ([True] * 4 if lora == "all" else [True, False, True, False])
     got = _delta(kohya[name + ".lora_down.weight"], kohya[name + ".lora_up.weight"], kohya[name + ".alpha"].item())
@@ -353,13 +389,14 @@ def test_flux_kohya_names_alphas_and_metadata(flux_runs):
         alphas = {k.removesuffix(".alpha"): f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
     assert {k.split(".")[0] for k in keys} == {"lora_unet_" + m for m in FLUX_KOHYA_MODULES}
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys) and len(keys) == 3 * len(alphas)
-    # fused modules: alpha x parts (the rank grew as much); final layer: alpha / rank folded into up, alpha = rank
-    special = {"lora_unet_double_blocks_0_img_attn_qkv": 3 * FLUX_ALPHA, "lora_unet_double_blocks_0_txt_attn_qkv": 3 * FLUX_ALPHA,
-               "lora_unet_single_blocks_0_linear1": 4 * FLUX_ALPHA, "lora_unet_final_layer_linear": FLUX_RANK,
+    # fused modules: alpha x parts (the rank grew as much); final layer: alpha / rank folded into up, alpha = rank. The
+    # diffusers file it is written from holds the trained alpha / rank in its weights already (alpha = rank there).
+    special = {"lora_unet_double_blocks_0_img_attn_qkv": 3 * FILE_ALPHA, "lora_unet_double_blocks_0_txt_attn_qkv": 3 * FILE_ALPHA,
+               "lora_unet_single_blocks_0_linear1": 4 * FILE_ALPHA, "lora_unet_final_layer_linear": FLUX_RANK,
                "lora_unet_final_layer_adaLN_modulation_1": FLUX_RANK}
-    assert alphas == {name: special.get(name, FLUX_ALPHA) for name in alphas}
+    assert alphas == {name: special.get(name, FILE_ALPHA) for name in alphas}
     assert metadata["ss_network_module"] == "networks.lora_flux" and metadata["ss_base_model_version"] == "flux1"
-    assert metadata["ss_network_dim"] == str(FLUX_RANK) and float(metadata["ss_network_alpha"]) == FLUX_ALPHA
+    assert metadata["ss_network_dim"] == str(FLUX_RANK) and float(metadata["ss_network_alpha"]) == FILE_ALPHA
     assert metadata["ss_sd_model_name"] == "tiny-flux" and metadata["rewardbooth_method"] == "dreambooth"
 
 

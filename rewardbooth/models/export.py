@@ -11,8 +11,9 @@
 - `peft`: one folder per trained model (`adapter_config.json` + `adapter_model.safetensors`),
   for `PeftModel.from_pretrained`.
 
-alpha is written as trained, so every tool applies the same scale alpha / rank (FLUX's fused and
-final-layer modules adjust it so that this stays true; see `flux_kohya_modules`).
+A U-Net's alpha is written as trained, so every tool applies the same scale alpha / rank. A transformer's diffusers
+file holds alpha / rank in its weights (header alpha = rank; `save_lora`), and its FLUX.1 kohya file takes the file's
+alpha (FLUX's fused and final-layer modules adjust it so that the scale stays true; see `flux_kohya_modules`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rewardbooth import __version__
@@ -200,11 +202,20 @@ def write_kohya(lora_file: Path, cfg, sdxl: bool, layers_per_block: int, target:
     """`lora_file` (diffusers layout) as a kohya file at `target`, written beside and renamed into place."""
     rank = cfg.adapter.rank
     alpha = float(cfg.adapter.alpha if cfg.adapter.alpha is not None else rank)
+    if flux:  # the alpha the file's weights were saved at: rank where save_lora folded alpha / rank into them
+        alpha = header_alpha(lora_file, "transformer", alpha)
     kohya = to_kohya(load_file(str(lora_file)), alpha, sdxl, layers_per_block, flux=flux)
     staging = target.with_name(target.name + ".tmp")
     save_file(cast_state(kohya, dtype), str(staging), metadata=kohya_metadata(cfg, sdxl, rank, alpha, flux))
     os.replace(staging, target)
     return target
+
+
+def header_alpha(lora_file: Path, component: str, default: float) -> float:
+    """The lora_alpha a diffusers LoRA file's header gives `component` ("transformer", "unet"), else `default`."""
+    with safe_open(str(lora_file), "pt") as f:
+        header = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    return float(header.get(f"{component}.lora_alpha", default))
 
 
 def refuse_existing(target: Path) -> None:

@@ -71,6 +71,26 @@ def _adapter_metadata(model: torch.nn.Module) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
+def scale_folded(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The adapter's state with each module's scale (alpha / rank) folded into its lora_B, and its LoraConfig saying
+    alpha = rank: the same update for every reader, also those that ignore the header's lora_alpha and apply
+    up @ down as it is (ComfyUI and Forge, given no `.alpha` keys)."""
+    from peft.tuners.lora import LoraLayer
+
+    state = lora_state_dict(model)
+    folded = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.scaling:
+            key = f"{name}.lora_B.weight"
+            state[key] = state[key] * module.scaling["default"]
+            folded.add(key)
+    unfolded = {k for k in state if ".lora_B." in k} - folded
+    if unfolded:  # a key named otherwise than its module would keep its scale only in the header: wrong in those tools
+        raise RuntimeError(f"LoRA weights without their module's scale: {sorted(unfolded)[:3]}")
+    config = model.peft_config["default"]
+    return state, {**_adapter_metadata(model), "lora_alpha": config.r, "alpha_pattern": dict(config.rank_pattern), "use_rslora": False}
+
+
 def save_lora(folder: Path, unet: torch.nn.Module, text_encoders: list[torch.nn.Module] | None = None, sdxl: bool = False,
               pipeline_class: str = "") -> Path:
     """Write the denoiser's (and text-encoder) LoRA weights as diffusers-format safetensors, as the
@@ -80,15 +100,18 @@ def save_lora(folder: Path, unet: torch.nn.Module, text_encoders: list[torch.nn.
     from diffusers.utils import convert_state_dict_to_diffusers
 
     denoiser = "unet" if pipeline_class in ("", "StableDiffusionPipeline", "StableDiffusionXLPipeline") else "transformer"
-    state = lora_state_dict(unet)
+    # U-Nets keep alpha in the header (their kohya file carries it to the other tools). A transformer's diffusers file
+    # is what ComfyUI and Forge load, and they ignore the header: alpha / rank is folded into the weights.
+    adapters = [(unet, denoiser), *zip(text_encoders or [], TEXT_ENCODER_FOLDERS)]
+    parts = {argument: scale_folded(model) if denoiser == "transformer" else (lora_state_dict(model), _adapter_metadata(model))
+             for model, argument in adapters}
     # U-Nets: diffusers' own layout (lora.down/up). Transformers: peft's lora_A/B as diffusers' FLUX/SD3 scripts save
     # them; converting would rename only the attention projections, and a mixed file loads half (the loader picks
-    # one layout from the first key).
-    layers = {f"{denoiser}_lora_layers": convert_state_dict_to_diffusers(state) if denoiser == "unet" else state,
-              f"{denoiser}_lora_adapter_metadata": _adapter_metadata(unet)}
-    for encoder, argument in zip(text_encoders or [], TEXT_ENCODER_FOLDERS):
-        layers[f"{argument}_lora_layers"] = convert_state_dict_to_diffusers(lora_state_dict(encoder))
-        layers[f"{argument}_lora_adapter_metadata"] = _adapter_metadata(encoder)
+    # one layout from the first key). Text encoders: diffusers' layout.
+    layers = {}
+    for argument, (state, metadata) in parts.items():
+        layers[f"{argument}_lora_layers"] = state if argument == "transformer" else convert_state_dict_to_diffusers(state)
+        layers[f"{argument}_lora_adapter_metadata"] = metadata
     pipeline_cls = getattr(diffusers, pipeline_class or ("StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"))
     pipeline_cls.save_lora_weights(save_directory=str(folder), safe_serialization=True, **layers)
     return Path(folder) / LORA_WEIGHTS_NAME
