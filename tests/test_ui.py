@@ -330,3 +330,81 @@ def test_status_is_read_from_the_latest_command_in_the_log(tmp_path):
     assert (b["status"], b["error"]) == ("failed", refused.removeprefix("rewardbooth: error: ")) and b["resumable"]
     assert (c["status"], c["error"]) == ("stopped", None)
     assert a["curves"]["loss"] == [[1, 0.5]]
+
+
+# --- training runs take turns ------------------------------------------------------------------
+FAKE_TRAINER = """
+import pathlib, sys, time
+out = pathlib.Path(sys.argv[sys.argv.index("--output") + 1])
+while not out.with_name(out.name + ".release").exists():  # trains until the test lets it finish
+    time.sleep(0.02)
+"""
+
+
+def _queue_workspace(root: Path, script: Path) -> Workspace:
+    workspace = Workspace(root)
+    workspace.command = [sys.executable, str(script)]
+    return workspace
+
+
+def _finish(workspace: Workspace, name: str) -> None:
+    workspace.run_dir(name).with_name(name + ".release").touch()
+    workspace.jobs[name].process.wait(timeout=30)
+
+
+def test_runs_train_one_at_a_time_in_the_order_asked(tmp_path, photos):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    workspace = _queue_workspace(tmp_path / "runs", script)
+    upload = workspace.new_upload()
+    for photo in photos[:3]:
+        workspace.add_photo(upload, photo.name, photo.read_bytes(), 16)
+    try:
+        names = workspace.start_runs("vase", upload, "vase", "mini", ["dreambooth", "dpg", "rpo"], 10, {})
+        assert names == ["vase-dreambooth", "vase-dpg", "vase-rpo"]
+        assert list(workspace.jobs) == ["vase-dreambooth"]  # the first trains, the others wait
+        rows = {r["name"]: r for r in workspace.list_runs()}
+        assert [rows[n]["status"] for n in names] == ["running", "queued", "queued"]
+        assert (rows["vase-dpg"]["queue_position"], rows["vase-dpg"]["method"]) == (1, "dpg")
+        assert workspace.advance() is None and list(workspace.jobs) == ["vase-dreambooth"]  # not while one trains
+        with pytest.raises(UIError, match="'vase-dpg' exists already"):
+            workspace.start_runs("vase-dpg", upload, "vase", "mini", ["dpg"], 10, {})
+        workspace.stop("vase-rpo")  # a queued run leaves the queue, never started
+        assert "vase-rpo" not in {r["name"] for r in workspace.list_runs()}
+        assert [e["name"] for e in json.loads((workspace.root / ".ui-logs" / "queue.json").read_text())] == ["vase-dpg"]
+        _finish(workspace, "vase-dreambooth")
+        assert workspace.advance() == "vase-dpg" and workspace.jobs["vase-dpg"].process.poll() is None
+        assert "--method dpg" in " ".join(workspace.jobs["vase-dpg"].process.args)
+        _finish(workspace, "vase-dpg")
+        assert workspace.advance() is None and "vase-rpo" not in workspace.jobs
+    finally:
+        for job in workspace.jobs.values():
+            job.process.kill()
+
+
+def test_a_restarted_server_carries_on_the_queue_and_waits_for_a_run_it_did_not_start(tmp_path, photos):
+    from rewardbooth.training.run_dir import run_lock
+
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    first = again = _queue_workspace(tmp_path / "runs", script)
+    upload = first.new_upload()
+    for photo in photos[:3]:
+        first.add_photo(upload, photo.name, photo.read_bytes(), 16)
+    try:
+        first.start_runs("cube", upload, "cube", "mini", ["dreambooth", "dpg"], 10, {})
+        _finish(first, "cube-dreambooth")
+        elsewhere = first.run_dir("from-the-cli")
+        elsewhere.mkdir()
+        with run_lock(elsewhere):  # a run this server did not start holds its folder's lock
+            again = _queue_workspace(tmp_path / "runs", script)  # the server restarted: the queue is read back
+            assert again.queued() == ["cube-dpg"] and again.status("cube-dpg")["status"] == "queued"
+            assert again.advance() is None
+        assert again.advance() == "cube-dpg"
+        (again.root / ".ui-logs" / "queue.json").write_text("{not json")
+        assert Workspace(tmp_path / "runs").queued() == []  # an unreadable queue is moved aside, not lost
+        assert (again.root / ".ui-logs" / "queue.unreadable").read_text() == "{not json"
+    finally:
+        for workspace in (first, again):
+            for job in workspace.jobs.values():
+                job.process.kill()

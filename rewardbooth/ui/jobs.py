@@ -3,16 +3,21 @@
 Training and benches run as `python -m rewardbooth ...` in their own session, so the page, the
 browser or even this server can go away without stopping them; their state is read back from
 the run folder (lock, metrics.jsonl, result.json) and a log beside it, never from memory alone.
+Training runs take turns: one trains at a time (several models on one GPU run out of memory, on a
+CPU they share its cores), the others wait in a queue kept in a file, which a restarted server
+carries on.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,11 +33,12 @@ from rewardbooth.mini.assets import MINI_NAME, MODEL_NAMES
 from rewardbooth.models.export import KOHYA_WEIGHTS_NAME
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
 from rewardbooth.training.preflight import check_training_inputs
-from rewardbooth.training.run_dir import CHECKPOINT_DIR, CONFIG_NAME, RunFolder
+from rewardbooth.training.run_dir import CHECKPOINT_DIR, CONFIG_NAME, RunFolder, atomic_write_text
 from rewardbooth.training.selection import SELECTION_REWARD
 
 UPLOADS = ".uploads"
 LOGS = ".ui-logs"
+QUEUE = "queue.json"  # in LOGS: the training runs waiting for their turn, in order
 REJECTED = "rejected"  # uploads that failed the checks: kept, never trained on
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 MIN_PHOTOS, MAX_PHOTOS = 3, 10
@@ -70,6 +76,10 @@ class Workspace:
         self.root = Path(runs_dir).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.jobs: dict[str, Job] = {}
+        self.command = [sys.executable, "-m", "rewardbooth"]
+        self.queue_lock = threading.RLock()
+        self.queue_path = self.root / LOGS / QUEUE
+        self.queue: list[dict] = self._read_queue()
 
     # --- uploads ------------------------------------------------------------------------------
     def new_upload(self) -> str:
@@ -122,13 +132,61 @@ class Workspace:
             out.flush()
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             # Own session: closing the page (or this server) does not stop the run.
-            process = subprocess.Popen([sys.executable, "-m", "rewardbooth", *args], stdout=out, stderr=subprocess.STDOUT,
+            process = subprocess.Popen([*self.command, *args], stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, cwd=self.root, env=env, start_new_session=True)
         self.jobs[name] = Job(process, kind)
 
+    # --- the training queue -------------------------------------------------------------------
+    def _read_queue(self) -> list[dict]:
+        if not self.queue_path.is_file():
+            return []
+        try:
+            queue = json.loads(self.queue_path.read_text())
+            if isinstance(queue, list) and all(isinstance(e, dict) and {"name", "args"} <= e.keys() for e in queue):
+                return queue
+        except ValueError:
+            pass
+        aside = self.queue_path.with_suffix(".unreadable")
+        self.queue_path.rename(aside)  # kept for a person to read; the page starts with an empty queue
+        print(f"rewardbooth ui: {self.queue_path} is not a queue this version reads; moved to {aside.name}, queue empty",
+              file=sys.stderr)
+        return []
+
+    def _save_queue(self) -> None:
+        self.queue_path.parent.mkdir(exist_ok=True)
+        atomic_write_text(self.queue_path, json.dumps(self.queue, indent=1))
+
+    def _enqueue(self, name: str, args: list[str]) -> None:
+        with self.queue_lock:
+            self.queue.append({"name": name, "args": args})
+            self._save_queue()
+        self.advance()
+
+    def queued(self) -> list[str]:
+        return [entry["name"] for entry in self.queue]
+
+    def training_now(self) -> bool:
+        """A training run is under way: one this server started, or any run folder whose lock a live process holds
+        (a run a previous server started, or one started from the command line)."""
+        if any(job.kind == "train" and job.process.poll() is None for job in self.jobs.values()):
+            return True
+        return any(RunFolder(p).lock_holder() for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def advance(self) -> str | None:
+        """Start the first queued run once nothing trains; returns its name (the page's polls and a server thread call
+        this)."""
+        with self.queue_lock:
+            if not self.queue or self.training_now():
+                return None
+            entry = self.queue.pop(0)
+            self._save_queue()
+            self._spawn(entry["name"], "train", entry["args"])
+            return entry["name"]
+
     def start_runs(self, name: str, upload: str, class_noun: str, model: str, methods: list[str], steps: int,
                    settings: dict[str, str]) -> list[str]:
-        """One run per method (named NAME, or NAME-METHOD for several); every check before any starts."""
+        """One run per method (named NAME, or NAME-METHOD for several), queued in that order; every check before any
+        is queued."""
         check_name(name)
         if not methods or any(m not in method_names() for m in methods):
             raise UIError(f"choose one or more methods of {', '.join(method_names())}")
@@ -144,7 +202,7 @@ class Workspace:
                 raise UIError(f"advanced setting {key!r}: write section.key=value, one per line")
         names = [name] if len(methods) == 1 else [f"{name}-{m}" for m in methods]
         for run in names:
-            if self.run_dir(run).exists() or run in self.jobs:
+            if self.run_dir(run).exists() or run in self.jobs or run in self.queued():
                 raise UIError(f"a run named {run!r} exists already; pick another name")
         folder = self.upload_dir(upload)
         common = {"train.log_every": "1", "train.checkpoint_every": str(max(1, min(100, steps // 4))), **settings}
@@ -161,11 +219,17 @@ class Workspace:
                     "--steps", str(steps), "--output", str(self.run_dir(run)), "--quiet"]
             for key, value in common.items():
                 args += ["--set", f"{key}={value}"]
-            self._spawn(run, "train", args)
+            self._enqueue(run, args)
         return names
 
     def stop(self, name: str) -> None:
-        """SIGTERM: the trainer finishes its step, writes a checkpoint and exits (resumable)."""
+        """SIGTERM: the trainer finishes its step, writes a checkpoint and exits (resumable). A queued run leaves the
+        queue (a new one never started; a resume waits to be asked again)."""
+        with self.queue_lock:
+            if name in self.queued():
+                self.queue = [entry for entry in self.queue if entry["name"] != name]
+                self._save_queue()
+                return
         job = self.jobs.get(name)
         if job is None or job.process.poll() is not None:
             raise UIError(f"{name!r} is not running from this page")
@@ -176,11 +240,11 @@ class Workspace:
         if not (run_dir / CONFIG_NAME).is_file():
             raise UIError(f"{name!r} is not a run folder")
         status = self.status(name)["status"]
-        if status == "running":
-            raise UIError(f"{name!r} is running")
+        if status in ("running", "queued"):
+            raise UIError(f"{name!r} is {status}")
         if status == "finished":
             raise UIError(f"{name!r} is finished")
-        self._spawn(name, "train", ["train", "--resume", "--output", str(run_dir), "--quiet"])
+        self._enqueue(name, ["train", "--resume", "--output", str(run_dir), "--quiet"])
 
     def start_bench(self, options: dict | None = None) -> str:
         """`bench --suite mini --quick` (or `mini-lora`: each method trains a LoRA) on MiniBench's U-Net (`mini`) or its
@@ -231,6 +295,8 @@ class Workspace:
             error = next((line for line in reversed(tail) if line.strip() and not line.startswith(" ")), error)
         if alive or folder.lock_holder():
             state = "running"
+        elif name in self.queued():
+            state = "queued"
         elif folder.is_finished() or (run_dir / "results.csv").is_file():
             state = "finished"
         elif error:
@@ -245,6 +311,10 @@ class Workspace:
         else:
             state = "stopped" if (run_dir / CHECKPOINT_DIR).is_dir() else "unknown"
         info = {"name": name, "status": state, "error": error if state in ("crashed", "failed", "diverged") else None}
+        if state == "queued":
+            args = next(entry["args"] for entry in self.queue if entry["name"] == name)
+            info.update(queue_position=self.queued().index(name) + 1,
+                        method=args[args.index("--method") + 1] if "--method" in args else None)
         if folder.config.is_file():
 
             cfg = yaml.safe_load(folder.config.read_text())
@@ -292,6 +362,7 @@ class Workspace:
 
     def list_runs(self) -> list[dict]:
         names = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and NAME.match(p.name)}
-        names |= set(self.jobs)
-        training = {name for name, job in self.jobs.items() if job.kind == "train"}
+        self.advance()
+        names |= set(self.jobs) | set(self.queued())
+        training = {name for name, job in self.jobs.items() if job.kind == "train"} | set(self.queued())
         return [self.status(name) for name in sorted(names) if (self.root / name / CONFIG_NAME).is_file() or name in training]

@@ -9,7 +9,7 @@ Routes (JSON unless noted):
     POST /api/uploads               a new upload folder -> {"upload": ID}
     POST /api/uploads/ID?filename=F&model=M   one photo (raw body), checked as training checks it
     POST /api/train                 {name, upload, class_noun, model, methods, steps, settings}
-    POST /api/runs/NAME/stop|resume
+    POST /api/runs/NAME/stop|resume       (stop on a queued run takes it out of the queue)
     POST /api/generate              {runs, prompt, seed} -> one image per run, with judge scores
     POST /api/bench, GET /api/bench/NAME
 """
@@ -207,11 +207,28 @@ def make_handler(workspace: Workspace, generator: Generator, auth: str | None):
     return Handler
 
 
-def serve(runs_dir: Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None) -> ThreadingHTTPServer:
+class UIServer(ThreadingHTTPServer):
+    """The HTTP server and a thread that starts queued training runs in turn, page open or not."""
+    daemon_threads = True
+    queue_poll_seconds = 2.0
+
+    def __init__(self, address, handler, workspace: Workspace):
+        super().__init__(address, handler)
+        self.workspace = workspace
+        self.closing = threading.Event()
+        threading.Thread(target=self._run_queue, daemon=True).start()
+
+    def _run_queue(self) -> None:
+        while not self.closing.wait(self.queue_poll_seconds):
+            self.workspace.advance()
+
+    def server_close(self) -> None:
+        self.closing.set()
+        super().server_close()
+
+
+def serve(runs_dir: Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None) -> UIServer:
     """Build the server (port 0: any free port); call .serve_forever() on it."""
     check_bind(host, auth)
     workspace = Workspace(runs_dir)
-    server = ThreadingHTTPServer((host, port), make_handler(workspace, Generator(workspace), auth))
-    server.workspace = workspace
-    server.daemon_threads = True
-    return server
+    return UIServer((host, port), make_handler(workspace, Generator(workspace), auth), workspace)
