@@ -352,7 +352,7 @@ def _finish(workspace: Workspace, name: str) -> None:
     workspace.jobs[name].process.wait(timeout=30)
 
 
-def test_runs_train_one_at_a_time_in_the_order_asked(tmp_path, photos):
+def test_runs_and_benches_train_one_at_a_time_in_the_order_asked(tmp_path, photos):
     script = tmp_path / "fake_trainer.py"
     script.write_text(FAKE_TRAINER)
     workspace = _queue_workspace(tmp_path / "runs", script)
@@ -375,7 +375,11 @@ def test_runs_train_one_at_a_time_in_the_order_asked(tmp_path, photos):
         _finish(workspace, "vase-dreambooth")
         assert workspace.advance() == "vase-dpg" and workspace.jobs["vase-dpg"].process.poll() is None
         assert "--method dpg" in " ".join(workspace.jobs["vase-dpg"].process.args)
+        bench = workspace.start_bench({"num_subjects": 1})  # a bench trains too: it waits its turn, outside the runs list
+        assert workspace.bench_status(bench)["status"] == "queued" and bench not in {r["name"] for r in workspace.list_runs()}
         _finish(workspace, "vase-dpg")
+        assert workspace.advance() == bench and workspace.jobs[bench].kind == "bench"
+        _finish(workspace, bench)
         assert workspace.advance() is None and "vase-rpo" not in workspace.jobs
     finally:
         for job in workspace.jobs.values():

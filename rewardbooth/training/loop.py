@@ -173,7 +173,7 @@ class Trainer:
         # Schedulers count optimizer steps; accelerate steps them once per process per step.
         lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * acc.num_processes,
                                      num_training_steps=t.steps * acc.num_processes)
-        trained = [components.unet] + (components.trainable_text_encoders if cfg.adapter.train_text_encoder else [])
+        trained = sharding.trained_modules(components, cfg.adapter.train_text_encoder)
         extra, extra_optimizers = self.method.extra_modules(), self.method.extra_optimizers()
         if self.sharding:  # the same list, the shards kept out of DDP
             prepared = self.sharding.prepare(trained, [*extra, *extra_optimizers], optimizer, lr_scheduler)

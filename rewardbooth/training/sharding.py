@@ -67,6 +67,7 @@ def sharded_modules(components, method, train_text_encoder: bool) -> list[torch.
 
 
 def trained_modules(components, train_text_encoder: bool) -> list[torch.nn.Module]:
+    """What a run trains: the denoiser, then the text encoders it may train (FLUX's T5 stays frozen)."""
     return [components.unet] + (list(components.trainable_text_encoders) if train_text_encoder else [])
 
 

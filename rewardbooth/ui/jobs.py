@@ -3,9 +3,9 @@
 Training and benches run as `python -m rewardbooth ...` in their own session, so the page, the
 browser or even this server can go away without stopping them; their state is read back from
 the run folder (lock, metrics.jsonl, result.json) and a log beside it, never from memory alone.
-Training runs take turns: one trains at a time (several models on one GPU run out of memory, on a
-CPU they share its cores), the others wait in a queue kept in a file, which a restarted server
-carries on.
+Training runs and benches take turns: one trains at a time (several models on one GPU run out of
+memory, on a CPU they share its cores), the others wait in a queue kept in a file, which a restarted
+server carries on.
 """
 
 from __future__ import annotations
@@ -162,25 +162,26 @@ class Workspace:
             self._save_queue()
         self.advance()
 
-    def queued(self) -> list[str]:
-        return [entry["name"] for entry in self.queue]
+    def queued(self, kind: str | None = None) -> list[str]:
+        """The queued jobs' names, in order (`kind`: only "train" runs or "bench"es)."""
+        return [entry["name"] for entry in self.queue if kind is None or entry["args"][0] == kind]
 
     def training_now(self) -> bool:
-        """A training run is under way: one this server started, or any run folder whose lock a live process holds
-        (a run a previous server started, or one started from the command line)."""
-        if any(job.kind == "train" and job.process.poll() is None for job in self.jobs.values()):
+        """Something trains: a run or bench this server started, or a run folder whose lock a live process holds (a
+        run a previous server started, or one started from the command line)."""
+        if any(job.process.poll() is None for job in self.jobs.values()):
             return True
         return any(RunFolder(p).lock_holder() for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def advance(self) -> str | None:
-        """Start the first queued run once nothing trains; returns its name (the page's polls and a server thread call
+        """Start the first queued job once nothing trains; returns its name (the page's polls and a server thread call
         this)."""
         with self.queue_lock:
             if not self.queue or self.training_now():
                 return None
             entry = self.queue.pop(0)
             self._save_queue()
-            self._spawn(entry["name"], "train", entry["args"])
+            self._spawn(entry["name"], entry["args"][0], entry["args"])
             return entry["name"]
 
     def start_runs(self, name: str, upload: str, class_noun: str, model: str, methods: list[str], steps: int,
@@ -248,7 +249,8 @@ class Workspace:
 
     def start_bench(self, options: dict | None = None) -> str:
         """`bench --suite mini --quick` (or `mini-lora`: each method trains a LoRA) on MiniBench's U-Net (`mini`) or its
-        flow transformer (`mini-flow`), optionally smaller for a first look (fewer subjects, steps, images)."""
+        flow transformer (`mini-flow`), optionally smaller for a first look (fewer subjects, steps, images); queued
+        behind any training, as runs are."""
         flags = {"num_subjects": "--num-subjects", "steps": "--steps", "images_per_prompt": "-k", "sample_steps": "--sample-steps"}
         options = dict(options or {})
         suite = options.pop("suite", None) or "mini"
@@ -267,9 +269,9 @@ class Workspace:
                 raise UIError(f"bench {key.replace('_', ' ')} must be a positive whole number")
             args += [flags[key], str(int(value))]
         name = time.strftime("bench-%Y%m%d-%H%M%S")
-        while self.run_dir(name).exists() or name in self.jobs:
+        while self.run_dir(name).exists() or name in self.jobs or name in self.queued():
             name += "x"
-        self._spawn(name, "bench", [*args, "--output", str(self.run_dir(name)), "--quiet"])
+        self._enqueue(name, [*args, "--output", str(self.run_dir(name)), "--quiet"])
         return name
 
     # --- what the page shows ------------------------------------------------------------------
@@ -363,6 +365,6 @@ class Workspace:
     def list_runs(self) -> list[dict]:
         names = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and NAME.match(p.name)}
         self.advance()
-        names |= set(self.jobs) | set(self.queued())
-        training = {name for name, job in self.jobs.items() if job.kind == "train"} | set(self.queued())
+        names |= set(self.jobs) | set(self.queued("train"))
+        training = {name for name, job in self.jobs.items() if job.kind == "train"} | set(self.queued("train"))
         return [self.status(name) for name in sorted(names) if (self.root / name / CONFIG_NAME).is_file() or name in training]
