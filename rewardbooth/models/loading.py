@@ -107,6 +107,11 @@ class Components:
         return self.text_encoders[: TRAINABLE_TEXT_ENCODERS.get(self.pipeline_class, 2)]
 
     @property
+    def frozen_text_encoders(self) -> list:
+        """The rest of text_encoders, never trained here: FLUX's and SD3's T5, the flow models' language models."""
+        return self.text_encoders[len(self.trainable_text_encoders):]
+
+    @property
     def tokenizers(self) -> list:
         return [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None]
 

@@ -182,7 +182,7 @@ class Trainer:
         n, k = len(trained), len(extra)
         ctx.unet = prepared[0]
         if cfg.adapter.train_text_encoder:
-            ctx.text_encoders = prepared[1:n] + components.text_encoders[n - 1:]  # the frozen rest (FLUX's T5) as it is
+            ctx.text_encoders = prepared[1:n] + components.frozen_text_encoders  # the frozen rest as it is
         self.method.use_prepared(prepared[n : n + k], prepared[n + k : n + k + len(extra_optimizers)])
         optimizer, lr_scheduler = prepared[-2], prepared[-1]
         if t.ema_decay is not None:

@@ -48,7 +48,7 @@ def offloadable_text_encoders(components) -> list[torch.nn.Module]:
     """The encoders never trained here and too big to keep resident for a few calls: T5, Qwen3 (flow models)."""
     if not components.family().flow_matching:
         return []
-    return components.text_encoders[len(components.trainable_text_encoders):]
+    return components.frozen_text_encoders
 
 
 def attach_trainable(components, cfg: RunConfig) -> list[dict]:
