@@ -192,6 +192,17 @@ def test_budgets_are_refused_where_the_suite_has_none(tmp_path, capsys):
     assert "--budgets apply to --suite mini only" in capsys.readouterr().err
 
 
+# The LoRA bracket's choices (docs/minibench.md, "The LoRA suite": 8 tuning subjects of set 102, highest mean H at 400 steps).
+LORA_BRACKET_RATES = {"dreambooth": 2e-3, "dreambooth-select": 4e-3, "dpg": 1e-3, "rpo": 2e-3}
+
+
+@pytest.mark.parametrize("method, rate", LORA_BRACKET_RATES.items())
+def test_each_methods_lora_rate_is_its_brackets_choice(method, rate):
+    from rewardbooth.mini.bench import method_config
+
+    assert method_config(method, None, {}, "lora").train.learning_rate == rate
+
+
 def test_the_lora_suite_keeps_each_methods_settings_with_its_lora():
     from rewardbooth.errors import ConfigError
     from rewardbooth.methods import resolve_variant
@@ -202,7 +213,7 @@ def test_the_lora_suite_keeps_each_methods_settings_with_its_lora():
         cls, _ = resolve_variant(method)
         assert full.adapter.kind == "full" and lora.adapter.kind == "lora", method
         assert (lora.adapter.rank, lora.adapter.targets) == (MINI_LORA["adapter.rank"], MINI_LORA["adapter.targets"])
-        rate = {**MINI_LORA, **cls.minibench_lora}["train.learning_rate"]
+        rate = {**MINI_LORA, **cls.minibench_lora, **cls.variant_minibench_lora.get(method, {})}["train.learning_rate"]
         assert lora.train.learning_rate == rate and full.train.learning_rate == cls.minibench["train.learning_rate"], method
         # everything but the adapter and its rate stays the method's (and the variant's) MiniBench setting
         differ = {k for k, v in lora.to_flat_dict().items() if full.to_flat_dict()[k] != v}

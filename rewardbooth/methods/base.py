@@ -46,6 +46,9 @@ class Method:
     # A variant's own settings per MiniBench model, on top of the method's minibench_models (under the LoRA suite's),
     # where its bracket chose apart from its method: {"dreambooth-select": {"mini-flow": {...}}}.
     variant_minibench_models: dict[str, dict[str, dict[str, Any]]] = {}
+    # A variant's own LoRA settings, on top of the method's minibench_lora, where the LoRA bracket chose apart from its
+    # method: {"dreambooth-select": {"train.learning_rate": ...}}.
+    variant_minibench_lora: dict[str, dict[str, Any]] = {}
     curves: tuple[str, ...] = ("loss",)  # metrics.jsonl keys the web app plots
     run_files: tuple[str, ...] = ()  # what the method writes into the run folder (--overwrite may remove them)
 

@@ -189,6 +189,7 @@ class DPG(DreamBooth):
     minibench = {"adapter.kind": "full", "adapter.train_text_encoder": False, "train.learning_rate": 2e-4, "train.steps": 400,
                  "train.batch_size": 1, "validation.every": 0, **FEATURE_CRITIC}
     minibench_models = {"mini-flow": {"train.learning_rate": 2e-4}}  # the flow bracket's choice (docs/minibench.md, set 103)
+    minibench_lora = {"train.learning_rate": 1e-3}  # the LoRA bracket's choice (docs/minibench.md, set 102)
     variants = {
         # a differentiable reward straight through the decoded look-forward image (no critic)
         "dpg-direct": {**RELEASED_CRITIC, "dpg.reward": "dino", "dpg.actor": "direct", "dpg.instance_weight": 1.0,

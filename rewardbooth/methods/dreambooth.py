@@ -61,9 +61,11 @@ class DreamBooth(Method):
     minibench = {"adapter.kind": "full", "train.learning_rate": 4e-4, "train.steps": 400, "train.batch_size": 1,
                  "validation.every": 0}
     minibench_models = {"mini-flow": {"train.learning_rate": 2e-4}}  # the flow bracket's choice (docs/minibench.md, set 103)
+    minibench_lora = {"train.learning_rate": 2e-3}  # the LoRA bracket's choice (docs/minibench.md, set 102)
     # selection alone: DreamBooth keeping its best validated weights by RPO's reward
     variants = {"dreambooth-select": {"validation.every": 40, "validation.num_images": 2, "validation.select": True}}
     variant_minibench_models = {"dreambooth-select": {"mini-flow": {"train.learning_rate": 1e-4}}}  # its own flow bracket's choice
+    variant_minibench_lora = {"dreambooth-select": {"train.learning_rate": 4e-3}}  # its own LoRA bracket's choice (set 102)
     curves = ("loss", "loss_instance", "loss_prior")
     run_files = (CLASS_IMAGE_FOLDER, CLASS_LATENTS_NAME)
 

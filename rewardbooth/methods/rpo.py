@@ -100,6 +100,7 @@ class RPO(Method):
     # mini-flow: negatives drawn as its bench samples (FLOW_SAMPLER_STEPS in mini/preset.py; a test keeps them equal), the
     # rate the flow bracket chose (docs/minibench.md, set 103)
     minibench_models = {"mini-flow": {"rpo.negative_steps": 10, "train.learning_rate": 2e-4}}
+    minibench_lora = {"train.learning_rate": 2e-3}  # the LoRA bracket's choice (docs/minibench.md, set 102)
     # the preference term off; labels that carry signal; the official prompt pairing; selection that waits
     variants = {
         "rpo-beta0": {"rpo.beta": 0.0},

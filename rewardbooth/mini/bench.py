@@ -189,7 +189,7 @@ def method_config(method: str, config_file: str | None, overrides: dict[str, Any
     # a folder is no preset: the bench brings its world (judges, prompts, sampler), as --model mini(-flow) does
     world = preset_defaults(kind) if model != kind else {}
     common = {**world, **MINI_COMMON, "model.name": model, "validation.steps": SAMPLERS[kind][0]}
-    lora = {**MINI_LORA, **cls.minibench_lora} if adapter == "lora" else {}
+    lora = {**MINI_LORA, **cls.minibench_lora, **cls.variant_minibench_lora.get(method, {})} if adapter == "lora" else {}
     model_settings = {**cls.minibench_models.get(kind, {}), **cls.variant_minibench_models.get(method, {}).get(kind, {})}
     return load_config(config_file, {"train.method": cls.name, **common, **cls.minibench, **model_settings,
                                      **lora, **changes, **overrides})
