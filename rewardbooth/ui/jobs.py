@@ -38,7 +38,7 @@ from rewardbooth.training.selection import SELECTION_REWARD
 
 UPLOADS = ".uploads"
 LOGS = ".ui-logs"
-QUEUE = "queue.json"  # in LOGS: the training runs waiting for their turn, in order
+QUEUE = "queue.json"  # in LOGS: the runs and benches waiting for their turn, in order
 REJECTED = "rejected"  # uploads that failed the checks: kept, never trained on
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 MIN_PHOTOS, MAX_PHOTOS = 3, 10
@@ -142,7 +142,8 @@ class Workspace:
             return []
         try:
             queue = json.loads(self.queue_path.read_text())
-            if isinstance(queue, list) and all(isinstance(e, dict) and {"name", "args"} <= e.keys() for e in queue):
+            if isinstance(queue, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("args"), list)
+                                               and e["args"][:1] in (["train"], ["bench"]) for e in queue):
                 return queue
         except ValueError:
             pass
