@@ -19,14 +19,15 @@ import json
 import sys
 from pathlib import Path
 
-TIE = "no detectable difference"
+from rewardbooth.evaluation.paired import NO_DIFFERENCE, difference_cells
 
 
 def cell(d: dict, with_counts: bool) -> str:
-    mean = f"{d['mean']:+.3f}"
-    mean = mean if d["verdict"] == TIE else f"**{mean}**"
-    counts = f", {d['won']}/{d['lost']}" if with_counts else ""
-    return f"{mean} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]{counts}: {d['verdict']}"
+    """One difference in one README cell, formatted as the bench prints it."""
+    printed = difference_cells(d)
+    mean = printed["mean diff"] if d["verdict"] == NO_DIFFERENCE else f"**{printed['mean diff']}**"
+    counts = f", {printed['won/lost']}" if with_counts else ""
+    return f"{mean} {printed['95% CI']}{counts}: {printed['verdict']}"
 
 
 def pairings(paired: dict, budget: str, equal_seconds: bool) -> list[tuple[str, str, dict]]:

@@ -29,12 +29,15 @@ def bootstrap_interval(differences: list[float], level: float = 0.95, resamples:
     return float(low), float(high)
 
 
+NO_DIFFERENCE = "no detectable difference"  # the verdict when the interval spans zero
+
+
 def verdict(low: float, high: float) -> str:
     if low > 0:
         return "better"
     if high < 0:
         return "worse"
-    return "no detectable difference"
+    return NO_DIFFERENCE
 
 
 def compare(differences: list[float]) -> dict[str, Any]:
@@ -116,10 +119,11 @@ def paired_at_equal_seconds(method_rows: list[dict], baseline_budgets: list[list
 
 def paired_rows(paired: dict[str, Any]) -> list[dict[str, str]]:
     """One table row per (method, metric): the printed and reported form."""
-    rows = []
-    for method, metrics in paired["differences"].items():
-        for metric, d in metrics.items():
-            rows.append({"method": f"{method} - {paired['baseline']}", "metric": metric, "mean diff": f"{d['mean']:+.3f}",
-                         "95% CI": f"[{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]", "won/lost": f"{d['won']}/{d['lost']}",
-                         "subjects": str(d["subjects"]), "verdict": d["verdict"]})
-    return rows
+    return [{"method": f"{method} - {paired['baseline']}", "metric": metric, **difference_cells(d)}
+            for method, metrics in paired["differences"].items() for metric, d in metrics.items()]
+
+
+def difference_cells(d: dict[str, Any]) -> dict[str, str]:
+    """One paired difference as every table prints it: mean, interval, subjects won/lost, verdict."""
+    return {"mean diff": f"{d['mean']:+.3f}", "95% CI": f"[{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]",
+            "won/lost": f"{d['won']}/{d['lost']}", "subjects": str(d["subjects"]), "verdict": d["verdict"]}

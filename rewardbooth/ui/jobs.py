@@ -175,8 +175,8 @@ class Workspace:
         return any(RunFolder(p).lock_holder() for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def advance(self) -> str | None:
-        """Start the first queued job once nothing trains; returns its name (the page's polls and a server thread call
-        this)."""
+        """Start the first queued job once nothing trains; returns its name (called on each enqueue and by the server's
+        queue thread)."""
         with self.queue_lock:
             if not self.queue or self.training_now():
                 return None
@@ -365,7 +365,6 @@ class Workspace:
 
     def list_runs(self) -> list[dict]:
         names = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and NAME.match(p.name)}
-        self.advance()
         names |= set(self.jobs) | set(self.queued("train"))
         training = {name for name, job in self.jobs.items() if job.kind == "train"} | set(self.queued("train"))
         return [self.status(name) for name in sorted(names) if (self.root / name / CONFIG_NAME).is_file() or name in training]
