@@ -210,7 +210,7 @@ class BenchRunner:
         if is_batched(self.subjects_per_batch):
             return self._run_batched(subjects)
         done = []
-        for subject in tqdm(subjects, desc="subjects", disable=not self.progress):
+        for subject in tqdm(subjects, desc="subjects", disable=not self.progress or len(subjects) < 2):
             if self.is_done(subject):
                 continue
             self.run_subject(subject)
@@ -515,15 +515,21 @@ def write_bench_report(report_dir: Path, methods: list[tuple[Path, dict, dict]],
         else:
             dreambench = load_dreambench(Path(info["dreambench"]))  # once per method, not per subject
             reference_dirs = {name: s.image_dir for name, s in dreambench.subjects.items()}
-        grids = []
+        grids, without_images = [], []
         for name in names:
             subject_dir = bench_dir / "subjects" / name
             if not (subject_dir / "scores.json").is_file():
                 continue
+            if not (subject_dir / "images").is_dir():  # scored, its images not kept (a result restored from its records)
+                without_images.append(name)
+                continue
             references = load_image_folder(reference_dirs[name])
             grid = _subject_grid(subject_dir, references, info["images_per_prompt"], assets / labels[bench_dir] / f"{name}.png")
             grids.append((str(grid.relative_to(report_dir)), name))
-        sections.append(ReportSection(f"Samples: {labels[bench_dir]}", "first row: references; then one row per prompt", images=grids))
+        text = "first row: references; then one row per prompt"
+        if without_images:
+            text += f"; scored, images not kept: {', '.join(without_images)}"
+        sections.append(ReportSection(f"Samples: {labels[bench_dir]}", text, images=grids))
     tiny = any(info["model"].startswith("tiny") or "tiny" in info["judges"].values() for _, info, _ in methods)
     notice = ("Built-in tiny models with random weights made these numbers: they test the harness, "
               "not personalization quality.") if tiny else None

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from rewardbooth.config import MINIBENCH_SUITES, RunConfig
 from rewardbooth.errors import ConfigError
@@ -259,23 +260,28 @@ def _run_methods(out: Path, configs: dict[str, RunConfig], subjects: list[MiniBe
                  images_per_prompt: int, sample_steps: int, guidance: float, device: str, progress: bool,
                  budgets: dict[str, list[int] | None],
                  threads: int | None = None, subjects_per_batch: int | str | None = None) -> None:
-    """Every method on `subjects`, one after another (a worker process's whole job). Subjects trained K at a time
-    whose training failed are named at the end (SubjectsFailed), every other subject and method done."""
+    """Every method on `subjects` (a worker process's whole job): subject by subject, each finishing every method and
+    budget before the next starts, so an interrupted bench leaves complete pairs behind and loses at most one subject's
+    work; with K subjects per batch, method by method (a method's subjects train together). Subjects trained K at a
+    time whose training failed are named at the end (SubjectsFailed), every other subject and method done."""
     if threads:
 
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the workers share the cores: no per-run thread search
         torch.set_num_threads(threads)
     judge = AttributeJudge("mini", device=device)
+    runners = {method: _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, guidance, device,
+                                budgets[method], progress, subjects_per_batch) for method, cfg in configs.items()}
     failures: dict[str, str] = {}
-    for method, cfg in configs.items():
-        left = subjects  # a subject that failed to train is not trained again for the method's smaller budgets
-        for runner in _runners(out, subjects_seed, judge, method, cfg, images_per_prompt, sample_steps, guidance, device,
-                               budgets[method], progress, subjects_per_batch):
-            try:
-                runner.run(left)
-            except SubjectsFailed as exc:
-                failures.update((f"{runner.out_dir.name}/{name}", error) for name, error in exc.failures.items())
-                left = [s for s in left if s.name not in exc.failures]
+    groups = [subjects] if is_batched(subjects_per_batch) else [[s] for s in subjects]
+    for group in tqdm(groups, desc="subjects", disable=not progress or len(groups) < 2):
+        for method_runners in runners.values():
+            left = group  # a subject that failed to train is not trained again for the method's smaller budgets
+            for runner in method_runners:
+                try:
+                    runner.run(left)
+                except SubjectsFailed as exc:
+                    failures.update((f"{runner.out_dir.name}/{name}", error) for name, error in exc.failures.items())
+                    left = [s for s in left if s.name not in exc.failures]
     if failures:
         raise SubjectsFailed(failures)
 
