@@ -497,6 +497,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rewardbooth.errors import ConfigError
     from rewardbooth.evaluation.bench import FAILED_NAME, PAIRED_NAME, BenchRunner, merge, parse_shard, shard_subjects
     from rewardbooth.methods import load_config
+    from rewardbooth.training.run_dir import run_lock
 
     if args.curve and not args.merge:
         raise ConfigError("--curve pairs the folders of --merge at equal seconds: give --merge BENCH_DIR ... too")
@@ -551,7 +552,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          guidance_scale=cfg.validation.guidance_scale if args.guidance is None else args.guidance, progress=not args.quiet,
                          subjects_per_batch=args.subjects_per_batch)
     mine = shard_subjects(subjects, index, count)
-    computed = runner.run(mine)
+    with run_lock(out, shared=True):  # shards share the folder; the web app's queue waits for any of them
+        computed = runner.run(mine)
     skipped = len(mine) - len(computed)
     failed = [s.name for s in mine if (runner.subject_dir(s) / FAILED_NAME).is_file()]
     print(f"shard {index}/{count}: {len(computed)} subject(s) computed, {skipped} already finished (skipped)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import yaml
@@ -51,6 +52,26 @@ def test_mini_bench_smoke_all_methods(tmp_path, capsys):
     # Finished methods are skipped on a rerun: the numbers stay as they were.
     assert main(args) == 0
     assert json.loads((out / "results.json").read_text()) == summary
+
+
+def test_a_bench_holds_its_folder_while_it_works(tmp_path, monkeypatch):
+    """A second bench on the same folder is refused (it would train the same subjects), and the web app's queue, which
+    reads the folder's lock, waits for a bench started from the command line."""
+    from rewardbooth.errors import OutputExistsError
+    from rewardbooth.mini import bench as mini_bench
+    from rewardbooth.training.run_dir import lock_holder
+
+    out, seen = tmp_path / "b", []
+
+    def work(folder, *args, **kwargs):
+        seen.append(lock_holder(folder))
+        with pytest.raises(OutputExistsError, match="in use"):
+            mini_bench.run_mini_bench(folder, ["dreambooth"], quick=True)
+        return folder / "report.html"
+
+    monkeypatch.setattr(mini_bench, "_run_locked", work)
+    mini_bench.run_mini_bench(out, ["dreambooth"], quick=True)
+    assert seen == [str(os.getpid())] and lock_holder(out) is None
 
 
 def test_mini_bench_refuses_unknown_method(tmp_path, capsys):

@@ -3,6 +3,7 @@ finished run resumed is finished (or continues with more steps)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from rewardbooth.errors import CheckpointError, OutputExistsError
 from rewardbooth.methods import load_config
 from rewardbooth.models.lora import LORA_WEIGHTS_NAME
 from rewardbooth.training.loop import train
-from rewardbooth.training.run_dir import RUN_MARKER, prepare_run_dir
+from rewardbooth.training.run_dir import RUN_MARKER, lock_holder, prepare_run_dir, run_lock
 
 
 def test_overwrite_refuses_a_user_folder_that_merely_has_a_config_yaml(tmp_path, capsys):
@@ -75,6 +76,21 @@ def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path, tiny_overr
     # The lock died with its process (kill -9 leaves no stale lock).
     time.sleep(0.1)
     train(load_config(overrides=dict(tiny_overrides, **{"train.steps": 1})), run, progress=False)
+
+
+def test_shared_holders_work_in_a_folder_together_and_keep_an_exclusive_one_out(tmp_path):
+    """A DreamBench bench's shards share its folder; a training run (or a mini bench) holds its own alone."""
+    folder = tmp_path / "bench"
+    with run_lock(folder, shared=True), run_lock(folder, shared=True):
+        assert lock_holder(folder) == str(os.getpid())
+        with pytest.raises(OutputExistsError, match="in use by another rewardbooth process"):
+            with run_lock(folder):
+                pass
+    assert lock_holder(folder) is None
+    with run_lock(folder):
+        with pytest.raises(OutputExistsError, match="in use"):
+            with run_lock(folder, shared=True):
+                pass
 
 
 @pytest.mark.slow

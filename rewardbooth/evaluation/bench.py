@@ -52,7 +52,7 @@ from rewardbooth.sampling import SampleSettings, generate, save_generated
 from rewardbooth.training.finished_run import load_run_pipeline
 from rewardbooth.training.loop import train
 from rewardbooth.training.many import ManyEngine, SubjectOutcome, SubjectRun, check_subjects, train_many
-from rewardbooth.training.run_dir import CONFIG_NAME, RunFolder, prepare_run_dir, seconds_at
+from rewardbooth.training.run_dir import CONFIG_NAME, LOCK_NAME, RunFolder, prepare_run_dir, seconds_at
 
 BENCH_INFO = "bench.json"
 FAILED_NAME = "failed.json"
@@ -195,7 +195,7 @@ class BenchRunner:
             changed = [k for k in mine if saved.get(k) != mine[k]]
             if changed:
                 raise OutputExistsError(f"bench folder {self.out_dir} was made with other settings ({', '.join(changed)}); use another --output")
-        elif self.out_dir.is_dir() and any(self.out_dir.iterdir()):
+        elif self.out_dir.is_dir() and any(p.name != LOCK_NAME for p in self.out_dir.iterdir()):
             raise OutputExistsError(f"output folder {self.out_dir} is not empty and is not a bench folder; use another --output")
         else:  # written once: parallel workers sharing the folder only read it
             self.out_dir.mkdir(parents=True, exist_ok=True)

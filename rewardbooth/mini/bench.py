@@ -51,7 +51,7 @@ from rewardbooth.models.loading import FLOW_PIPELINES, load_components, make_pip
 from rewardbooth.models.presets import preset_defaults
 from rewardbooth.sampling import generate
 from rewardbooth.training.many import check_many_settings
-from rewardbooth.training.run_dir import RunFolder
+from rewardbooth.training.run_dir import RunFolder, run_lock
 
 # Settings every method shares in the bench (its model and validation steps: method_config); the mini preset's own
 # world (judges, prompts, guidance: rewardbooth.models.presets) comes with --model mini or mini-flow.
@@ -364,9 +364,19 @@ def run_mini_bench(out: Path, methods: list[str], *, quick: bool = False, subjec
         for cfg in configs.values():  # settings train_many refuses, named before any work
             check_many_settings(cfg)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    subjects = prepare_subjects(out, num_subjects or suite["subjects"], subjects_seed)
-    images_per_prompt = images_per_prompt or suite["images_per_prompt"]
+    with run_lock(out):  # one bench per folder: a second would train the same subjects (the web app's queue sees it too)
+        return _run_locked(out, configs, method_budgets, subjects_seed=subjects_seed, num_subjects=num_subjects or suite["subjects"],
+                           images_per_prompt=images_per_prompt or suite["images_per_prompt"], sample_steps=sample_steps,
+                           overrides=overrides, device=device, progress=progress, jobs=jobs, budgets=budgets,
+                           subjects_per_batch=subjects_per_batch)
+
+
+def _run_locked(out: Path, configs: dict[str, RunConfig], method_budgets: dict[str, list[int] | None], *,
+                subjects_seed: int, num_subjects: int, images_per_prompt: int, sample_steps: int | None,
+                overrides: dict[str, Any], device: str, progress: bool, jobs: int | None, budgets: list[int] | None,
+                subjects_per_batch: int | str | None) -> Path:
+    """run_mini_bench's work, its settings checked and its folder held."""
+    subjects = prepare_subjects(out, num_subjects, subjects_seed)
     model_steps, guidance = SAMPLERS[bench_model(overrides)[1]]
     sample_steps = sample_steps or model_steps
     shares = subject_shares(subjects, jobs or default_jobs(len(subjects), device), subjects_per_batch)

@@ -160,13 +160,14 @@ def lock_holder(run_dir: Path) -> str | None:
 
 
 def _in_use(run_dir: Path, holder: str) -> OutputExistsError:
-    return OutputExistsError(f"run folder {run_dir} is in use by another rewardbooth process (pid {holder}); "
+    return OutputExistsError(f"folder {run_dir} is in use by another rewardbooth process (pid {holder}); "
                              "wait for it to finish or choose another --output")
 
 
 @contextmanager
-def run_lock(run_dir: Path):
-    """Hold the run folder for one process: an OS lock (flock), released when the process dies."""
+def run_lock(run_dir: Path, shared: bool = False):
+    """Hold the run folder for one process: an OS lock (flock), released when the process dies. `shared`: processes
+    that may work in the folder together (a DreamBench bench's shards) share it; lock_holder sees any of them."""
     try:
         import fcntl
     except ImportError:
@@ -175,7 +176,7 @@ def run_lock(run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / LOCK_NAME).open("a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
             raise _in_use(run_dir, f.read().strip() or "unknown") from None
