@@ -4,6 +4,7 @@ method-owned optimizers stepped once per optimizer step."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import sys
 import textwrap
@@ -54,7 +55,7 @@ def test_result_json_round_trips_from_the_writer_to_every_reader(tmp_path, tiny_
     from rewardbooth.ui.jobs import Workspace
 
     written = RunResult(method="dreambooth", last_step=7, steps=6, selected_step=5, weights="pytorch_lora_weights.safetensors",
-                        base_model="tiny", resolution=32, num_processes=1, cpu_threads=1)
+                        base_model="tiny", resolution=32, num_processes=1, cpu_threads=1, flow_matching=False)
     workspace = Workspace(tmp_path / "runs")
     folder = _finished_run(workspace.root / "run", dict(tiny_overrides, **{"train.steps": 6}), written)
     assert RunResult.from_json(folder.result.read_text()) == written == folder.read_result()
@@ -68,6 +69,10 @@ def test_result_json_round_trips_from_the_writer_to_every_reader(tmp_path, tiny_
     # the report: the method and the selected step
     report = write_run_report(folder.root).read_text()
     assert "rewardbooth dreambooth run" in report and "Selected weights: step 5" in report
+    # its settings: the U-Net's, without the flow models' flow.* (shown where the base is a flow model)
+    assert "train.learning_rate" in report and "flow.weighting" not in report
+    folder.write_result(dataclasses.replace(written, flow_matching=True))
+    assert "flow.weighting" in write_run_report(folder.root).read_text()
 
 
 class Toy(get_method("dreambooth")):

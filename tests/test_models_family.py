@@ -326,7 +326,8 @@ def test_flow_lora_loads_through_diffusers_and_reproduces_the_trained_model(tmp_
     assert after.tobytes() == trained.tobytes() and after.tobytes() != before.tobytes()
     assert result.weights.name == "pytorch_lora_weights.safetensors"
     assert (run / "lora_kohya.safetensors").is_file() == (model == "tiny-flux")  # kohya's layout exists for FLUX.1 only
-    assert json.loads((run / "result.json").read_text())["base_model"] == model
+    recorded = json.loads((run / "result.json").read_text())
+    assert recorded["base_model"] == model and recorded["flow_matching"] is True  # the run report shows flow.* for it
 
 
 @pytest.mark.slow

@@ -218,7 +218,8 @@ def test_model_selection_keeps_best_validated_step_and_stops_early(tmp_path, tin
     result = train(cfg, run, progress=False, method=method)
     # best at step 4; no improvement at 6 and 8 -> patience 2 exhausted at step 8
     assert (result.final_step, result.selected_step) == (8, 4)
-    assert json.loads((run / "result.json").read_text())["selected_step"] == 4
+    recorded = json.loads((run / "result.json").read_text())
+    assert recorded["selected_step"] == 4 and recorded["flow_matching"] is False  # a U-Net: its report leaves flow.* out
     assert sorted(method.snapshots) == [2, 4, 6, 8]
     # The run's LoRA file holds the step-4 weights, not the last ones.
     _, pipe = load_run_pipeline(run)

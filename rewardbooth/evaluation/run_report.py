@@ -63,8 +63,9 @@ def write_run_report(run_dir: Path, notice: str | None = None, extra_sections: l
     method = cfg["train"]["method"]
     # each method's own section; the others do not apply to this run
     other_methods = {cls.section for name, cls in method_registry().items() if cls.section and name != method}
+    not_this_model = {"flow"} if result and result.flow_matching is False else set()  # flow.* applies to flow models
     settings = [{"setting": f"{section}.{key}", "value": json.dumps(value)} for section, values in cfg.items()
-                if section not in other_methods for key, value in values.items()]
+                if section not in other_methods | not_this_model for key, value in values.items()]
     sections.append(ReportSection("Settings", f"the resolved config.yaml of this run (the settings {method} uses)", table=settings))
     title = f"rewardbooth {result.method if result else method} run: {cfg['data']['identifier']} {cfg['data']['class_noun']}"
     return write_report(run_dir, title, sections, notice=notice)

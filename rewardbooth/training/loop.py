@@ -334,7 +334,8 @@ class Trainer:
             self.folder.write_result(RunResult(
                 method=self.method.name, last_step=last_step, steps=self.cfg.train.steps, selected_step=selected,
                 weights=str(Path(weights).relative_to(self.run_dir)), base_model=self.cfg.model.name, resolution=ctx.resolution,
-                num_processes=acc.num_processes, cpu_threads=self.cpu_threads if acc.device.type == "cpu" else None))
+                num_processes=acc.num_processes, cpu_threads=self.cpu_threads if acc.device.type == "cpu" else None,
+                flow_matching=ctx.family.flow_matching))
         acc.wait_for_everyone()
         acc.end_training()
         return TrainResult(self.run_dir, last_step, Path(weights), selected)

@@ -62,6 +62,7 @@ class RunResult:
     resolution: int
     num_processes: int = 1
     cpu_threads: int | None = None
+    flow_matching: bool | None = None  # the base is a flow model (None: written before this was recorded)
 
     @classmethod
     def from_json(cls, text: str) -> RunResult:
