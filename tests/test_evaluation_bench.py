@@ -82,6 +82,15 @@ def test_bench_shards_merge_and_skip_finished(tmp_path, capsys, dreambench_root,
     assert "0 subject(s) computed, 2 already finished" in capsys.readouterr().out
     assert {p.parent.name: p.stat().st_mtime_ns for p in out.glob("subjects/*/scores.json")} == finished
 
+    # bench.json names the code that started the folder; carried on by other code, the bench says so
+    from rewardbooth.provenance import code_version
+
+    info = json.loads((out / "bench.json").read_text())
+    assert info["code"] == code_version()
+    (out / "bench.json").write_text(json.dumps({**info, "code": {"version": "0.0.9", "commit": "0123456789abcdef"}}))
+    with pytest.warns(UserWarning, match="was started by rewardbooth 0.0.9 .*mix the two"):
+        assert main(common) == 0
+
 
 def test_bench_refuses_other_settings_in_same_folder(tmp_path, capsys, dreambench_root):
     out = tmp_path / "bench"

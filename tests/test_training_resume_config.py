@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,26 @@ def test_more_steps_are_allowed_and_recorded(capsys, tmp_path, stopped, monkeypa
     # A finished run is no door to another method either.
     capsys.readouterr()
     assert "train.method dreambooth -> rpo" in refused(capsys, run, "--method", "rpo")
+
+
+def test_a_resume_by_other_code_warns_and_each_start_records_its_code(tmp_path, stopped):
+    """Resuming after an upgrade is allowed, but the run's numbers then come from two versions: said out loud."""
+    from rewardbooth.provenance import code_version
+
+    same, run = tmp_path / "same", tmp_path / "run"
+    shutil.copytree(stopped, same)
+    shutil.copytree(stopped, run)
+    [start] = history(run)
+    assert start["code"] == code_version() and start["code"]["version"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["train", "--resume", "--output", str(same), "--quiet"]) == 0
+    assert not [w for w in seen if "mix the two" in str(w.message)]  # the same code: no warning
+    older = {**start, "code": {"version": "0.0.9", "commit": "0123456789abcdef"}}
+    (run / HISTORY_NAME).write_text(json.dumps(older) + "\n")
+    with pytest.warns(UserWarning, match="was trained so far by rewardbooth 0.0.9 \\(commit 0123456789\\).*mix the two"):
+        assert main(["train", "--resume", "--output", str(run), "--quiet"]) == 0
+    assert history(run)[-1]["code"] == code_version()
 
 
 def test_validation_samples_may_change_unless_they_pick_the_result(tmp_path, stopped):

@@ -47,6 +47,7 @@ from rewardbooth.evaluation.figures import plot_bars, plot_tradeoff
 from rewardbooth.evaluation.metrics import METRICS, ImageScore, Scorer, read_generated_folder, summarize
 from rewardbooth.evaluation.paired import combined_clock, paired_at_equal_seconds, paired_differences, paired_rows, seconds_words
 from rewardbooth.evaluation.report import ReportSection, write_report
+from rewardbooth.provenance import code_version, warn_other_code
 from rewardbooth.rewards import Subject
 from rewardbooth.sampling import SampleSettings, generate, save_generated
 from rewardbooth.training.finished_run import load_run_pipeline
@@ -195,11 +196,12 @@ class BenchRunner:
             changed = [k for k in mine if saved.get(k) != mine[k]]
             if changed:
                 raise OutputExistsError(f"bench folder {self.out_dir} was made with other settings ({', '.join(changed)}); use another --output")
+            warn_other_code(saved.get("code"), f"bench folder {self.out_dir} was started by")
         elif self.out_dir.is_dir() and any(p.name != LOCK_NAME for p in self.out_dir.iterdir()):
             raise OutputExistsError(f"output folder {self.out_dir} is not empty and is not a bench folder; use another --output")
         else:  # written once: parallel workers sharing the folder only read it
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            info_path.write_text(json.dumps(self.info(), indent=2))
+            info_path.write_text(json.dumps({**self.info(), "code": code_version()}, indent=2))
 
     def subject_dir(self, subject: DreamBenchSubject) -> Path:
         return self.out_dir / "subjects" / subject.name

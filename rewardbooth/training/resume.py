@@ -1,7 +1,8 @@
 """Resuming a run under other settings. A resume continues the weights trained so far, so only settings
 that leave those weights the same run's may differ from the run's own (its config.yaml, and its input
 photos by content); anything else is refused, by default, before anything is written. Every start and
-resume of a run is one line of its history.jsonl: when, from which step, which allowed settings changed."""
+resume of a run is one line of its history.jsonl: when, from which step, which allowed settings changed, and
+which rewardbooth (a resume by another version warns)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from rewardbooth.config import RunConfig
 from rewardbooth.data.images import list_image_files
 from rewardbooth.errors import ConfigError
 from rewardbooth.methods import load_config, method_registry
+from rewardbooth.provenance import code_version, warn_other_code
 from rewardbooth.training.run_dir import CONFIG_NAME, HISTORY_NAME, list_checkpoints, read_metrics
 
 # What a resume MAY change, and why that leaves the run the same; every other setting is refused (a new
@@ -72,6 +74,13 @@ def recorded_inputs(run_dir: Path) -> dict[str, dict | None] | None:
     return next((r["inputs"] for r in reversed(records) if "inputs" in r), None)
 
 
+def recorded_code(run_dir: Path) -> dict | None:
+    """The rewardbooth that last started or resumed the run (None: a run from before this was recorded)."""
+    path = Path(run_dir) / HISTORY_NAME
+    records = read_metrics(path) if path.is_file() else []
+    return next((r["code"] for r in reversed(records) if "code" in r), None)
+
+
 def _shown(content: dict | None) -> str:
     return f"{content['images']} images sha256 {content['sha256'][:12]}" if content else "no images"
 
@@ -111,6 +120,8 @@ def record_run_start(cfg: RunConfig, run_dir: Path, resume: bool, write: bool = 
     if resume:
         checkpoints = list_checkpoints(Path(run_dir))
         record.update(from_step=checkpoints[-1][0] if checkpoints else 0, changed=changed)
+        warn_other_code(recorded_code(run_dir), f"--resume: {run_dir} was trained so far by")
     record["inputs"] = input_contents(cfg)
+    record["code"] = code_version()
     with (Path(run_dir) / HISTORY_NAME).open("a") as f:
         f.write(json.dumps(record) + "\n")
