@@ -63,3 +63,38 @@ def test_a_missing_budget_or_folder_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="nowhere/paired.json does not exist"):
         script.main([f"0={tmp_path / 'nowhere'}/paired.json"])
     assert capsys.readouterr().out == ""  # nothing half-printed before the error
+
+
+def test_each_methods_sentence_follows_the_rule_fixed_before_the_runs(tmp_path, capsys):
+    """beats: identity better with prompt not worse at some budget; loses: identity better only where prompt is worse,
+    or worse everywhere; else ties; a budget with more subjects outside the baseline's seconds than inside is not judged."""
+    cells = {"better": (0.1, 0.05, 0.15), "worse": (-0.15, -0.2, -0.1), NO: (0.0, -0.05, 0.05)}
+
+    def at(identity: str, prompt: str, outside: int = 0) -> dict:
+        return {**table(x={"identity_kept": difference(*cells[identity], 15, 5, identity),
+                           "prompt_ok": difference(*cells[prompt], 10, 10, prompt)}),
+                "how": "interpolated", "outside": outside, "clock": "cpu"}
+
+    labels = {"dpg@200": at(NO, NO), "dpg@400": at("better", NO),  # beats at 400
+              "rpo@400": at("better", "worse"), "rpo@800": at(NO, NO),  # identity bought with the prompt: loses
+              "sel@400": at("worse", NO), "sel@800": at("worse", NO),  # worse everywhere: loses
+              "mix@400": at("worse", NO), "mix@800": at(NO, "better"),  # ties
+              "far@800": at("better", NO, outside=21)}  # 21 outside, 20 inside: not judged
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "paired.json").write_text(json.dumps({"equal_seconds": {
+        label: {**t, "differences": {label: t["differences"]["x"]}} for label, t in labels.items()}}))
+    assert load_script("benchmarks/readme_rows.py").main([f"2={merged}", "--sentences", "the best-tuned DreamBooth"]) == 0
+    better, worse, tie = "+0.100 [+0.050, +0.150]", "-0.150 [-0.200, -0.100]", "+0.000 [-0.050, +0.050]"
+    assert capsys.readouterr().out.splitlines() == [
+        f"set 2: dpg beats the best-tuned DreamBooth at equal compute (at 400 steps identity_kept {better}, prompt_ok {NO}).",
+        f"set 2: rpo loses to the best-tuned DreamBooth at equal compute (at 400 steps identity_kept {better}, prompt_ok worse).",
+        f"set 2: sel loses to the best-tuned DreamBooth at equal compute (at 400 steps identity_kept {worse}, prompt_ok {NO}; "
+        f"at 800 steps identity_kept {worse}, prompt_ok {NO}).",
+        f"set 2: mix ties with the best-tuned DreamBooth at equal compute (at 400 steps identity_kept {worse}, prompt_ok {NO}; "
+        f"at 800 steps identity_kept {tie}, prompt_ok better).",
+        "set 2: far is not judged against the best-tuned DreamBooth at equal compute (at each budget, more subjects lie "
+        "outside its measured seconds than inside)."]
+
+
+NO = "no detectable difference"
