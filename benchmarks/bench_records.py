@@ -43,13 +43,12 @@ def finished_everywhere(folders: list[Path]) -> list[str]:
     return sorted(set.intersection(*sets)) if sets else []
 
 
-def record_files(root: Path) -> list[Path]:
-    """The record's files, relative to `root`."""
-    folders = bench_folders(root)
+def record_files(root: Path, folders: list[Path], subjects: list[str]) -> list[Path]:
+    """The record's files (the bench `folders` under `root`, `subjects` finished in all of them), relative to `root`."""
     files = [root / name for name in TOP_FILES]
     for folder in folders:
         files += [folder / BENCH_INFO, folder / "results.json", folder / "results.csv"]
-        for subject in finished_everywhere(folders):
+        for subject in subjects:
             files += [folder / "subjects" / subject / name for name in SUBJECT_FILES]
     return [f.relative_to(root) for f in files if f.is_file()]
 
@@ -71,8 +70,9 @@ def save(root: Path, record: Path) -> str:
     folders = bench_folders(root)
     if not folders:
         raise SystemExit(f"{root}: no bench folder (bench.json) here or one level down")
-    copied = copy_files(record_files(root), root, record, overwrite=True)
-    return f"{len(finished_everywhere(folders))} subjects finished in all {len(folders)} bench folders; {copied} files to {record}"
+    subjects = finished_everywhere(folders)
+    copied = copy_files(record_files(root, folders, subjects), root, record, overwrite=True)
+    return f"{len(subjects)} subjects finished in all {len(folders)} bench folders; {copied} files to {record}"
 
 
 def restore(record: Path, root: Path) -> str:

@@ -62,13 +62,18 @@ def equal_seconds_tables(paired: dict) -> list[tuple[str, str, dict]]:
     return [(label, label, table) for label, table in seconds.items()]  # a --merge ... --curve: {label: table}
 
 
+def read_paired(name: str, folder: Path) -> dict:
+    """Set `name`'s paired.json: FOLDER/paired.json, or FOLDER itself where it is the file."""
+    path = folder / "paired.json" if folder.is_dir() else folder
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist (set {name})")
+    return json.loads(path.read_text())
+
+
 def rows(sets: list[tuple[str, Path]], budget: str, equal_seconds: bool, metrics: list[str]) -> list[str]:
     by_method: dict[str, list[str]] = {}
     for name, folder in sets:
-        path = folder / "paired.json" if folder.is_dir() else folder
-        if not path.is_file():
-            raise SystemExit(f"{path} does not exist (set {name})")
-        for label, method, table in pairings(json.loads(path.read_text()), budget, equal_seconds):
+        for label, method, table in pairings(read_paired(name, folder), budget, equal_seconds):
             differences = table["differences"][method]
             missing = [m for m in metrics if m not in differences]
             if missing:
@@ -124,9 +129,9 @@ def sentence(method: str, verdict: str, deciding: list[tuple[str, dict]], baseli
     if not deciding:
         return (f"{method} is not judged against {baseline} at equal compute (at each budget, more subjects lie outside "
                 "its measured seconds than inside).")
-    cells = "; ".join(f"at {b} steps identity_kept {difference_cells(d['identity_kept'])['mean diff']} "
-                      f"{difference_cells(d['identity_kept'])['95% CI']}, prompt_ok {d['prompt_ok']['verdict']}"
-                      for b, d in deciding)
+    printed = [(b, difference_cells(d["identity_kept"]), d["prompt_ok"]["verdict"]) for b, d in deciding]
+    cells = "; ".join(f"at {b} steps identity_kept {identity['mean diff']} {identity['95% CI']}, prompt_ok {prompt}"
+                      for b, identity, prompt in printed)
     return f"{method} {VERBS[verdict]} {baseline} at equal compute ({cells})."
 
 
@@ -147,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         sets.append((name, Path(folder)))
     if args.sentences:
         for name, folder in sets:
-            path = folder / "paired.json" if folder.is_dir() else folder
-            if not path.is_file():
-                raise SystemExit(f"{path} does not exist (set {name})")
-            for method, (verdict, deciding) in verdicts(json.loads(path.read_text())).items():
+            for method, (verdict, deciding) in verdicts(read_paired(name, folder)).items():
                 print(f"set {name}: " + sentence(method, verdict, deciding, args.sentences))
         return 0
     metrics = args.metrics.split(",")

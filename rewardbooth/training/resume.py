@@ -67,18 +67,16 @@ def input_contents(cfg: RunConfig) -> dict[str, dict | None]:
     return {key: folder_content(settings[key]) for key in INPUT_FOLDERS}
 
 
-def recorded_inputs(run_dir: Path) -> dict[str, dict | None] | None:
-    """The input contents the run last started or resumed with (None: a run from before history.jsonl)."""
+def last_recorded(run_dir: Path, key: str) -> Any:
+    """`key` of the run's latest start or resume that recorded it in history.jsonl (None: none did)."""
     path = Path(run_dir) / HISTORY_NAME
     records = read_metrics(path) if path.is_file() else []  # JSON lines, as metrics.jsonl
-    return next((r["inputs"] for r in reversed(records) if "inputs" in r), None)
+    return next((r[key] for r in reversed(records) if key in r), None)
 
 
-def recorded_code(run_dir: Path) -> dict | None:
-    """The rewardbooth that last started or resumed the run (None: a run from before this was recorded)."""
-    path = Path(run_dir) / HISTORY_NAME
-    records = read_metrics(path) if path.is_file() else []
-    return next((r["code"] for r in reversed(records) if "code" in r), None)
+def recorded_inputs(run_dir: Path) -> dict[str, dict | None] | None:
+    """The input contents the run last started or resumed with (None: a run from before history.jsonl)."""
+    return last_recorded(run_dir, "inputs")
 
 
 def _shown(content: dict | None) -> str:
@@ -120,7 +118,7 @@ def record_run_start(cfg: RunConfig, run_dir: Path, resume: bool, write: bool = 
     if resume:
         checkpoints = list_checkpoints(Path(run_dir))
         record.update(from_step=checkpoints[-1][0] if checkpoints else 0, changed=changed)
-        warn_other_code(recorded_code(run_dir), f"--resume: {run_dir} was trained so far by")
+        warn_other_code(last_recorded(run_dir, "code"), f"--resume: {run_dir} was trained so far by")
     record["inputs"] = input_contents(cfg)
     record["code"] = code_version()
     with (Path(run_dir) / HISTORY_NAME).open("a") as f:
