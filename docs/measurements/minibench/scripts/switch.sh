@@ -5,4 +5,4 @@ while kill -0 19425 2>/dev/null; do sleep 20; done
 while ! pgrep -f "output runs/set2$" > /dev/null; do sleep 20; done
 pkill -INT -f "rewardbooth bench .*--output runs/set2$"
 while pgrep -f "bench.sh set2 " > /dev/null; do sleep 5; done
-JOBS=2 bash benchj.sh set2 --suite mini --methods dreambooth,dreambooth-select,dpg,rpo,dpg-select --subjects-seed 2 --budgets 200,400,800
+JOBS=2 bash bench.sh set2 --suite mini --methods dreambooth,dreambooth-select,dpg,rpo,dpg-select --subjects-seed 2 --budgets 200,400,800
