@@ -14,3 +14,4 @@ for b in 200 400 800; do echo "## set 2, equal seconds against run A's DreamBoot
 for b in 200 400 800; do echo "## set 2, equal seconds against DreamBooth at its best, $b"; $py $rr 2=runs/set2-vs-best --budget $b --equal-seconds; echo; done
 echo "## sentences"; $py $rr 2=runs/set2-vs-best --sentences "the best-tuned DreamBooth"
 grep -a "^start\|^exit" logs/set2.log logs/set2-dreambooth-best.log
+$py /work/main/benchmarks/sample_sheet.py runs/set2 --folders dreambooth@400,dpg@400,rpo@400,dpg-select@400 --out /work/main/docs/minibench-samples-set2.png
