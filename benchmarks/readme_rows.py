@@ -77,7 +77,7 @@ def rows(sets: list[tuple[str, Path]], budget: str, equal_seconds: bool, metrics
             differences = table["differences"][method]
             missing = [m for m in metrics if m not in differences]
             if missing:
-                raise SystemExit(f"{path}: {method} has no {', '.join(missing)}")
+                raise SystemExit(f"{folder} (set {name}): {method} has no {', '.join(missing)}")
             cells = [cell(differences[m], with_counts=i == 0) for i, m in enumerate(metrics)]
             if equal_seconds:  # subjects outside the baseline's measured seconds are left out, never extrapolated
                 cells.append(str(table["outside"]))

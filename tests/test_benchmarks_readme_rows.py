@@ -62,6 +62,8 @@ def test_a_missing_budget_or_folder_is_one_line(tmp_path, capsys):
         script.main([f"0={tmp_path / 's0'}", "--budget", "800"])
     with pytest.raises(SystemExit, match="nowhere/paired.json does not exist"):
         script.main([f"0={tmp_path / 'nowhere'}/paired.json"])
+    with pytest.raises(SystemExit, match=r"s0 \(set 0\): dpg has no dino"):
+        script.main([f"0={tmp_path / 's0'}", "--metrics", "identity_kept,dino"])
     assert capsys.readouterr().out == ""  # nothing half-printed before the error
 
 
