@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,42 @@ def test_merged_folders_are_paired_with_the_first_even_when_two_have_the_same_na
     assert better["mean"] == pytest.approx(0.5) and better["won"] == 4 and better["verdict"] == "better"
     assert worse["mean"] == pytest.approx(-1 / 12) and (worse["won"], worse["lost"], worse["subjects"]) == (1, 2, 3)
     assert "one/rpo@400 - dreambooth" in printed and "two/rpo@400 - dreambooth" in printed
+
+
+def test_a_merge_with_a_curve_draws_the_budget_and_compute_frontiers_with_that_curve(tmp_path):
+    """`--merge` of a method at several budgets with `--curve` (DreamBooth at its best, benched apart): the report's
+    frontiers hold one line per method across its budgets, the curve's method among them under its pairing name."""
+    from rewardbooth.evaluation.bench import folder_budget, merged_curves, summarize_folders
+
+    subjects = ["a", "b"]
+
+    def bench(folder, method, identity, seconds):
+        write_bench_folder(folder, method, dict.fromkeys(subjects, identity))
+        for subject in subjects:
+            (folder / "subjects" / subject / "seconds.json").write_text(json.dumps({"seconds": seconds, "clock": "cpu"}))
+        return str(folder)
+
+    curve = [bench(tmp_path / "best" / f"dreambooth@{b}", "dreambooth", 0.1 * k, 40.0 * k) for k, b in ((1, 400), (4, 1600))]
+    merged = [bench(tmp_path / "set" / f"dpg@{b}", "dpg", 0.3 * k, 50.0 * k) for k, b in ((1, 200), (2, 400))]
+    # a variant's bench.json names its base method: its folder's name keeps its line apart
+    merged += [bench(tmp_path / "set" / f"dpg-select@{b}", "dpg", 0.35 * k, 60.0 * k) for k, b in ((1, 200), (2, 400))]
+    curves = merged_curves(summarize_folders([Path(d) for d in merged]), summarize_folders([Path(d) for d in curve]))
+    assert {m: sorted(budgets) for m, budgets in curves.items()} == {
+        "dpg": [200, 400], "dpg-select": [200, 400], "best/dreambooth": [400, 1600]}
+    assert curves["dpg"][400]["identity_kept"] == pytest.approx(0.6) and curves["dpg"][400]["seconds"] == pytest.approx(100.0)
+    assert main(["bench", "--merge", *merged, "--curve", *curve, "--output", str(tmp_path / "m")]) == 0
+    report = (tmp_path / "m" / "report.html").read_text()
+    assert "Budget frontier" in report and "Compute frontier" in report
+    assert all((tmp_path / "m" / "report_assets" / name).is_file()
+               for name in ("frontier.png", "seconds_identity_kept.png", "seconds_prompt_ok.png"))
+    # one folder at one budget: no line to draw
+    assert main(["bench", "--merge", merged[0], "--output", str(tmp_path / "one")]) == 0
+    assert "frontier" not in (tmp_path / "one" / "report.html").read_text()
+    assert folder_budget(Path("runs/x/rpo@800"), {}) == 800 and folder_budget(Path("runs/x"), {"budget": 200}) == 200
+    assert folder_budget(Path("runs/dpg"), {}) is None
+    # the same method and budget from two runs: each line under its run's folder
+    twice = summarize_folders([Path(merged[1]), Path(curve[0])])
+    assert sorted(merged_curves(twice, [])) == ["dpg", "dreambooth"]
+    rerun = tmp_path / "again" / "dpg@400"
+    shutil.copytree(merged[1], rerun)
+    assert sorted(merged_curves(summarize_folders([Path(merged[1]), rerun]), [])) == ["again/dpg", "set/dpg"]

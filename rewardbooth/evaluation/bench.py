@@ -43,7 +43,7 @@ from rewardbooth.config import RunConfig
 from rewardbooth.data.dreambench import DreamBench, DreamBenchSubject, load_dreambench
 from rewardbooth.data.images import load_image, load_image_folder, save_image_grid
 from rewardbooth.errors import ConfigError, OutputExistsError, RewardboothError, Stopped, TrainingDiverged
-from rewardbooth.evaluation.figures import plot_bars, plot_tradeoff
+from rewardbooth.evaluation.figures import plot_bars, plot_frontier, plot_tradeoff
 from rewardbooth.evaluation.metrics import METRICS, ImageScore, Scorer, read_generated_folder, summarize
 from rewardbooth.evaluation.paired import combined_clock, paired_at_equal_seconds, paired_differences, paired_rows, seconds_words
 from rewardbooth.evaluation.report import ReportSection, write_report
@@ -380,16 +380,77 @@ def merge(bench_dirs: list[Path], report_dir: Path | None = None, curve_dirs: li
     report_dir = Path(report_dir) if report_dir else bench_dirs[0]
     summarized = summarize_folders(bench_dirs)
     paired = merged_paired(summarized) if len(summarized) > 1 else {}
-    sections = []
-    if curve_dirs:
-        curve_dirs = [Path(d) for d in curve_dirs]
+    curve = summarize_folders([Path(d) for d in curve_dirs]) if curve_dirs else []
+    sections = frontier_sections(report_dir, merged_curves(summarized, curve))
+    if curve:
         warn_mixed_clocks([*bench_dirs, *curve_dirs])  # across the two groups, as within each
-        paired["equal_seconds"] = paired_with_curve(summarized, summarize_folders(curve_dirs))
-        sections = [equal_seconds_section(label, table) for label, table in paired["equal_seconds"].items()]
+        paired["equal_seconds"] = paired_with_curve(summarized, curve)
+        sections += [equal_seconds_section(label, table) for label, table in paired["equal_seconds"].items()]
     report = write_bench_report(report_dir, summarized, extra_sections=sections)
     if paired:
         (report_dir / PAIRED_NAME).write_text(json.dumps(paired, indent=2))
     return report
+
+
+def folder_budget(folder: Path, info: dict) -> int | None:
+    """A bench folder's training budget: bench.json's, else its name's `@STEPS` (a mini bench's `dpg@400`)."""
+    if info.get("budget") is not None:
+        return int(info["budget"])
+    steps = folder.name.rpartition("@")[2]
+    return int(steps) if "@" in folder.name and steps.isdigit() else None
+
+
+def folder_method(folder: Path, info: dict) -> str:
+    """What a bench folder benched: a mini bench's folder name before `@STEPS` (a variant such as `dpg-select`, whose
+    bench.json names its base method), else bench.json's method."""
+    name, at, steps = folder.name.rpartition("@")
+    return name if at and steps.isdigit() and name else info["method"]
+
+
+def merged_curves(methods: list[tuple[Path, dict, dict]], curve: list[tuple[Path, dict, dict]]) -> dict[str, dict[int, dict]]:
+    """The merged folders and the `--curve` folders as frontier curves: per method, its overall means at each budget.
+    The curve's method is named as in its pairing (parent/method); a method benched twice at one budget, by its
+    folder's parent too."""
+    keyed = [(d, folder_method(d, info), folder_budget(d, info), r["overall"]) for d, info, r in methods]
+    seen = [(method, budget) for _, method, budget, _ in keyed]
+    curves: dict[str, dict[int, dict]] = {}
+    for d, method, budget, overall in keyed:
+        if budget is not None:
+            name = f"{d.parent.name}/{method}" if seen.count((method, budget)) > 1 else method
+            curves.setdefault(name, {})[budget] = overall
+    for d, info, r in curve:
+        budget, method = folder_budget(d, info), folder_method(d, info)
+        if budget is not None:
+            curves.setdefault(f"{d.parent.name}/{method}" if d.parent.name else method, {})[budget] = r["overall"]
+    return curves
+
+
+def frontier_sections(report_dir: Path, curves: dict[str, dict[int, dict]]) -> list[ReportSection]:
+    """The budget frontier (identity_kept against prompt_ok) and the compute frontier (each against seconds per
+    subject): one line per method through its means at each budget, labelled with the steps. None unless some method
+    has two budgets or more and every point has both metrics (the seconds plots: where every point has seconds)."""
+    points = [overall for budgets in curves.values() for overall in budgets.values()]
+    if not any(len(budgets) > 1 for budgets in curves.values()) or not all(
+            {"identity_kept", "prompt_ok"} <= set(overall) for overall in points):
+        return []
+    assets = report_dir / "report_assets"
+    ordered = {m: sorted(budgets.items()) for m, budgets in curves.items()}
+    lines = {m: [(b, o["prompt_ok"], o["identity_kept"]) for b, o in budgets] for m, budgets in ordered.items()}
+    path = plot_frontier(lines, assets / "frontier.png", "prompt_ok (text alignment)", "identity_kept (subject fidelity)")
+    sections = [ReportSection("Budget frontier", "mean over subjects at each training budget (steps, labelled): better "
+                              "means up at the same budget and the same prompt_ok",
+                              images=[(str(path.relative_to(report_dir)), "identity_kept vs prompt_ok per method across budgets")])]
+    if all(isinstance(o.get("seconds"), (int, float)) for o in points):
+        seconds = seconds_words(combined_clock(points))
+        images = []
+        for metric in ("identity_kept", "prompt_ok"):
+            lines = {m: [(b, o["seconds"], o[metric]) for b, o in budgets] for m, budgets in ordered.items()}
+            chart = plot_frontier(lines, assets / f"seconds_{metric}.png", f"{seconds} per subject "
+                                  "(set-up + training + validation)", metric)
+            images.append((str(chart.relative_to(report_dir)), f"{metric} vs seconds per method across budgets"))
+        sections.append(ReportSection("Compute frontier", f"mean over subjects at each budget (steps, labelled) against "
+                                      f"the {seconds} spent to get there: better means up at the same seconds", images=images))
+    return sections
 
 
 def equal_seconds_title(what: str, table: dict[str, Any]) -> str:

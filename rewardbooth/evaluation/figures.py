@@ -131,5 +131,5 @@ def plot_frontier(curves: dict[str, list[tuple[int, float, float]]], path: Path,
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, framealpha=0.6)  # many lines: the points behind the legend stay visible
     return _save_figure(fig, path)

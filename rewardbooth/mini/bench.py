@@ -35,11 +35,10 @@ from tqdm.auto import tqdm
 
 from rewardbooth.config import MINIBENCH_SUITES, RunConfig
 from rewardbooth.errors import ConfigError
-from rewardbooth.evaluation.bench import (PAIRED_NAME, BenchRunner, SubjectsFailed, equal_seconds_section, is_batched,
-                                          subject_config, summarize_folders, write_bench_report)
-from rewardbooth.evaluation.figures import plot_frontier
+from rewardbooth.evaluation.bench import (PAIRED_NAME, BenchRunner, SubjectsFailed, equal_seconds_section, frontier_sections,
+                                          is_batched, subject_config, summarize_folders, write_bench_report)
 from rewardbooth.evaluation.metrics import ImageScore, Scorer
-from rewardbooth.evaluation.paired import combined_clock, paired_at_equal_seconds, paired_differences, paired_rows, seconds_words
+from rewardbooth.evaluation.paired import paired_at_equal_seconds, paired_differences, paired_rows
 from rewardbooth.evaluation.report import ReportSection
 from rewardbooth.methods import baseline_method, load_config, resolve_variant
 from rewardbooth.methods.dreambooth import class_image_settings
@@ -441,23 +440,9 @@ def mini_report_sections(out: Path, results: dict[str, dict], paired: dict[str, 
             f"Paired with {paired['baseline']}" + (f" at {budget} steps" if budget != "final" else ""),
             f"method minus {paired['baseline']} on the same subjects; {table['interval']}; the verdict follows the "
             "interval (better: all above 0, worse: all below 0)", table=paired_rows(table)))
-    if all(budgets.values()) and any(len(bs) > 1 for bs in budgets.values()):
-        overall = {(m, b): results[bench_folder_name(m, b)]["overall"] for m, bs in budgets.items() for b in bs}
-        curves = {m: [(b, overall[m, b]["prompt_ok"], overall[m, b]["identity_kept"]) for b in bs] for m, bs in budgets.items()}
-        path = plot_frontier(curves, out / "report_assets" / "frontier.png", "prompt_ok (text alignment)",
-                             "identity_kept (subject fidelity)")
-        sections.append(ReportSection("Budget frontier", "mean over subjects at each training budget (steps, labelled): "
-                                      "better means up at the same budget and the same prompt_ok",
-                                      images=[(str(path.relative_to(out)), "identity_kept vs prompt_ok per method across budgets")]))
-        images = []
-        seconds = seconds_words(combined_clock(overall.values()))
-        for metric in ("identity_kept", "prompt_ok"):  # the compute frontier: the same curves against seconds
-            curves = {m: [(b, overall[m, b]["seconds"], overall[m, b][metric]) for b in bs] for m, bs in budgets.items()}
-            chart = plot_frontier(curves, out / "report_assets" / f"seconds_{metric}.png", f"{seconds} per subject "
-                                  "(set-up + training + validation)", metric)
-            images.append((str(chart.relative_to(out)), f"{metric} vs seconds per method across budgets"))
-        sections.append(ReportSection("Compute frontier", f"mean over subjects at each budget (steps, labelled) against the {seconds} "
-                                      "spent to get there: better means up at the same seconds", images=images))
+    if all(budgets.values()):
+        sections += frontier_sections(out, {m: {b: results[bench_folder_name(m, b)]["overall"] for b in bs}
+                                            for m, bs in budgets.items()})
     for budget, tables in paired.get("equal_seconds", {}).get("budgets", {}).items():
         sections += [equal_seconds_section(f"{method} at {budget} steps", table) for method, table in tables.items()]
     return sections
