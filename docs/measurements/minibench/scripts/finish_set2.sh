@@ -15,4 +15,3 @@ for b in 200 400 800; do echo "## set 2, equal seconds against run A's DreamBoot
 echo "## set 2, equal seconds against DreamBooth at its best (every merged folder)"; $py $rr 2=runs/set2-vs-best --equal-seconds; echo
 echo "## sentences"; $py $rr 2=runs/set2-vs-best --sentences "the best-tuned DreamBooth"
 grep -a "^start\|^exit" logs/set2.log logs/set2-dreambooth-best.log
-PYTHONPATH= $py /work/main/benchmarks/sample_sheet.py runs/set2 --folders dreambooth@400,dpg@400,rpo@400,dpg-select@400 --out /work/main/docs/minibench-samples-set2.png
