@@ -381,11 +381,11 @@ def merge(bench_dirs: list[Path], report_dir: Path | None = None, curve_dirs: li
     summarized = summarize_folders(bench_dirs)
     paired = merged_paired(summarized) if len(summarized) > 1 else {}
     curve = summarize_folders([Path(d) for d in curve_dirs]) if curve_dirs else []
-    sections = frontier_sections(report_dir, merged_curves(summarized, curve))
-    if curve:
+    if curve:  # checked and paired before any plot is drawn
         warn_mixed_clocks([*bench_dirs, *curve_dirs])  # across the two groups, as within each
         paired["equal_seconds"] = paired_with_curve(summarized, curve)
-        sections += [equal_seconds_section(label, table) for label, table in paired["equal_seconds"].items()]
+    sections = frontier_sections(report_dir, merged_curves(summarized, curve))
+    sections += [equal_seconds_section(label, table) for label, table in paired.get("equal_seconds", {}).items()]
     report = write_bench_report(report_dir, summarized, extra_sections=sections)
     if paired:
         (report_dir / PAIRED_NAME).write_text(json.dumps(paired, indent=2))
@@ -419,9 +419,9 @@ def merged_curves(methods: list[tuple[Path, dict, dict]], curve: list[tuple[Path
             name = f"{d.parent.name}/{method}" if seen.count((method, budget)) > 1 else method
             curves.setdefault(name, {})[budget] = overall
     for d, info, r in curve:
-        budget, method = folder_budget(d, info), folder_method(d, info)
+        budget = folder_budget(d, info)
         if budget is not None:
-            curves.setdefault(f"{d.parent.name}/{method}" if d.parent.name else method, {})[budget] = r["overall"]
+            curves.setdefault(curve_name(curve), {})[budget] = r["overall"]
     return curves
 
 
@@ -463,6 +463,12 @@ def equal_seconds_section(what: str, table: dict[str, Any]) -> ReportSection:
                          f"{table['baseline']}'s measured seconds (left out): {table['outside']}", table=paired_rows(table))
 
 
+def curve_name(curve: list[tuple[Path, dict, dict]]) -> str:
+    """The `--curve` method's name in pairings and plots: parent/method (DreamBooth at its best benched apart)."""
+    folder, info, _ = curve[0]
+    return f"{folder.parent.name}/{info['method']}" if folder.parent.name else info["method"]
+
+
 def paired_with_curve(methods: list[tuple[Path, dict, dict]], curve: list[tuple[Path, dict, dict]]) -> dict[str, Any]:
     """Each folder minus the curve's method at the same seconds, interpolated between the curve's budgets (never
     extrapolated: a subject outside the curve's seconds is left out and counted)."""
@@ -470,8 +476,7 @@ def paired_with_curve(methods: list[tuple[Path, dict, dict]], curve: list[tuple[
     if len(curve_methods) != 1 or len(curve) < 2:
         raise ConfigError(f"--curve takes one method's bench folders at two budgets or more, got {len(curve)} folder(s) of "
                           f"{', '.join(sorted(curve_methods))}")
-    folder = curve[0][0]
-    name = f"{folder.parent.name}/{curve_methods.pop()}" if folder.parent.name else curve_methods.pop()
+    name = curve_name(curve)
     metrics = scored_metrics(curve[0][2]["overall"])
     rows = [r["per_subject"] for _, _, r in curve]
     labels = folder_labels(methods)
