@@ -230,3 +230,9 @@ def test_a_merge_with_a_curve_draws_the_budget_and_compute_frontiers_with_that_c
     rerun = tmp_path / "again" / "dpg@400"
     shutil.copytree(merged[1], rerun)
     assert sorted(merged_curves(summarize_folders([Path(merged[1]), rerun]), [])) == ["again/dpg", "set/dpg"]
+    # a variant as the curve: named by its folders in the plots and the pairing alike; mixed with its base, refused
+    variant = [bench(tmp_path / "sel" / f"dreambooth-select@{b}", "dreambooth", 0.15 * k, 45.0 * k) for k, b in ((1, 400), (4, 1600))]
+    assert "sel/dreambooth-select" in merged_curves(summarize_folders([Path(merged[1])]), summarize_folders([Path(d) for d in variant]))
+    assert main(["bench", "--merge", merged[1], "--curve", *variant, "--output", str(tmp_path / "v")]) == 0
+    assert json.loads((tmp_path / "v" / "paired.json").read_text())["equal_seconds"]["dpg"]["baseline"] == "sel/dreambooth-select"
+    assert main(["bench", "--merge", merged[1], "--curve", curve[0], variant[1], "--output", str(tmp_path / "mixed")]) == 2

@@ -464,15 +464,17 @@ def equal_seconds_section(what: str, table: dict[str, Any]) -> ReportSection:
 
 
 def curve_name(curve: list[tuple[Path, dict, dict]]) -> str:
-    """The `--curve` method's name in pairings and plots: parent/method (DreamBooth at its best benched apart)."""
+    """The `--curve` method's name in pairings and plots: parent/method (DreamBooth at its best benched apart), the
+    method named by its folders as for merged folders (a variant's bench.json names its base method)."""
     folder, info, _ = curve[0]
-    return f"{folder.parent.name}/{info['method']}" if folder.parent.name else info["method"]
+    method = folder_method(folder, info)
+    return f"{folder.parent.name}/{method}" if folder.parent.name else method
 
 
 def paired_with_curve(methods: list[tuple[Path, dict, dict]], curve: list[tuple[Path, dict, dict]]) -> dict[str, Any]:
     """Each folder minus the curve's method at the same seconds, interpolated between the curve's budgets (never
     extrapolated: a subject outside the curve's seconds is left out and counted)."""
-    curve_methods = {info["method"] for _, info, _ in curve}
+    curve_methods = {folder_method(d, info) for d, info, _ in curve}
     if len(curve_methods) != 1 or len(curve) < 2:
         raise ConfigError(f"--curve takes one method's bench folders at two budgets or more, got {len(curve)} folder(s) of "
                           f"{', '.join(sorted(curve_methods))}")
